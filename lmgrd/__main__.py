@@ -1,0 +1,5 @@
+import sys
+
+from lmgrd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,215 @@
+"""``lmgrd``: the license server daemon's command line.
+
+Settings come from defaults < ``-c CONFIG.yaml`` < flags. ``--check`` validates the configuration and every
+license and lists every problem. Only this module turns errors into exit codes: 0 ok, 1 configuration or
+license problems, 2 usage errors (argparse), 3 the state directory is in use by another daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lmgrd import LmgrdError, __version__
+from lmgrd.config import DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, DEFAULT_PORT, ConfigInvalid, DaemonConfig, \
+    build_config, load_config_file
+from lmgrd.license import license_problems_for_daemon, read_license_file, read_public_key_file, this_host
+from lmgrd.licensing import Licensing, Refusal
+from protocol.errors import ErrorCode, ProtocolError
+
+logger = logging.getLogger("lmgrd")
+
+EPILOG = """\
+examples:
+  lmgrd --license site.lic --vendor-key vendor.pub
+  lmgrd -c /etc/lmgrd/lmgrd.yaml --port 27000
+  lmgrd --check -c /etc/lmgrd/lmgrd.yaml      # validate config and licenses, exit 1 on any problem
+
+Clients reach the server as PORT@HOST (for example 27000@licsrv01). Timing is in seconds: clients
+heartbeat every --heartbeat-interval; a seat whose client stops heartbeating is reclaimed after
+--lease-timeout. Leases survive a restart (they are kept in --state-dir).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lmgrd", description="lmgrd license server: serves floating seats of the products in signed "
+        "license files to clients on the LAN.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", metavar="CONFIG.yaml", help="YAML configuration file (flags override it)")
+    p.add_argument("--license", dest="licenses", action="append", metavar="FILE.lic",
+                   help="signed license file to serve; repeat for several")
+    p.add_argument("--vendor-key", metavar="vendor.pub", help="the software vendor's public key (PEM)")
+    p.add_argument("--port", type=int, metavar="N", help=f"TCP port for clients (default {DEFAULT_PORT}; 0 picks a "
+                   "free port and logs it)")
+    p.add_argument("--bind", metavar="ADDR", help="address to listen on (default: every interface)")
+    p.add_argument("--state-dir", metavar="DIR", help="where leases are kept across restarts "
+                   "(default: the platform's user state directory)")
+    p.add_argument("--heartbeat-interval", type=float, metavar="S", help="seconds between client heartbeats "
+                   "(default 30, at least 1)")
+    p.add_argument("--lease-timeout", type=float, metavar="S", help="seconds without a heartbeat before a seat is "
+                   "reclaimed (default 90, at least 3)")
+    p.add_argument("--reconnect-grace", type=float, metavar="S", help="seconds a dropped client's seats are kept "
+                   "for it to reconnect (default 2 heartbeats, never more than the lease timeout)")
+    p.add_argument("--max-connections-per-address", type=int, metavar="N", help="connections one client address "
+                   f"may hold (default {DEFAULT_MAX_CONNECTIONS_PER_ADDRESS}; 0 = no limit)")
+    p.add_argument("--handshake-timeout", type=float, metavar="S", help="seconds a new connection has to send "
+                   "hello (default 10)")
+    p.add_argument("--max-frame-bytes", type=int, metavar="N", help="largest message accepted (default 65536)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
+    p.add_argument("--check", action="store_true", help="validate the configuration and licenses, list every "
+                   "problem, and exit (1 if there is one)")
+    p.add_argument("--version", action="version", version=f"lmgrd {__version__}")
+    return p
+
+
+def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    keys = ("licenses", "vendor_key", "port", "bind", "state_dir", "heartbeat_interval", "lease_timeout",
+            "reconnect_grace", "max_connections_per_address", "handshake_timeout", "max_frame_bytes", "log_level")
+    return {k: getattr(ns, k) for k in keys}
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
+                                           "%Y-%m-%dT%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
+
+
+def load_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
+    """Load every license; return what serves and the list of problems (each naming its file)."""
+    problems: list[str] = []
+    assert cfg.vendor_key is not None
+    try:
+        key = read_public_key_file(cfg.vendor_key)
+    except ProtocolError as exc:
+        refusals = [Refusal(str(p), ErrorCode.LICENSE_INVALID, (exc.message,)) for p in cfg.licenses]
+        return Licensing([], refusals), [exc.message]
+    host = this_host()
+    served = []
+    refused: list[Refusal] = []
+    seen: dict[str, Path] = {}
+    for path in cfg.licenses:
+        try:
+            lic = read_license_file(path, key)
+        except ProtocolError as exc:
+            problems.append(exc.message)
+            refused.append(Refusal(str(path), exc.code, (exc.message,)))
+            continue
+        names = tuple(p.name for p in lic.products)
+        issues = license_problems_for_daemon(lic, host)
+        if lic.customer_id in seen:
+            issues.append(f"customer ID {lic.customer_id} is already loaded from {seen[lic.customer_id]}")
+        if issues:
+            code = ErrorCode.LICENSE_INVALID if lic.license_type != "multi" else ErrorCode.HOST_NOT_LICENSED
+            for i in issues:
+                problems.append(f"{path}: {i}")
+            refused.append(Refusal(str(path), code, tuple(issues), lic.customer_id, names))
+            continue
+        seen[lic.customer_id] = path
+        served.append((path, lic))
+    return Licensing(served, refused), problems
+
+
+def run_check(cfg: DaemonConfig) -> int:
+    licensing, problems = load_licensing(cfg)
+    for path, lic in licensing.served:
+        prods = ", ".join(f"{p.name} {p.version} x{p.count}" for p in lic.products)
+        exp = lic.expires.isoformat() if lic.expires else "never"
+        print(f"ok: {path}: customer ID {lic.customer_id} ({lic.customer}), {prods}, expires {exp}, "
+              f"share {lic.share}")
+    for prob in problems:
+        print(f"problem: {prob}")
+    if problems:
+        print(f"{len(problems)} problem(s) found")
+        return 1
+    print("configuration and licenses are valid")
+    return 0
+
+
+def _state_dir(cfg: DaemonConfig) -> Path:
+    if cfg.state_dir is not None:
+        return cfg.state_dir
+    import platformdirs
+
+    return Path(platformdirs.user_state_dir("lmgrd"))
+
+
+async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
+    from lmgrd.server import Server, install_signal_handlers
+    from lmgrd.store import open_store
+
+    state = _state_dir(cfg)
+    state.mkdir(parents=True, exist_ok=True)
+    store = open_store(state)
+    server = Server(cfg, licensing, store)
+    install_signal_handlers(server)
+    try:
+        await server.start()
+    except OSError as exc:
+        store.close()
+        raise LmgrdError(f"cannot listen on port {cfg.port}: {exc.strerror or exc}; is another lmgrd running? "
+                         "choose another --port") from None
+    await server.stopped.wait()
+    return 0
+
+
+def _raise_nofile() -> None:
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else 1_048_576
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        file_values = load_config_file(Path(ns.config)) if ns.config else {}
+        cfg = build_config(file_values, _overrides(ns), ns.config or "command line")
+    except ConfigInvalid as exc:
+        print(f"lmgrd: {exc}", file=sys.stderr)
+        return 1
+    if ns.check:
+        return run_check(cfg)
+    configure_logging(cfg.log_level)
+    _raise_nofile()
+    licensing, problems = load_licensing(cfg)
+    for prob in problems:
+        logger.error("%s", prob)
+    if not licensing.served:
+        logger.error("no license can be served; clients will be refused until this is fixed")
+    try:
+        runner_factory: Any = None
+        if sys.platform != "win32" and os.environ.get("LMGRD_LOOP", "uvloop") == "uvloop":
+            try:
+                import uvloop
+
+                runner_factory = uvloop.new_event_loop
+            except ImportError:
+                logger.info("uvloop is not installed; using the standard asyncio loop")
+        with asyncio.Runner(loop_factory=runner_factory) as runner:
+            return runner.run(serve(cfg, licensing))
+    except LmgrdError as exc:
+        logger.error("%s", exc)
+        return 3 if "lock" in str(exc).lower() else 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        logging.shutdown()
+        time.sleep(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

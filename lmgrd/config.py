@@ -1,0 +1,182 @@
+"""Daemon configuration: defaults < YAML file < command-line flags, validated into one frozen object.
+
+Every problem is reported at once, each with its key path, the bad value and what is expected (the asyncpg
+and uvicorn model). Only ``cli`` turns :class:`ConfigInvalid` into an exit code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmgrd import LmgrdError
+
+DEFAULT_PORT = 27000
+#: Connections one client address may hold open at once. Generous enough for a terminal server with a few
+#: hundred users each running a product, small enough that one runaway host cannot take every descriptor.
+DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 1000
+#: listen() backlog; the kernel caps it at net.core.somaxconn (4096 on current Linux).
+DEFAULT_BACKLOG = 8192
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigInvalid(LmgrdError):
+    """The configuration has problems; ``problems`` lists every one."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """Everything the daemon needs, validated. Durations are float seconds."""
+
+    licenses: tuple[Path, ...] = ()
+    vendor_key: Path | None = None
+    port: int = DEFAULT_PORT
+    bind: str = ""  # "" = every interface, IPv4 and IPv6
+    state_dir: Path | None = None  # None = platformdirs user state dir
+    heartbeat_interval: float = 30.0
+    lease_timeout: float = 90.0
+    reconnect_grace: float | None = None  # None = min(lease_timeout, 2 * heartbeat_interval)
+    max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS
+    handshake_timeout: float = 10.0
+    max_frame_bytes: int = 64 * 1024
+    backlog: int = DEFAULT_BACKLOG
+    sync_interval: float = 1.0
+    shutdown_timeout: float = 4.0
+    log_level: str = "info"
+    extra: dict[str, Any] = field(default_factory=dict)  # sections later features read (policy, metrics)
+
+    @property
+    def grace(self) -> float:
+        """Seats of a dropped connection are kept this long for a reconnect; never longer than a lease."""
+        g = self.reconnect_grace if self.reconnect_grace is not None else 2 * self.heartbeat_interval
+        return min(g, self.lease_timeout)
+
+
+_KEYS = {f.name for f in fields(DaemonConfig)} - {"extra"} | {"license"}
+#: Sections that belong to later features; accepted and passed through in ``extra``.
+_EXTRA_KEYS = {"policy", "metrics_port", "metrics_bind", "metrics_textfile", "revocations", "groups",
+               "host_groups", "products", "usage_log", "site_networks"}
+
+
+def _num(problems: list[str], key: str, value: Any, lo: float, hi: float, integer: bool = False) -> float | None:
+    what = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
+        problems.append(f"{key}: expected {what} from {lo:g} to {hi:g}, got {value!r}")
+        return None
+    if math.isnan(value) or not lo <= value <= hi:
+        problems.append(f"{key}: expected {what} from {lo:g} to {hi:g}, got {value!r}")
+        return None
+    return value
+
+
+def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source: str) -> DaemonConfig:
+    """Merge file values and flag overrides (flags win) and validate everything.
+
+    Raises:
+        ConfigInvalid: with every problem found.
+    """
+    problems: list[str] = []
+    merged: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in file_values.items():
+        if key in _EXTRA_KEYS:
+            extra[key] = value
+        elif key not in _KEYS:
+            near = difflib.get_close_matches(str(key), sorted(_KEYS | _EXTRA_KEYS), n=1)
+            problems.append(f"{key}: unknown setting" + (f" (did you mean '{near[0]}'?)" if near else ""))
+        else:
+            merged[key] = value
+    if "license" in merged:
+        merged.setdefault("licenses", merged.pop("license"))
+    for key, value in overrides.items():
+        if value is not None and value != []:
+            merged[key] = value
+
+    out: dict[str, Any] = {}
+    lic = merged.get("licenses", [])
+    if isinstance(lic, str):
+        lic = [lic]
+    if not isinstance(lic, list) or not all(isinstance(x, str) for x in lic):
+        problems.append(f"licenses: expected a path or a list of paths, got {lic!r}")
+    else:
+        out["licenses"] = tuple(Path(x).expanduser() for x in lic)
+    for key in ("vendor_key", "state_dir"):
+        if key in merged:
+            if not isinstance(merged[key], str):
+                problems.append(f"{key}: expected a path, got {merged[key]!r}")
+            else:
+                out[key] = Path(merged[key]).expanduser()
+    if "bind" in merged:
+        if not isinstance(merged["bind"], str):
+            problems.append(f"bind: expected an address such as 0.0.0.0 or 127.0.0.1, got {merged['bind']!r}")
+        else:
+            out["bind"] = merged["bind"]
+    ranges: dict[str, tuple[float, float, bool]] = {
+        "port": (0, 65535, True),
+        "heartbeat_interval": (1, 3600, False),
+        "lease_timeout": (3, 86400, False),
+        "reconnect_grace": (0, 86400, False),
+        "max_connections_per_address": (0, 1_000_000, True),
+        "handshake_timeout": (0.1, 600, False),
+        "max_frame_bytes": (1024, 16 * 1024 * 1024, True),
+        "backlog": (16, 65535, True),
+        "sync_interval": (0.01, 3600, False),
+        "shutdown_timeout": (0, 60, False),
+    }
+    for key, (lo, hi, integer) in ranges.items():
+        if key in merged:
+            v = _num(problems, key, merged[key], lo, hi, integer)
+            if v is not None:
+                out[key] = int(v) if integer else float(v)
+    if "log_level" in merged:
+        lvl = merged["log_level"]
+        if not isinstance(lvl, str) or lvl.lower() not in LOG_LEVELS:
+            problems.append(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {lvl!r}")
+        else:
+            out["log_level"] = lvl.lower()
+    cfg = replace(DaemonConfig(), **out, extra=extra)
+    if cfg.lease_timeout <= cfg.heartbeat_interval:
+        problems.append(
+            f"lease_timeout: must be longer than heartbeat_interval ({cfg.heartbeat_interval:g} s), got "
+            f"{cfg.lease_timeout:g} s; about three heartbeats per lease timeout is recommended"
+        )
+    if not cfg.licenses:
+        problems.append("licenses: no license file given (use --license FILE.lic or 'licenses:' in the config)")
+    if cfg.vendor_key is None:
+        problems.append("vendor_key: no vendor public key given (use --vendor-key vendor.pub)")
+    if problems:
+        raise ConfigInvalid(source, problems)
+    return cfg
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict.
+
+    Raises:
+        ConfigInvalid: unreadable file, YAML syntax error (with line), or not a mapping.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigInvalid(str(path), [f"cannot read the config file: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigInvalid(str(path), ["the config file is not UTF-8 text"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigInvalid(str(path), [f"not valid YAML: {exc}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigInvalid(str(path), [f"expected a mapping of settings, got {type(data).__name__}"])
+    return {str(k): v for k, v in data.items()}

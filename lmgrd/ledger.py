@@ -1,0 +1,673 @@
+"""The seat ledger: who holds which seat of which pool, until when, and who waits for one.
+
+Pure and synchronous. It performs no I/O, reads no clock and logs nothing: every method that depends on
+time takes ``now`` (a monotonic instant, ``loop.time()``) and, where a lease is created, ``wall`` (a
+wall-clock epoch kept for display and storage). It imports only the standard library and the ``lmgrd``
+package root; never ``protocol`` transports, asyncio, sockets or files (the etcd ``lessor.go`` model).
+
+Vocabulary
+    *pool*   ``(customer_id, product)`` with a ``count`` of seats.
+    *seat*   one unit of ``count``, identified inside its pool by a *share key*. A seat exists while at
+             least one lease holds it.
+    *lease*  one checkout, with its own random token, holding one seat. Several leases share a seat
+             when they have the same share key (see :func:`share_key_for`).
+    *waiter* a checkout that found no free seat and chose to wait; served first come, first served.
+
+Invariants (the property tests in ``tests/unit/lmgrd/test_ledger_properties.py`` check each one after
+every step):
+
+1. No new seat is created in a pool whose ``in_use`` is at or above its ``count``. Hence
+   ``in_use <= count`` always, except after :meth:`Ledger.restore` or :meth:`Ledger.set_pool` lowered
+   the count below the seats already held; then no new seat is granted until ``in_use`` falls below the
+   count, while joining an existing seat (which takes nothing) is still allowed.
+2. A lease leaves the ledger only through a method that returns it to the caller (``release``,
+   ``expire``, ``remove_pool``), so the daemon can journal every departure: no seat is lost silently.
+3. Waiters that need a new seat are granted strictly in arrival order; a waiter whose share key gains a
+   seat joins at once (it takes nothing from those ahead of it). While a pool has waiters it has no
+   free seat, once :meth:`Ledger.serve` has run after a count was raised.
+4. Every lease has exactly one authoritative entry in the expiry heap, so expiry never scans all
+   leases and the heap holds O(leases) entries (stale entries are bounded and swept by a rebuild).
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from lmgrd import LmgrdError
+
+__all__ = [
+    "LeaseInfo",
+    "LeaseRecord",
+    "Ledger",
+    "PoolKey",
+    "ShareMode",
+    "UnknownPoolError",
+    "Waiter",
+    "share_key_for",
+]
+
+PoolKey = tuple[str, str]  # (customer_id, product)
+
+#: A heap rebuild runs when stale entries outnumber live leases by this much; it keeps the heap at most
+#: ``2 * leases + _HEAP_SLACK`` entries while costing O(1) amortised per release.
+_HEAP_SLACK = 1024
+#: Same idea for the per-pool waiter deque, which drops cancelled waiters lazily.
+_QUEUE_SLACK = 64
+
+
+class ShareMode(enum.StrEnum):
+    """How checkouts of one product share a seat (per license, ``share:``)."""
+
+    USER_HOST = "user_host"  # same user on the same host: one seat (the default)
+    HOST = "host"  # one seat per host, whoever the user
+    NONE = "none"  # every checkout its own seat
+
+
+def share_key_for(mode: ShareMode, user: str, host: str) -> tuple[str, ...]:
+    """Return the share key of a checkout under ``mode``.
+
+    Hosts compare by their short form (the first label), case-insensitively, and users
+    case-insensitively, so ``Alice@PC1.corp.example`` and ``alice@pc1`` share a seat. ``NONE`` returns
+    ``()``, which :meth:`Ledger.checkout` replaces by ``(token,)``: a seat of its own.
+    """
+    if mode is ShareMode.USER_HOST:
+        return (user.lower(), host.split(".", 1)[0].lower())
+    if mode is ShareMode.HOST:
+        return (host.split(".", 1)[0].lower(),)
+    return ()
+
+
+class UnknownPoolError(LmgrdError, LookupError):
+    """A pool was named that :meth:`Ledger.set_pool` never created (a daemon bug, not a client error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRecord:
+    """What the store keeps of a lease: everything except its (monotonic, process-local) deadline and
+    its (connection-local) session. ``share_key`` is the resolved key, ``(token,)`` for unshared seats.
+    Re-exported by :mod:`lmgrd.store`, which persists it."""
+
+    token: str
+    customer_id: str
+    product: str
+    share_key: tuple[str, ...]
+    user: str
+    host: str
+    pid: int
+    version: str
+    display: str
+    granted_at: float
+
+
+@dataclass(slots=True)
+class LeaseInfo:
+    """One checkout holding a seat. The ledger owns and mutates it; callers read it.
+
+    ``deadline`` is a monotonic instant: the lease lapses when ``deadline <= now``. ``session`` is the
+    connection the lease is bound to, ``None`` once detached (disconnected or restored after a restart).
+    """
+
+    token: str
+    pool: PoolKey
+    share_key: tuple[str, ...]
+    user: str
+    host: str
+    pid: int
+    version: str
+    display: str
+    granted_at: float
+    session: int | None
+    deadline: float
+    # The lease's authoritative heap entry: its sequence number and the deadline it was filed under.
+    # heap_at <= deadline always; a later real deadline is re-filed lazily when the entry pops.
+    heap_seq: int = field(default=0, repr=False, compare=False)
+    heap_at: float = field(default=0.0, repr=False, compare=False)
+
+    def to_record(self) -> LeaseRecord:
+        """The durable part of this lease, for :meth:`LeaseStore.record_grant`."""
+        return LeaseRecord(
+            self.token,
+            self.pool[0],
+            self.pool[1],
+            self.share_key,
+            self.user,
+            self.host,
+            self.pid,
+            self.version,
+            self.display,
+            self.granted_at,
+        )
+
+
+@dataclass(slots=True, eq=False)
+class Waiter:
+    """A checkout waiting for a seat. ``ctx`` is the daemon's own (request id, connection, timer...).
+
+    ``share_key`` is as for :meth:`Ledger.checkout` (``()`` for an unshared seat). Identity matters: the
+    ledger compares waiters with ``is``, so a reused ``waiter_id`` never revives a cancelled entry.
+    """
+
+    waiter_id: int
+    pool: PoolKey
+    share_key: tuple[str, ...]
+    user: str
+    host: str
+    pid: int
+    version: str
+    display: str
+    session: int
+    ctx: object = None
+
+
+class _Pool:
+    """Seats, leases and waiters of one pool."""
+
+    __slots__ = ("by_key", "count", "leases", "queue", "seats", "waiting")
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        # share key -> number of leases holding that seat; len(seats) is in_use.
+        self.seats: dict[tuple[str, ...], int] = {}
+        self.leases: dict[str, LeaseInfo] = {}
+        # FIFO of waiters. Cancelled or already served entries stay until they reach the head (or a
+        # rebuild) and are recognised because Ledger._waiters no longer maps their id to them. A deque,
+        # not a dict: popping the first item of a dict repeatedly is quadratic.
+        self.queue: deque[Waiter] = deque()
+        self.waiting = 0  # live entries in queue
+        # share key -> live waiters with that key, in arrival order (kept exact, not lazy): when a seat
+        # with that key appears they join it without waiting for their turn.
+        self.by_key: dict[tuple[str, ...], list[Waiter]] = {}
+
+
+def _check_count(count: int) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"a pool count must be an integer >= 0, got {count!r}")
+
+
+class Ledger:
+    """Seat ledger for every pool the daemon serves. See the module docstring for the invariants.
+
+    Args:
+        lease_timeout: seconds a lease lives without renewal (``renew_session``/``resume``).
+        token_factory: returns a new unique lease token (the daemon passes
+            ``lambda: secrets.token_urlsafe(16)``: 128 random bits). A repeated token is refused.
+    """
+
+    def __init__(self, lease_timeout: float, token_factory: Callable[[], str]) -> None:
+        if not lease_timeout > 0:
+            raise ValueError(f"lease_timeout must be > 0 seconds, got {lease_timeout!r}")
+        self.lease_timeout = float(lease_timeout)
+        self._new_token = token_factory
+        self._pools: dict[PoolKey, _Pool] = {}
+        self._leases: dict[str, LeaseInfo] = {}
+        self._sessions: dict[int, set[str]] = {}  # session -> tokens of its bound leases
+        self._waiters: dict[int, Waiter] = {}
+        self._session_waiters: dict[int, set[int]] = {}
+        # Min-heap of (deadline, seq, token). seq is unique, so tuples never compare tokens.
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = 0
+
+    # -- pools -------------------------------------------------------------------------------------------
+
+    def set_pool(self, pool: PoolKey, count: int) -> None:
+        """Add a pool or change its count (license reread).
+
+        Lowering the count below the seats in use keeps every lease (invariant 1). Raising it may leave
+        waiters behind a free seat: call :meth:`serve` afterwards to grant them.
+        """
+        _check_count(count)
+        p = self._pools.get(pool)
+        if p is None:
+            self._pools[pool] = _Pool(count)
+        else:
+            p.count = count
+
+    def remove_pool(self, pool: PoolKey) -> tuple[list[LeaseInfo], list[Waiter]]:
+        """Forget a pool (its product left the license). Unknown pools are a no-op.
+
+        Returns:
+            The leases removed, which the caller must journal as released and may tell their clients
+            about (``SEAT_REMOVED``), and the waiters dropped, which the caller must answer.
+        """
+        p = self._pools.pop(pool, None)
+        if p is None:
+            return [], []
+        removed = list(p.leases.values())
+        for lease in removed:
+            del self._leases[lease.token]
+            self._unbind(lease)
+        dropped = [w for w in p.queue if self._waiters.get(w.waiter_id) is w]
+        for w in dropped:
+            self._forget_waiter(w)
+        self._maybe_rebuild_heap()
+        return removed, dropped
+
+    def pools(self) -> list[PoolKey]:
+        return list(self._pools)
+
+    def count(self, pool: PoolKey) -> int:
+        return self._pool(pool).count
+
+    def in_use(self, pool: PoolKey) -> int:
+        """Seats held in ``pool`` (not leases: shared leases count once)."""
+        return len(self._pool(pool).seats)
+
+    def queued(self, pool: PoolKey) -> int:
+        return self._pool(pool).waiting
+
+    def _pool(self, pool: PoolKey) -> _Pool:
+        try:
+            return self._pools[pool]
+        except KeyError:
+            raise UnknownPoolError(
+                f"no pool {pool!r} in the ledger; call set_pool() for every licensed product first"
+            ) from None
+
+    # -- grants and releases ------------------------------------------------------------------------------
+
+    def checkout(
+        self,
+        pool: PoolKey,
+        share_key: tuple[str, ...],
+        user: str,
+        host: str,
+        pid: int,
+        version: str,
+        display: str,
+        session: int | None,
+        now: float,
+        wall: float,
+    ) -> LeaseInfo | None:
+        """Grant a lease, or return ``None`` when it would need a new seat and none is free.
+
+        Joining an existing seat of the same share key always succeeds, even over the count (it takes
+        no seat). A new seat is refused while the pool has waiters: a newcomer never overtakes them.
+        ``share_key=()`` asks for an unshared seat (its key becomes ``(token,)``).
+        """
+        p = self._pool(pool)
+        if (not share_key or share_key not in p.seats) and (p.waiting or len(p.seats) >= p.count):
+            return None
+        return self._grant(p, pool, share_key, user, host, pid, version, display, session, now, wall)
+
+    def _grant(
+        self,
+        p: _Pool,
+        pool: PoolKey,
+        share_key: tuple[str, ...],
+        user: str,
+        host: str,
+        pid: int,
+        version: str,
+        display: str,
+        session: int | None,
+        now: float,
+        wall: float,
+    ) -> LeaseInfo:
+        # The caller has decided the grant is allowed (join, or a free seat).
+        token = self._new_token()
+        if token in self._leases:
+            raise RuntimeError(f"token factory returned a token already in use ({token[:6]}...)")
+        if not share_key:
+            share_key = (token,)
+        seats = p.seats
+        seats[share_key] = seats.get(share_key, 0) + 1
+        deadline = now + self.lease_timeout
+        self._seq += 1
+        lease = LeaseInfo(
+            token, pool, share_key, user, host, pid, version, display, wall, session, deadline,
+            self._seq, deadline,
+        )  # fmt: skip
+        heapq.heappush(self._heap, (deadline, self._seq, token))
+        self._leases[token] = lease
+        p.leases[token] = lease
+        if session is not None:
+            tokens = self._sessions.get(session)
+            if tokens is None:
+                self._sessions[session] = {token}
+            else:
+                tokens.add(token)
+        return lease
+
+    def release(self, token: str, now: float, wall: float) -> tuple[LeaseInfo | None, list[tuple[Waiter, LeaseInfo]]]:
+        """Check a lease in: its seat frees at once (if no other lease shares it) and goes to waiters.
+
+        Returns:
+            The released lease (``None`` if the token is unknown: already released or expired) and the
+            waiters granted a lease as a result, first come, first served.
+        """
+        lease = self._leases.pop(token, None)
+        if lease is None:
+            return None, []
+        grants: list[tuple[Waiter, LeaseInfo]] = []
+        p = self._pools[lease.pool]
+        if self._drop_lease(p, lease) and p.waiting:
+            self._serve(p, now, wall, grants)
+        # The lease's heap entry is now stale; bound how many of those accumulate.
+        if len(self._heap) > 2 * len(self._leases) + _HEAP_SLACK:
+            self._rebuild_heap()
+        return lease, grants
+
+    def _drop_lease(self, p: _Pool, lease: LeaseInfo) -> bool:
+        """Remove an already-unindexed lease from its pool and session; True if its seat freed."""
+        del p.leases[lease.token]
+        if lease.session is not None:
+            self._unbind(lease)
+        key = lease.share_key
+        held = p.seats[key] - 1
+        if held:
+            p.seats[key] = held
+            return False
+        del p.seats[key]
+        return True
+
+    def _unbind(self, lease: LeaseInfo) -> None:
+        s = lease.session
+        if s is None:
+            return
+        tokens = self._sessions.get(s)
+        if tokens is not None:
+            tokens.discard(lease.token)
+            if not tokens:
+                del self._sessions[s]
+
+    # -- waiters ------------------------------------------------------------------------------------------
+
+    def enqueue(self, waiter: Waiter) -> int:
+        """Queue a checkout that :meth:`checkout` refused; returns its 1-based position in the pool.
+
+        Raises:
+            ValueError: the waiter could be granted now (call :meth:`checkout` first), or its id is
+                already queued.
+            UnknownPoolError: the pool does not exist.
+        """
+        p = self._pool(waiter.pool)
+        if waiter.waiter_id in self._waiters:
+            raise ValueError(f"waiter id {waiter.waiter_id} is already queued; waiter ids must be unique")
+        key = waiter.share_key
+        if (key and key in p.seats) or (not p.waiting and len(p.seats) < p.count):
+            raise ValueError("this checkout can be granted now; call checkout() before enqueue()")
+        if len(p.queue) > 2 * p.waiting + _QUEUE_SLACK:
+            # Sweep dead entries here, the only place the deque grows: it stays O(peak waiters).
+            p.queue = deque(x for x in p.queue if self._waiters.get(x.waiter_id) is x)
+        self._waiters[waiter.waiter_id] = waiter
+        p.queue.append(waiter)
+        p.waiting += 1
+        if key:
+            same = p.by_key.get(key)
+            if same is None:
+                p.by_key[key] = [waiter]
+            else:
+                same.append(waiter)
+        ids = self._session_waiters.get(waiter.session)
+        if ids is None:
+            self._session_waiters[waiter.session] = {waiter.waiter_id}
+        else:
+            ids.add(waiter.waiter_id)
+        return p.waiting
+
+    def cancel_wait(self, waiter_id: int) -> bool:
+        """Drop a waiter (its wait timed out or its client left). False if it is not queued."""
+        w = self._waiters.get(waiter_id)
+        if w is None:
+            return False
+        self._forget_waiter(w)
+        return True
+
+    def waiting(self, pool: PoolKey) -> list[Waiter]:
+        """The pool's live waiters in arrival order (for status pages and tests)."""
+        return [w for w in self._pool(pool).queue if self._waiters.get(w.waiter_id) is w]
+
+    def _forget_waiter(self, w: Waiter) -> None:
+        """Unindex a live waiter; its deque entry becomes dead and is skipped later."""
+        del self._waiters[w.waiter_id]
+        ids = self._session_waiters.get(w.session)
+        if ids is not None:
+            ids.discard(w.waiter_id)
+            if not ids:
+                del self._session_waiters[w.session]
+        p = self._pools.get(w.pool)
+        if p is None:  # remove_pool already detached the pool
+            return
+        p.waiting -= 1
+        if w.share_key:
+            same = p.by_key[w.share_key]
+            same.remove(w)
+            if not same:
+                del p.by_key[w.share_key]
+
+    def serve(self, pool: PoolKey, now: float, wall: float) -> list[tuple[Waiter, LeaseInfo]]:
+        """Grant queued waiters whatever seats are free (call after :meth:`set_pool` raised a count)."""
+        grants: list[tuple[Waiter, LeaseInfo]] = []
+        p = self._pool(pool)
+        if p.waiting:
+            self._serve(p, now, wall, grants)
+        return grants
+
+    def _serve(self, p: _Pool, now: float, wall: float, grants: list[tuple[Waiter, LeaseInfo]]) -> None:
+        queue = p.queue
+        waiters = self._waiters
+        while queue:
+            w = queue[0]
+            if waiters.get(w.waiter_id) is not w:
+                queue.popleft()  # cancelled or already joined
+                continue
+            key = w.share_key
+            new_seat = not key or key not in p.seats
+            if new_seat and len(p.seats) >= p.count:
+                return  # strict FIFO: the head waits for the next free seat
+            queue.popleft()
+            self._forget_waiter(w)
+            grants.append((w, self._grant(p, w.pool, key, w.user, w.host, w.pid, w.version, w.display,
+                                          w.session, now, wall)))  # fmt: skip
+            if new_seat and key:
+                # Waiters further back with the same share key join the new seat now: it costs nothing.
+                for j in list(p.by_key.get(key, ())):
+                    self._forget_waiter(j)
+                    grants.append((j, self._grant(p, j.pool, key, j.user, j.host, j.pid, j.version,
+                                                  j.display, j.session, now, wall)))  # fmt: skip
+
+    # -- sessions -----------------------------------------------------------------------------------------
+
+    def renew_session(self, session: int, now: float) -> int:
+        """Heartbeat: every lease bound to ``session`` lives until ``now + lease_timeout``.
+
+        O(session's leases): the heap is not touched; an entry that pops before the real deadline is
+        re-filed then. Returns the number of leases renewed.
+        """
+        tokens = self._sessions.get(session)
+        if not tokens:
+            return 0
+        deadline = now + self.lease_timeout
+        leases = self._leases
+        for token in tokens:
+            self._set_deadline(leases[token], deadline)
+        return len(tokens)
+
+    def detach_session(self, session: int, now: float, grace: float) -> list[LeaseInfo]:
+        """The session's connection dropped: keep its leases for a reconnect grace, drop its waiters.
+
+        Each lease's deadline becomes ``min(deadline, now + min(grace, lease_timeout))`` (never later
+        than it was: a crashed client's seat frees within one lease timeout) and it is unbound, so
+        heartbeats on another session do not renew it; :meth:`resume` rebinds it. Returns those leases.
+        """
+        ids = self._session_waiters.get(session)
+        if ids:
+            for waiter_id in list(ids):
+                self._forget_waiter(self._waiters[waiter_id])
+        tokens = self._sessions.pop(session, None)
+        if not tokens:
+            return []
+        limit = now + max(0.0, min(grace, self.lease_timeout))
+        detached = []
+        for token in tokens:
+            lease = self._leases[token]
+            lease.session = None
+            if lease.deadline > limit:
+                self._set_deadline(lease, limit)
+            detached.append(lease)
+        self._maybe_rebuild_heap()
+        return detached
+
+    def resume(self, token: str, session: int, now: float) -> LeaseInfo | None:
+        """Rebind an existing lease to ``session`` and renew it; ``None`` if the token is unknown.
+
+        Idempotent and never takes a seat: resuming twice, or resuming a lease still bound to
+        ``session``, changes nothing but the deadline (the FlexNet "extra license consumed on
+        reconnection" bug cannot happen). A lease bound to another live session moves to this one: the
+        token is the proof of ownership.
+        """
+        lease = self._leases.get(token)
+        if lease is None:
+            return None
+        if lease.session != session:
+            self._unbind(lease)
+            lease.session = session
+            tokens = self._sessions.get(session)
+            if tokens is None:
+                self._sessions[session] = {token}
+            else:
+                tokens.add(token)
+        self._set_deadline(lease, now + self.lease_timeout)
+        return lease
+
+    def session_leases(self, session: int) -> list[LeaseInfo]:
+        tokens = self._sessions.get(session, ())
+        return [self._leases[t] for t in tokens]
+
+    # -- expiry -------------------------------------------------------------------------------------------
+
+    def _set_deadline(self, lease: LeaseInfo, deadline: float) -> None:
+        lease.deadline = deadline
+        if deadline < lease.heap_at:
+            # Moving a deadline earlier than its heap entry would expire it late: file a new entry and
+            # let the old one go stale (recognised by its seq).
+            self._seq += 1
+            lease.heap_seq = self._seq
+            lease.heap_at = deadline
+            heapq.heappush(self._heap, (deadline, self._seq, lease.token))
+
+    def _refile(self, lease: LeaseInfo) -> None:
+        self._seq += 1
+        lease.heap_seq = self._seq
+        lease.heap_at = lease.deadline
+        heapq.heappush(self._heap, (lease.deadline, self._seq, lease.token))
+
+    def _maybe_rebuild_heap(self) -> None:
+        if len(self._heap) > 2 * len(self._leases) + _HEAP_SLACK:
+            self._rebuild_heap()
+
+    def _rebuild_heap(self) -> None:
+        # O(leases); runs once per > leases + _HEAP_SLACK stale entries, so O(1) amortised.
+        heap = []
+        for token, lease in self._leases.items():
+            lease.heap_at = lease.deadline
+            heap.append((lease.deadline, lease.heap_seq, token))
+        heapq.heapify(heap)
+        self._heap = heap
+
+    def expire(
+        self, now: float, wall: float, limit: int = 1000
+    ) -> tuple[list[LeaseInfo], list[tuple[Waiter, LeaseInfo]]]:
+        """Reclaim leases whose deadline is ``<= now``, earliest deadline first, at most ``limit``.
+
+        Bounded work per call (etcd's ``revokeLimit``): if exactly ``limit`` leases come back, more may
+        be due and :meth:`next_deadline` is ``<= now``; call again on the next loop iteration.
+
+        Returns:
+            The lapsed leases (removed; the caller journals each as released) and the waiters granted
+            the seats they freed.
+        """
+        expired: list[LeaseInfo] = []
+        grants: list[tuple[Waiter, LeaseInfo]] = []
+        heap = self._heap
+        leases = self._leases
+        while heap and len(expired) < limit:
+            deadline, seq, token = heap[0]
+            if deadline > now:
+                break
+            heapq.heappop(heap)
+            lease = leases.get(token)
+            if lease is None or lease.heap_seq != seq:
+                continue  # released, or superseded by an earlier entry
+            if lease.deadline > deadline:
+                self._refile(lease)  # renewed since filed; keeps expiry in real-deadline order
+                continue
+            del leases[token]
+            p = self._pools[lease.pool]
+            expired.append(lease)
+            if self._drop_lease(p, lease) and p.waiting:
+                self._serve(p, now, wall, grants)
+        return expired, grants
+
+    def next_deadline(self) -> float | None:
+        """The earliest lease deadline, exactly (``None`` without leases): arm the expiry timer here."""
+        heap = self._heap
+        leases = self._leases
+        while heap:
+            deadline, seq, token = heap[0]
+            lease = leases.get(token)
+            if lease is None or lease.heap_seq != seq:
+                heapq.heappop(heap)
+            elif lease.deadline > deadline:
+                heapq.heappop(heap)
+                self._refile(lease)
+            else:
+                return deadline
+        return None
+
+    # -- restart ------------------------------------------------------------------------------------------
+
+    def restore(self, records: Iterable[LeaseRecord], now: float) -> list[LeaseInfo]:
+        """Reload the leases a store kept across a restart: unbound, each with a full lease timeout.
+
+        They count against their pool even above its count (invariant 1), so no seat is granted twice;
+        clients that reconnect within the timeout :meth:`resume` them, the rest expire. A record whose
+        pool is unknown creates that pool with count 0 (the product left the license while the daemon
+        was down): its leases stay visible and expire normally, and no new seat is granted there.
+
+        Raises:
+            ValueError: a token is repeated or already in the ledger (nothing is restored then).
+        """
+        recs = list(records)
+        seen: set[str] = set()
+        for rec in recs:
+            if rec.token in self._leases or rec.token in seen:
+                raise ValueError(f"lease token {rec.token[:6]}... appears twice; refusing to restore")
+            seen.add(rec.token)
+        deadline = now + self.lease_timeout
+        restored = []
+        for rec in recs:
+            pool = (rec.customer_id, rec.product)
+            p = self._pools.get(pool)
+            if p is None:
+                p = self._pools[pool] = _Pool(0)
+            key = rec.share_key or (rec.token,)
+            p.seats[key] = p.seats.get(key, 0) + 1
+            self._seq += 1
+            lease = LeaseInfo(
+                rec.token, pool, key, rec.user, rec.host, rec.pid, rec.version, rec.display,
+                rec.granted_at, None, deadline, self._seq, deadline,
+            )  # fmt: skip
+            heapq.heappush(self._heap, (deadline, self._seq, rec.token))
+            self._leases[rec.token] = lease
+            p.leases[rec.token] = lease
+            restored.append(lease)
+        return restored
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def get(self, token: str) -> LeaseInfo | None:
+        return self._leases.get(token)
+
+    def leases(self, pool: PoolKey | None = None) -> list[LeaseInfo]:
+        """A snapshot of the leases (of one pool, or all), in grant order."""
+        if pool is None:
+            return list(self._leases.values())
+        return list(self._pool(pool).leases.values())
+
+    def __len__(self) -> int:
+        return len(self._leases)

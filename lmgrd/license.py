@@ -1,0 +1,140 @@
+"""The daemon's side of licenses: read the files, learn this host's identity, say what cannot be served.
+
+The pure work (parsing, signature checks, host comparison) lives in ``protocol.license``; this module
+adds the file system and the operating system (``socket.gethostname()`` and ``psutil.net_if_addrs()``).
+Never imports ``client_stub``.
+
+Errors: every failure to read or trust a file raises ``protocol.license.LicenseFileError`` (code
+LICENSE_INVALID) or, for a key file, ``protocol.license.VendorKeyError``; both are
+``protocol.errors.ProtocolError`` and their message starts with the file's path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+
+import psutil
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from protocol.license import (
+    MAX_LICENSE_TEXT_CHARS,
+    License,
+    LicenseFileError,
+    Revocation,
+    VendorKeyError,
+    host_mismatch,
+    load_public_key,
+    verify_license,
+    verify_revocation,
+)
+
+__all__ = [
+    "HostIdentity",
+    "license_problems_for_daemon",
+    "read_license_file",
+    "read_public_key_file",
+    "read_revocation_file",
+    "this_host",
+]
+
+# A key file is a few hundred bytes; a license well under 100 kB. Read a little more than the limit
+# so an oversized file is reported as such rather than silently truncated.
+_MAX_KEY_FILE_BYTES = 64 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HostIdentity:
+    """This machine as the operating system reports it: its hostname and every address (loopback too)."""
+
+    hostname: str
+    addresses: tuple[str, ...]
+
+
+def _read_text(path: str | os.PathLike[str], what: str) -> str:
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            data = f.read(MAX_LICENSE_TEXT_CHARS * 4 + 1)
+    except OSError as exc:
+        raise LicenseFileError(
+            source, f"cannot read the {what} file: {exc.strerror or exc}", "check the path and its permissions"
+        ) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LicenseFileError(
+            source,
+            f"the {what} file is not UTF-8 text (bad byte at offset {exc.start}); it is damaged or not a {what}",
+        ) from None
+
+
+def read_license_file(path: str | os.PathLike[str], public_key: Ed25519PublicKey) -> License:
+    """Read and verify one license file.
+
+    Raises:
+        LicenseFileError: unreadable, not UTF-8, unparsable, unsigned, or the signature does not verify;
+            the message names ``path``.
+    """
+    return verify_license(_read_text(path, "license"), public_key, os.fspath(path))
+
+
+def read_revocation_file(path: str | os.PathLike[str], public_key: Ed25519PublicKey) -> Revocation:
+    """Read and verify one revocation file (written by ``lmissue revoke`` or ``lmissue reissue``).
+
+    Raises:
+        LicenseFileError: as ``read_license_file``; a revocation that fails verification must be refused.
+    """
+    return verify_revocation(_read_text(path, "revocation"), public_key, os.fspath(path))
+
+
+def read_public_key_file(path: str | os.PathLike[str]) -> Ed25519PublicKey:
+    """Read the vendor's public key (``vendor.pub``).
+
+    Raises:
+        VendorKeyError: unreadable, too large, or not an Ed25519 public key in PEM; the message names ``path``.
+    """
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            pem = f.read(_MAX_KEY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise VendorKeyError(
+            source,
+            f"cannot read the vendor public key: {exc.strerror or exc}",
+            "pass the vendor.pub your software vendor gave you (--vendor-key)",
+        ) from None
+    if len(pem) > _MAX_KEY_FILE_BYTES:
+        raise VendorKeyError(source, "the file is far too large to be a vendor public key")
+    return load_public_key(pem, source)
+
+
+def this_host() -> HostIdentity:
+    """This machine's hostname and all its interface addresses, loopback included, as the OS reports them.
+
+    IPv6 zone suffixes are dropped (``fe80::1%eth0`` -> ``fe80::1``); the order is the OS's, without duplicates.
+    """
+    addresses: list[str] = []
+    for entries in psutil.net_if_addrs().values():
+        for entry in entries:
+            if entry.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            addr = entry.address.split("%", 1)[0]
+            if addr not in addresses:
+                addresses.append(addr)
+    return HostIdentity(hostname=socket.gethostname(), addresses=tuple(addresses))
+
+
+def license_problems_for_daemon(lic: License, host: HostIdentity) -> list[str]:
+    """Why lmgrd must not serve ``lic`` on ``host``; ``[]`` if it may.
+
+    A single-user (node-locked) license is never served by the daemon; a multi-user license only on the
+    host it is registered to (short hostname, case-insensitive, and one of this host's addresses).
+    """
+    if lic.license_type == "single":
+        return [
+            f"customer ID {lic.customer_id} is a single-user (node-locked) license; it belongs on its PC "
+            f"({lic.hostname}) and is not served by lmgrd"
+        ]
+    return host_mismatch(lic, host.hostname, host.addresses)

@@ -1,0 +1,112 @@
+"""Length-prefixed msgpack framing, bounded before parsing.
+
+Pure: no sockets, no asyncio. A frame is a 4-byte big-endian unsigned length N (1 <= N <= max_frame_bytes)
+followed by N bytes holding exactly one msgpack map with string keys. The decoder checks the announced
+length *before* buffering the body, so a hostile peer cannot make us hold more than one maximum frame,
+and it may raise only :class:`protocol.errors.MalformedMessage` (or its subclass FrameTooLarge), whether
+the bytes arrive whole or one at a time.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+
+from protocol.errors import FrameTooLarge, MalformedMessage
+
+#: Default ceiling for one frame. Big enough for a status reply with hundreds of pools, small enough that
+#: a thousand hostile clients cannot make the daemon buffer more than 64 MiB.
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024
+HEADER = struct.Struct(">I")
+HEADER_SIZE = HEADER.size
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
+def encode_frame(message: dict[str, Any]) -> bytes:
+    """Encode one message (a dict with string keys) into a complete frame.
+
+    Args:
+        message: the map to send; values must be msgpack-serialisable (str, int, float, bool, None,
+            bytes, list, dict).
+
+    Returns:
+        The length prefix followed by the msgpack body.
+    """
+    body: bytes = _pack(message)
+    return HEADER.pack(len(body)) + body
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """Decode one frame body into a message map.
+
+    Raises:
+        MalformedMessage: the body is not exactly one msgpack map with string keys.
+    """
+    try:
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+    except msgpack.ExtraData:
+        raise MalformedMessage("frame holds trailing bytes after its msgpack message") from None
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        # ValueError covers msgpack's FormatError/StackError/UnicodeDecodeError and non-str map keys.
+        raise MalformedMessage(f"frame body is not valid msgpack: {exc}") from None
+    if not isinstance(obj, dict):
+        raise MalformedMessage(f"a message must be a msgpack map, got {type(obj).__name__}")
+    return obj
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes, get complete messages.
+
+    After it has raised once, the stream is unusable (the frame boundary is lost or the peer is hostile)
+    and further calls raise again; the caller answers with an error and closes the connection.
+    """
+
+    __slots__ = ("_buf", "_failed", "max_frame_bytes")
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        if max_frame_bytes < 16:
+            raise ValueError(f"max_frame_bytes must be at least 16, got {max_frame_bytes!r}")
+        self.max_frame_bytes = max_frame_bytes
+        self._buf = bytearray()
+        self._failed: MalformedMessage | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """Add received bytes; return every message now complete, in order.
+
+        Raises:
+            MalformedMessage: a frame is empty, too large (FrameTooLarge) or not a msgpack map.
+        """
+        if self._failed is not None:
+            raise self._failed
+        buf = self._buf
+        buf += data
+        out: list[dict[str, Any]] = []
+        pos = 0
+        end = len(buf)
+        try:
+            while end - pos >= HEADER_SIZE:
+                (size,) = HEADER.unpack_from(buf, pos)
+                if size == 0:
+                    raise MalformedMessage("empty frame (length prefix 0)")
+                if size > self.max_frame_bytes:
+                    raise FrameTooLarge(size, self.max_frame_bytes)
+                if end - pos - HEADER_SIZE < size:
+                    break
+                start = pos + HEADER_SIZE
+                out.append(decode_body(bytes(buf[start : start + size])))
+                pos = start + size
+        except MalformedMessage as exc:
+            self._failed = exc
+            buf.clear()
+            raise
+        if pos:
+            del buf[:pos]
+        return out

@@ -1,0 +1,1218 @@
+"""Signed licenses: the schema, the text file format, its Ed25519 signature, and the decisions on it.
+
+Pure: imports only the standard library, msgpack and cryptography. No file access, no YAML, no clock
+reads (the caller passes ``now`` / ``today``), no logging. The daemon (floating licenses) and the
+client stub (node-locked licenses) both use this module, so one file verifies the same way everywhere.
+
+The license file
+================
+Line-oriented UTF-8 text, one ``key  value`` pair per line; ``#`` lines and blank lines are comments
+and are not signed. Example::
+
+    # lmgrd license file (format 1), issued and signed by the software vendor.
+    # DO NOT EDIT. Any change to a value below, even one character, invalidates the signature
+    # and the whole file is refused. Ask the vendor for a reissued license instead.
+    format        1
+    kind          license
+    customer_id   CID-ABCD-EFGH-IJKL-MNOP
+    license_type  multi
+    customer      Example Engineering Tokyo
+    hostname      licsrv01
+    ip            192.0.2.10
+    issued_at     2025-11-28T09:30:00Z
+    expires       2027-12-31            (or: never)
+    share         user_host
+    site_network  192.0.2.0/24          (zero or more lines)
+    product       CADPRO version=2.1 count=25   (one or more lines)
+    signature     ed25519:<base64 of the 64-byte signature>
+
+The signature line must be the last non-comment line. The signature is Ed25519 over
+``LICENSE_SIGNING_DOMAIN + msgpack(dict of every field, keys sorted)`` (see ``canonical_license_bytes``),
+so an edit to any value, the order of the products, or the set of site networks fails verification.
+The domain prefix keeps a license signature from ever verifying as a revocation and vice versa.
+
+A revocation file has the same shape with ``kind revocation`` and the keys ``customer_id``,
+``revoked_at``, ``replaced_by`` (a customer ID or ``none``) and ``reason``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import dataclasses
+import difflib
+import ipaddress
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping
+from datetime import UTC, date, datetime, time
+from typing import Final, Literal, cast
+
+import msgpack
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.validation import (
+    hostname_problem,
+    normalize_ip,
+    parse_version,
+    product_problem,
+    short_hostname,
+    version_permitted,
+)
+
+__all__ = [
+    "CUSTOMER_ID_RANDOM_BYTES",
+    "CUSTOMER_ID_RE",
+    "LICENSE_FORMAT",
+    "LICENSE_SIGNING_DOMAIN",
+    "LICENSE_TYPES",
+    "MAX_COUNT",
+    "MAX_LICENSE_TEXT_CHARS",
+    "REVOCATION_SIGNING_DOMAIN",
+    "SHARE_MODES",
+    "FieldProblem",
+    "License",
+    "LicenseFileError",
+    "LicenseType",
+    "Product",
+    "RequestSpec",
+    "Revocation",
+    "ShareMode",
+    "VendorKeyError",
+    "canonical_license_bytes",
+    "canonical_revocation_bytes",
+    "check_request",
+    "customer_id_problem",
+    "document_kind",
+    "dump_private_key",
+    "dump_public_key",
+    "evaluate_use",
+    "format_license",
+    "format_revocation",
+    "host_mismatch",
+    "load_private_key",
+    "load_public_key",
+    "new_customer_id",
+    "parse_license",
+    "parse_revocation",
+    "sign_license",
+    "sign_revocation",
+    "verify_license",
+    "verify_revocation",
+]
+
+LicenseType = Literal["multi", "single"]
+ShareMode = Literal["user_host", "host", "none"]
+
+#: License types: ``multi`` is a floating license served by lmgrd, ``single`` is node-locked to one PC.
+LICENSE_TYPES: Final[tuple[LicenseType, ...]] = ("multi", "single")
+#: Seat sharing: same user on same host shares a seat (default), one seat per host, or one per checkout.
+SHARE_MODES: Final[tuple[ShareMode, ...]] = ("user_host", "host", "none")
+#: The file format this module writes and reads.
+LICENSE_FORMAT: Final = 1
+#: Domain-separation prefixes of the signed bytes (never change them for format 1).
+LICENSE_SIGNING_DOMAIN: Final = b"lmgrd license v1\x00"
+REVOCATION_SIGNING_DOMAIN: Final = b"lmgrd revocation v1\x00"
+#: Largest license or revocation text accepted (a real one is well under 100 kB).
+MAX_LICENSE_TEXT_CHARS: Final = 1_000_000
+#: Largest seat count of one product.
+MAX_COUNT: Final = 1_000_000
+#: Random bytes in a customer ID (80 bits, 16 base32 characters).
+CUSTOMER_ID_RANDOM_BYTES: Final = 10
+#: ``CID-`` and four groups of four base32 characters.
+CUSTOMER_ID_RE: Final[re.Pattern[str]] = re.compile(r"CID-[A-Z2-7]{4}-[A-Z2-7]{4}-[A-Z2-7]{4}-[A-Z2-7]{4}")
+
+_MAX_TEXT_FIELD = 200
+_SIGNATURE_BYTES = 64
+_TIMESTAMP_RE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})Z")
+_DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_COUNT_RE = re.compile(r"[1-9][0-9]{0,8}")
+_DEFAULT_FILE_HINT = "ask the software vendor for a new license file; never edit a license file by hand"
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+
+
+class LicenseFileError(ProtocolError):
+    """A license or revocation file is unusable: unparsable, unsigned, or its signature fails.
+
+    ``str(error)`` and ``error.message`` start with the file (``source``) and say what is wrong.
+    """
+
+    def __init__(self, source: str, problem: str, hint: str = _DEFAULT_FILE_HINT) -> None:
+        super().__init__(ErrorCode.LICENSE_INVALID, f"{source}: {problem}", hint)
+        self.source = source
+        self.problem = problem
+
+
+class VendorKeyError(ProtocolError):
+    """A vendor key (public or private PEM) cannot be loaded."""
+
+    def __init__(self, source: str, problem: str, hint: str = "") -> None:
+        super().__init__(ErrorCode.LICENSE_INVALID, f"{source}: {problem}", hint)
+        self.source = source
+        self.problem = problem
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema
+
+
+def _text_field_problem(what: str, value: object) -> str | None:
+    """Customer names and reasons: one line of printable text, any script (Japanese is fine)."""
+    if not isinstance(value, str):
+        return f"{what} must be text, got {type(value).__name__} {value!r}"
+    if not value.strip():
+        return f"{what} is empty"
+    if value != value.strip():
+        return f"{what} {value!r} has leading or trailing spaces"
+    if len(value) > _MAX_TEXT_FIELD:
+        return f"{what} is {len(value)} characters long; the limit is {_MAX_TEXT_FIELD}"
+    for ch in value:
+        # Control, format-less line breaks, surrogates, private use and unassigned code points would
+        # make the file ambiguous (a line break) or unreadable; everything else is allowed.
+        if unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn", "Zl", "Zp"):
+            return f"{what} {value!r} contains the control or line-break character U+{ord(ch):04X}"
+    return None
+
+
+def customer_id_problem(customer_id: object) -> str | None:
+    """Say what is wrong with a customer ID, or ``None`` if it has the form ``CID-XXXX-XXXX-XXXX-XXXX``."""
+    if isinstance(customer_id, str) and CUSTOMER_ID_RE.fullmatch(customer_id):
+        return None
+    return (
+        f"customer ID {customer_id!r} is not of the form CID-XXXX-XXXX-XXXX-XXXX "
+        "(four groups of four characters A-Z or 2-7)"
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Product:
+    """One licensed product: ``count`` seats of ``name`` up to ``version`` (a dotted version)."""
+
+    name: str
+    version: str
+    count: int
+
+    def __post_init__(self) -> None:
+        problem = product_problem(self.name)
+        if problem:
+            raise ValueError(problem)
+        parse_version(self.version)  # raises ValueError naming the version
+        if isinstance(self.count, bool) or not isinstance(self.count, int):
+            raise ValueError(f"product {self.name}: count must be a whole number, got {self.count!r}")
+        if not 1 <= self.count <= MAX_COUNT:
+            raise ValueError(f"product {self.name}: count {self.count} is outside 1..{MAX_COUNT}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class License:
+    """A license as issued: who may run which products where, until when.
+
+    ``issued_at`` is normalised to UTC with whole seconds (the file stores seconds). The constructor
+    checks every field, so a ``License`` in hand is always one that could have been issued.
+    """
+
+    customer_id: str
+    license_type: LicenseType
+    customer: str
+    hostname: str
+    ip: str
+    products: tuple[Product, ...]
+    issued_at: datetime
+    expires: date | None
+    site_networks: tuple[str, ...]
+    share: ShareMode
+
+    def __post_init__(self) -> None:
+        problem = customer_id_problem(self.customer_id)
+        if problem:
+            raise ValueError(problem)
+        if self.license_type not in LICENSE_TYPES:
+            raise ValueError(f"license type {self.license_type!r} is not one of {', '.join(LICENSE_TYPES)}")
+        problem = _text_field_problem("customer", self.customer) or hostname_problem(self.hostname)
+        if problem:
+            raise ValueError(problem)
+        normalize_ip(self.ip)
+        if not isinstance(self.products, tuple) or not self.products:
+            raise ValueError("a license must list at least one product, as a tuple of Product")
+        seen: set[str] = set()
+        for product in self.products:
+            if not isinstance(product, Product):
+                raise ValueError(f"products must be Product instances, got {product!r}")
+            if product.name in seen:
+                raise ValueError(f"product {product.name} is listed twice")
+            seen.add(product.name)
+        if self.license_type == "single" and (len(self.products) != 1 or self.products[0].count != 1):
+            raise ValueError("a single-user license has exactly one product with count 1")
+        if not isinstance(self.issued_at, datetime) or self.issued_at.utcoffset() is None:
+            raise ValueError(f"issued_at must be a timezone-aware datetime, got {self.issued_at!r}")
+        object.__setattr__(self, "issued_at", self.issued_at.astimezone(UTC).replace(microsecond=0))
+        if self.expires is not None and (isinstance(self.expires, datetime) or not isinstance(self.expires, date)):
+            raise ValueError(f"expires must be a date or None, got {self.expires!r}")
+        if not isinstance(self.site_networks, tuple):
+            raise ValueError("site_networks must be a tuple of network strings")
+        for net in self.site_networks:
+            ipaddress.ip_network(net, strict=True)  # raises ValueError naming the network
+        if self.share not in SHARE_MODES:
+            raise ValueError(f"share mode {self.share!r} is not one of {', '.join(SHARE_MODES)}")
+
+    def product(self, name: str) -> Product | None:
+        """The product called ``name`` (exact, case-sensitive match), or ``None``."""
+        for product in self.products:
+            if product.name == name:
+                return product
+        return None
+
+    @property
+    def expires_at(self) -> datetime | None:
+        """The last instant the license is valid: the end of the expiry day, UTC (``None``: never)."""
+        if self.expires is None:
+            return None
+        return datetime.combine(self.expires, time.max, tzinfo=UTC)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Revocation:
+    """A vendor's signed statement that ``customer_id`` must no longer be served."""
+
+    customer_id: str
+    revoked_at: datetime
+    reason: str
+    replaced_by: str | None = None
+
+    def __post_init__(self) -> None:
+        problem = (
+            customer_id_problem(self.customer_id)
+            or (customer_id_problem(self.replaced_by) if self.replaced_by is not None else None)
+            or _text_field_problem("reason", self.reason)
+        )
+        if problem:
+            raise ValueError(problem)
+        if not isinstance(self.revoked_at, datetime) or self.revoked_at.utcoffset() is None:
+            raise ValueError(f"revoked_at must be a timezone-aware datetime, got {self.revoked_at!r}")
+        object.__setattr__(self, "revoked_at", self.revoked_at.astimezone(UTC).replace(microsecond=0))
+
+
+def new_customer_id(rng_bytes: bytes) -> str:
+    """Make a readable customer ID from fresh random bytes (pass ``os.urandom(CUSTOMER_ID_RANDOM_BYTES)``).
+
+    Returns:
+        ``CID-XXXX-XXXX-XXXX-XXXX``: the RFC 4648 base32 of the 10 bytes (no 0/1/8/9, no O/I confusion).
+
+    Raises:
+        ValueError: ``rng_bytes`` is not exactly 10 bytes.
+    """
+    if not isinstance(rng_bytes, bytes) or len(rng_bytes) != CUSTOMER_ID_RANDOM_BYTES:
+        raise ValueError(f"new_customer_id needs exactly {CUSTOMER_ID_RANDOM_BYTES} random bytes")
+    text = base64.b32encode(rng_bytes).decode("ascii")
+    return "CID-" + "-".join(text[i : i + 4] for i in range(0, 16, 4))
+
+
+# --------------------------------------------------------------------------------------------------
+# Canonical encoding and signatures
+
+
+def _format_timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _pack(domain: bytes, fields: dict[str, object]) -> bytes:
+    packed = msgpack.packb(dict(sorted(fields.items())), use_bin_type=True)
+    return domain + cast(bytes, packed)
+
+
+def canonical_license_bytes(lic: License) -> bytes:
+    """The exact bytes a license signature covers: every field, keys sorted, products in file order."""
+    return _pack(
+        LICENSE_SIGNING_DOMAIN,
+        {
+            "format": LICENSE_FORMAT,
+            "kind": "license",
+            "customer_id": lic.customer_id,
+            "license_type": lic.license_type,
+            "customer": lic.customer,
+            "hostname": lic.hostname,
+            "ip": lic.ip,
+            "products": [[p.name, p.version, p.count] for p in lic.products],
+            "issued_at": _format_timestamp(lic.issued_at),
+            "expires": lic.expires.isoformat() if lic.expires is not None else None,
+            "site_networks": list(lic.site_networks),
+            "share": lic.share,
+        },
+    )
+
+
+def canonical_revocation_bytes(rev: Revocation) -> bytes:
+    """The exact bytes a revocation signature covers."""
+    return _pack(
+        REVOCATION_SIGNING_DOMAIN,
+        {
+            "format": LICENSE_FORMAT,
+            "kind": "revocation",
+            "customer_id": rev.customer_id,
+            "revoked_at": _format_timestamp(rev.revoked_at),
+            "replaced_by": rev.replaced_by,
+            "reason": rev.reason,
+        },
+    )
+
+
+def _line(key: str, value: str) -> str:
+    return f"{key:<14}{value}\n"
+
+
+def _signature_line(signature: bytes) -> str:
+    if not isinstance(signature, bytes) or len(signature) != _SIGNATURE_BYTES:
+        raise ValueError(f"an Ed25519 signature is {_SIGNATURE_BYTES} bytes")
+    return _line("signature", "ed25519:" + base64.b64encode(signature).decode("ascii"))
+
+
+_LICENSE_HEADER = (
+    "# lmgrd license file (format 1), issued and signed by the software vendor.\n"
+    "# DO NOT EDIT. Any change to a value below, even one character, invalidates the signature\n"
+    "# and the whole file is refused. Ask the vendor for a reissued license instead.\n"
+)
+_REVOCATION_HEADER = (
+    "# lmgrd license revocation (format 1), signed by the software vendor.\n"
+    "# Give this file to lmgrd (--revocations) to stop serving the customer ID below.\n"
+    "# DO NOT EDIT. Any change to a value below invalidates the signature.\n"
+)
+
+
+def format_license(lic: License, signature: bytes) -> str:
+    """Render a license and its signature as the text file (see the module docstring)."""
+    out = [
+        _LICENSE_HEADER,
+        _line("format", str(LICENSE_FORMAT)),
+        _line("kind", "license"),
+        _line("customer_id", lic.customer_id),
+        _line("license_type", lic.license_type),
+        _line("customer", lic.customer),
+        _line("hostname", lic.hostname),
+        _line("ip", lic.ip),
+        _line("issued_at", _format_timestamp(lic.issued_at)),
+        _line("expires", lic.expires.isoformat() if lic.expires is not None else "never"),
+        _line("share", lic.share),
+    ]
+    out += [_line("site_network", net) for net in lic.site_networks]
+    out += [_line("product", f"{p.name} version={p.version} count={p.count}") for p in lic.products]
+    out.append(_signature_line(signature))
+    return "".join(out)
+
+
+def sign_license(lic: License, private_key: Ed25519PrivateKey) -> str:
+    """Sign ``lic`` with the vendor's private key and return the complete license file text."""
+    return format_license(lic, private_key.sign(canonical_license_bytes(lic)))
+
+
+def format_revocation(rev: Revocation, signature: bytes) -> str:
+    """Render a revocation and its signature as the text file."""
+    return "".join(
+        [
+            _REVOCATION_HEADER,
+            _line("format", str(LICENSE_FORMAT)),
+            _line("kind", "revocation"),
+            _line("customer_id", rev.customer_id),
+            _line("revoked_at", _format_timestamp(rev.revoked_at)),
+            _line("replaced_by", rev.replaced_by or "none"),
+            _line("reason", rev.reason),
+            _signature_line(signature),
+        ]
+    )
+
+
+def sign_revocation(rev: Revocation, private_key: Ed25519PrivateKey) -> str:
+    """Sign ``rev`` with the vendor's private key and return the complete revocation file text."""
+    return format_revocation(rev, private_key.sign(canonical_revocation_bytes(rev)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing
+
+
+_LICENSE_SINGLE_KEYS = (
+    "format",
+    "kind",
+    "customer_id",
+    "license_type",
+    "customer",
+    "hostname",
+    "ip",
+    "issued_at",
+    "expires",
+    "share",
+)
+_LICENSE_MULTI_KEYS = ("site_network", "product")
+_REVOCATION_SINGLE_KEYS = ("format", "kind", "customer_id", "revoked_at", "replaced_by", "reason")
+_LINE_RE = re.compile(r"([a-z_]+)(?:[ \t]+(.*))?")
+
+
+class _Records:
+    """The ``key value`` lines of one file, with their line numbers, and the signature."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.single: dict[str, tuple[int, str]] = {}
+        self.multi: dict[str, list[tuple[int, str]]] = {}
+        self.signature = b""
+
+    def fail(self, problem: str, lineno: int | None = None) -> LicenseFileError:
+        where = f"line {lineno}: " if lineno is not None else ""
+        return LicenseFileError(self.source, where + problem)
+
+    def get(self, key: str) -> tuple[int, str]:
+        if key not in self.single:
+            raise self.fail(f"the {key!r} line is missing; the file is incomplete or damaged")
+        return self.single[key]
+
+
+def _parse_records(
+    text: str, source: str, kind: str, single_keys: tuple[str, ...], multi_keys: tuple[str, ...]
+) -> _Records:
+    records = _Records(source)
+    if not isinstance(text, str):
+        raise records.fail(f"expected the file's text, got {type(text).__name__}")
+    if len(text) > MAX_LICENSE_TEXT_CHARS:
+        raise records.fail(f"the file is {len(text)} characters long, more than a {kind} file can be")
+    found = document_kind(text)
+    if found is not None and found != kind:
+        # Say so plainly before the first key of the other kind is reported as unknown.
+        raise records.fail(f"this is a {found} file, not a {kind} file")
+    known = (*single_keys, *multi_keys, "signature")
+    signature_line = 0
+    for lineno, raw in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
+        line = raw.rstrip("\r").strip(" \t")
+        if not line or line.startswith("#"):
+            continue
+        if signature_line:
+            raise records.fail(
+                f"unparsable line: text after the signature (line {signature_line}); "
+                "the signature must be the last line",
+                lineno,
+            )
+        bad = next((ch for ch in line if unicodedata.category(ch) in ("Cc", "Zl", "Zp") and ch != "\t"), None)
+        if bad is not None:
+            raise records.fail(f"unparsable line: it contains the control character U+{ord(bad):04X}", lineno)
+        match = _LINE_RE.fullmatch(line)
+        if match is None:
+            raise records.fail(f"unparsable line {line[:60]!r}: expected 'key  value'", lineno)
+        key, value = match.group(1), (match.group(2) or "").strip()
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise records.fail(f"unparsable line: unknown key {key!r}{hint}", lineno)
+        if not value:
+            raise records.fail(f"unparsable line: {key!r} has no value", lineno)
+        if key == "signature":
+            records.signature = _parse_signature(records, value, lineno)
+            signature_line = lineno
+        elif key in multi_keys:
+            records.multi.setdefault(key, []).append((lineno, value))
+        elif key in records.single:
+            raise records.fail(f"{key!r} is given twice (first on line {records.single[key][0]})", lineno)
+        else:
+            records.single[key] = (lineno, value)
+    if not signature_line:
+        raise records.fail(
+            "missing signature: there is no 'signature ed25519:...' line at the end; "
+            f"the file is unsigned or was cut short, so it is not a valid {kind}"
+        )
+    lineno, fmt = records.get("format")
+    if fmt != str(LICENSE_FORMAT):
+        raise records.fail(
+            f"unsupported format {fmt!r}: this version reads format {LICENSE_FORMAT}; upgrade lmgrd", lineno
+        )
+    lineno, found = records.get("kind")
+    if found != kind:
+        raise records.fail(f"this is a {found!r} file, not a {kind} file", lineno)
+    return records
+
+
+def _parse_signature(records: _Records, value: str, lineno: int) -> bytes:
+    scheme, _, encoded = value.partition(":")
+    if scheme != "ed25519":
+        raise records.fail(f"unparsable line: signature scheme {scheme!r} is not 'ed25519'", lineno)
+    try:
+        signature = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise records.fail("unparsable line: the signature is not valid base64", lineno) from None
+    if len(signature) != _SIGNATURE_BYTES:
+        raise records.fail(
+            f"unparsable line: the signature is {len(signature)} bytes, an Ed25519 signature is 64", lineno
+        )
+    return signature
+
+
+def _parse_timestamp(records: _Records, key: str) -> datetime:
+    lineno, value = records.get(key)
+    match = _TIMESTAMP_RE.fullmatch(value)
+    if match is not None:
+        try:
+            year, month, day, hour, minute, second = (int(g) for g in match.groups())
+            return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
+        except ValueError:
+            pass
+    raise records.fail(f"unparsable line: {key} {value!r} is not a UTC time like 2025-01-31T09:30:00Z", lineno)
+
+
+def _parse_product(records: _Records, lineno: int, value: str) -> Product:
+    parts = value.split()
+    if len(parts) != 3:
+        raise records.fail(f"unparsable line: product {value!r} is not 'NAME version=V count=N'", lineno)
+    name, attrs = parts[0], dict(part.partition("=")[::2] for part in parts[1:])
+    if set(attrs) != {"version", "count"}:
+        raise records.fail(f"unparsable line: product {value!r} is not 'NAME version=V count=N'", lineno)
+    if not _COUNT_RE.fullmatch(attrs["count"]):
+        raise records.fail(f"unparsable line: product count {attrs['count']!r} is not a whole number >= 1", lineno)
+    try:
+        return Product(name, attrs["version"], int(attrs["count"]))
+    except ValueError as exc:
+        raise records.fail(f"unparsable line: {exc}", lineno) from None
+
+
+def parse_license(text: str, source: str) -> tuple[License, bytes]:
+    """Parse a license file WITHOUT checking its signature (use ``verify_license`` to trust it).
+
+    Args:
+        text: the file's text.
+        source: the file path (or another name) used in error messages.
+
+    Returns:
+        The license as written and its 64-byte signature.
+
+    Raises:
+        LicenseFileError: the text is not a well-formed license file (the message names the line).
+    """
+    records = _parse_records(text, source, "license", _LICENSE_SINGLE_KEYS, _LICENSE_MULTI_KEYS)
+    for key in ("customer_id", "license_type", "customer", "hostname", "ip", "share", "expires"):
+        records.get(key)  # every required line is present, reported in file order
+    issued_at = _parse_timestamp(records, "issued_at")
+    lineno, expires_text = records.get("expires")
+    expires: date | None = None
+    if expires_text != "never":
+        if not _DATE_RE.fullmatch(expires_text):
+            raise records.fail(f"unparsable line: expires {expires_text!r} is not a date like 2027-12-31", lineno)
+        try:
+            expires = date.fromisoformat(expires_text)
+        except ValueError:
+            raise records.fail(f"unparsable line: expires {expires_text!r} is not a real date", lineno) from None
+    products = tuple(_parse_product(records, n, v) for n, v in records.multi.get("product", []))
+    if not products:
+        raise records.fail("the file has no 'product' line; a license names at least one product")
+    networks: list[str] = []
+    for lineno, value in records.multi.get("site_network", []):
+        try:
+            ipaddress.ip_network(value, strict=True)
+        except ValueError as exc:
+            raise records.fail(f"unparsable line: site_network: {exc}", lineno) from None
+        networks.append(value)
+    # Field-by-field checks whose failure is best reported against its own line.
+    for key, check in (
+        ("customer_id", customer_id_problem),
+        ("hostname", hostname_problem),
+        ("customer", lambda v: _text_field_problem("customer", v)),
+    ):
+        lineno, value = records.get(key)
+        problem = check(value)
+        if problem:
+            raise records.fail(f"unparsable line: {problem}", lineno)
+    lineno, ip = records.get("ip")
+    try:
+        normalize_ip(ip)
+    except ValueError as exc:
+        raise records.fail(f"unparsable line: {exc}", lineno) from None
+    try:
+        lic = License(
+            customer_id=records.get("customer_id")[1],
+            license_type=cast(LicenseType, records.get("license_type")[1]),
+            customer=records.get("customer")[1],
+            hostname=records.get("hostname")[1],
+            ip=ip,
+            products=products,
+            issued_at=issued_at,
+            expires=expires,
+            site_networks=tuple(networks),
+            share=cast(ShareMode, records.get("share")[1]),
+        )
+    except ValueError as exc:
+        raise records.fail(str(exc)) from None
+    return lic, records.signature
+
+
+def _bad_signature(source: str, kind: str) -> LicenseFileError:
+    return LicenseFileError(
+        source,
+        f"signature does not verify: the {kind} file was edited after it was signed, "
+        "or it was signed with another vendor's key",
+        f"use the vendor public key that belongs to this {kind}, and ask the vendor for a fresh copy "
+        "of the file; a license file cannot be edited by hand",
+    )
+
+
+def verify_license(text: str, public_key: Ed25519PublicKey, source: str) -> License:
+    """Parse a license file and check its Ed25519 signature against the vendor's public key.
+
+    Args:
+        text: the file's text.
+        public_key: the vendor public key (shipped with the product or given to lmgrd; never one
+            carried inside the license, which would prove nothing).
+        source: the file path, named in every error.
+
+    Returns:
+        The verified license.
+
+    Raises:
+        LicenseFileError: code LICENSE_INVALID; unparsable line N, missing signature, or a signature
+            that does not verify (the file was edited or signed by another vendor key).
+    """
+    lic, signature = parse_license(text, source)
+    try:
+        public_key.verify(signature, canonical_license_bytes(lic))
+    except InvalidSignature:
+        raise _bad_signature(source, "license") from None
+    return lic
+
+
+def parse_revocation(text: str, source: str) -> tuple[Revocation, bytes]:
+    """Parse a revocation file WITHOUT checking its signature. Raises LicenseFileError."""
+    records = _parse_records(text, source, "revocation", _REVOCATION_SINGLE_KEYS, ())
+    for key in ("customer_id", "replaced_by", "reason"):
+        records.get(key)
+    revoked_at = _parse_timestamp(records, "revoked_at")
+    replaced_by: str | None = records.get("replaced_by")[1]
+    if replaced_by == "none":
+        replaced_by = None
+    try:
+        rev = Revocation(records.get("customer_id")[1], revoked_at, records.get("reason")[1], replaced_by)
+    except ValueError as exc:
+        raise records.fail(str(exc)) from None
+    return rev, records.signature
+
+
+def verify_revocation(text: str, public_key: Ed25519PublicKey, source: str) -> Revocation:
+    """Parse a revocation file and check its signature; like ``verify_license``. Raises LicenseFileError."""
+    rev, signature = parse_revocation(text, source)
+    try:
+        public_key.verify(signature, canonical_revocation_bytes(rev))
+    except InvalidSignature:
+        raise _bad_signature(source, "revocation") from None
+    return rev
+
+
+def document_kind(text: str) -> str | None:
+    """``"license"`` or ``"revocation"`` from a file's ``kind`` line (unverified), else ``None``."""
+    for raw in text.removeprefix("\ufeff").split("\n"):
+        match = _LINE_RE.fullmatch(raw.strip(" \t\r"))
+        if match is not None and match.group(1) == "kind":
+            value = (match.group(2) or "").strip()
+            return value if value in ("license", "revocation") else None
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Keys
+
+
+def load_public_key(pem: bytes, source: str = "vendor public key") -> Ed25519PublicKey:
+    """Load the vendor's Ed25519 public key from PEM (SubjectPublicKeyInfo; comment lines allowed before it).
+
+    Raises:
+        VendorKeyError: not a PEM public key, a private key given by mistake, or not Ed25519.
+    """
+    if b"PRIVATE KEY-----" in pem:
+        raise VendorKeyError(
+            source,
+            "this is a PRIVATE key; verification needs the vendor PUBLIC key (vendor.pub)",
+            "give lmgrd and customers vendor.pub only; keep vendor.key with the vendor",
+        )
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise VendorKeyError(
+            source,
+            f"not a PEM public key ({exc})",
+            "use the vendor.pub written by 'lmissue keygen' (it starts with -----BEGIN PUBLIC KEY-----)",
+        ) from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise VendorKeyError(source, f"the key is {type(key).__name__}, not an Ed25519 vendor key")
+    return key
+
+
+def load_private_key(pem: bytes, source: str = "vendor private key") -> Ed25519PrivateKey:
+    """Load the vendor's Ed25519 private key from unencrypted PEM (PKCS8).
+
+    Raises:
+        VendorKeyError: not a PEM private key, a public key given by mistake, encrypted, or not Ed25519.
+    """
+    if b"PRIVATE KEY-----" not in pem and b"PUBLIC KEY-----" in pem:
+        raise VendorKeyError(
+            source,
+            "this is a PUBLIC key; signing needs the vendor PRIVATE key (vendor.key)",
+            "pass the vendor.key written by 'lmissue keygen'",
+        )
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except TypeError:
+        raise VendorKeyError(source, "the private key is encrypted; lmissue needs an unencrypted key") from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise VendorKeyError(
+            source,
+            f"not a PEM private key ({exc})",
+            "use the vendor.key written by 'lmissue keygen' (it starts with -----BEGIN PRIVATE KEY-----)",
+        ) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise VendorKeyError(source, f"the key is {type(key).__name__}, not an Ed25519 vendor key")
+    return key
+
+
+def dump_private_key(key: Ed25519PrivateKey) -> bytes:
+    """PEM PKCS8, unencrypted (protect the file itself: mode 0600)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def dump_public_key(key: Ed25519PublicKey) -> bytes:
+    """PEM SubjectPublicKeyInfo."""
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+# --------------------------------------------------------------------------------------------------
+# The registration request
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FieldProblem:
+    """One problem in a request: the field's path (``host.hostname``, ``products[1].count``) and what is wrong."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestSpec:
+    """A checked registration request: a license without its customer ID and issue time."""
+
+    license_type: LicenseType
+    customer: str
+    hostname: str
+    ip: str
+    products: tuple[Product, ...]
+    expires: date | None
+    site_networks: tuple[str, ...]
+    share: ShareMode
+
+    def to_license(self, customer_id: str, issued_at: datetime) -> License:
+        """The license this request becomes under ``customer_id``, issued at ``issued_at`` (aware)."""
+        return License(
+            customer_id=customer_id,
+            license_type=self.license_type,
+            customer=self.customer,
+            hostname=self.hostname,
+            ip=self.ip,
+            products=self.products,
+            issued_at=issued_at,
+            expires=self.expires,
+            site_networks=self.site_networks,
+            share=self.share,
+        )
+
+
+_REQUEST_KEYS = ("license_type", "customer", "host", "products", "expires", "site_networks", "share")
+_HOST_KEYS = ("hostname", "ip")
+_PRODUCT_KEYS = ("name", "version", "count")
+_MISSING = object()
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _did_you_mean(value: str, choices: Iterable[str]) -> str:
+    near = difflib.get_close_matches(value, list(choices), n=1)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
+def _check_keys(
+    mapping: Mapping[object, object], allowed: tuple[str, ...], path: str, problems: list[FieldProblem]
+) -> None:
+    for key in mapping:
+        if key in allowed:
+            continue
+        near = difflib.get_close_matches(str(key), allowed, n=1)
+        suggestion = f"did you mean {near[0]!r}?" if near else f"allowed keys: {', '.join(allowed)}"
+        problems.append(FieldProblem(_join(path, key), f"unknown key {key!r}; {suggestion}"))
+
+
+def _check_version(value: object, path: str, problems: list[FieldProblem]) -> str | None:
+    if isinstance(value, bool):
+        problems.append(FieldProblem(path, f'version must be a dotted version such as "2.1", got {value!r}'))
+        return None
+    if isinstance(value, float):
+        problems.append(
+            FieldProblem(
+                path,
+                f'version {value!r} was read as a number; quote it (version: "2.10") so that 2.10 is not read as 2.1',
+            )
+        )
+        return None
+    text = str(value) if isinstance(value, int) and value >= 0 else value
+    try:
+        parse_version(cast(str, text))
+    except ValueError as exc:
+        problems.append(FieldProblem(path, str(exc)))
+        return None
+    return cast(str, text)
+
+
+def _check_products(value: object, license_type: object, problems: list[FieldProblem]) -> tuple[Product, ...] | None:
+    if value is _MISSING:
+        problems.append(FieldProblem("products", "missing required field: a list of {name, version, count}"))
+        return None
+    if not isinstance(value, list) or not value:
+        problems.append(
+            FieldProblem(
+                "products",
+                f'must be a non-empty list such as [{{name: CADPRO, version: "2.1", count: 25}}], got {value!r}',
+            )
+        )
+        return None
+    single = license_type == "single"
+    if single and len(value) > 1:
+        problems.append(
+            FieldProblem(
+                "products",
+                f"a single-user (node-locked) license covers exactly one product, this request lists {len(value)}; "
+                "issue one single-user license per product, or use license_type: multi",
+            )
+        )
+    products: list[Product] = []
+    first_index: dict[str, int] = {}
+    ok = True
+    for index, item in enumerate(value):
+        path = f"products[{index}]"
+        if not isinstance(item, dict):
+            problems.append(FieldProblem(path, f"must be a mapping {{name, version, count}}, got {item!r}"))
+            ok = False
+            continue
+        _check_keys(item, _PRODUCT_KEYS, path, problems)
+        name = item.get("name", _MISSING)
+        if name is _MISSING:
+            problems.append(FieldProblem(f"{path}.name", "missing required field: the product name"))
+            name = None
+        else:
+            problem = product_problem(cast(str, name))
+            if problem:
+                problems.append(FieldProblem(f"{path}.name", problem))
+                name = None
+            elif cast(str, name) in first_index:
+                problems.append(
+                    FieldProblem(
+                        f"{path}.name",
+                        f"product {name!r} is already listed at products[{first_index[cast(str, name)]}]; "
+                        "list each product once",
+                    )
+                )
+            else:
+                first_index[cast(str, name)] = index
+        version: str | None = None
+        if "version" not in item:
+            problems.append(FieldProblem(f"{path}.version", "missing required field: the highest permitted version"))
+        else:
+            version = _check_version(item["version"], f"{path}.version", problems)
+        count = item.get("count", 1 if single else _MISSING)
+        if count is _MISSING:
+            problems.append(FieldProblem(f"{path}.count", "missing required field: the number of seats"))
+            count = None
+        elif isinstance(count, bool) or not isinstance(count, int):
+            problems.append(FieldProblem(f"{path}.count", f"count must be a whole number >= 1, got {count!r}"))
+            count = None
+        elif count < 1:
+            problems.append(FieldProblem(f"{path}.count", f"count must be at least 1, got {count}"))
+            count = None
+        elif count > MAX_COUNT:
+            problems.append(FieldProblem(f"{path}.count", f"count {count} is more than the maximum {MAX_COUNT}"))
+            count = None
+        elif single and count != 1:
+            problems.append(
+                FieldProblem(
+                    f"{path}.count",
+                    f"a single-user (node-locked) license has count 1 (one PC), got {count}; "
+                    "for several seats use license_type: multi",
+                )
+            )
+            count = None
+        if name is None or version is None or count is None:
+            ok = False
+            continue
+        products.append(Product(cast(str, name), version, cast(int, count)))
+    return tuple(products) if ok else None
+
+
+def _check_host(value: object, problems: list[FieldProblem]) -> tuple[str, str] | None:
+    if value is _MISSING:
+        problems.append(FieldProblem("host", "missing required field: {hostname: NAME, ip: ADDRESS}"))
+        return None
+    if not isinstance(value, dict):
+        problems.append(FieldProblem("host", f"must be a mapping {{hostname: NAME, ip: ADDRESS}}, got {value!r}"))
+        return None
+    _check_keys(value, _HOST_KEYS, "host", problems)
+    hostname = value.get("hostname", _MISSING)
+    ip = value.get("ip", _MISSING)
+    result_name: str | None = None
+    result_ip: str | None = None
+    if hostname is _MISSING:
+        problems.append(
+            FieldProblem("host.hostname", "missing required field: the license server's (or PC's) hostname")
+        )
+    else:
+        problem = hostname_problem(cast(str, hostname))
+        if problem:
+            problems.append(FieldProblem("host.hostname", problem))
+        else:
+            result_name = cast(str, hostname)
+    if ip is _MISSING:
+        problems.append(FieldProblem("host.ip", "missing required field: the host's IP address"))
+    else:
+        try:
+            addr = normalize_ip(cast(str, ip))
+        except ValueError as exc:
+            problems.append(FieldProblem("host.ip", str(exc)))
+        else:
+            if addr.is_unspecified or addr.is_multicast:
+                problems.append(
+                    FieldProblem("host.ip", f"{ip!r} is not the address of one host; give the host's own address")
+                )
+            else:
+                result_ip = str(addr)
+    if result_name is None or result_ip is None:
+        return None
+    return result_name, result_ip
+
+
+def _check_expires(value: object, today: date, problems: list[FieldProblem]) -> tuple[bool, date | None]:
+    if value is _MISSING or value is None:
+        return True, None
+    expires: date | None = None
+    if isinstance(value, date) and not isinstance(value, datetime):
+        expires = value
+    elif isinstance(value, str) and _DATE_RE.fullmatch(value.strip()):
+        with contextlib.suppress(ValueError):  # 2027-02-30 matches the pattern but is no date
+            expires = date.fromisoformat(value.strip())
+    if expires is None:
+        problems.append(
+            FieldProblem("expires", f"must be a date like 2027-12-31 (or omitted for no expiry), got {value!r}")
+        )
+        return False, None
+    if expires < today:
+        problems.append(
+            FieldProblem(
+                "expires",
+                f"expiry date {expires.isoformat()} is in the past (today is {today.isoformat()}); "
+                "use a future date, or omit expires for a license that does not expire",
+            )
+        )
+        return False, None
+    return True, expires
+
+
+def _check_networks(value: object, problems: list[FieldProblem]) -> tuple[str, ...] | None:
+    if value is _MISSING or value is None:
+        return ()
+    if not isinstance(value, list):
+        problems.append(
+            FieldProblem("site_networks", f"must be a list of networks such as [192.0.2.0/24], got {value!r}")
+        )
+        return None
+    networks: list[str] = []
+    ok = True
+    for index, item in enumerate(value):
+        path = f"site_networks[{index}]"
+        if not isinstance(item, str):
+            problems.append(FieldProblem(path, f"must be a network such as 192.0.2.0/24, got {item!r}"))
+            ok = False
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(item.strip(), strict=True)))
+        except ValueError as exc:
+            try:
+                loose = ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                problems.append(FieldProblem(path, f"{item!r} is not a network such as 192.0.2.0/24 ({exc})"))
+            else:
+                problems.append(FieldProblem(path, f"{item!r} has host bits set; did you mean {str(loose)!r}?"))
+            ok = False
+    return tuple(networks) if ok else None
+
+
+def check_request(data: object, today: date) -> tuple[RequestSpec | None, list[FieldProblem]]:
+    """Check a registration request (the YAML mapping, already loaded) and report EVERY problem.
+
+    Args:
+        data: what ``yaml.safe_load`` returned for the request file.
+        today: the issuer's current date (UTC), to refuse an expiry in the past.
+
+    Returns:
+        ``(spec, [])`` when the request is good; ``(None, problems)`` otherwise, one ``FieldProblem``
+        per problem, in field order, each with the field path (``host.hostname``, ``products[1].count``).
+    """
+    problems: list[FieldProblem] = []
+    if not isinstance(data, dict):
+        problems.append(
+            FieldProblem(
+                "request",
+                "must be a YAML mapping with the keys license_type, customer, host, products "
+                f"(and optionally expires, site_networks, share); got {type(data).__name__}",
+            )
+        )
+        return None, problems
+    _check_keys(data, _REQUEST_KEYS, "", problems)
+
+    license_type = data.get("license_type", _MISSING)
+    if license_type is _MISSING:
+        problems.append(
+            FieldProblem(
+                "license_type", "missing required field: multi (floating, served by lmgrd) or single (node-locked PC)"
+            )
+        )
+    elif license_type not in LICENSE_TYPES:
+        problems.append(
+            FieldProblem(
+                "license_type",
+                f"unknown license type {license_type!r}: use multi (floating, served by lmgrd) or single "
+                f"(node-locked PC){_did_you_mean(str(license_type), LICENSE_TYPES)}",
+            )
+        )
+
+    customer = data.get("customer", _MISSING)
+    if customer is _MISSING:
+        problems.append(FieldProblem("customer", "missing required field: the customer's name"))
+    else:
+        problem = _text_field_problem("customer", customer.strip() if isinstance(customer, str) else customer)
+        if problem:
+            problems.append(FieldProblem("customer", problem))
+
+    host = _check_host(data.get("host", _MISSING), problems)
+    products = _check_products(data.get("products", _MISSING), license_type, problems)
+    expires_ok, expires = _check_expires(data.get("expires", _MISSING), today, problems)
+    networks = _check_networks(data.get("site_networks", _MISSING), problems)
+
+    share = data.get("share", "user_host")
+    if share not in SHARE_MODES:
+        problems.append(
+            FieldProblem(
+                "share",
+                f"unknown share mode {share!r}: use user_host (the default: one seat per user and host), "
+                f"host (one seat per PC) or none (one seat per checkout){_did_you_mean(str(share), SHARE_MODES)}",
+            )
+        )
+
+    if problems or host is None or products is None or networks is None or not expires_ok:
+        return None, problems
+    spec = RequestSpec(
+        license_type=cast(LicenseType, license_type),
+        customer=cast(str, customer).strip(),
+        hostname=host[0],
+        ip=host[1],
+        products=products,
+        expires=expires,
+        site_networks=networks,
+        share=cast(ShareMode, share),
+    )
+    return spec, problems
+
+
+# --------------------------------------------------------------------------------------------------
+# Decisions
+
+
+def evaluate_use(lic: License, product: str, version: str, now: datetime) -> tuple[ErrorCode, str] | None:
+    """Decide whether ``product`` at ``version`` may run under ``lic`` at ``now``.
+
+    Checks, in the handbook's order, and the first failure wins: expiry (LICENSE_EXPIRED), product
+    (UNKNOWN_PRODUCT), version (BAD_REQUEST if the requested version is not a dotted version, else
+    VERSION_NOT_PERMITTED). Signature, revocation, host, site and activation are checked before this
+    by the caller; seats after it.
+
+    Args:
+        lic: a verified license.
+        product: the product name the client asks for.
+        version: the client's product version.
+        now: the current time, timezone-aware.
+
+    Returns:
+        ``None`` if allowed, else ``(code, message)``.
+
+    Raises:
+        ValueError: ``now`` is naive.
+    """
+    if now.utcoffset() is None:
+        raise ValueError("evaluate_use needs a timezone-aware 'now'")
+    expires_at = lic.expires_at
+    if expires_at is not None and now > expires_at:
+        return (
+            ErrorCode.LICENSE_EXPIRED,
+            f"license {lic.customer_id} ({lic.customer}) expired at the end of {lic.expires} (UTC); "
+            "ask the vendor to renew it",
+        )
+    entry = lic.product(product)
+    if entry is None:
+        have = ", ".join(f"{p.name} {p.version}" for p in lic.products)
+        return (
+            ErrorCode.UNKNOWN_PRODUCT,
+            f"product {product!r} is not licensed by {lic.customer_id}; this license has: {have}",
+        )
+    try:
+        allowed = version_permitted(version, entry.version)
+    except ValueError as exc:
+        return ErrorCode.BAD_REQUEST, f"requested {exc}"
+    if not allowed:
+        return (
+            ErrorCode.VERSION_NOT_PERMITTED,
+            f"{entry.name} version {version} is not permitted: license {lic.customer_id} permits versions "
+            f"up to {entry.version}",
+        )
+    return None
+
+
+def host_mismatch(lic: License, hostname: str, addresses: Iterable[str]) -> list[str]:
+    """Compare the license's registered host with this machine.
+
+    Hostnames compare by short form, case-insensitively; the registered IP must be one of
+    ``addresses`` (after normalisation: IPv4-mapped IPv6 counts as IPv4, zones are ignored).
+
+    Returns:
+        ``[]`` if the license belongs here, else one message per differing item naming both sides.
+    """
+    problems: list[str] = []
+    if short_hostname(lic.hostname) != short_hostname(hostname):
+        problems.append(
+            f"license {lic.customer_id} is registered to host {short_hostname(lic.hostname)!r} "
+            f"but this machine is {short_hostname(hostname)!r}"
+        )
+    here: list[str] = []
+    seen: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    for addr in addresses:
+        try:
+            ip = normalize_ip(addr)
+        except ValueError:
+            continue
+        if ip not in seen:
+            seen.add(ip)
+            here.append(str(ip))
+    registered = normalize_ip(lic.ip)
+    if registered not in seen:
+        problems.append(
+            f"license {lic.customer_id} is registered to IP address {registered} "
+            f"but this machine's addresses are {', '.join(here) or '(none found)'}"
+        )
+    return problems

@@ -1,0 +1,438 @@
+"""Message schema: one frozen, slotted dataclass per message, with wire encoding and validation.
+
+Pure: no sockets, asyncio, clocks or logging. Every message on the wire is a msgpack map with an ``op``
+string; requests also carry ``id`` (an unsigned integer the client chooses, echoed in the reply). Replies
+carry the same ``id`` (0 for a message the server sends unprompted, such as a handshake timeout), an
+``op`` naming the reply, and either result fields or, for ``op == "error"``, ``code``, ``message`` and
+``hint``. ``parse_request`` and ``parse_reply`` raise only :class:`MalformedMessage` with a message that
+names the offending field and its value; extra unknown fields are ignored (forward compatibility).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from protocol.errors import ErrorCode, MalformedMessage
+
+MAX_ID = 2**63 - 1
+MAX_TEXT = 256
+MAX_TOKENS = 1024
+MAX_WAIT_SECONDS = 86_400.0
+
+_T = TypeVar("_T")
+
+
+# --------------------------------------------------------------------------- field readers
+def _get(d: dict[str, Any], key: str, kind: type[_T] | tuple[type, ...], what: str, op: str) -> Any:
+    try:
+        value = d[key]
+    except KeyError:
+        raise MalformedMessage(f"{op}: missing field '{key}' ({what})") from None
+    # bool is an int subclass: never accept it where a number belongs.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise MalformedMessage(f"{op}: field '{key}' must be {what}, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _text(d: dict[str, Any], key: str, op: str, default: str | None = None, limit: int = MAX_TEXT) -> str:
+    if default is not None and key not in d:
+        return default
+    value: str = _get(d, key, str, f"a string of at most {limit} characters", op)
+    if len(value) > limit:
+        raise MalformedMessage(f"{op}: field '{key}' is {len(value)} characters long; the limit is {limit}")
+    return value
+
+
+def _uint(d: dict[str, Any], key: str, op: str, limit: int = MAX_ID, default: int | None = None) -> int:
+    if default is not None and key not in d:
+        return default
+    value: int = _get(d, key, int, f"an integer from 0 to {limit}", op)
+    if not 0 <= value <= limit:
+        raise MalformedMessage(f"{op}: field '{key}' must be from 0 to {limit}, got {value}")
+    return value
+
+
+def _seconds(d: dict[str, Any], key: str, op: str, limit: float, default: float | None = None) -> float:
+    if default is not None and key not in d:
+        return default
+    value = _get(d, key, (int, float), f"a number of seconds from 0 to {limit:g}", op)
+    if not 0.0 <= value <= limit:  # also rejects NaN
+        raise MalformedMessage(f"{op}: field '{key}' must be from 0 to {limit:g} seconds, got {value!r}")
+    return float(value)
+
+
+def _bool(d: dict[str, Any], key: str, op: str, default: bool) -> bool:
+    if key not in d:
+        return default
+    value: bool = _get(d, key, bool, "true or false", op)
+    return value
+
+
+def _texts(d: dict[str, Any], key: str, op: str, limit: int = MAX_TOKENS) -> tuple[str, ...]:
+    value = _get(d, key, list, f"a list of at most {limit} strings", op)
+    if len(value) > limit:
+        raise MalformedMessage(f"{op}: field '{key}' holds {len(value)} items; the limit is {limit}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or len(item) > MAX_TEXT:
+            raise MalformedMessage(f"{op}: field '{key}[{i}]' must be a string, got {item!r:.60}")
+    return tuple(value)
+
+
+def _map(d: dict[str, Any], key: str, op: str) -> dict[str, Any]:
+    if key not in d:
+        return {}
+    value: dict[str, Any] = _get(d, key, dict, "a map", op)
+    return value
+
+
+# --------------------------------------------------------------------------- requests
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First message of every connection: who is asking, and which protocol versions it speaks."""
+
+    OP: ClassVar[str] = "hello"
+    id: int
+    proto: tuple[int, ...]
+    host: str
+    user: str
+    pid: int
+    client_version: str
+    display: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "hello", "id": self.id, "proto": list(self.proto), "host": self.host,
+                "user": self.user, "pid": self.pid, "client_version": self.client_version,
+                "display": self.display}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Hello:
+        protos = _get(d, "proto", list, "a list of protocol version integers", "hello")
+        if not protos or len(protos) > 16 or not all(
+            isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in protos
+        ):
+            raise MalformedMessage(f"hello: field 'proto' must list 1 to 16 positive integers, got {protos!r:.60}")
+        return cls(_uint(d, "id", "hello"), tuple(protos), _text(d, "host", "hello"),
+                   _text(d, "user", "hello"), _uint(d, "pid", "hello", 2**32),
+                   _text(d, "client_version", "hello", default=""), _text(d, "display", "hello", default=""))
+
+
+@dataclass(frozen=True, slots=True)
+class Checkout:
+    """Ask for a seat of ``product`` at ``version``; wait up to ``wait`` seconds in the queue if none is free."""
+
+    OP: ClassVar[str] = "checkout"
+    id: int
+    product: str
+    version: str
+    wait: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "checkout", "id": self.id, "product": self.product, "version": self.version,
+                "wait": self.wait}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Checkout:
+        return cls(_uint(d, "id", "checkout"), _text(d, "product", "checkout", limit=64),
+                   _text(d, "version", "checkout", limit=32),
+                   _seconds(d, "wait", "checkout", MAX_WAIT_SECONDS, default=0.0))
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Renews every lease of this connection. ``idle`` reports that the user is idle (usage policy)."""
+
+    OP: ClassVar[str] = "heartbeat"
+    id: int
+    idle: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "heartbeat", "id": self.id, "idle": self.idle}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Heartbeat:
+        return cls(_uint(d, "id", "heartbeat"), _bool(d, "idle", "heartbeat", False))
+
+
+@dataclass(frozen=True, slots=True)
+class Checkin:
+    """Give a seat back now."""
+
+    OP: ClassVar[str] = "checkin"
+    id: int
+    token: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "checkin", "id": self.id, "token": self.token}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Checkin:
+        return cls(_uint(d, "id", "checkin"), _text(d, "token", "checkin", limit=64))
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """After a reconnect: take back the leases these tokens name (never a second seat)."""
+
+    OP: ClassVar[str] = "resume"
+    id: int
+    tokens: tuple[str, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "resume", "id": self.id, "tokens": list(self.tokens)}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Resume:
+        return cls(_uint(d, "id", "resume"), _texts(d, "tokens", "resume"))
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Ask for the server's pools (customer ID, product, count, in use, queued, expiry)."""
+
+    OP: ClassVar[str] = "status"
+    id: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "status", "id": self.id}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Status:
+        return cls(_uint(d, "id", "status"))
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    """An administrative command (lmutil): ``command`` with ``args``, authenticated by ``auth``."""
+
+    OP: ClassVar[str] = "admin"
+    id: int
+    command: str
+    args: dict[str, Any] = field(default_factory=dict)
+    auth: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "admin", "id": self.id, "command": self.command, "args": self.args, "auth": self.auth}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Admin:
+        return cls(_uint(d, "id", "admin"), _text(d, "command", "admin", limit=64), _map(d, "args", "admin"),
+                   _text(d, "auth", "admin", default=""))
+
+
+Request = Hello | Checkout | Heartbeat | Checkin | Resume | Status | Admin
+REQUEST_TYPES: dict[str, Callable[[dict[str, Any]], Request]] = {
+    cls.OP: cls.from_wire for cls in (Hello, Checkout, Heartbeat, Checkin, Resume, Status, Admin)
+}
+
+
+def parse_request(d: dict[str, Any]) -> Request:
+    """Turn a decoded map into a request message.
+
+    Raises:
+        MalformedMessage: unknown ``op``, missing field or wrong type (the message names the field).
+    """
+    op = d.get("op")
+    parser = REQUEST_TYPES.get(op) if isinstance(op, str) else None
+    if parser is None:
+        raise MalformedMessage(f"unknown op {op!r:.40}; known ops: {', '.join(sorted(REQUEST_TYPES))}")
+    return parser(d)
+
+
+# --------------------------------------------------------------------------- replies
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Reply to hello: the chosen protocol version and the timing the client must keep."""
+
+    OP: ClassVar[str] = "welcome"
+    id: int
+    proto: int
+    server_version: str
+    heartbeat_interval: float
+    lease_timeout: float
+    max_frame: int
+    session: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "welcome", "id": self.id, "proto": self.proto, "server_version": self.server_version,
+                "heartbeat_interval": self.heartbeat_interval, "lease_timeout": self.lease_timeout,
+                "max_frame": self.max_frame, "session": self.session}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Welcome:
+        return cls(_uint(d, "id", "welcome"), _uint(d, "proto", "welcome", 65535),
+                   _text(d, "server_version", "welcome"),
+                   _seconds(d, "heartbeat_interval", "welcome", 86_400.0),
+                   _seconds(d, "lease_timeout", "welcome", 864_000.0), _uint(d, "max_frame", "welcome"),
+                   _uint(d, "session", "welcome"))
+
+
+@dataclass(frozen=True, slots=True)
+class Granted:
+    """Reply to checkout: the seat is yours while heartbeats keep the lease alive."""
+
+    OP: ClassVar[str] = "granted"
+    id: int
+    token: str
+    customer_id: str
+    product: str
+    version: str
+    lease_timeout: float
+    heartbeat_interval: float
+    waited: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "granted", "id": self.id, "token": self.token, "customer_id": self.customer_id,
+                "product": self.product, "version": self.version, "lease_timeout": self.lease_timeout,
+                "heartbeat_interval": self.heartbeat_interval, "waited": self.waited}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Granted:
+        return cls(_uint(d, "id", "granted"), _text(d, "token", "granted", limit=64),
+                   _text(d, "customer_id", "granted"), _text(d, "product", "granted"),
+                   _text(d, "version", "granted"), _seconds(d, "lease_timeout", "granted", 864_000.0),
+                   _seconds(d, "heartbeat_interval", "granted", 86_400.0),
+                   _seconds(d, "waited", "granted", MAX_WAIT_SECONDS * 2, default=0.0))
+
+
+@dataclass(frozen=True, slots=True)
+class LostSeat:
+    """A lease the server no longer holds for this client, and why (carried in heartbeat and resume replies)."""
+
+    token: str
+    code: ErrorCode
+    message: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"token": self.token, "code": str(self.code), "message": self.message}
+
+    @classmethod
+    def from_wire(cls, d: object, op: str) -> LostSeat:
+        if not isinstance(d, dict):
+            raise MalformedMessage(f"{op}: each item of 'lost' must be a map, got {d!r:.60}")
+        return cls(_text(d, "token", op, limit=64), _code(d, op), _text(d, "message", op, limit=4096))
+
+
+def _code(d: dict[str, Any], op: str) -> ErrorCode:
+    raw = _text(d, "code", op, limit=64)
+    try:
+        return ErrorCode(raw)
+    except ValueError:
+        # An unknown code from a newer server still reaches the product as an internal error code,
+        # with the server's message intact.
+        return ErrorCode.INTERNAL_ERROR
+
+
+def _lost(d: dict[str, Any], op: str) -> tuple[LostSeat, ...]:
+    items = _get(d, "lost", list, "a list", op) if "lost" in d else []
+    return tuple(LostSeat.from_wire(item, op) for item in items)
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatAck:
+    """Reply to heartbeat: how many leases were renewed and which are lost (with the reason)."""
+
+    OP: ClassVar[str] = "heartbeat_ack"
+    id: int
+    renewed: int
+    lost: tuple[LostSeat, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "heartbeat_ack", "id": self.id, "renewed": self.renewed,
+                "lost": [x.to_wire() for x in self.lost]}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> HeartbeatAck:
+        return cls(_uint(d, "id", "heartbeat_ack"), _uint(d, "renewed", "heartbeat_ack"),
+                   _lost(d, "heartbeat_ack"))
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedIn:
+    """Reply to checkin. ``released`` is false if the token was not (or no longer) held: checkin is idempotent."""
+
+    OP: ClassVar[str] = "checked_in"
+    id: int
+    released: bool
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "checked_in", "id": self.id, "released": self.released}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> CheckedIn:
+        return cls(_uint(d, "id", "checked_in"), _bool(d, "released", "checked_in", False))
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """Reply to resume: the tokens now held by this connection, and those that are gone."""
+
+    OP: ClassVar[str] = "resumed"
+    id: int
+    resumed: tuple[str, ...]
+    lost: tuple[LostSeat, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "resumed", "id": self.id, "resumed": list(self.resumed),
+                "lost": [x.to_wire() for x in self.lost]}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Resumed:
+        return cls(_uint(d, "id", "resumed"), _texts(d, "resumed", "resumed"), _lost(d, "resumed"))
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply:
+    """Reply to status (and to admin commands): a free-form map of facts, documented in PROTOCOL.md."""
+
+    OP: ClassVar[str] = "status"
+    id: int
+    data: dict[str, Any]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "status", "id": self.id, "data": self.data}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> StatusReply:
+        return cls(_uint(d, "id", "status"), _map(d, "data", "status"))
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """A refusal: stable ``code``, a ``message`` saying what happened and a ``hint`` saying what to do."""
+
+    OP: ClassVar[str] = "error"
+    id: int
+    code: ErrorCode
+    message: str
+    hint: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": "error", "id": self.id, "code": str(self.code), "message": self.message,
+                "hint": self.hint}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> ErrorReply:
+        return cls(_uint(d, "id", "error"), _code(d, "error"), _text(d, "message", "error", limit=4096),
+                   _text(d, "hint", "error", default="", limit=4096))
+
+
+Reply = Welcome | Granted | HeartbeatAck | CheckedIn | Resumed | StatusReply | ErrorReply
+REPLY_TYPES: dict[str, Callable[[dict[str, Any]], Reply]] = {
+    cls.OP: cls.from_wire
+    for cls in (Welcome, Granted, HeartbeatAck, CheckedIn, Resumed, StatusReply, ErrorReply)
+}
+
+
+def parse_reply(d: dict[str, Any]) -> Reply:
+    """Turn a decoded map from the server into a reply message.
+
+    Raises:
+        MalformedMessage: unknown ``op``, missing field or wrong type.
+    """
+    op = d.get("op")
+    parser = REPLY_TYPES.get(op) if isinstance(op, str) else None
+    if parser is None:
+        raise MalformedMessage(f"unknown reply op {op!r:.40}; known: {', '.join(sorted(REPLY_TYPES))}")
+    return parser(d)

@@ -1,0 +1,207 @@
+"""Test harness: real signed licenses, the real daemon as a subprocess, a minimal blocking protocol client.
+
+Nothing here mocks the network or the store: the daemon is ``python -m lmgrd`` on an ephemeral 127.0.0.1
+port with its own state directory, and ``RawClient`` speaks the wire protocol over a real socket.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocol import ClientConnection, Hello, Reply, Request
+from protocol.license import License, Product, new_customer_id, sign_license
+
+REPO = Path(__file__).resolve().parent.parent
+HOSTNAME = socket.gethostname().split(".")[0]
+
+
+def write_keys(directory: Path) -> tuple[Ed25519PrivateKey, Path]:
+    """A fresh vendor key pair; returns the private key and the path of vendor.pub."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    pub = directory / "vendor.pub"
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    return key, pub
+
+
+def write_license(
+    path: Path,
+    key: Ed25519PrivateKey,
+    products: Sequence[tuple[str, str, int]] = (("CADPRO", "2.1", 3),),
+    *,
+    share: str = "user_host",
+    license_type: str = "multi",
+    hostname: str = HOSTNAME,
+    ip: str = "127.0.0.1",
+    expires: date | None = None,
+    issued_at: datetime | None = None,
+    customer_id: str | None = None,
+) -> License:
+    lic = License(
+        customer_id=customer_id or new_customer_id(os.urandom(10)),
+        license_type=license_type,  # type: ignore[arg-type]
+        customer="Test Customer",
+        hostname=hostname,
+        ip=ip,
+        products=tuple(Product(n, v, c) for n, v, c in products),
+        issued_at=issued_at or datetime.now(UTC),
+        expires=expires,
+        site_networks=(),
+        share=share,  # type: ignore[arg-type]
+    )
+    path.write_text(sign_license(lic, key), encoding="utf-8")
+    return lic
+
+
+class Daemon:
+    """``lmgrd`` as a subprocess. Logs go to a file so the pipe can never fill and block the daemon."""
+
+    def __init__(self, workdir: Path, licenses: Sequence[Path], vendor_pub: Path, *, state_dir: Path | None = None,
+                 heartbeat: float = 1.0, lease_timeout: float = 3.0, extra: Sequence[str] = (),
+                 port: int = 0) -> None:
+        self.workdir = workdir
+        self.licenses = list(licenses)
+        self.vendor_pub = vendor_pub
+        self.state_dir = state_dir or workdir / "state"
+        self.heartbeat = heartbeat
+        self.lease_timeout = lease_timeout
+        self.extra = list(extra)
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "lmgrd.log"
+        self._log_offset = 0
+        self.starts = 0
+
+    def args(self) -> list[str]:
+        a = [sys.executable, "-m", "lmgrd", "--vendor-key", str(self.vendor_pub), "--port", str(self.port),
+             "--bind", "127.0.0.1", "--state-dir", str(self.state_dir), "--heartbeat-interval",
+             str(self.heartbeat), "--lease-timeout", str(self.lease_timeout), "--log-level", "debug"]
+        for lic in self.licenses:
+            a += ["--license", str(lic)]
+        return a + self.extra
+
+    def start(self, timeout: float = 20.0) -> Daemon:
+        self.starts += 1
+        with open(self.log_path, "ab") as log:
+            self._log_offset = log.tell()
+            self.proc = subprocess.Popen(self.args(), stdout=log, stderr=log, cwd=REPO)
+        m = self.wait_for_log(r"listening on [^ ]*:(\d+)", timeout)
+        self.port = int(m.group(1))  # keep the same port across restarts
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def new_log(self) -> str:
+        with open(self.log_path, "rb") as f:
+            f.seek(self._log_offset)
+            return f.read().decode("utf-8", "replace")
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while time.monotonic() < deadline:
+            m = rx.search(self.new_log())
+            if m:
+                return m
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"lmgrd exited with {self.proc.returncode} before {pattern!r}:\n{self.new_log()}")
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {pattern!r} in the daemon log:\n{self.new_log()}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.port}@127.0.0.1"
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError("lmgrd did not exit within the shutdown timeout after SIGTERM") from None
+
+    def connect(self, **kw: Any) -> RawClient:
+        return RawClient(self.port, **kw)
+
+
+class RawClient:
+    """A blocking client that speaks the wire protocol directly (for protocol-level integration tests)."""
+
+    opened: list[RawClient] = []  # closed by the conftest after each test
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        RawClient.opened.append(self)
+        self.conn = ClientConnection()
+        self.replies: list[Reply] = []
+        self.next_id = 1
+
+    def send(self, req: Request) -> None:
+        self.sock.sendall(self.conn.send(req))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self, timeout: float = 10.0) -> Reply:
+        self.sock.settimeout(timeout)
+        while not self.replies:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("server closed the connection")
+            self.replies.extend(self.conn.receive_data(data))
+        return self.replies.pop(0)
+
+    def request(self, req: Request, timeout: float = 10.0) -> Reply:
+        self.send(req)
+        return self.recv(timeout)
+
+    def id(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+    def hello(self, host: str = HOSTNAME, user: str = "alice", pid: int | None = None) -> Reply:
+        return self.request(Hello(self.id(), (1,), host, user, pid or os.getpid(), "test", ""))
+
+    def closed(self, timeout: float = 5.0) -> bool:
+        """True once the server has closed the connection (reads EOF)."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+                self.replies.extend(self.conn.receive_data(data))
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
