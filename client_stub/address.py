@@ -25,9 +25,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-import yaml
-
 from client_stub.errors import LicenseError
 from protocol import ErrorCode
 
@@ -190,10 +187,14 @@ def parse_server_list(value: str | os.PathLike[str] | Sequence[str | os.PathLike
 
 def config_path() -> Path:
     """The per-user client config file (``lmclient set-server`` writes it)."""
+    import platformdirs  # lazily: most products pass the server or set the environment
+
     return Path(platformdirs.user_config_dir("lmgrd", appauthor=False)) / CONFIG_FILE_NAME
 
 
 def _from_config(path: Path) -> tuple[Endpoint, ...] | None:
+    import yaml  # lazily: keeps importing the client light when the file is not needed
+
     try:
         with open(path, "rb") as f:
             data = f.read(_CONFIG_MAX_BYTES + 1)

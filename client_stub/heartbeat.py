@@ -354,8 +354,8 @@ class LeaseKeeper:
             conn.abort(ProtocolMismatch(ErrorCode.UNEXPECTED_MESSAGE,
                                         f"the license server answered a heartbeat with '{reply.OP}'"))
 
-    async def stop(self) -> list[str]:
-        """Stop the task and the timer; return the tokens still held (for the client to check in)."""
+    async def stop(self) -> dict[str, list[AsyncSeat]]:
+        """Stop the task and the timer; return the seats still held by token (for the client to check in)."""
         self._stopped = True
         if self._timer is not None:
             self._timer.cancel()
@@ -365,7 +365,7 @@ class LeaseKeeper:
             task.cancel()
             # wait() does not re-raise the task's CancelledError, yet our own cancellation still propagates.
             await asyncio.wait([task])
-        tokens = list(self._seats)
+        held = dict(self._seats)
         self._seats.clear()
         self._deadlines.clear()
-        return tokens
+        return held

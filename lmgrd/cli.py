@@ -17,8 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from lmgrd import LmgrdError, __version__
-from lmgrd.config import DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, DEFAULT_PORT, ConfigInvalid, DaemonConfig, \
-    build_config, load_config_file
+from lmgrd.config import (
+    DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+    DEFAULT_PORT,
+    ConfigInvalid,
+    DaemonConfig,
+    build_config,
+    load_config_file,
+)
 from lmgrd.license import license_problems_for_daemon, read_license_file, read_public_key_file, this_host
 from lmgrd.licensing import Licensing, Refusal
 from protocol.errors import ErrorCode, ProtocolError
@@ -61,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--handshake-timeout", type=float, metavar="S", help="seconds a new connection has to send "
                    "hello (default 10)")
     p.add_argument("--max-frame-bytes", type=int, metavar="N", help="largest message accepted (default 65536)")
+    p.add_argument("--admin-token-file", metavar="PATH", help="where to write the admin token lmutil uses "
+                   "(default: the user's runtime directory, admin-PORT.token, mode 0600)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
     p.add_argument("--check", action="store_true", help="validate the configuration and licenses, list every "
                    "problem, and exit (1 if there is one)")
@@ -70,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     keys = ("licenses", "vendor_key", "port", "bind", "state_dir", "heartbeat_interval", "lease_timeout",
-            "reconnect_grace", "max_connections_per_address", "handshake_timeout", "max_frame_bytes", "log_level")
+            "reconnect_grace", "max_connections_per_address", "handshake_timeout", "max_frame_bytes", "log_level",
+            "admin_token_file")
     return {k: getattr(ns, k) for k in keys}
 
 
@@ -118,6 +127,24 @@ def load_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
     return Licensing(served, refused), problems
 
 
+_CONFIG_SOURCE: tuple[Path | None, dict[str, Any]] = (None, {})
+
+
+def reread_config(cfg: DaemonConfig) -> DaemonConfig:
+    """The config as lmreread sees it: the file read again, the original flags still on top.
+
+    A config file that no longer validates is reported and the running config is kept.
+    """
+    path, overrides = _CONFIG_SOURCE
+    if path is None:
+        return cfg
+    try:
+        return build_config(load_config_file(path), overrides, str(path))
+    except ConfigInvalid as exc:
+        logger.error("reread: %s; keeping the running configuration", exc)
+        return cfg
+
+
 def run_check(cfg: DaemonConfig) -> int:
     licensing, problems = load_licensing(cfg)
     for path, lic in licensing.served:
@@ -149,7 +176,7 @@ async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
     state = _state_dir(cfg)
     state.mkdir(parents=True, exist_ok=True)
     store = open_store(state)
-    server = Server(cfg, licensing, store)
+    server = Server(cfg, licensing, store, reload=lambda: load_licensing(reread_config(cfg)))
     install_signal_handlers(server)
     try:
         await server.start()
@@ -178,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         file_values = load_config_file(Path(ns.config)) if ns.config else {}
         cfg = build_config(file_values, _overrides(ns), ns.config or "command line")
+        global _CONFIG_SOURCE
+        _CONFIG_SOURCE = (Path(ns.config) if ns.config else None, _overrides(ns))
     except ConfigInvalid as exc:
         print(f"lmgrd: {exc}", file=sys.stderr)
         return 1

@@ -53,6 +53,7 @@ class DaemonConfig:
     sync_interval: float = 1.0
     shutdown_timeout: float = 4.0
     log_level: str = "info"
+    admin_token_file: Path | None = None  # None = runtime dir / admin-PORT.token
     extra: dict[str, Any] = field(default_factory=dict)  # sections later features read (policy, metrics)
 
     @property
@@ -110,7 +111,7 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
         problems.append(f"licenses: expected a path or a list of paths, got {lic!r}")
     else:
         out["licenses"] = tuple(Path(x).expanduser() for x in lic)
-    for key in ("vendor_key", "state_dir"):
+    for key in ("vendor_key", "state_dir", "admin_token_file"):
         if key in merged:
             if not isinstance(merged[key], str):
                 problems.append(f"{key}: expected a path, got {merged[key]!r}")

@@ -393,8 +393,8 @@ def _parser() -> argparse.ArgumentParser:
     issue = sub.add_parser(
         "issue",
         help="turn a registration request into a signed license",
-        description="Check REQUEST.yaml, then write a signed license with a new customer ID. The customer ID "
-        "is printed alone on the last line of the output.",
+        description="Check REQUEST.yaml, then write a signed license with a new customer ID.\n"
+        "The customer ID is printed alone on the last line of the output (scripts read it there).",
         epilog=_REQUEST_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -429,9 +429,10 @@ def _parser() -> argparse.ArgumentParser:
     reissue = sub.add_parser(
         "reissue",
         help="replace a license (type or server change): new license plus revocation of the old",
-        description="Verify OLD.lic (it must be signed with this --key), issue a new license with a new "
-        "customer ID from REQUEST.yaml to NEW.lic, and write a signed revocation of the old customer ID "
-        "beside it as NEW.revoked (NEW.lic -> NEW.revoked). Give both files to the license server.",
+        description="Verify OLD.lic (it must be signed with this --key), issue a new license with a new\n"
+        "customer ID from REQUEST.yaml to NEW.lic, and write a signed revocation of the old customer ID\n"
+        "beside it as NEW.revoked (NEW.lic -> NEW.revoked). Give both files to the license server.\n"
+        "Use it when the license type or the license server changes.",
         epilog=_REQUEST_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

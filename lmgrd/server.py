@@ -14,6 +14,7 @@ each one journalled, logged and reported to its client at the next heartbeat.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import signal
@@ -21,11 +22,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from lmgrd import __version__
+from lmgrd import __version__, admin
 from lmgrd.config import DaemonConfig
-from lmgrd.ledger import Ledger, LeaseInfo, PoolKey, Waiter
+from lmgrd.ledger import LeaseInfo, Ledger, PoolKey, Waiter
 from lmgrd.licensing import Licensing
 from lmgrd.store import LeaseRecord, LeaseStore
 from protocol import (
@@ -182,8 +184,14 @@ class Server:
         *,
         clock: Callable[[], float] | None = None,
         wall: Callable[[], float] = time.time,
+        reload: Callable[[], tuple[Licensing, list[str]]] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.reload_fn = reload
+        #: Event listeners (metrics, usage log): objects with any of on_grant(lease, who, waited),
+        #: on_deny(product, version, code, who, customer_id), on_release(lease, reason) where reason is
+        #: checkin | expiry | removal | revoked. Called synchronously on the loop: keep them cheap.
+        self.observers: list[Any] = []
         self.licensing = licensing
         self.store = store
         self.loop = asyncio.get_running_loop()
@@ -208,6 +216,8 @@ class Server:
         self.listeners: list[asyncio.AbstractServer] = []
         self.ports: list[int] = []
         self.stopped = asyncio.Event()
+        self.admin_token = ""
+        self.admin_token_path: Path | None = None
         self.hb_interval = cfg.heartbeat_interval
         self.lease_timeout = cfg.lease_timeout
         for pool, count in licensing.pools().items():
@@ -246,6 +256,14 @@ class Server:
         logger.info("lmgrd %s listening on %s (heartbeat %g s, lease timeout %g s, reconnect grace %g s)",
                     __version__, addrs, self.hb_interval, self.lease_timeout, self.cfg.grace)
         self.sync_handle = self.loop.call_later(self.cfg.sync_interval, self._sync_tick)
+        self.admin_token_path = self.cfg.admin_token_file or admin.token_path(self.ports[0])
+        try:
+            self.admin_token = admin.write_token(self.admin_token_path)
+            logger.info("admin token for lmutil written to %s (mode 0600)", self.admin_token_path)
+        except OSError as exc:
+            self.admin_token = ""
+            logger.error("cannot write the admin token file %s: %s; lmutil will be refused",
+                         self.admin_token_path, exc)
 
     def request_shutdown(self, why: str) -> None:
         if self.closing:
@@ -275,6 +293,8 @@ class Server:
         self.store.flush()
         self.store.sync()
         self.store.close()
+        if self.admin_token_path is not None and self.admin_token:
+            admin.remove_token(self.admin_token_path, self.admin_token)
         if self.timer is not None:
             self.timer.cancel()
         if self.sync_handle is not None:
@@ -384,9 +404,12 @@ class Server:
         elif isinstance(req, Status):
             self._send(proto, encode_frame(StatusReply(req.id, self.status()).to_wire()))
         elif isinstance(req, Admin):
-            self._error(proto, req.id, ErrorCode.NOT_AUTHORIZED,
-                        f"admin command '{req.command}' is not available over this connection",
-                        "run lmutil on the license server")
+            try:
+                data = admin.handle(self, proto, req.command, req.args, req.auth)
+            except ProtocolError as exc:
+                self._error(proto, req.id, exc.code, exc.message, exc.hint)
+            else:
+                self._send(proto, encode_frame(StatusReply(req.id, data).to_wire()))
         elif isinstance(req, BadRequest):
             logger.info("bad request from %s: %s", proto.who(), req.error.message)
             self._error(proto, req.id, req.error.code, req.error.message,
@@ -448,8 +471,19 @@ class Server:
                    "try again later, check out with a wait, or ask the administrator who holds them "
                    "(lmutil lmstat -a)")
 
+    def _notify(self, event: str, *args: Any) -> None:
+        for obs in self.observers:
+            fn = getattr(obs, event, None)
+            if fn is not None:
+                try:
+                    fn(*args)
+                except Exception:
+                    logger.exception("observer %r failed on %s", obs, event)
+
     def _deny(self, proto: ClientProtocol, req: Checkout, code: ErrorCode, message: str, hint: str) -> None:
         self.counters.denied[code] = self.counters.denied.get(code, 0) + 1
+        if self.observers:
+            self._notify("on_deny", req.product, req.version, code, proto, None)
         if logger.isEnabledFor(logging.INFO):
             logger.info("DENIED %s %s to %s: %s %s", req.product, req.version, proto.who(), code, message)
         self._error(proto, req.id, code, message, hint)
@@ -459,6 +493,8 @@ class Server:
             lease.token, lease.pool[0], lease.pool[1], lease.share_key, lease.user, lease.host, lease.pid,
             lease.version, lease.display, lease.granted_at))
         self.counters.granted += 1
+        if self.observers:
+            self._notify("on_grant", lease, proto, waited)
         if logger.isEnabledFor(logging.INFO):
             logger.info("OUT %s %s to %s lease %s (%d/%d in use, customer %s)", lease.pool[1], lease.version,
                         proto.who(), lease.token[:8], self.ledger.in_use(lease.pool),
@@ -492,6 +528,8 @@ class Server:
         self.ledger.cancel_wait(waiter_id)
         waited = self.clock() - ctx.started
         self.counters.denied[ErrorCode.NO_SEATS] = self.counters.denied.get(ErrorCode.NO_SEATS, 0) + 1
+        if self.observers:
+            self._notify("on_deny", ctx.product, ctx.version, ErrorCode.NO_SEATS, ctx.proto, None)
         logger.info("DENIED %s %s to %s after waiting %.1f s: no seat became free", ctx.product, ctx.version,
                     ctx.proto.who(), waited)
         self._error(ctx.proto, ctx.request_id, ErrorCode.NO_SEATS,
@@ -527,6 +565,8 @@ class Server:
         if lease is not None:
             self.store.record_release(lease.token)
             self.counters.released += 1
+            if self.observers:
+                self._notify("on_release", lease, "checkin")
             if logger.isEnabledFor(logging.INFO):
                 logger.info("IN %s %s from %s lease %s (%d/%d in use)", lease.pool[1], lease.version,
                             proto.who(), lease.token[:8], self.ledger.in_use(lease.pool),
@@ -582,6 +622,8 @@ class Server:
         for lease in lapsed:
             self.store.record_release(lease.token)
             self.counters.expired += 1
+            if self.observers:
+                self._notify("on_release", lease, "expiry")
             logger.info("EXPIRED %s %s of %s@%s lease %s: no heartbeat for %g s", lease.pool[1], lease.version,
                         lease.user, lease.host, lease.token[:8], self.lease_timeout)
             if lease.session is not None:
@@ -603,6 +645,40 @@ class Server:
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self._flush)
+
+    # -- reload (lmreread, SIGHUP) --------------------------------------------------------------------------
+    def reload(self) -> dict[str, Any]:
+        """Reload licenses without dropping a connection or a lease.
+
+        A license file that now fails validation is refused with the reason and, if it was served before,
+        the old copy keeps serving. Pools that disappear get count 0: their leases run on until checked in
+        or lapsed, and no new seat is granted there.
+        """
+        if self.reload_fn is None:
+            return {"reloaded": False, "problems": ["this server was started without a reload source"]}
+        new, problems = self.reload_fn()
+        new_paths = {str(p) for p, _ in new.served}
+        kept = [(p, lic) for p, lic in self.licensing.served
+                if str(p) not in new_paths and any(r.source == str(p) for r in new.refused)]
+        for p, lic in kept:
+            problems.append(f"{p}: the new file was refused; the previously loaded license {lic.customer_id} "
+                            "keeps serving")
+        merged = Licensing(new.served + kept, [r for r in new.refused if r.source not in {str(p) for p, _ in kept}])
+        old_pools = set(self.licensing.pools())
+        self.licensing = merged
+        for pool, count in merged.pools().items():
+            self.ledger.set_pool(pool, count)
+        for pool in old_pools - set(merged.pools()):
+            self.ledger.set_pool(pool, 0)
+            logger.warning("pool %s/%s is no longer licensed: no new seats; %d held seat(s) run on until "
+                           "checked in or lapsed", pool[0], pool[1], self.ledger.in_use(pool))
+        for prob in problems:
+            logger.error("reread: %s", prob)
+        served = [lic.customer_id for _, lic in merged.served]
+        logger.info("reread: serving %d license(s): %s", len(served), ", ".join(served) or "none")
+        for pool in merged.pools():
+            self._serve_waiters(self.ledger.serve(pool, self.clock(), self.wall()))
+        return {"reloaded": True, "serving": served, "problems": problems}
 
     # -- status ----------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -629,6 +705,8 @@ class Server:
 
 def install_signal_handlers(server: Server) -> None:
     loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):  # Windows has no SIGHUP
+        loop.add_signal_handler(signal.SIGHUP, server.reload)
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, server.request_shutdown, signal.Signals(sig).name)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -94,11 +94,15 @@ class Daemon:
             a += ["--license", str(lic)]
         return a + self.extra
 
+    def env(self) -> dict[str, str]:
+        """The daemon's environment: its admin token goes to a runtime dir of this test's own."""
+        return {**os.environ, "LMGRD_RUNTIME_DIR": str(self.workdir / "run")}
+
     def start(self, timeout: float = 20.0) -> Daemon:
         self.starts += 1
         with open(self.log_path, "ab") as log:
             self._log_offset = log.tell()
-            self.proc = subprocess.Popen(self.args(), stdout=log, stderr=log, cwd=REPO)
+            self.proc = subprocess.Popen(self.args(), stdout=log, stderr=log, cwd=REPO, env=self.env())
         m = self.wait_for_log(r"listening on [^ ]*:(\d+)", timeout)
         self.port = int(m.group(1))  # keep the same port across restarts
         return self
@@ -154,7 +158,7 @@ class Daemon:
 class RawClient:
     """A blocking client that speaks the wire protocol directly (for protocol-level integration tests)."""
 
-    opened: list[RawClient] = []  # closed by the conftest after each test
+    opened: ClassVar[list[RawClient]] = []  # closed by the conftest after each test
 
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)

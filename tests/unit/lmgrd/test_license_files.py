@@ -159,7 +159,7 @@ def test_demo_key_pair_is_marked_and_matches() -> None:
     public_pem = (DEMO_DIR / "demo_vendor.pub").read_bytes()
     for pem in (private_pem, public_pem):
         assert pem.startswith(b"# DEMO KEY")
-        assert "NEVER USE IN PRODUCTION".encode() in pem.splitlines()[0]
+        assert b"NEVER USE IN PRODUCTION" in pem.splitlines()[0]
     private = load_private_key(private_pem)
     public = load_public_key(public_pem)
     assert private.public_key().public_bytes_raw() == public.public_bytes_raw()
