@@ -346,6 +346,7 @@ class AsyncSeat:
 
     @property
     def held(self) -> bool:
+        """Neither released nor lost."""
         return not self._released and self._lost is None
 
     async def checkin(self) -> None:
@@ -492,22 +493,28 @@ class AsyncLicenseClient:
         if not servers:
             raise LicenseError(ErrorCode.CLIENT_CONFIG_INVALID,
                                f"no license server in the list {self.servers} ({self.servers.source})")
-        reasons: list[str] = []
+        unavailable: list[LicenseError] = []
         refusals: list[LicenseError] = []
         for address in servers:
             try:
                 async with asyncio.timeout(self._connect_timeout):
                     return await self._open(address)
             except TimeoutError:
-                reasons.append(f"{address}: no handshake within {self._connect_timeout:g} s")
+                unavailable.append(ServerUnavailable(
+                    f"no handshake from the license server {address} within {self._connect_timeout:g} s"))
             except ServerUnavailable as exc:
-                reasons.append(exc.message)
+                unavailable.append(exc)
             except LicenseError as exc:
                 refusals.append(exc)
-                reasons.append(exc.message)
-        if refusals:
+        if refusals:  # a server that answered and refused says more than one that did not answer
             raise refusals[0]
-        raise ServerUnavailable("cannot reach any license server: " + "; ".join(reasons))
+        if len(unavailable) == 1:
+            raise unavailable[0]
+        codes = {e.code for e in unavailable}
+        hints = {e.hint for e in unavailable}
+        raise ServerUnavailable("cannot reach any license server: " + "; ".join(e.message for e in unavailable),
+                                hints.pop() if len(hints) == 1 else "",
+                                codes.pop() if len(codes) == 1 else ErrorCode.SERVER_UNAVAILABLE)
 
     async def _open(self, address: ServerAddress) -> _Connection:
         try:

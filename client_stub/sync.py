@@ -111,12 +111,22 @@ class Seat:
 
     @property
     def released(self) -> bool:
+        """True once checked in (or the client closed)."""
         return self._aseat.released
+
+    @property
+    def held(self) -> bool:
+        """Neither released nor lost."""
+        return self._aseat.held
 
     def checkin(self) -> None:
         """Give the seat back. Idempotent; does not raise for an unreachable server."""
-        if not self._aseat.released:
-            self._client._run(self._aseat.checkin())
+        if self._aseat.released:
+            return
+        if self._aseat.lost or self._aseat.nodelocked:
+            self._aseat._released = True  # nothing to tell a server (safe from any thread, even on_lost)
+            return
+        self._client._run(self._aseat.checkin())
 
     def __enter__(self) -> Seat:
         return self

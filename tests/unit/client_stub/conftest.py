@@ -25,6 +25,7 @@ def run(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
     errors: list[dict[str, Any]] = []
 
     def runner(fn: Callable[[], Awaitable[Any]], timeout: float = 60.0) -> Any:
+        loop: asyncio.AbstractEventLoop
         if request.param == "uvloop":
             import uvloop
 
@@ -45,7 +46,8 @@ def run(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
             pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
             for t in pending:
                 t.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            if pending:
+                loop.run_until_complete(asyncio.wait(pending))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
             gc.collect()  # surface "exception was never retrieved" now, while errors is checked

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from protocol import (
+    BadRequest,
     CheckedIn,
     Checkin,
     Checkout,
@@ -81,6 +82,7 @@ class ScriptedServer:
         self.port = 0
         self._sessions = itertools.count(1)
         self.event = asyncio.Event()  # set after every request
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
     def address(self) -> str:
@@ -96,6 +98,10 @@ class ScriptedServer:
             self.server.close()
             for c in self.conns:
                 c.abort()
+            for t in self._tasks:
+                t.cancel()
+            if self._tasks:
+                await asyncio.wait(self._tasks)
             await self.server.wait_closed()
             self.server = None
 
@@ -109,6 +115,9 @@ class ScriptedServer:
                 await self.event.wait()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         conn = ServerConn(self, reader, writer)
         self.conns.append(conn)
         n = len(self.conns)
@@ -123,6 +132,9 @@ class ScriptedServer:
                     conn.send(ErrorReply(0, exc.code, exc.message, exc.hint))
                     return
                 for req in requests:
+                    if isinstance(req, BadRequest):
+                        conn.send(ErrorReply(req.id, req.error.code, req.error.message, req.error.hint))
+                        continue
                     self.requests.append((n, req))
                     if self.handler is None or not await self.handler(conn, req):
                         self.default(conn, req)

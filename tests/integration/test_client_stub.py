@@ -1,0 +1,202 @@
+"""The client stub against the real daemon subprocess: checkout, queueing, heartbeats, resume, loss.
+
+Real ``lmgrd`` (``tests/harness.py``) on 127.0.0.1 with a 1 s heartbeat; real signals (SIGKILL, SIGSTOP,
+SIGCONT, SIGTERM). Nothing is mocked. Waits are bounded polls of observable state, never wall-time asserts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from harness import Daemon
+
+from client_stub import (
+    AsyncLicenseClient,
+    AsyncSeat,
+    LicenseClient,
+    LicenseError,
+    LicenseLost,
+    Seat,
+    SeatDenied,
+)
+from client_stub.backoff import Backoff
+from protocol import ErrorCode
+
+Factory = Callable[..., Daemon]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def in_use(lm: LicenseClient, product: str = "CADPRO") -> int:
+    pools: Any = lm.status()["pools"]
+    return sum(int(p["in_use"]) for p in pools if p["product"] == product)
+
+
+def quick(d: Daemon, **kw: Any) -> LicenseClient:
+    kw.setdefault("backoff", Backoff(0.05, 0.5))
+    kw.setdefault("connect_timeout", 3.0)
+    return LicenseClient(d.address, **kw)
+
+
+class LostRecorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Seat, LicenseLost]] = []
+        self.fired = threading.Event()
+
+    def __call__(self, seat: Seat, error: LicenseLost) -> None:
+        self.calls.append((seat, error))
+        self.fired.set()
+
+
+def test_sync_checkout_and_checkin(daemon_factory: Factory) -> None:
+    d = daemon_factory((("CADPRO", "2.1", 2),))
+    with LicenseClient(d.address) as lm:
+        with lm.checkout("CADPRO", version="2.1", wait=30) as seat:
+            assert len(seat.token) >= 32 and seat.customer_id.startswith("CID-")
+            assert seat.lease_timeout == 3.0 and seat.heartbeat_interval == 1.0
+            assert in_use(lm) == 1
+        assert seat.released and in_use(lm) == 0
+        with pytest.raises(SeatDenied) as info:
+            lm.checkout("CADPRO", version="3.0")
+        assert info.value.code is ErrorCode.VERSION_NOT_PERMITTED
+        with pytest.raises(SeatDenied) as info:
+            lm.checkout("NOPE", version="1")
+        assert info.value.code is ErrorCode.UNKNOWN_PRODUCT
+        ping = lm.ping()
+        assert ping.server == d.address and ping.protocol == 1 and ping.round_trip >= 0
+    assert "IN CADPRO" in d.log()
+
+
+def test_async_checkout_and_checkin(daemon_factory: Factory) -> None:
+    d = daemon_factory((("CADPRO", "2.1", 1),))
+    loop_errors: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: loop_errors.append(ctx))
+        async with AsyncLicenseClient(d.address, user="alice") as a, AsyncLicenseClient(d.address, user="bob") as b:
+            async with a.seat("CADPRO", "2.1") as seat:
+                assert seat.held
+                with pytest.raises(SeatDenied) as info:
+                    await b.checkout("CADPRO", "2.1")
+                assert info.value.code is ErrorCode.NO_SEATS and "What to do: " in str(info.value)
+            async with await b.checkout("CADPRO", "2.1") as other:
+                assert other.held and other.token != seat.token
+
+    asyncio.run(main(), debug=True)
+    assert not loop_errors
+
+
+def test_wait_in_queue(daemon_factory: Factory) -> None:
+    d = daemon_factory((("CADPRO", "2.1", 1),))
+    granted: list[AsyncSeat] = []
+
+    async def main() -> None:
+        async with AsyncLicenseClient(d.address, user="alice") as a, AsyncLicenseClient(d.address, user="bob") as b:
+            first = await a.checkout("CADPRO", "2.1")
+            waiter = asyncio.create_task(b.checkout("CADPRO", "2.1", wait=20))
+            # The queued checkout does not block other requests on the same connection.
+            for _ in range(200):
+                pools: Any = (await b.status())["pools"]
+                if pools[0]["queued"] == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert pools[0]["queued"] == 1 and not waiter.done()
+            await first.checkin()
+            seat = await waiter
+            granted.append(seat)
+            assert seat.held and seat.waited > 0
+
+    asyncio.run(main())
+    assert granted
+
+
+def test_heartbeats_keep_a_seat_past_the_lease_timeout(daemon_factory: Factory) -> None:
+    d = daemon_factory((("CADPRO", "2.1", 1),), heartbeat=1.0, lease_timeout=3.0)
+    rec = LostRecorder()
+    with quick(d, on_lost=rec) as lm, lm.checkout("CADPRO", "2.1") as seat:
+        start = time.monotonic()
+        # Two and a half lease timeouts (bounded poll; the check is on state, not on time).
+        while time.monotonic() - start < 7.5:
+            time.sleep(0.25)
+            assert not seat.lost
+        assert in_use(lm) == 1 and not rec.calls
+    assert "EXPIRED" not in d.log()
+
+
+def test_resume_after_sigkill_and_restart(daemon_factory: Factory) -> None:
+    # A 6 s lease leaves room for a slow restart of the daemon on a busy machine.
+    d = daemon_factory((("CADPRO", "2.1", 2),), heartbeat=1.0, lease_timeout=6.0)
+    rec = LostRecorder()
+    with quick(d, on_lost=rec) as lm, lm.checkout("CADPRO", "2.1") as seat:
+        token = seat.token
+        d.kill()
+        d.start()
+        d.wait_for_log(r"RESUME .*: 1 seat\(s\) resumed, 0 lost")
+        assert seat.token == token and not seat.lost
+        # The restored lease is the resumed one: past a whole lease timeout it is still held (an
+        # unresumed restored lease would have expired), and it is the only seat taken.
+        time.sleep(7.0)
+        assert not seat.lost and not rec.calls
+        assert in_use(lm) == 1
+        assert d.log().count("OUT CADPRO") == 1
+    wait_until(lambda: "IN CADPRO" in d.new_log(), what="checkin after resume")
+
+
+def test_resume_after_graceful_restart(daemon_factory: Factory) -> None:
+    d = daemon_factory((("CADPRO", "2.1", 1),), heartbeat=1.0, lease_timeout=6.0)
+    with quick(d) as lm, lm.checkout("CADPRO", "2.1") as seat:
+        assert d.stop() == 0  # SIGTERM: the client is told SHUTTING_DOWN and keeps its seat
+        d.start()
+        d.wait_for_log(r"RESUME .*: 1 seat\(s\) resumed, 0 lost")
+        assert seat.held and in_use(lm) == 1
+
+
+def test_seat_lost_when_the_daemon_is_stopped_past_the_lease_timeout(daemon_factory: Factory) -> None:
+    d = daemon_factory((("CADPRO", "2.1", 1),), heartbeat=1.0, lease_timeout=3.0)
+    rec = LostRecorder()
+    with quick(d, on_lost=rec) as lm:
+        seat = lm.checkout("CADPRO", "2.1")
+        d.signal(signal.SIGSTOP)
+        try:
+            assert rec.fired.wait(15), "on_lost did not fire while the daemon was stopped"
+        finally:
+            d.signal(signal.SIGCONT)
+        assert seat.lost and len(rec.calls) == 1 and rec.calls[0][0] is seat
+        error = rec.calls[0][1]
+        assert error.code is ErrorCode.LEASE_EXPIRED and "3 s" in error.message
+        # The daemon is back: the given-up seat is freed (checked in by the client or expired by the
+        # server) and can be checked out again; on_lost does not fire a second time.
+        wait_until(lambda: in_use(lm) == 0, what="the lost seat to be freed")
+        with lm.checkout("CADPRO", "2.1") as again:
+            assert again.held and again.token != seat.token
+        assert len(rec.calls) == 1
+
+
+def test_non_ascii_hostname_is_refused_before_connecting(daemon_factory: Factory) -> None:
+    d = daemon_factory()
+    for cls in (LicenseClient, AsyncLicenseClient):
+        with pytest.raises(LicenseError) as info:
+            cls(d.address, hostname="設計PC")
+        assert info.value.code is ErrorCode.INVALID_HOSTNAME
+        assert "ASCII letters, digits and hyphens" in info.value.message
+    time.sleep(0.2)
+    assert "hello from" not in d.log()
+
+
+def test_hostname_override_is_sent(daemon_factory: Factory) -> None:
+    d = daemon_factory()
+    with LicenseClient(d.address, hostname="ts-01", user="carol") as lm:
+        lm.ping()
+    d.wait_for_log(r"hello from carol@ts-01")
