@@ -261,7 +261,7 @@ def test_resume_after_expiry_finds_nothing() -> None:
 
 def test_expiry_returns_lapsed_leases_in_deadline_order() -> None:
     ledger = make(count=10)
-    a = must(co(ledger, "a", session=1, now=0.0))
+    must(co(ledger, "a", session=1, now=0.0))
     b = must(co(ledger, "b", session=2, now=1.0))
     c = must(co(ledger, "c", session=3, now=2.0))
     ledger.renew_session(1, 3.0)  # a now lapses last, though its heap entry is still the first
