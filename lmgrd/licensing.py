@@ -8,20 +8,24 @@ business; everything before them is decided here, without I/O (licenses are load
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from lmgrd.activation import ACTIVE, Activations
 from lmgrd.ledger import PoolKey
-from protocol.errors import ErrorCode
-from protocol.license import License, evaluate_use
+from lmgrd.site import Network, Site
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.license import License, Revocation, evaluate_use
 
 logger = logging.getLogger(__name__)
 
 #: Rank of the per-license refusals: with several licenses for one product, the reply names the one that
 #: got furthest through the checks (an expired license is less relevant than a version that is too new).
-_RANK = {ErrorCode.LICENSE_EXPIRED: 0, ErrorCode.UNKNOWN_PRODUCT: 1, ErrorCode.BAD_REQUEST: 2,
+_RANK = {ErrorCode.OUTSIDE_SITE: -3, ErrorCode.LICENSE_MOVED: -2, ErrorCode.LICENSE_NOT_ACTIVATED: -1,
+         ErrorCode.LICENSE_EXPIRED: 0, ErrorCode.UNKNOWN_PRODUCT: 1, ErrorCode.BAD_REQUEST: 2,
          ErrorCode.VERSION_NOT_PERMITTED: 3}
 
 _HINTS = {
@@ -31,6 +35,9 @@ _HINTS = {
     ErrorCode.BAD_REQUEST: "versions are dot-separated integers such as 2.1",
     ErrorCode.HOST_NOT_LICENSED: "the license must be issued for this license server's hostname and address",
     ErrorCode.LICENSE_INVALID: "ask the administrator to run 'lmgrd --check' and replace the license file",
+    ErrorCode.LICENSE_REVOKED: "the vendor revoked this license; install the reissued license it was replaced by",
+    ErrorCode.OUTSIDE_SITE: "run the product from a PC inside the licensed site, or ask the vendor to add your "
+                            "network to the license (site_networks)",
 }
 
 
@@ -58,11 +65,22 @@ class Decision:
 
 
 class Licensing:
-    """The served licenses, indexed by product, plus the refused ones."""
+    """The served licenses, indexed by product, plus the refused ones.
 
-    def __init__(self, served: list[tuple[Path, License]], refused: list[Refusal]) -> None:
+    ``activations`` (None: every license counts as active), ``revoked`` (customer ID -> its verified
+    revocation) and ``daemon_site`` (the config's ``site_networks``, narrowing every license's site) come
+    from the loader; ``Server.reload`` carries them over.
+    """
+
+    def __init__(self, served: list[tuple[Path, License]], refused: list[Refusal], *,
+                 activations: Activations | None = None, revoked: Mapping[str, Revocation] | None = None,
+                 daemon_site: Sequence[Network] = ()) -> None:
         self.served = served
         self.refused = refused
+        self.activations = activations
+        self.revoked: dict[str, Revocation] = dict(revoked or {})
+        self.daemon_site = tuple(daemon_site)
+        self._sites = {lic.customer_id: Site(lic.site_networks, self.daemon_site) for _p, lic in served}
         self._by_product: dict[str, list[License]] = {}
         self._pools: dict[PoolKey, int] = {}
         self._lic_by_pool: dict[PoolKey, License] = {}
@@ -106,9 +124,13 @@ class Licensing:
                                  f"product {product!r} is not licensed on this server (it serves: "
                                  f"{self._all_products})", _HINTS[ErrorCode.UNKNOWN_PRODUCT]))
         ok: list[License] = []
-        worst: tuple[ErrorCode, str] | None = None
+        worst: tuple[ErrorCode, str, str] | None = None
         for lic in lics:
-            err = evaluate_use(lic, product, version, now)
+            # Host (and signature, revocation) were decided at load; here: site, activation, then the rest.
+            err = self._site_and_activation(lic, addr, now)
+            if err is None:
+                use = evaluate_use(lic, product, version, now)
+                err = None if use is None else (use[0], use[1], _HINTS.get(use[0], ""))
             if err is None:
                 ok.append(lic)
             elif worst is None or _RANK.get(err[0], 0) > _RANK.get(worst[0], 0):
@@ -116,4 +138,53 @@ class Licensing:
         if ok:
             return Decision(tuple(ok))
         assert worst is not None
-        return Decision((), (worst[0], worst[1], _HINTS.get(worst[0], "")))
+        if worst[0] is ErrorCode.OUTSIDE_SITE:
+            logger.warning("OUTSIDE_SITE: refused %s from %s: %s", product, addr, worst[1])
+        return Decision((), worst)
+
+    def _site_and_activation(self, lic: License, addr: str, now: datetime) -> tuple[ErrorCode, str, str] | None:
+        site = self._sites[lic.customer_id]
+        if not site.allows(addr):
+            return (ErrorCode.OUTSIDE_SITE,
+                    f"client address {addr} is outside the site of license {lic.customer_id}; allowed: {site.text}",
+                    _HINTS[ErrorCode.OUTSIDE_SITE])
+        if self.activations is not None:
+            return self.activations.check(lic, now)
+        return None
+
+    def activation_state(self, customer_id: str, now: datetime) -> str:
+        """``pending``, ``active`` or ``moved`` for a served license (lmstat shows it)."""
+        lic = next((lic for _p, lic in self.served if lic.customer_id == customer_id), None)
+        if lic is None or self.activations is None:
+            return ACTIVE
+        return self.activations.state(lic, now)
+
+    def activate(self, customer_id: str, now: datetime, how: str) -> dict[str, Any]:
+        """``lmutil activate``: bind a served license to this machine now.
+
+        Raises:
+            ProtocolError: the license is not loaded, or is refused by an earlier check (its code:
+                LICENSE_REVOKED, HOST_NOT_LICENSED, LICENSE_INVALID), or was activated elsewhere
+                (LICENSE_MOVED), or the record cannot be written (INTERNAL_ERROR).
+        """
+        lic = next((lic for _p, lic in self.served if lic.customer_id == customer_id), None)
+        if lic is None:
+            ref = next((r for r in self.refused if r.customer_id == customer_id), None)
+            if ref is not None:
+                raise ProtocolError(ref.code, f"license {customer_id} cannot be activated: it is refused "
+                                    f"({ref.source}): " + "; ".join(ref.reasons), _HINTS.get(ref.code, ""))
+            loaded = ", ".join(lic.customer_id for _p, lic in self.served) or "none"
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"customer ID {customer_id} is not loaded on this license "
+                                f"server (it serves: {loaded})", "check the customer ID (lmutil lmstat shows the "
+                                "loaded ones), or add its license file and run lmutil lmreread")
+        if self.activations is None:
+            return {"customer_id": customer_id, "state": ACTIVE, "activated": True}
+        try:
+            rec = self.activations.activate(lic, now, how)
+        except OSError as exc:
+            raise ProtocolError(ErrorCode.INTERNAL_ERROR, f"cannot write the activation record "
+                                f"{self.activations.path}: {exc.strerror or exc}; the license stays pending",
+                                "check that the daemon's user can write its state directory") from None
+        return {"customer_id": customer_id, "state": ACTIVE, "activated": True,
+                "activated_at": rec.activated_at.strftime("%Y-%m-%dT%H:%M:%SZ"), "how": rec.how,
+                "hostname": rec.hostname, "fingerprint": rec.fingerprint.digest[:16]}

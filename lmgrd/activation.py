@@ -1,0 +1,369 @@
+"""License activation on the license server, and the machine fingerprint it binds to.
+
+Handbook rules enforced here:
+
+* A license the daemon loads is ``pending`` until activated: by ``lmutil activate CUSTOMER_ID`` (the admin
+  command ``activate``) or by itself once 24 hours have passed since its signed ``issued_at``. The daemon
+  notices the 24 hours without a restart: the state is decided lazily, against the wall clock, at each
+  checkout and status request. A pending license grants no seat (``LICENSE_NOT_ACTIVATED``, saying how to
+  activate and the exact UTC time of the automatic activation).
+* Activation binds the license to this machine's fingerprint (short hostname, a stable machine id and the
+  MAC addresses, each hashed) and records it in ``STATE_DIR/activations.json`` (atomic replace). If the
+  recorded fingerprint is not this machine's (the license and state directory were copied elsewhere) the
+  license serves nothing: ``LICENSE_MOVED``; moving a license server needs a reissued license.
+* Activation refuses a license that fails an earlier check (revoked, foreign host): those never reach the
+  served set, and ``activate`` answers with their refusal code.
+
+Fingerprint matching tolerates a changed set of network interfaces (container bridges come and go): it
+matches when the hostname and machine id are the same and at least one recorded MAC address is still
+present (or neither side has any).
+
+The clock: the daemon's wall clock is ``time.time()`` plus ``LMGRD_CLOCK_OFFSET_SECONDS`` (default 0). The
+offset exists for tests and for operators rehearsing the 24-hour rule; it may only move time FORWARD
+(a negative value is refused), so it can bring expiry nearer but never extend a license.
+
+Never imports ``client_stub``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from lmgrd import LmgrdError
+from lmgrd.admin import command
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.license import License
+from protocol.validation import short_hostname
+
+if TYPE_CHECKING:
+    from lmgrd.server import ClientProtocol, Server
+
+__all__ = [
+    "ACTIVATIONS_FILE",
+    "AUTO_ACTIVATION_AFTER",
+    "CLOCK_OFFSET_ENV",
+    "ActivationRecord",
+    "Activations",
+    "Fingerprint",
+    "auto_activation_at",
+    "clock_offset",
+    "daemon_wall_clock",
+    "this_fingerprint",
+]
+
+logger = logging.getLogger(__name__)
+
+ACTIVATIONS_FILE = "activations.json"
+AUTO_ACTIVATION_AFTER = timedelta(hours=24)
+CLOCK_OFFSET_ENV = "LMGRD_CLOCK_OFFSET_SECONDS"
+_MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+_DOMAIN = b"lmgrd-fingerprint-v1\0"
+_MAX_STATE_BYTES = 16 * 1024 * 1024
+
+PENDING, ACTIVE, MOVED = "pending", "active", "moved"
+
+
+# --------------------------------------------------------------------------- the clock
+def clock_offset(environ: dict[str, str] | None = None) -> float:
+    """Seconds added to the daemon's wall clock (``LMGRD_CLOCK_OFFSET_SECONDS``; tests and rehearsals only).
+
+    Raises:
+        LmgrdError: the value is not a number, or is negative (the clock may only be moved forward).
+    """
+    raw = (os.environ if environ is None else environ).get(CLOCK_OFFSET_ENV, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise LmgrdError(f"{CLOCK_OFFSET_ENV}={raw!r} is not a number of seconds; unset it") from None
+    if not value >= 0 or value == float("inf"):
+        raise LmgrdError(f"{CLOCK_OFFSET_ENV}={raw!r}: the clock may only be moved forward (0 or more seconds); "
+                         "unset it")
+    return value
+
+
+def daemon_wall_clock(offset: float = 0.0) -> Callable[[], float]:
+    """The daemon's wall clock: epoch seconds, moved forward by ``offset``."""
+    if not offset:
+        return time.time
+    logger.warning("%s=%g: the daemon's clock runs %g s ahead of the system clock (test/rehearsal setting)",
+                   CLOCK_OFFSET_ENV, offset, offset)
+    return lambda: time.time() + offset
+
+
+# --------------------------------------------------------------------------- the fingerprint
+def _hash(kind: str, value: str) -> str:
+    return hashlib.sha256(_DOMAIN + kind.encode() + b"\0" + value.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """This machine, hashed: short hostname, machine id and MAC addresses (each a sha256 hex digest)."""
+
+    host: str
+    machine: str
+    macs: frozenset[str]
+
+    @classmethod
+    def of(cls, hostname: str, machine_id: str, macs: Iterable[str]) -> Fingerprint:
+        return cls(_hash("host", short_hostname(hostname) if hostname else ""),
+                   _hash("machine", machine_id.strip().lower()),
+                   frozenset(_hash("mac", m) for m in macs))
+
+    @property
+    def digest(self) -> str:
+        """One value naming the whole fingerprint (shown to admins; matching uses the parts)."""
+        return _hash("all", "|".join([self.host, self.machine, *sorted(self.macs)]))
+
+    def matches(self, other: Fingerprint) -> bool:
+        """Same machine: hostname and machine id equal, and a MAC address in common (or none on either side)."""
+        macs_ok = bool(self.macs & other.macs) or (not self.macs and not other.macs)
+        return self.host == other.host and self.machine == other.machine and macs_ok
+
+
+def _machine_id() -> str:
+    for path in _MACHINE_ID_FILES:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            value = Path(path).read_text(encoding="ascii").strip()
+            if value:
+                return value
+    if sys.platform == "win32":  # pragma: no cover - not run on the CI platform
+        with contextlib.suppress(OSError, ImportError):
+            import winreg
+
+            with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, r"SOFTWARE\Microsoft\Cryptography") as k:
+                return str(winreg.QueryValueEx(k, "MachineGuid")[0])
+    return ""  # matching then rests on the hostname and MAC addresses
+
+
+def _mac_addresses() -> list[str]:
+    macs: set[str] = set()
+    for entries in psutil.net_if_addrs().values():
+        for entry in entries:
+            if entry.family != psutil.AF_LINK or not entry.address:
+                continue
+            mac = entry.address.lower().replace("-", ":")
+            if mac.strip("0:") and len(mac) >= 11:  # skip loopback's 00:00:00:00:00:00 and odd entries
+                macs.add(mac)
+    return sorted(macs)
+
+
+def this_fingerprint() -> Fingerprint:
+    """This machine's fingerprint as the operating system reports it."""
+    return Fingerprint.of(socket.gethostname(), _machine_id(), _mac_addresses())
+
+
+# --------------------------------------------------------------------------- the records
+@dataclass(frozen=True, slots=True)
+class ActivationRecord:
+    customer_id: str
+    fingerprint: Fingerprint
+    hostname: str
+    activated_at: datetime
+    how: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"customer_id": self.customer_id, "fingerprint": self.fingerprint.digest,
+                "host": self.fingerprint.host, "machine": self.fingerprint.machine,
+                "macs": sorted(self.fingerprint.macs), "hostname": self.hostname,
+                "activated_at": self.activated_at.strftime("%Y-%m-%dT%H:%M:%SZ"), "how": self.how}
+
+    @classmethod
+    def from_json(cls, cid: str, data: Any) -> ActivationRecord:
+        if not isinstance(data, dict):
+            raise ValueError(f"activation of {cid} is not a mapping")
+        macs = data.get("macs", [])
+        if not isinstance(macs, list) or not all(isinstance(m, str) for m in macs):
+            raise ValueError(f"activation of {cid}: 'macs' is not a list of strings")
+        host, machine = data.get("host"), data.get("machine")
+        if not isinstance(host, str) or not isinstance(machine, str):
+            raise ValueError(f"activation of {cid}: 'host' and 'machine' must be strings")
+        at = datetime.strptime(str(data.get("activated_at")), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        return cls(cid, Fingerprint(host, machine, frozenset(macs)), str(data.get("hostname", "")), at,
+                   str(data.get("how", "")))
+
+
+def _fmt(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def auto_activation_at(lic: License) -> datetime:
+    """When ``lic`` activates by itself: 24 hours after its signed issue time."""
+    return lic.issued_at + AUTO_ACTIVATION_AFTER
+
+
+class Activations:
+    """The activation state of the served licenses, backed by ``STATE_DIR/activations.json``.
+
+    ``problems`` lists what was wrong with the file when it was read (it is then treated as empty for the
+    licenses it could not describe; nothing is written until an activation happens).
+    """
+
+    def __init__(self, state_dir: Path, fingerprint: Fingerprint | None = None, hostname: str | None = None) -> None:
+        self.path = state_dir / ACTIVATIONS_FILE
+        self.fingerprint = fingerprint or this_fingerprint()
+        self.hostname = hostname or socket.gethostname()
+        self.problems: list[str] = []
+        self.records: dict[str, ActivationRecord] = {}
+        self._raw: dict[str, Any] = {}
+        self._state: dict[str, str] = {}
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read(_MAX_STATE_BYTES + 1)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self.problems.append(f"{self.path}: cannot read the activation records: {exc.strerror or exc}")
+            return
+        try:
+            doc = json.loads(data)
+            entries = doc["activations"]
+            if not isinstance(entries, dict):
+                raise TypeError("'activations' is not a mapping")
+        except (ValueError, KeyError, TypeError) as exc:
+            self.problems.append(f"{self.path}: the activation records are damaged ({exc}); licenses are pending "
+                                 "again until activated (lmutil activate CUSTOMER_ID)")
+            return
+        for cid, entry in entries.items():
+            try:
+                self.records[str(cid)] = ActivationRecord.from_json(str(cid), entry)
+                self._raw[str(cid)] = entry
+            except (ValueError, TypeError) as exc:
+                self.problems.append(f"{self.path}: {exc}; that license is pending again until activated")
+
+    def _save(self) -> None:
+        doc = {"format": 1, "activations": self._raw}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".activations.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=2, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        with contextlib.suppress(OSError):  # make the rename itself durable
+            dfd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+    def state(self, lic: License, now: datetime) -> str:
+        """``pending``, ``active`` or ``moved``; a pending license past its 24 hours is activated (and recorded)."""
+        st = self._state.get(lic.customer_id)
+        if st is None:
+            rec = self.records.get(lic.customer_id)
+            if rec is None:
+                st = PENDING
+            elif rec.fingerprint.matches(self.fingerprint):
+                st = ACTIVE
+            else:
+                st = MOVED
+                logger.error("license %s was activated on another machine (%s, fingerprint %s) and its state was "
+                             "copied here (fingerprint %s): it serves nothing; moving a license server needs a "
+                             "reissued license", lic.customer_id, rec.hostname or "?", rec.fingerprint.digest[:16],
+                             self.fingerprint.digest[:16])
+            self._state[lic.customer_id] = st
+        if st == PENDING and now >= auto_activation_at(lic):
+            try:
+                self.activate(lic, now, "automatic, 24 hours after issue")
+            except (ProtocolError, OSError) as exc:
+                # The 24 hours have passed: serving must not hinge on the state directory being writable.
+                logger.error("license %s activates automatically but the record cannot be written: %s",
+                             lic.customer_id, exc)
+                self._state[lic.customer_id] = ACTIVE
+            st = ACTIVE
+        return st
+
+    def check(self, lic: License, now: datetime) -> tuple[ErrorCode, str, str] | None:
+        """The activation check for one checkout: ``None`` if the license may serve, else the refusal."""
+        st = self._state.get(lic.customer_id)
+        if st == ACTIVE:
+            return None
+        st = self.state(lic, now)
+        if st == ACTIVE:
+            return None
+        if st == MOVED:
+            return self.moved_error(lic)
+        at = auto_activation_at(lic)
+        return (ErrorCode.LICENSE_NOT_ACTIVATED,
+                f"license {lic.customer_id} ({lic.customer}) is not activated on this license server yet; it "
+                f"activates automatically at {_fmt(at)} (24 hours after it was issued at {_fmt(lic.issued_at)})",
+                f"to activate it now, the administrator runs on the license server: lmutil activate "
+                f"{lic.customer_id}")
+
+    def moved_error(self, lic: License) -> tuple[ErrorCode, str, str]:
+        rec = self.records[lic.customer_id]
+        return (ErrorCode.LICENSE_MOVED,
+                f"license {lic.customer_id} was activated on another machine ({rec.hostname or 'unknown'}, "
+                f"fingerprint {rec.fingerprint.digest[:16]}) and this machine's fingerprint is "
+                f"{self.fingerprint.digest[:16]}: the license and its state were moved, so it serves nothing",
+                "moving a license server needs a reissued license: ask the software vendor to reissue it for "
+                "this machine (lmissue reissue)")
+
+    def activate(self, lic: License, now: datetime, how: str) -> ActivationRecord:
+        """Activate ``lic`` on this machine now and record it.
+
+        Raises:
+            ProtocolError: LICENSE_MOVED if it is already bound to another machine.
+            OSError: the record cannot be written (the license stays pending).
+        """
+        st = self._state.get(lic.customer_id) or self.state(lic, datetime.min.replace(tzinfo=UTC))
+        rec = self.records.get(lic.customer_id)
+        if st == MOVED:
+            code, message, hint = self.moved_error(lic)
+            raise ProtocolError(code, message, hint)
+        if st == ACTIVE and rec is not None:
+            return rec
+        rec = ActivationRecord(lic.customer_id, self.fingerprint, self.hostname, now.astimezone(UTC), how)
+        self._raw[lic.customer_id] = rec.to_json()
+        try:
+            self._save()
+        except OSError:
+            del self._raw[lic.customer_id]
+            raise
+        self.records[lic.customer_id] = rec
+        self._state[lic.customer_id] = ACTIVE
+        logger.info("ACTIVATED license %s (%s) on this machine (%s): %s; fingerprint %s recorded in %s",
+                    lic.customer_id, lic.customer, self.hostname, how, self.fingerprint.digest[:16], self.path)
+        return rec
+
+
+def record_activation(state_dir: Path, lic: License, how: str, now: datetime | None = None) -> ActivationRecord:
+    """Activate ``lic`` on this machine before the daemon starts (``make demo``)."""
+    return Activations(state_dir).activate(lic, now or datetime.now(UTC), how)
+
+
+# --------------------------------------------------------------------------- the admin command
+@command("activate")
+def _activate(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict[str, Any]:
+    cid = args.get("customer_id")
+    if not isinstance(cid, str) or not cid:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "activate: 'customer_id' must be a customer ID string",
+                            "lmutil activate CID-XXXX-XXXX-XXXX-XXXX")
+    now = datetime.fromtimestamp(server.wall(), UTC)
+    return server.licensing.activate(cid, now, f"lmutil activate from {proto.peer} ({proto.who()})")
