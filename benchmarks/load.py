@@ -1,0 +1,460 @@
+"""Load generator for the lmgrd benchmarks: many protocol clients multiplexed on one uvloop, one process.
+
+Each client is a bare ``asyncio.Protocol`` with pre-encoded request frames and a fast path for the common
+case of one whole reply frame per ``data_received``, so that the generator spends as little as possible of
+the CPU it shares with the server under test. It speaks the wire protocol of ``protocol/PROTOCOL.md``
+directly (length-prefixed msgpack) and checks every reply id.
+
+Modes (``run.py`` starts this script as a subprocess, one run per mode, and reads JSON lines on stdout):
+
+- ``burst``: N clients connect at the same moment, each sends hello, waits for welcome, checks out once
+  (no wait). Reports the outcome counts and the time from the first connect until every client has its
+  answer.
+- ``churn``: C connections say hello, then all at once loop checkout -> checkin for a warm-up and then a
+  measured window; reports request round trips per second, checkout+checkin cycles per second, p50/p99
+  latency of one request round trip, and the CPU the generator and the server used in the window.
+- ``hold``: N clients connect and say hello (and, unless ``--no-checkout``, check out a seat and keep it),
+  print a ``ready`` line, wait for a line on stdin, then close and print ``done``.
+
+Every phase is bounded by ``--timeout``; a client that gets anything unexpected counts as an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+import msgpack
+import psutil
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+_unpackb = msgpack.unpackb
+perf = time.perf_counter
+HOST = "127.0.0.1"
+CLIENT_HOST = "bench-client"
+
+
+def frame(msg: dict[str, Any]) -> bytes:
+    body: bytes = _pack(msg)
+    return len(body).to_bytes(4, "big") + body
+
+
+def hello_frame(i: int) -> bytes:
+    return frame({"op": "hello", "id": 1, "proto": [1], "host": CLIENT_HOST, "user": f"bench{i}",
+                  "pid": 1000 + i, "client_version": "bench", "display": ""})
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1_048_576
+    if soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+class Gen:
+    """Shared state of one run: counters and the future that completes when every client is done."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, n: int) -> None:
+        self.loop = loop
+        self.n = n
+        self.outcomes: dict[str, int] = {}
+        self.answered = 0
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.errors: list[str] = []
+        self.clients: list[BaseClient] = []
+
+    def outcome(self, what: str) -> None:
+        self.outcomes[what] = self.outcomes.get(what, 0) + 1
+        self.answered += 1
+        if self.answered >= self.n and not self.done.done():
+            self.done.set_result(None)
+
+    def error(self, what: str) -> None:
+        if len(self.errors) < 20:
+            self.errors.append(what)
+
+
+class BaseClient(asyncio.Protocol):
+    """Framing and the hello step; subclasses handle the replies after welcome."""
+
+    __slots__ = ("buf", "gen", "i", "state", "transport")
+
+    def __init__(self, gen: Gen, i: int) -> None:
+        self.gen = gen
+        self.i = i
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+        self.state = "connecting"
+        gen.clients.append(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.state = "hello"
+        self.connected()
+
+    def connected(self) -> None:
+        assert self.transport is not None
+        self.transport.write(hello_frame(self.i))
+
+    def data_received(self, data: bytes) -> None:
+        if not self.buf and len(data) > 4:
+            n = int.from_bytes(data[:4], "big")
+            if len(data) == n + 4:  # the common case: exactly one whole frame
+                self.on_msg(_unpackb(data[4:]))
+                return
+        buf = self.buf + data
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            n = int.from_bytes(buf[pos:pos + 4], "big")
+            if end - pos - 4 < n:
+                break
+            self.on_msg(_unpackb(buf[pos + 4:pos + 4 + n]))
+            pos += 4 + n
+        self.buf = buf[pos:]
+
+    def on_msg(self, msg: dict[str, Any]) -> None:
+        if self.state == "hello":
+            if msg.get("op") != "welcome":
+                self.fail(f"hello answered with {msg.get('op')} {msg.get('code')}: {msg.get('message')}")
+                return
+            self.state = "ready"
+            self.welcomed()
+        else:
+            self.reply(msg)
+
+    def welcomed(self) -> None:
+        raise NotImplementedError
+
+    def reply(self, msg: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def fail(self, why: str) -> None:
+        self.gen.error(f"client {self.i}: {why}")
+        if self.state != "failed":
+            self.state = "failed"
+            self.gen.outcome("error")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state not in ("closing", "failed", "finished"):
+            self.fail(f"connection lost in state {self.state}: {exc}")
+
+    def close(self) -> None:
+        if self.state not in ("failed", "finished"):
+            self.state = "closing"
+        if self.transport is not None:
+            self.transport.close()
+
+
+# --------------------------------------------------------------------------- burst and hold
+class CheckoutOnce(BaseClient):
+    """hello -> welcome -> checkout -> answer; keeps the connection (and the seat) until told to close."""
+
+    __slots__ = ("answered_at", "checkout", "connected_at", "welcomed_at")
+
+    def __init__(self, gen: Gen, i: int, checkout: bytes | None) -> None:
+        super().__init__(gen, i)
+        self.checkout = checkout
+        self.answered_at = 0.0
+        self.connected_at = 0.0
+        self.welcomed_at = 0.0
+
+    def connected(self) -> None:
+        self.connected_at = perf()
+        super().connected()
+
+    def welcomed(self) -> None:
+        self.welcomed_at = perf()
+        if self.checkout is None:  # hold without a seat
+            self.answered_at = perf()
+            self.state = "holding"
+            self.gen.outcome("connected")
+            return
+        assert self.transport is not None
+        self.state = "checkout"
+        self.transport.write(self.checkout)
+
+    def reply(self, msg: dict[str, Any]) -> None:
+        if self.state != "checkout" or msg.get("id") != 2:
+            self.fail(f"unexpected reply {msg!r:.120} in state {self.state}")
+            return
+        self.answered_at = perf()
+        self.state = "holding"
+        op = msg.get("op")
+        self.gen.outcome("granted" if op == "granted" else str(msg.get("code", op)))
+
+
+async def open_clients(gen: Gen, make: Any, n: int, port: int, concurrency: int) -> None:
+    """Start n connections; at most ``concurrency`` connects in flight (n = concurrency: all at once)."""
+    loop = gen.loop
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            try:
+                await loop.create_connection(lambda: make(i), HOST, port)
+            except OSError as exc:
+                gen.error(f"client {i}: connect failed: {exc}")
+                gen.outcome(f"connect_error_{exc.errno}")
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def checkout_frame(product: str, version: str) -> bytes:
+    return frame({"op": "checkout", "id": 2, "product": product, "version": version, "wait": 0.0})
+
+
+async def run_burst(ns: argparse.Namespace) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    gen = Gen(loop, ns.clients)
+    co = checkout_frame(ns.product, ns.version)
+    t0 = perf()
+    opener = loop.create_task(open_clients(gen, lambda i: CheckoutOnce(gen, i, co), ns.clients, ns.port,
+                                           ns.clients))
+    try:
+        await asyncio.wait_for(asyncio.shield(gen.done), ns.timeout)
+        timed_out = False
+    except TimeoutError:
+        timed_out = True
+    t_all = perf() - t0
+    await asyncio.wait_for(opener, 5)
+    once = [c for c in gen.clients if isinstance(c, CheckoutOnce)]
+    answers = sorted(c.answered_at - t0 for c in once if c.answered_at)
+    connects = [c.connected_at - t0 for c in once if c.connected_at]
+    welcomes = [c.welcomed_at - t0 for c in once if c.welcomed_at]
+    for c in gen.clients:
+        c.close()
+    await asyncio.sleep(0.05)
+    return {"mode": "burst", "clients": ns.clients, "outcomes": gen.outcomes, "timed_out": timed_out,
+            "seconds_to_last_answer": answers[-1] if answers else t_all,
+            "p50_answer_seconds": pct(answers, 50), "p99_answer_seconds": pct(answers, 99),
+            "seconds_to_last_connect": max(connects, default=0.0),
+            "seconds_to_last_welcome": max(welcomes, default=0.0),
+            "errors": gen.errors}
+
+
+async def run_hold(ns: argparse.Namespace) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    gen = Gen(loop, ns.clients)
+    co = None if ns.no_checkout else checkout_frame(ns.product, ns.version)
+    t0 = perf()
+    opener = loop.create_task(open_clients(gen, lambda i: CheckoutOnce(gen, i, co), ns.clients, ns.port,
+                                           ns.connect_concurrency))
+    try:
+        await asyncio.wait_for(asyncio.shield(gen.done), ns.timeout)
+        timed_out = False
+    except TimeoutError:
+        timed_out = True
+    await asyncio.wait_for(opener, 5)
+    ready = {"event": "ready", "mode": "hold", "clients": ns.clients, "outcomes": gen.outcomes,
+             "timed_out": timed_out, "seconds": perf() - t0, "errors": gen.errors}
+    print(json.dumps(ready), flush=True)
+    # Hold every connection until the orchestrator has measured (a line on stdin, or EOF), bounded.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), ns.timeout)
+    lost_while_holding = sum(1 for c in gen.clients if c.state == "failed")
+    for c in gen.clients:
+        c.close()
+    await asyncio.sleep(0.1)
+    return {"mode": "hold", "failed_while_holding": lost_while_holding, "outcomes": gen.outcomes}
+
+
+# --------------------------------------------------------------------------- churn
+class Window:
+    """The measured window of a churn run, shared by every connection."""
+
+    def __init__(self) -> None:
+        self.start = float("inf")
+        self.end = float("inf")
+        self.stop = float("inf")
+        self.lat: list[float] = []
+        self.requests = 0
+        self.cycles = 0
+        self.denied = 0
+        self.running = 0
+
+
+class ChurnClient(BaseClient):
+    """hello once, then checkout -> checkin -> checkout ... until the window closes (one request in flight)."""
+
+    __slots__ = ("checkout", "running", "sent_at", "w")
+
+    def __init__(self, gen: Gen, i: int, w: Window, checkout: bytes) -> None:
+        super().__init__(gen, i)
+        self.w = w
+        self.sent_at = 0.0
+        self.checkout = checkout
+        self.running = False
+
+    def welcomed(self) -> None:
+        self.state = "idle"
+        self.gen.outcome("ready")
+
+    def go(self) -> None:
+        if self.state != "idle":
+            return
+        self.running = True
+        self.w.running += 1
+        self.send_checkout(perf())
+
+    def send_checkout(self, now: float) -> None:
+        self.state = "checkout"
+        self.sent_at = now
+        assert self.transport is not None
+        self.transport.write(self.checkout)
+
+    def stopped(self) -> None:
+        if self.running:
+            self.running = False
+            self.w.running -= 1
+            if self.w.running == 0 and not self.gen.done.done():
+                self.gen.done.set_result(None)
+
+    def fail(self, why: str) -> None:
+        super().fail(why)
+        self.stopped()
+
+    def reply(self, msg: dict[str, Any]) -> None:
+        now = perf()
+        w = self.w
+        measured = w.start <= now < w.end
+        if measured:
+            w.lat.append(now - self.sent_at)
+            w.requests += 1
+        op = msg["op"]
+        t = self.transport
+        assert t is not None
+        if self.state == "checkout" and op == "granted" and msg["id"] == 2:
+            self.state = "checkin"
+            self.sent_at = now
+            t.write(frame({"op": "checkin", "id": 3, "token": msg["token"]}))
+            return
+        if self.state == "checkin" and op == "checked_in" and msg["id"] == 3:
+            if not msg.get("released"):
+                self.fail(f"checkin did not release the seat: {msg!r:.120}")
+                return
+            if measured:
+                w.cycles += 1
+        elif self.state == "checkout" and op == "error" and msg["id"] == 2:
+            if measured:
+                w.denied += 1
+            if msg.get("code") != "NO_SEATS":
+                self.fail(f"checkout refused: {msg.get('code')}: {msg.get('message')}")
+                return
+        else:
+            self.fail(f"unexpected reply in state {self.state}: {msg!r:.120}")
+            return
+        if now >= w.stop:
+            self.state = "finished"
+            self.stopped()
+            return
+        self.send_checkout(now)
+
+
+def cpu_seconds(p: psutil.Process | None) -> float:
+    if p is None:
+        return 0.0
+    t = p.cpu_times()
+    return float(t.user + t.system)
+
+
+async def run_churn(ns: argparse.Namespace) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    gen = Gen(loop, ns.connections)
+    w = Window()
+    co = checkout_frame(ns.product, ns.version)
+    await asyncio.wait_for(open_clients(
+        gen, lambda i: ChurnClient(gen, i, w, co), ns.connections, ns.port,
+        ns.connect_concurrency), ns.timeout)
+    await asyncio.wait_for(asyncio.shield(gen.done), ns.timeout)
+    if gen.outcomes.get("ready", 0) != ns.connections:
+        return {"mode": "churn", "connections": ns.connections, "setup_failed": gen.outcomes,
+                "errors": gen.errors}
+    server = psutil.Process(ns.server_pid) if ns.server_pid else None
+    me = psutil.Process()
+    gen.done = loop.create_future()
+    marks: dict[str, float] = {}
+
+    def mark(name: str) -> None:
+        marks[name] = perf()
+        marks[name + "_cpu_self"] = cpu_seconds(me)
+        marks[name + "_cpu_server"] = cpu_seconds(server)
+
+    t0 = perf()
+    w.start = t0 + ns.warmup
+    w.end = w.start + ns.duration
+    w.stop = w.end
+    loop.call_later(ns.warmup, mark, "start")
+    loop.call_later(ns.warmup + ns.duration, mark, "end")
+    for c in gen.clients:
+        if isinstance(c, ChurnClient):
+            c.go()
+    try:
+        await asyncio.wait_for(asyncio.shield(gen.done), ns.warmup + ns.duration + ns.timeout)
+        timed_out = False
+    except TimeoutError:
+        timed_out = True
+    for c in gen.clients:
+        c.close()
+    await asyncio.sleep(0.05)
+    lat = sorted(w.lat)
+    span = marks.get("end", perf()) - marks.get("start", t0)
+    cpu_self = marks.get("end_cpu_self", 0.0) - marks.get("start_cpu_self", 0.0)
+    cpu_server = marks.get("end_cpu_server", 0.0) - marks.get("start_cpu_server", 0.0)
+    return {
+        "mode": "churn", "connections": ns.connections, "duration": ns.duration, "warmup": ns.warmup,
+        "timed_out": timed_out, "requests": w.requests, "cycles": w.cycles, "denied": w.denied,
+        "requests_per_second": w.requests / ns.duration, "cycles_per_second": w.cycles / ns.duration,
+        "p50_ms": pct(lat, 50) * 1000, "p99_ms": pct(lat, 99) * 1000, "max_ms": (lat[-1] * 1000 if lat else 0.0),
+        "loadgen_cpu_percent": 100 * cpu_self / span if span > 0 else 0.0,
+        "server_cpu_us_per_request": 1e6 * cpu_server / w.requests if w.requests else 0.0,
+        "loadgen_cpu_us_per_request": 1e6 * cpu_self / w.requests if w.requests else 0.0,
+        "server_cpu_percent": 100 * cpu_server / span if span > 0 else 0.0,
+        "errors": gen.errors, "outcomes": gen.outcomes,
+    }
+
+
+def pct(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    k = min(len(sorted_values) - 1, max(0, round(q / 100 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=("burst", "churn", "hold"))
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--product", required=True)
+    p.add_argument("--version", default="1.0")
+    p.add_argument("--clients", type=int, default=5000, help="burst and hold: number of clients")
+    p.add_argument("--connections", type=int, default=100, help="churn: concurrent connections")
+    p.add_argument("--duration", type=float, default=5.0, help="churn: measured seconds")
+    p.add_argument("--warmup", type=float, default=1.0, help="churn: unmeasured seconds first")
+    p.add_argument("--server-pid", type=int, default=0, help="churn: report this process's CPU use")
+    p.add_argument("--no-checkout", action="store_true", help="hold: connect and hello only")
+    p.add_argument("--connect-concurrency", type=int, default=1000, help="churn/hold: connects in flight")
+    p.add_argument("--timeout", type=float, default=60.0, help="bound on every phase, seconds")
+    ns = p.parse_args(argv)
+    raise_nofile()
+    import uvloop
+
+    runner_fn = {"burst": run_burst, "churn": run_churn, "hold": run_hold}[ns.mode]
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        result = runner.run(runner_fn(ns))
+    result["event"] = "done"
+    result["pid"] = os.getpid()
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
