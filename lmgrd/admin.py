@@ -145,3 +145,20 @@ def _lmdown(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict
 @command("lmreread")
 def _lmreread(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict[str, Any]:
     return server.reload()
+
+
+@command("lmremove")
+def _lmremove(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict[str, Any]:
+    """Free stuck seats now: by ``token`` (or a unique prefix of one, as lmstat -a shows), or every lease of
+    ``product`` held by ``user`` on ``host`` (and ``display``, if given). Each holder is told SEAT_REMOVED."""
+    from lmgrd.removal import match_leases
+
+    leases = match_leases(server.ledger.leases(), args)
+    now, wall = server.clock(), server.wall()
+    views = [lease_view(x, now, wall, server.lease_timeout) for x in leases]
+    removed = []
+    for lease, view in zip(leases, views, strict=True):
+        if server.remove_lease(lease.token, f"lmremove from {proto.peer}") is not None:
+            view["held_seconds"] = round(max(0.0, wall - lease.granted_at), 3)
+            removed.append(view)
+    return {"removed": removed}

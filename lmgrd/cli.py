@@ -13,10 +13,12 @@ import logging
 import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from lmgrd import LmgrdError, __version__
+from lmgrd.activation import Activations, auto_activation_at, clock_offset, daemon_wall_clock
 from lmgrd.config import (
     DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
     DEFAULT_PORT,
@@ -27,6 +29,8 @@ from lmgrd.config import (
 )
 from lmgrd.license import license_problems_for_daemon, read_license_file, read_public_key_file, this_host
 from lmgrd.licensing import Licensing, Refusal
+from lmgrd.revocations import load_revocations, revocation_reason
+from lmgrd.site import parse_networks
 from protocol.errors import ErrorCode, ProtocolError
 
 logger = logging.getLogger("lmgrd")
@@ -51,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--license", dest="licenses", action="append", metavar="FILE.lic",
                    help="signed license file to serve; repeat for several")
     p.add_argument("--vendor-key", metavar="vendor.pub", help="the software vendor's public key (PEM)")
+    p.add_argument("--revocations", action="append", metavar="FILE", help="signed revocation file from the vendor "
+                   "(lmissue revoke / reissue); repeat for several; added to the config's 'revocations:'")
     p.add_argument("--port", type=int, metavar="N", help=f"TCP port for clients (default {DEFAULT_PORT}; 0 picks a "
                    "free port and logs it)")
     p.add_argument("--bind", metavar="ADDR", help="address to listen on (default: every interface)")
@@ -67,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--handshake-timeout", type=float, metavar="S", help="seconds a new connection has to send "
                    "hello (default 10)")
     p.add_argument("--max-frame-bytes", type=int, metavar="N", help="largest message accepted (default 65536)")
+    p.add_argument("--metrics-port", type=_metrics_port, metavar="N", help="HTTP port for /metrics (Prometheus), "
+                   "/healthz and the status page (default 27001; 0 = off; 'auto' picks a free port and logs it)")
+    p.add_argument("--metrics-bind", metavar="ADDR", help="address for the metrics port (default: the --bind "
+                   "address)")
+    p.add_argument("--usage-log", metavar="PATH", help="append a JSON-lines usage log here (checkouts, checkins, "
+                   "expiries, removals, denials) for 'lmutil report'; rotated by size (usage_log_max_bytes)")
     p.add_argument("--admin-token-file", metavar="PATH", help="where to write the admin token lmutil uses "
                    "(default: the user's runtime directory, admin-PORT.token, mode 0600)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
@@ -79,8 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     keys = ("licenses", "vendor_key", "port", "bind", "state_dir", "heartbeat_interval", "lease_timeout",
             "reconnect_grace", "max_connections_per_address", "handshake_timeout", "max_frame_bytes", "log_level",
-            "admin_token_file")
+            "admin_token_file", "metrics_port", "metrics_bind", "revocations", "usage_log")
     return {k: getattr(ns, k) for k in keys}
+
+
+def _metrics_port(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number (0 = off) or 'auto', got {value!r}") from None
 
 
 def configure_logging(level: str) -> None:
@@ -105,6 +126,10 @@ def load_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
     served = []
     refused: list[Refusal] = []
     seen: dict[str, Path] = {}
+    revoked, rev_problems = load_revocations(cfg.extra.get("revocations", []), key)
+    problems.extend(rev_problems)
+    activations = Activations(_state_dir(cfg))
+    problems.extend(activations.problems)
     for path in cfg.licenses:
         try:
             lic = read_license_file(path, key)
@@ -113,6 +138,12 @@ def load_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
             refused.append(Refusal(str(path), exc.code, (exc.message,)))
             continue
         names = tuple(p.name for p in lic.products)
+        rev = revoked.get(lic.customer_id)
+        if rev is not None:  # revocation comes before the host check (the handbook's order)
+            why = revocation_reason(rev) + "; remove this license file from the configuration"
+            problems.append(f"{path}: {why}")
+            refused.append(Refusal(str(path), ErrorCode.LICENSE_REVOKED, (why,), lic.customer_id, names))
+            continue
         issues = license_problems_for_daemon(lic, host)
         if lic.customer_id in seen:
             issues.append(f"customer ID {lic.customer_id} is already loaded from {seen[lic.customer_id]}")
@@ -124,7 +155,8 @@ def load_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
             continue
         seen[lic.customer_id] = path
         served.append((path, lic))
-    return Licensing(served, refused), problems
+    return Licensing(served, refused, activations=activations, revoked=revoked,
+                     daemon_site=parse_networks(cfg.extra.get("site_networks") or [])), problems
 
 
 _CONFIG_SOURCE: tuple[Path | None, dict[str, Any]] = (None, {})
@@ -150,8 +182,12 @@ def run_check(cfg: DaemonConfig) -> int:
     for path, lic in licensing.served:
         prods = ", ".join(f"{p.name} {p.version} x{p.count}" for p in lic.products)
         exp = lic.expires.isoformat() if lic.expires else "never"
+        state = licensing.activation_state(lic.customer_id, datetime.min.replace(tzinfo=UTC))  # reads, never writes
+        if state == "pending":
+            state += f" (activates automatically at {auto_activation_at(lic):%Y-%m-%d %H:%M:%S} UTC, or run lmutil " \
+                     f"activate {lic.customer_id})"
         print(f"ok: {path}: customer ID {lic.customer_id} ({lic.customer}), {prods}, expires {exp}, "
-              f"share {lic.share}")
+              f"share {lic.share}, activation {state}")
     for prob in problems:
         print(f"problem: {prob}")
     if problems:
@@ -176,15 +212,23 @@ async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
     state = _state_dir(cfg)
     state.mkdir(parents=True, exist_ok=True)
     store = open_store(state)
-    server = Server(cfg, licensing, store, reload=lambda: load_licensing(reread_config(cfg)))
+    server = Server(cfg, licensing, store, reload=lambda: load_licensing(reread_config(cfg)),
+                    wall=daemon_wall_clock(clock_offset()))
     install_signal_handlers(server)
+    from lmgrd.usage import attach_usage_log
+
+    attach_usage_log(server)  # flushed by the server's shutdown (on_shutdown)
     try:
         await server.start()
     except OSError as exc:
         store.close()
         raise LmgrdError(f"cannot listen on port {cfg.port}: {exc.strerror or exc}; is another lmgrd running? "
                          "choose another --port") from None
+    from lmgrd.http import start_monitoring
+
+    monitor = await start_monitoring(server, cfg)
     await server.stopped.wait()
+    await monitor.close()
     return 0
 
 

@@ -10,13 +10,14 @@ import difflib
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from lmgrd import LmgrdError
 
 DEFAULT_PORT = 27000
+DEFAULT_METRICS_PORT = 27001
 #: Connections one client address may hold open at once. Generous enough for a terminal server with a few
 #: hundred users each running a product, small enough that one runaway host cannot take every descriptor.
 DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 1000
@@ -54,6 +55,15 @@ class DaemonConfig:
     shutdown_timeout: float = 4.0
     log_level: str = "info"
     admin_token_file: Path | None = None  # None = runtime dir / admin-PORT.token
+    # Monitoring (lmgrd.http, lmgrd.metrics): 0 turns the port off, "auto" picks a free port and logs it.
+    metrics_port: int | Literal["auto"] = DEFAULT_METRICS_PORT
+    metrics_bind: str | None = None  # None = the same address as ``bind``
+    metrics_textfile: Path | None = None  # write the metrics dump here for node_exporter's textfile collector
+    metrics_textfile_interval: float = 15.0
+    # Usage log (lmgrd.usage): JSON lines for lmutil report, rotated at max_bytes into usage_log.1 .. .N.
+    usage_log: Path | None = None
+    usage_log_max_bytes: int = 10 * 1024 * 1024
+    usage_log_backups: int = 5
     extra: dict[str, Any] = field(default_factory=dict)  # sections later features read (policy, metrics)
 
     @property
@@ -65,8 +75,8 @@ class DaemonConfig:
 
 _KEYS = {f.name for f in fields(DaemonConfig)} - {"extra"} | {"license"}
 #: Sections that belong to later features; accepted and passed through in ``extra``.
-_EXTRA_KEYS = {"policy", "metrics_port", "metrics_bind", "metrics_textfile", "revocations", "groups",
-               "host_groups", "products", "usage_log", "site_networks"}
+_EXTRA_KEYS = {"policy", "revocations", "groups",
+               "host_groups", "products", "site_networks"}
 
 
 def _num(problems: list[str], key: str, value: Any, lo: float, hi: float, integer: bool = False) -> float | None:
@@ -111,7 +121,7 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
         problems.append(f"licenses: expected a path or a list of paths, got {lic!r}")
     else:
         out["licenses"] = tuple(Path(x).expanduser() for x in lic)
-    for key in ("vendor_key", "state_dir", "admin_token_file"):
+    for key in ("vendor_key", "state_dir", "admin_token_file", "usage_log"):
         if key in merged:
             if not isinstance(merged[key], str):
                 problems.append(f"{key}: expected a path, got {merged[key]!r}")
@@ -133,18 +143,32 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
         "backlog": (16, 65535, True),
         "sync_interval": (0.01, 3600, False),
         "shutdown_timeout": (0, 60, False),
+        "usage_log_max_bytes": (0, 2**40, True),  # 0 = never rotate
+        "usage_log_backups": (0, 1000, True),
     }
     for key, (lo, hi, integer) in ranges.items():
         if key in merged:
             v = _num(problems, key, merged[key], lo, hi, integer)
             if v is not None:
                 out[key] = int(v) if integer else float(v)
+    _metrics_settings(merged, out, problems)
     if "log_level" in merged:
         lvl = merged["log_level"]
         if not isinstance(lvl, str) or lvl.lower() not in LOG_LEVELS:
             problems.append(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {lvl!r}")
         else:
             out["log_level"] = lvl.lower()
+    # Revocation files: the config's list plus every --revocations flag (both load); site_networks narrows.
+    revs = extra.get("revocations", [])
+    revs = [revs] if isinstance(revs, str) else revs
+    if not isinstance(revs, list) or not all(isinstance(x, str) for x in revs):
+        problems.append(f"revocations: expected a path or a list of paths, got {revs!r}")
+    elif revs or overrides.get("revocations"):
+        extra["revocations"] = [*revs, *(overrides.get("revocations") or [])]
+    if "site_networks" in extra:
+        from lmgrd.site import site_networks_problems
+
+        problems.extend(site_networks_problems(extra["site_networks"]))
     cfg = replace(DaemonConfig(), **out, extra=extra)
     if cfg.lease_timeout <= cfg.heartbeat_interval:
         problems.append(
@@ -158,6 +182,37 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
     if problems:
         raise ConfigInvalid(source, problems)
     return cfg
+
+
+def _metrics_settings(merged: dict[str, Any], out: dict[str, Any], problems: list[str]) -> None:
+    """metrics_port (0 = off, "auto" = any free port), metrics_bind, metrics_textfile(_interval)."""
+    if "metrics_port" in merged:
+        v = merged["metrics_port"]
+        if v == "auto":
+            out["metrics_port"] = "auto"
+        else:
+            port = _num([], "metrics_port", v, 0, 65535, True)
+            if port is None:
+                problems.append(f"metrics_port: expected a port from 0 (off) to 65535, or 'auto', got {v!r}")
+            else:
+                out["metrics_port"] = int(port)
+    if "metrics_bind" in merged:
+        if not isinstance(merged["metrics_bind"], str):
+            problems.append(f"metrics_bind: expected an address such as 0.0.0.0 or 127.0.0.1, got "
+                            f"{merged['metrics_bind']!r}")
+        else:
+            out["metrics_bind"] = merged["metrics_bind"]
+    if "metrics_textfile" in merged:
+        v = merged["metrics_textfile"]
+        if not isinstance(v, str) or not v or v.endswith(("/", "\\")):
+            problems.append(f"metrics_textfile: expected a file path such as /var/lib/node_exporter/lmgrd.prom, "
+                            f"got {v!r}")
+        else:
+            out["metrics_textfile"] = Path(v).expanduser()
+    if "metrics_textfile_interval" in merged:
+        v = _num(problems, "metrics_textfile_interval", merged["metrics_textfile_interval"], 1, 86400)
+        if v is not None:
+            out["metrics_textfile_interval"] = float(v)
 
 
 def load_config_file(path: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from lmgrd.activation import record_activation
 from lmgrd.cli import main as lmgrd_main
 from lmgrd.license import this_host
 from protocol.license import License, Product, load_private_key, new_customer_id, sign_license
@@ -46,6 +47,8 @@ def main() -> int:
     )
     lic_path = state / "demo.lic"
     lic_path.write_text(sign_license(lic, key), encoding="utf-8")
+    # A fresh license is pending for 24 hours; the demo activates it at once, as `lmutil activate` would.
+    record_activation(state, lic, "make demo")
     print(f"""
   lmgrd demo: license {lic.customer_id} for {hostname} ({ip}), CADPRO 2.1 x5 and VIEWER 11.0 x20
   signed with the bundled DEMO vendor key: never use it in production.

@@ -160,6 +160,9 @@ CommandFn = Callable[[argparse.Namespace, AdminClient, str], int]
 
 
 def cmd_lmstat(ns: argparse.Namespace, client: AdminClient, auth: str) -> int:
+    if getattr(ns, "prometheus", False):  # the same text as GET /metrics
+        sys.stdout.write(str(client.admin("metrics", {}, auth).get("text", "")))
+        return 0
     args: dict[str, Any] = {"all": bool(ns.a)}
     if ns.f:
         args["product"] = ns.f
@@ -184,11 +187,47 @@ def cmd_simple(name: str) -> CommandFn:
     return run
 
 
+def cmd_activate(ns: argparse.Namespace, client: AdminClient, auth: str) -> int:
+    data = client.admin("activate", {"customer_id": ns.customer_id}, auth)
+    if ns.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(f"license {data['customer_id']} is active on this license server"
+              + (f" (activated {data['activated_at']}, {data['how']}; machine fingerprint {data['fingerprint']})"
+                 if data.get("activated_at") else ""))
+    return 0
+
+
+def cmd_lmremove(ns: argparse.Namespace, client: AdminClient, auth: str) -> int:
+    if ns.token is not None:
+        if ns.names:
+            raise AdminError("give either PRODUCT USER HOST or --token TOKEN, not both", 2)
+        args: dict[str, Any] = {"token": ns.token}
+    elif len(ns.names) in (3, 4):
+        args = dict(zip(("product", "user", "host", "display"), ns.names, strict=False))
+    else:
+        raise AdminError("usage: lmutil lmremove PRODUCT USER HOST [DISPLAY]  or  lmutil lmremove --token TOKEN "
+                         "(lmstat -a shows them)", 2)
+    data = client.admin("lmremove", args, auth)
+    if ns.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        for x in data.get("removed", []):
+            held = int(x.get("held_seconds", 0))
+            print(f"removed {x['product']} seat of {x['user']}@{x['host']} (lease {x['token'][:8]}, held "
+                  f"{held // 3600} h {held % 3600 // 60} min); its client is told at its next heartbeat")
+    return 0
+
+
 COMMANDS: dict[str, tuple[CommandFn, str]] = {
+    "activate": (cmd_activate, "activate a license on this license server now (run on the server itself); "
+                 "otherwise it activates by itself 24 hours after it was issued"),
     "lmstat": (cmd_lmstat, "license server status: products, seats and (with -a or -f) who holds them"),
     "lmdown": (cmd_simple("lmdown"), "shut the license server down gracefully (leases are persisted first)"),
     "lmhostid": (cmd_simple("lmhostid"), "this license server's identity as the daemon sees it"),
     "lmreread": (cmd_simple("lmreread"), "reload licenses (and revocations, policy) without dropping a client"),
+    "lmremove": (cmd_lmremove, "free a stuck seat now: PRODUCT USER HOST, or --token TOKEN; its client is told "
+                 "SEAT_REMOVED at its next heartbeat"),
 }
 
 
@@ -202,19 +241,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmutil", description="lmgrd license server administration.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="examples:\n  lmutil lmstat -a -c 27000@licsrv01\n"
-                                "  lmutil lmstat -f CADPRO --json\n  lmutil lmdown -c 27000@licsrv01")
+                                "  lmutil lmstat -f CADPRO --json\n  lmutil lmdown -c 27000@licsrv01\n"
+                                "  lmutil lmremove CADPRO alice pc17\n  lmutil lmremove --token 1a2b3c4d\n"
+                                "  lmutil report /var/log/lmgrd/usage.log* --since 2024-04-01 --plot usage.png")
     p.add_argument("--version", action="version", version=f"lmutil {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_fn, helptext) in COMMANDS.items():
         sp = sub.add_parser(name, parents=[common], help=helptext, description=helptext)
+        if name == "activate":
+            sp.add_argument("customer_id", metavar="CUSTOMER_ID", help="the license's customer ID (CID-...)")
         if name == "lmstat":
             sp.add_argument("-a", action="store_true", help="all products, with their holders")
             sp.add_argument("-f", metavar="PRODUCT", help="that product only, with its holders")
+            sp.add_argument("--prometheus", action="store_true", help="print the Prometheus metrics (the same "
+                            "text as the daemon's /metrics)")
+        if name == "lmremove":
+            sp.add_argument("names", nargs="*", metavar="PRODUCT USER HOST", help="free every seat of PRODUCT "
+                            "held by USER on HOST (an optional 4th DISPLAY narrows it)")
+            sp.add_argument("--token", metavar="TOKEN", help="free this one lease (a unique prefix, such as the "
+                            "8 characters lmstat -a shows, is enough)")
+    from lmgrd.report import add_report_arguments
+
+    rp = sub.add_parser("report", help=REPORT_HELP, description=REPORT_HELP)
+    add_report_arguments(rp)
     return p
+
+
+REPORT_HELP = ("usage report from the daemon's usage log files (no server connection needed): peak and 95th "
+               "percentile seats, hours at the limit, denials, top users, how many seats to buy")
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    if ns.command == "report":  # reads log files here; needs neither a server nor a token
+        from lmgrd.report import run_report
+
+        return run_report(ns)
     fn = COMMANDS[ns.command][0]
     try:
         host, port = parse_server(ns.server)

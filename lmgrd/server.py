@@ -23,9 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
-from lmgrd import __version__, admin
+from lmgrd import __version__, admin, revocations
 from lmgrd.config import DaemonConfig
 from lmgrd.ledger import LeaseInfo, Ledger, PoolKey, Waiter
 from lmgrd.licensing import Licensing
@@ -62,6 +63,10 @@ EXPIRE_BATCH = 2000
 #: A client that does not read its replies is paused; if it stays stalled this long past a lease timeout it
 #: is dropped (its leases then lapse like any dropped client's).
 WRITE_HIGH_WATER = 64 * 1024
+#: How many lmremove'd tokens are remembered so their resume says SEAT_REMOVED (oldest forgotten first).
+REMOVED_MEMORY = 4096
+#: Replies queued in one loop iteration before they are flushed early (bounds a flooder's reply backlog).
+FLUSH_EARLY = 512
 
 
 def new_token() -> str:
@@ -136,8 +141,15 @@ class ClientProtocol(asyncio.Protocol):
             self.server.fail(self, exc)
             return
         server = self.server
-        for req in requests:
+        timer = server.request_timer
+        if timer is None:
+            for req in requests:
+                server.dispatch(self, req)
+            return
+        for req in requests:  # lmgrd_request_duration_seconds: observe only, no allocation
+            t0 = perf_counter()
             server.dispatch(self, req)
+            timer(type(req), perf_counter() - t0)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -192,6 +204,9 @@ class Server:
         #: on_deny(product, version, code, who, customer_id), on_release(lease, reason) where reason is
         #: checkin | expiry | removal | revoked. Called synchronously on the loop: keep them cheap.
         self.observers: list[Any] = []
+        #: Set by lmgrd.metrics.attach: the Metrics object and the per-request timer (request type, seconds).
+        self.metrics: Any = None
+        self.request_timer: Callable[[type, float], None] | None = None
         self.licensing = licensing
         self.store = store
         self.loop = asyncio.get_running_loop()
@@ -208,6 +223,8 @@ class Server:
         self.sync_handle: asyncio.TimerHandle | None = None
         self.dirty = False
         self.waits: dict[int, WaitCtx] = {}
+        #: Tokens freed by lmremove, so a later resume says SEAT_REMOVED rather than LEASE_NOT_FOUND (bounded).
+        self.removed: dict[str, LostSeat] = {}
         self.next_waiter = 1
         self.counters = Counters()
         self.started_wall = wall()
@@ -299,6 +316,7 @@ class Server:
             self.timer.cancel()
         if self.sync_handle is not None:
             self.sync_handle.cancel()
+        self._notify("on_shutdown")  # observers flush (the usage log drains its queue)
         logger.info("lmgrd stopped; %d lease(s) persisted", sum(1 for _ in self.ledger.leases()))
         self.stopped.set()
 
@@ -370,6 +388,10 @@ class Server:
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self._flush)
+        elif len(self.pending) >= FLUSH_EARLY:
+            # A pipelining client (or one that never reads) must meet write flow control within this read,
+            # not after the loop has read megabytes more of its requests.
+            self._flush()
 
     def _flush(self) -> None:
         """Make this iteration's grants and releases durable, then send its replies (in order)."""
@@ -447,7 +469,8 @@ class Server:
 
     def _checkout(self, proto: ClientProtocol, req: Checkout) -> None:
         now = self.clock()
-        decision = self.licensing.candidates(req.product, req.version, proto.addr, datetime.now(UTC))
+        decision = self.licensing.candidates(req.product, req.version, proto.addr,
+                                             datetime.fromtimestamp(self.wall(), UTC))
         if decision.error is not None:
             code, message, hint = decision.error
             self._deny(proto, req, code, message, hint)
@@ -575,6 +598,36 @@ class Server:
         if served:
             self._serve_waiters(served)
 
+    def remove_lease(self, token: str, why: str) -> LeaseInfo | None:
+        """Free one lease now (``lmutil lmremove``); ``None`` if no lease has that token.
+
+        The release is journalled, reported to observers as ``on_release(lease, "removal")``, and its seat
+        goes to the waiters. The holder learns it at its next heartbeat (``SEAT_REMOVED``, ``why`` in the
+        message), or at its resume if it is disconnected now.
+        """
+        lease, served = self.ledger.release(token, self.clock(), self.wall())
+        if lease is None:
+            return None
+        self.store.record_release(lease.token)
+        self.counters.released += 1
+        if self.observers:
+            self._notify("on_release", lease, "removal")
+        logger.warning("REMOVED %s %s of %s@%s lease %s: %s", lease.pool[1], lease.version, lease.user,
+                       lease.host, lease.token[:8], why)
+        lost = LostSeat(lease.token, ErrorCode.SEAT_REMOVED, f"this seat of {lease.pool[1]} was freed by the "
+                        f"license administrator ({why}); check out again to continue")
+        proto = self.sessions.get(lease.session) if lease.session is not None else None
+        if proto is not None:
+            proto.lost.append(lost)
+        # Kept even when told at a heartbeat: the client may drop before that and come back with a resume.
+        self.removed[lease.token] = lost
+        while len(self.removed) > REMOVED_MEMORY:
+            del self.removed[next(iter(self.removed))]
+        self._send_nothing()  # make the release durable promptly
+        if served:
+            self._serve_waiters(served)
+        return lease
+
     def _heartbeat(self, proto: ClientProtocol, req: Heartbeat) -> None:
         renewed = self.ledger.renew_session(proto.session, self.clock())
         lost = tuple(proto.lost)
@@ -591,6 +644,9 @@ class Server:
             old_session = before.session if before is not None else None
             lease = self.ledger.resume(token, proto.session, now)
             if lease is None:
+                if token in self.removed:
+                    lost.append(self.removed.pop(token))
+                    continue
                 lost.append(LostSeat(token, ErrorCode.LEASE_NOT_FOUND,
                                      "this seat is no longer held: it lapsed, was checked in or was removed"))
                 continue
@@ -659,13 +715,19 @@ class Server:
         new, problems = self.reload_fn()
         new_paths = {str(p) for p, _ in new.served}
         kept = [(p, lic) for p, lic in self.licensing.served
-                if str(p) not in new_paths and any(r.source == str(p) for r in new.refused)]
+                if str(p) not in new_paths and any(r.source == str(p) for r in new.refused)
+                and lic.customer_id not in new.revoked]  # a revoked license never keeps serving
         for p, lic in kept:
             problems.append(f"{p}: the new file was refused; the previously loaded license {lic.customer_id} "
                             "keeps serving")
-        merged = Licensing(new.served + kept, [r for r in new.refused if r.source not in {str(p) for p, _ in kept}])
+        merged = Licensing(new.served + kept, [r for r in new.refused if r.source not in {str(p) for p, _ in kept}],
+                           # new.activations is None when the vendor key failed: keep the running state then
+                           activations=new.activations or self.licensing.activations,
+                           revoked=new.revoked if new.activations else self.licensing.revoked,
+                           daemon_site=new.daemon_site if new.activations else self.licensing.daemon_site)
         old_pools = set(self.licensing.pools())
         self.licensing = merged
+        revocations.end_revoked_seats(self, merged.revoked)
         for pool, count in merged.pools().items():
             self.ledger.set_pool(pool, count)
         for pool in old_pools - set(merged.pools()):
@@ -691,6 +753,7 @@ class Server:
                 "count": count, "in_use": self.ledger.in_use(pool), "queued": self.ledger.queued(pool),
                 "expires": lic.expires.isoformat() if lic and lic.expires else None,
                 "share": lic.share if lic else "",
+                "activation": self.licensing.activation_state(pool[0], datetime.fromtimestamp(self.wall(), UTC)),
             })
         return {
             "server_version": __version__,

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -50,7 +50,10 @@ def write_license(
     expires: date | None = None,
     issued_at: datetime | None = None,
     customer_id: str | None = None,
+    site_networks: Sequence[str] = (),
 ) -> License:
+    """Sign a license for this host. ``issued_at`` defaults to 25 hours ago, so the license has already
+    activated by itself (the 24-hour rule); pass a recent time to get a ``pending`` one."""
     lic = License(
         customer_id=customer_id or new_customer_id(os.urandom(10)),
         license_type=license_type,  # type: ignore[arg-type]
@@ -58,9 +61,9 @@ def write_license(
         hostname=hostname,
         ip=ip,
         products=tuple(Product(n, v, c) for n, v, c in products),
-        issued_at=issued_at or datetime.now(UTC),
+        issued_at=issued_at or datetime.now(UTC) - timedelta(hours=25),
         expires=expires,
-        site_networks=(),
+        site_networks=tuple(site_networks),
         share=share,  # type: ignore[arg-type]
     )
     path.write_text(sign_license(lic, key), encoding="utf-8")
@@ -139,6 +142,10 @@ class Daemon:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(10)
+
+    def metrics_url(self, timeout: float = 10.0) -> str:
+        """Base URL of the monitoring port as the daemon logged it (start with ``--metrics-port auto``)."""
+        return self.wait_for_log(r"metrics and status page on (http://[^ ,]+/)", timeout).group(1)
 
     def stop(self, timeout: float = 10.0) -> int:
         if self.proc is None or self.proc.poll() is not None:
