@@ -123,6 +123,16 @@ def _lmstat(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict
         now, wall = server.clock(), server.wall()
         data["leases"] = [lease_view(x, now, wall, server.lease_timeout) for x in server.ledger.leases()
                           if product is None or x.pool[1] == product]
+        queue = []
+        for pool in server.ledger.pools():
+            if product is not None and pool[1] != product:
+                continue
+            for pos, w in enumerate(server.ledger.waiting(pool), 1):
+                ctx = server.waits.get(w.waiter_id)
+                queue.append({"customer_id": pool[0], "product": pool[1], "position": pos, "user": w.user,
+                              "host": w.host, "pid": w.pid, "version": w.version,
+                              "waiting_s": round(now - ctx.started, 3) if ctx else 0.0})
+        data["queue"] = queue
     data["started_at"] = server.started_wall
     return data
 

@@ -29,6 +29,7 @@ from lmgrd.config import (
 )
 from lmgrd.license import license_problems_for_daemon, read_license_file, read_public_key_file, this_host
 from lmgrd.licensing import Licensing, Refusal
+from lmgrd.policy import parse_policy
 from lmgrd.revocations import load_revocations, revocation_reason
 from lmgrd.site import parse_networks
 from protocol.errors import ErrorCode, ProtocolError
@@ -155,8 +156,17 @@ def load_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
             continue
         seen[lic.customer_id] = path
         served.append((path, lic))
+    policy, policy_problems = parse_policy(cfg.extra)  # validated with the config; empty here
+    problems.extend(policy_problems)
+    for _path, lic in served:
+        for prod in lic.products:
+            pp = policy.get(prod.name)
+            if pp is not None and pp.reserved_total > prod.count:
+                problems.append(f"policy.{prod.name}.reserve: reserves {pp.reserved_total} seat(s) but license "
+                                f"{lic.customer_id} has {prod.count}; the reservations fill the count in rule order "
+                                "and nobody else gets a seat")
     return Licensing(served, refused, activations=activations, revoked=revoked,
-                     daemon_site=parse_networks(cfg.extra.get("site_networks") or [])), problems
+                     daemon_site=parse_networks(cfg.extra.get("site_networks") or []), policy=policy), problems
 
 
 _CONFIG_SOURCE: tuple[Path | None, dict[str, Any]] = (None, {})

@@ -165,6 +165,10 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
         problems.append(f"revocations: expected a path or a list of paths, got {revs!r}")
     elif revs or overrides.get("revocations"):
         extra["revocations"] = [*revs, *(overrides.get("revocations") or [])]
+    if extra.keys() & {"policy", "groups", "host_groups"}:
+        from lmgrd.policy import parse_policy
+
+        problems.extend(parse_policy(extra)[1])
     if "site_networks" in extra:
         from lmgrd.site import site_networks_problems
 

@@ -24,7 +24,14 @@ every step):
    ``expire``, ``remove_pool``), so the daemon can journal every departure: no seat is lost silently.
 3. Waiters that need a new seat are granted strictly in arrival order; a waiter whose share key gains a
    seat joins at once (it takes nothing from those ahead of it). While a pool has waiters it has no
-   free seat, once :meth:`Ledger.serve` has run after a count was raised.
+   free seat, once :meth:`Ledger.serve` has run after a count was raised. In a pool with a usage policy
+   (:meth:`Ledger.set_policy`) the same holds among the waiters a seat is *admissible* for: a seat
+   reserved for a group goes to the first waiter of that group, a waiter blocked by its ``max`` lets
+   the next one pass.
+5. Usage policy: a new seat never exceeds a ``max`` rule, and seats reserved for a subject never go to
+   anyone else: seats held by people outside every reservation stay <= ``count - reserved``. (A policy
+   set or restored over existing seats may start above these; then, as for counts, only new grants are
+   refused.)
 4. Every lease has exactly one authoritative entry in the expiry heap, so expiry never scans all
    leases and the heap holds O(leases) entries (stale entries are bounded and swept by a rebuild).
 """
@@ -39,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from lmgrd import LmgrdError
+from lmgrd.policy import ProductPolicy
 
 __all__ = [
     "LeaseInfo",
@@ -58,6 +66,10 @@ PoolKey = tuple[str, str]  # (customer_id, product)
 _HEAP_SLACK = 1024
 #: Same idea for the per-pool waiter deque, which drops cancelled waiters lazily.
 _QUEUE_SLACK = 64
+
+#: A new seat's place under a usage policy: the reserve rule it counts against (-1: the unreserved
+#: seats) and the max rules its holder falls under.
+Tag = tuple[int, tuple[int, ...]]
 
 
 class ShareMode(enum.StrEnum):
@@ -170,7 +182,8 @@ class Waiter:
 class _Pool:
     """Seats, leases and waiters of one pool."""
 
-    __slots__ = ("by_key", "count", "leases", "queue", "seats", "waiting")
+    __slots__ = ("bucket_used", "by_key", "count", "general_used", "leases", "max_used", "policy", "queue",
+                 "seats", "tags", "waiting")
 
     def __init__(self, count: int) -> None:
         self.count = count
@@ -185,6 +198,14 @@ class _Pool:
         # share key -> live waiters with that key, in arrival order (kept exact, not lazy): when a seat
         # with that key appears they join it without waiting for their turn.
         self.by_key: dict[tuple[str, ...], list[Waiter]] = {}
+        # Usage policy (None: only the count limits). tags: share key -> Tag of each seat; bucket_used[i]
+        # seats count against reserve rule i, general_used against the unreserved ones; max_used[i]
+        # seats are held by subjects of max rule i.
+        self.policy: ProductPolicy | None = None
+        self.tags: dict[tuple[str, ...], Tag] = {}
+        self.bucket_used: list[int] = []
+        self.max_used: list[int] = []
+        self.general_used = 0
 
 
 def _check_count(count: int) -> None:
@@ -293,9 +314,107 @@ class Ledger:
         ``share_key=()`` asks for an unshared seat (its key becomes ``(token,)``).
         """
         p = self._pool(pool)
-        if (not share_key or share_key not in p.seats) and (p.waiting or len(p.seats) >= p.count):
+        if p.policy is not None and (not share_key or share_key not in p.seats):
+            # Waiters ahead cannot use what the policy admits this one to (serve() ran after every
+            # change), so only admissibility matters here.
+            if self._admit(p, user, host) is None:
+                return None
+        elif (not share_key or share_key not in p.seats) and (p.waiting or len(p.seats) >= p.count):
             return None
         return self._grant(p, pool, share_key, user, host, pid, version, display, session, now, wall)
+
+    # -- usage policy --------------------------------------------------------------------------------------
+
+    def set_policy(self, pool: PoolKey, policy: ProductPolicy | None) -> None:
+        """Apply (or with ``None`` lift) a product's ``reserve``/``max`` rules to a pool.
+
+        Existing seats are re-tagged in grant order and kept even where they now exceed a rule. Call
+        :meth:`serve` afterwards: the change may admit waiters.
+        """
+        p = self._pool(pool)
+        p.policy = policy if policy is not None and policy.limits_seats else None
+        self._retag(p)
+
+    def reserved(self, pool: PoolKey) -> int:
+        """Free seats that only the subjects of a ``reserve`` rule may take (0 without a policy)."""
+        p = self._pool(pool)
+        pol = p.policy
+        if pol is None:
+            return 0
+        unused = sum(max(0, r.seats - used) for r, used in zip(pol.reserve, p.bucket_used, strict=True))
+        return min(unused, max(0, p.count - len(p.seats)))
+
+    def refusal(self, pool: PoolKey, share_key: tuple[str, ...], user: str, host: str) -> str | None:
+        """Why :meth:`checkout` would refuse this now: ``"max"`` (a max rule is full), ``"reserved"``
+        (free seats are reserved for others), ``"full"`` (no free seat, or waiters ahead), or ``None``."""
+        p = self._pool(pool)
+        if share_key and share_key in p.seats:
+            return None
+        pol = p.policy
+        if pol is None:
+            return "full" if p.waiting or len(p.seats) >= p.count else None
+        for i, r in enumerate(pol.max):
+            if p.max_used[i] >= r.seats and r.subject.matches(user, host):
+                return "max"
+        if len(p.seats) >= p.count:
+            return "full"
+        return None if self._admit(p, user, host) is not None else "reserved"
+
+    def _admit(self, p: _Pool, user: str, host: str) -> Tag | None:
+        """The tag a new seat for ``user``@``host`` would get under the pool's policy, or None if refused."""
+        pol = p.policy
+        assert pol is not None
+        maxes = tuple(i for i, r in enumerate(pol.max) if r.subject.matches(user, host))
+        for i in maxes:
+            if p.max_used[i] >= pol.max[i].seats:
+                return None
+        if len(p.seats) >= p.count:
+            return None
+        for i, r in enumerate(pol.reserve):
+            if p.bucket_used[i] < r.seats and r.subject.matches(user, host):
+                return (i, maxes)
+        if p.general_used < p.count - pol.reserved_total:
+            return (-1, maxes)
+        return None
+
+    def _tag_seat(self, p: _Pool, key: tuple[str, ...], user: str, host: str) -> None:
+        """Count a new seat against the policy (its reserve rule if one has room, else the general seats)."""
+        pol = p.policy
+        assert pol is not None
+        maxes = tuple(i for i, r in enumerate(pol.max) if r.subject.matches(user, host))
+        bucket = -1
+        for i, r in enumerate(pol.reserve):
+            if p.bucket_used[i] < r.seats and r.subject.matches(user, host):
+                bucket = i
+                break
+        if bucket < 0:
+            p.general_used += 1
+        else:
+            p.bucket_used[bucket] += 1
+        for i in maxes:
+            p.max_used[i] += 1
+        p.tags[key] = (bucket, maxes)
+
+    def _untag_seat(self, p: _Pool, key: tuple[str, ...]) -> None:
+        bucket, maxes = p.tags.pop(key)
+        if bucket < 0:
+            p.general_used -= 1
+        else:
+            p.bucket_used[bucket] -= 1
+        for i in maxes:
+            p.max_used[i] -= 1
+
+    def _retag(self, p: _Pool) -> None:
+        pol = p.policy
+        p.tags = {}
+        p.general_used = 0
+        p.bucket_used = [0] * len(pol.reserve) if pol else []
+        p.max_used = [0] * len(pol.max) if pol else []
+        if pol is None:
+            return
+        for lease in p.leases.values():  # grant order: the first lease of a seat created it
+            if lease.share_key not in p.tags:
+                self._tag_seat(p, lease.share_key, lease.user, lease.host)
 
     def _grant(
         self,
@@ -318,7 +437,10 @@ class Ledger:
         if not share_key:
             share_key = (token,)
         seats = p.seats
-        seats[share_key] = seats.get(share_key, 0) + 1
+        held = seats.get(share_key, 0)
+        seats[share_key] = held + 1
+        if not held and p.policy is not None:
+            self._tag_seat(p, share_key, user, host)
         deadline = now + self.lease_timeout
         self._seq += 1
         lease = LeaseInfo(
@@ -366,6 +488,8 @@ class Ledger:
             p.seats[key] = held
             return False
         del p.seats[key]
+        if p.policy is not None:
+            self._untag_seat(p, key)
         return True
 
     def _unbind(self, lease: LeaseInfo) -> None:
@@ -392,7 +516,11 @@ class Ledger:
         if waiter.waiter_id in self._waiters:
             raise ValueError(f"waiter id {waiter.waiter_id} is already queued; waiter ids must be unique")
         key = waiter.share_key
-        if (key and key in p.seats) or (not p.waiting and len(p.seats) < p.count):
+        if p.policy is not None:
+            grantable = bool(key and key in p.seats) or self._admit(p, waiter.user, waiter.host) is not None
+        else:
+            grantable = bool(key and key in p.seats) or (not p.waiting and len(p.seats) < p.count)
+        if grantable:
             raise ValueError("this checkout can be granted now; call checkout() before enqueue()")
         if len(p.queue) > 2 * p.waiting + _QUEUE_SLACK:
             # Sweep dead entries here, the only place the deque grows: it stays O(peak waiters).
@@ -452,6 +580,9 @@ class Ledger:
         return grants
 
     def _serve(self, p: _Pool, now: float, wall: float, grants: list[tuple[Waiter, LeaseInfo]]) -> None:
+        if p.policy is not None:
+            self._serve_policy(p, now, wall, grants)
+            return
         queue = p.queue
         waiters = self._waiters
         while queue:
@@ -473,6 +604,33 @@ class Ledger:
                     self._forget_waiter(j)
                     grants.append((j, self._grant(p, j.pool, key, j.user, j.host, j.pid, j.version,
                                                   j.display, j.session, now, wall)))  # fmt: skip
+
+    def _serve_policy(self, p: _Pool, now: float, wall: float, grants: list[tuple[Waiter, LeaseInfo]]) -> None:
+        """Under a usage policy: grant, in arrival order, every waiter a free seat is admissible for.
+
+        O(waiters) per freed seat at worst; only pools with ``reserve``/``max`` rules take this path.
+        """
+        waiters = self._waiters
+        for w in list(p.queue):
+            if len(p.seats) >= p.count:
+                break
+            if waiters.get(w.waiter_id) is not w:
+                continue
+            key = w.share_key
+            if not (key and key in p.seats) and self._admit(p, w.user, w.host) is None:
+                continue
+            new_seat = not key or key not in p.seats
+            self._forget_waiter(w)
+            grants.append((w, self._grant(p, w.pool, key, w.user, w.host, w.pid, w.version, w.display,
+                                          w.session, now, wall)))  # fmt: skip
+            if new_seat and key:
+                for j in list(p.by_key.get(key, ())):
+                    self._forget_waiter(j)
+                    grants.append((j, self._grant(p, j.pool, key, j.user, j.host, j.pid, j.version,
+                                                  j.display, j.session, now, wall)))  # fmt: skip
+        queue = p.queue
+        while queue and waiters.get(queue[0].waiter_id) is not queue[0]:
+            queue.popleft()
 
     # -- sessions -----------------------------------------------------------------------------------------
 
@@ -660,6 +818,9 @@ class Ledger:
             self._leases[rec.token] = lease
             p.leases[rec.token] = lease
             restored.append(lease)
+        for pool in {lease.pool for lease in restored}:
+            if self._pools[pool].policy is not None:
+                self._retag(self._pools[pool])
         return restored
 
     # -- reading ------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 
 from lmgrd.activation import ACTIVE, Activations
 from lmgrd.ledger import PoolKey
+from lmgrd.policy import Policy
 from lmgrd.site import Network, Site
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.license import License, Revocation, evaluate_use
@@ -74,8 +75,10 @@ class Licensing:
 
     def __init__(self, served: list[tuple[Path, License]], refused: list[Refusal], *,
                  activations: Activations | None = None, revoked: Mapping[str, Revocation] | None = None,
-                 daemon_site: Sequence[Network] = ()) -> None:
+                 daemon_site: Sequence[Network] = (), policy: Policy | None = None) -> None:
         self.served = served
+        #: The usage policy (config ``groups``, ``host_groups``, ``policy``); reloaded with the licenses.
+        self.policy = policy or Policy()
         self.refused = refused
         self.activations = activations
         self.revoked: dict[str, Revocation] = dict(revoked or {})

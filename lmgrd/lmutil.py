@@ -137,7 +137,8 @@ def print_lmstat(data: dict[str, Any], host: str, port: int, product: str | None
             continue
         print(f"Users of {pool['product']}:  (Total of {pool['count']} licenses issued;  "
               f"Total of {pool['in_use']} licenses in use)")
-        print(f"    [lmgrd] customer {pool['customer_id']}, version {pool['version']}, queued {pool['queued']}, "
+        print(f"    [lmgrd] customer {pool['customer_id']}, version {pool['version']}, "
+              f"reserved {pool.get('reserved', 0)}, queued {pool['queued']}, "
               f"expires {pool['expires'] or 'never'}, state {pool.get('activation', 'active')}")
         print()
         if show_users:
@@ -152,6 +153,10 @@ def print_lmstat(data: dict[str, Any], host: str, port: int, product: str | None
                       f"start {_fmt_time(x['checkout_at'])}, 1 licenses")
                 print(f"        [lmgrd] pid {x['pid']}, last heartbeat {_fmt_time(x['last_heartbeat_at'])}, "
                       f"{'connected' if x['connected'] else 'disconnected'}, lease expires in {x['expires_in']:.0f} s")
+            for w in data.get("queue", []):
+                if w["product"] == pool["product"] and w["customer_id"] == pool["customer_id"]:
+                    print(f"    [lmgrd] queued #{w['position']}: {w['user']} {w['host']} pid {w['pid']} "
+                          f"(v{w['version']}), waiting {w['waiting_s']:.0f} s")
             print()
 
 

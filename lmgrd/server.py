@@ -19,7 +19,7 @@ import logging
 import secrets
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +54,7 @@ from protocol import (
     encode_frame,
     error_frame,
 )
+from protocol.license import License
 from protocol.validation import hostname_problem, normalize_ip, short_hostname
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,8 @@ class ClientProtocol(asyncio.Protocol):
     """One client connection. Thin: bytes in, requests to the server, replies out."""
 
     __slots__ = (
-        "addr", "conn", "display", "handshake_timer", "host", "lost", "paused_since", "peer", "pid", "server",
+        "addr", "conn", "display", "handshake_timer", "host", "idle_since", "lost", "paused_since", "peer", "pid",
+        "server",
         "session", "transport", "user", "waiters",
     )
 
@@ -120,6 +122,7 @@ class ClientProtocol(asyncio.Protocol):
         self.waiters: dict[int, int] = {}  # waiter_id -> request id
         self.handshake_timer: asyncio.TimerHandle | None = None
         self.paused_since: float | None = None
+        self.idle_since: float | None = None  # monotonic time of the first heartbeat saying "idle"
 
     # -- asyncio callbacks -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -162,8 +165,15 @@ class ClientProtocol(asyncio.Protocol):
         # The client is not reading its replies: stop reading its requests until it catches up.
         if self.transport is not None:
             self.transport.pause_reading()
-        self.paused_since = time.monotonic()
+        since = self.paused_since = time.monotonic()
         logger.warning("client %s is not reading its replies; pausing its requests", self.peer)
+        self.server.loop.call_later(self.server.lease_timeout, self._stalled, since)
+
+    def _stalled(self, since: float) -> None:
+        if self.paused_since == since and self.transport is not None and not self.transport.is_closing():
+            logger.warning("client %s read none of its replies for %g s (a lease timeout); dropping it",
+                           self.peer, self.server.lease_timeout)
+            self.transport.abort()
 
     def resume_writing(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -239,6 +249,7 @@ class Server:
         self.lease_timeout = cfg.lease_timeout
         for pool, count in licensing.pools().items():
             self.ledger.set_pool(pool, count)
+        self._apply_policy()
         self._restore()
 
     # -- start-up and shutdown -----------------------------------------------------------------------------
@@ -475,6 +486,13 @@ class Server:
             code, message, hint = decision.error
             self._deny(proto, req, code, message, hint)
             return
+        pp = self.licensing.policy.products.get(req.product) if self.licensing.policy.products else None
+        if pp is not None:
+            why = pp.refusal(proto.user, proto.host)
+            if why is not None:
+                self._deny(proto, req, ErrorCode.EXCLUDED, why,
+                           "ask the license administrator to change the usage policy (lmgrd config 'policy')")
+                return
         wall = self.wall()
         for lic in decision.licenses:
             pool = (lic.customer_id, req.product)
@@ -485,14 +503,33 @@ class Server:
                 return
         first = decision.licenses[0]
         pool = (first.customer_id, req.product)
-        count = sum(p.count for lic in decision.licenses for p in lic.products if p.name == req.product)
-        if req.wait > 0 and not self.closing:
+        code, message, hint = self._refusal(req.product, decision.licenses, proto)
+        if code is not ErrorCode.MAX_REACHED and req.wait > 0 and not self.closing:
             self._enqueue(proto, req, pool, first.share, now, wall)
             return
-        self._deny(proto, req, ErrorCode.NO_SEATS,
-                   f"all {count} seat(s) of {req.product} are in use",
-                   "try again later, check out with a wait, or ask the administrator who holds them "
-                   "(lmutil lmstat -a)")
+        self._deny(proto, req, code, message, hint)
+
+    def _refusal(self, product: str, licenses: Sequence[License], proto: ClientProtocol
+                 ) -> tuple[ErrorCode, str, str]:
+        """Why no pool of ``product`` grants ``proto`` a seat now (cold path: after every pool said no)."""
+        reasons = {self.ledger.refusal((lic.customer_id, product), self._share_key(lic.share, proto), proto.user,
+                                       proto.host) for lic in licenses}
+        count = sum(p.count for lic in licenses for p in lic.products if p.name == product)
+        if reasons == {"max"}:
+            pp = self.licensing.policy.get(product)
+            rules = [f"max {r.seats} for {r.subject}" for r in (pp.max if pp else ())
+                     if r.subject.matches(proto.user, proto.host)]
+            return (ErrorCode.MAX_REACHED,
+                    f"{proto.user}@{proto.host} already holds the most seats of {product} the usage policy allows "
+                    f"({', '.join(rules) or 'max'})",
+                    "check in a seat you hold first, or ask the license administrator to change the policy")
+        if "reserved" in reasons:
+            return (ErrorCode.RESERVED,
+                    f"the free seats of {product} are reserved for others by the usage policy",
+                    "try again later, check out with a wait, or ask the license administrator for a reservation")
+        return (ErrorCode.NO_SEATS, f"all {count} seat(s) of {product} are in use",
+                "try again later, check out with a wait, or ask the administrator who holds them "
+                "(lmutil lmstat -a)")
 
     def _notify(self, event: str, *args: Any) -> None:
         for obs in self.observers:
@@ -550,13 +587,20 @@ class Server:
         ctx.proto.waiters.pop(waiter_id, None)
         self.ledger.cancel_wait(waiter_id)
         waited = self.clock() - ctx.started
-        self.counters.denied[ErrorCode.NO_SEATS] = self.counters.denied.get(ErrorCode.NO_SEATS, 0) + 1
+        code = ErrorCode.NO_SEATS
+        if self.licensing.policy.products and ctx.product in self.licensing.policy.products:
+            lics = self.licensing.candidates(ctx.product, ctx.version, ctx.proto.addr,
+                                             datetime.fromtimestamp(self.wall(), UTC)).licenses
+            if lics:
+                code = self._refusal(ctx.product, lics, ctx.proto)[0]
+        self.counters.denied[code] = self.counters.denied.get(code, 0) + 1
         if self.observers:
-            self._notify("on_deny", ctx.product, ctx.version, ErrorCode.NO_SEATS, ctx.proto, None)
-        logger.info("DENIED %s %s to %s after waiting %.1f s: no seat became free", ctx.product, ctx.version,
-                    ctx.proto.who(), waited)
-        self._error(ctx.proto, ctx.request_id, ErrorCode.NO_SEATS,
-                    f"no seat of {ctx.product} became free within {waited:.0f} s",
+            self._notify("on_deny", ctx.product, ctx.version, code, ctx.proto, None)
+        logger.info("DENIED %s %s to %s after waiting %.1f s: no seat became free (%s)", ctx.product, ctx.version,
+                    ctx.proto.who(), waited, code)
+        what = "no seat" if code is ErrorCode.NO_SEATS else "no seat the usage policy allows you"
+        self._error(ctx.proto, ctx.request_id, code,
+                    f"{what} of {ctx.product} became free within {waited:.0f} s",
                     "try again later or wait longer")
 
     def _drop_wait(self, waiter_id: int) -> None:
@@ -629,11 +673,48 @@ class Server:
         return lease
 
     def _heartbeat(self, proto: ClientProtocol, req: Heartbeat) -> None:
-        renewed = self.ledger.renew_session(proto.session, self.clock())
+        now = self.clock()
+        if req.idle:
+            if proto.idle_since is None:
+                proto.idle_since = now
+            if self.licensing.policy.products:
+                self._reclaim_idle(proto, max(req.idle_for, now - proto.idle_since))
+        elif proto.idle_since is not None:
+            proto.idle_since = None
+        renewed = self.ledger.renew_session(proto.session, now)
         lost = tuple(proto.lost)
         if lost:
             proto.lost.clear()
         self._send(proto, encode_frame(HeartbeatAck(req.id, renewed, lost).to_wire()))
+
+    def _reclaim_idle(self, proto: ClientProtocol, idle_for: float) -> None:
+        """Free this session's seats of products whose policy ``timeout`` its idle time has passed."""
+        policy = self.licensing.policy
+        for lease in self.ledger.session_leases(proto.session):
+            pp = policy.get(lease.pool[1])
+            if pp is None or pp.timeout is None or idle_for < pp.timeout:
+                continue
+            released, served = self.ledger.release(lease.token, self.clock(), self.wall())
+            if released is None:
+                continue
+            self.store.record_release(lease.token)
+            self.counters.released += 1
+            if self.observers:
+                self._notify("on_release", lease, "idle")
+            logger.info("IDLE %s %s of %s lease %s reclaimed: idle %.0f s, policy timeout %g s", lease.pool[1],
+                        lease.version, proto.who(), lease.token[:8], idle_for, pp.timeout)
+            proto.lost.append(LostSeat(lease.token, ErrorCode.IDLE_TIMEOUT,
+                                       f"this seat of {lease.pool[1]} was reclaimed after {idle_for:.0f} s idle (the "
+                                       f"usage policy frees seats idle longer than {pp.timeout:g} s); check out "
+                                       "again to continue"))
+            if served:
+                self._serve_waiters(served)
+
+    def _apply_policy(self) -> None:
+        """Give every pool its product's reserve/max rules (or none); serve() must follow a change."""
+        policy = self.licensing.policy
+        for pool in self.ledger.pools():
+            self.ledger.set_policy(pool, policy.get(pool[1]))
 
     def _resume(self, proto: ClientProtocol, req: Resume) -> None:
         now = self.clock()
@@ -724,7 +805,8 @@ class Server:
                            # new.activations is None when the vendor key failed: keep the running state then
                            activations=new.activations or self.licensing.activations,
                            revoked=new.revoked if new.activations else self.licensing.revoked,
-                           daemon_site=new.daemon_site if new.activations else self.licensing.daemon_site)
+                           daemon_site=new.daemon_site if new.activations else self.licensing.daemon_site,
+                           policy=new.policy)
         old_pools = set(self.licensing.pools())
         self.licensing = merged
         revocations.end_revoked_seats(self, merged.revoked)
@@ -734,6 +816,9 @@ class Server:
             self.ledger.set_pool(pool, 0)
             logger.warning("pool %s/%s is no longer licensed: no new seats; %d held seat(s) run on until "
                            "checked in or lapsed", pool[0], pool[1], self.ledger.in_use(pool))
+        self._apply_policy()
+        if merged.policy.products:
+            logger.info("reread: usage policy for %s", ", ".join(sorted(merged.policy.products)))
         for prob in problems:
             logger.error("reread: %s", prob)
         served = [lic.customer_id for _, lic in merged.served]
@@ -743,6 +828,10 @@ class Server:
         return {"reloaded": True, "serving": served, "problems": problems}
 
     # -- status ----------------------------------------------------------------------------------------------
+    def reserved(self, pool: PoolKey) -> int:
+        """Free seats of ``pool`` held back for the subjects of a usage-policy ``reserve`` rule."""
+        return self.ledger.reserved(pool)
+
     def status(self) -> dict[str, Any]:
         pools = []
         for pool, count in sorted(self.licensing.pools().items()):
@@ -751,6 +840,7 @@ class Server:
             pools.append({
                 "customer_id": pool[0], "product": pool[1], "version": prod.version if prod else "",
                 "count": count, "in_use": self.ledger.in_use(pool), "queued": self.ledger.queued(pool),
+                "reserved": self.ledger.reserved(pool),
                 "expires": lic.expires.isoformat() if lic and lic.expires else None,
                 "share": lic.share if lic else "",
                 "activation": self.licensing.activation_state(pool[0], datetime.fromtimestamp(self.wall(), UTC)),

@@ -141,18 +141,27 @@ class Checkout:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """Renews every lease of this connection. ``idle`` reports that the user is idle (usage policy)."""
+    """Renews every lease of this connection.
+
+    ``idle`` reports that the user is idle (usage policy ``timeout``); ``idle_for`` optionally says for
+    how many seconds (the client knows when its user last did something). Without it the server counts
+    from the first idle heartbeat.
+    """
 
     OP: ClassVar[str] = "heartbeat"
     id: int
     idle: bool = False
+    idle_for: float = 0.0
 
     def to_wire(self) -> dict[str, Any]:
+        if self.idle_for:
+            return {"op": "heartbeat", "id": self.id, "idle": self.idle, "idle_for": self.idle_for}
         return {"op": "heartbeat", "id": self.id, "idle": self.idle}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Heartbeat:
-        return cls(_uint(d, "id", "heartbeat"), _bool(d, "idle", "heartbeat", False))
+        return cls(_uint(d, "id", "heartbeat"), _bool(d, "idle", "heartbeat", False),
+                   _seconds(d, "idle_for", "heartbeat", 10 * 365 * 86400.0, 0.0))
 
 
 @dataclass(frozen=True, slots=True)
