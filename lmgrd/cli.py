@@ -286,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
             return runner.run(serve(cfg, licensing))
     except LmgrdError as exc:
         logger.error("%s", exc)
-        return 3 if "lock" in str(exc).lower() else 1
+        from lmgrd.store import StoreLocked
+
+        return 3 if isinstance(exc, StoreLocked) else 1
     except KeyboardInterrupt:
         return 0
     finally:

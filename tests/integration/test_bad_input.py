@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import resource
 import socket
 import struct
@@ -387,6 +388,40 @@ def test_client_that_never_reads_its_replies(daemon_factory: Factory) -> None:
     assert grown < 48 * 1024 * 1024, f"daemon RSS grew by {grown} bytes for one client that does not read"
     flooder.close()
     resumes(d, token)
+    by.check()
+
+
+def test_client_stalled_for_a_lease_timeout_is_dropped_and_its_seat_lapses(daemon_factory: Factory) -> None:
+    d, by = scene(daemon_factory, heartbeat=1.0, lease_timeout=4.0)
+    flooder = client(d, user="flooder")
+    token = checkout(flooder).token
+    sock = flooder.sock
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    batch = b"".join(flooder.conn.send(Status(i + 100)) for i in range(2000))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # until the daemon stops reading (it paused this client)
+        try:
+            sock.send(batch)
+        except BlockingIOError:
+            if "is not reading its replies" in d.log():
+                break
+            time.sleep(0.01)
+    # The bystander keeps heartbeating meanwhile; the flooder's requests (heartbeats included) go unread.
+    for pattern in (r"client 127\.0\.0\.1:\d+ read none of its replies for [\d.]+ s \(a lease timeout\); dropping it",
+                    r"EXPIRED CADPRO 2\.1 of flooder@"):
+        for _ in range(60):
+            ack = by.c.request(Heartbeat(by.c.id()))
+            assert isinstance(ack, HeartbeatAck) and ack.renewed == 1, ack
+            if re.search(pattern, d.log()):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"no {pattern!r} in the daemon log within 30 s:\n{d.log()}")
+    # Its seat lapsed as any silent client's does; everyone else kept being served.
+    c = client(d, user="flooder")
+    r = c.request(Resume(c.id(), (token,)))
+    assert isinstance(r, Resumed) and r.resumed == () and r.lost[0].code is ErrorCode.LEASE_NOT_FOUND
     by.check()
 
 
