@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -96,6 +97,11 @@ def test_reserve_max_and_queue_together(daemon_factory: Callable[..., Daemon]) -
     assert isinstance(r, ErrorReply) and r.code is ErrorCode.RESERVED
     data = pool(lmstat(d), "CADPRO")
     assert (data["in_use"], data["reserved"], data["queued"]) == (2, 1, 0)
+    prom = subprocess.run([sys.executable, "-m", "lmgrd.lmutil", "lmstat", "--prometheus", "-c", d.address],
+                          capture_output=True, text=True, timeout=30, env=d.env()).stdout
+    assert re.search(r'lmgrd_seats\{customer_id="[^"]+",product="CADPRO",state="reserved"\} 1\.0', prom), prom
+    assert re.search(r'lmgrd_denials_total\{customer_id="[^"]*",product="CADPRO",reason="RESERVED"\} 1\.0', prom)
+    assert re.search(r'lmgrd_denials_total\{customer_id="[^"]*",product="CADPRO",reason="MAX_REACHED"\} 1\.0', prom)
 
     frank, gina = client(d, "frank"), client(d, "gina")
     frank.send(Checkout(frank.id(), "CADPRO", "2.1", 30))
