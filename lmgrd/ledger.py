@@ -595,15 +595,20 @@ class Ledger:
             if new_seat and len(p.seats) >= p.count:
                 return  # strict FIFO: the head waits for the next free seat
             queue.popleft()
-            self._forget_waiter(w)
-            grants.append((w, self._grant(p, w.pool, key, w.user, w.host, w.pid, w.version, w.display,
-                                          w.session, now, wall)))  # fmt: skip
-            if new_seat and key:
-                # Waiters further back with the same share key join the new seat now: it costs nothing.
-                for j in list(p.by_key.get(key, ())):
-                    self._forget_waiter(j)
-                    grants.append((j, self._grant(p, j.pool, key, j.user, j.host, j.pid, j.version,
-                                                  j.display, j.session, now, wall)))  # fmt: skip
+            self._grant_waiter(p, w, new_seat, now, wall, grants)
+
+    def _grant_waiter(self, p: _Pool, w: Waiter, new_seat: bool, now: float, wall: float,
+                      grants: list[tuple[Waiter, LeaseInfo]]) -> None:
+        key = w.share_key
+        self._forget_waiter(w)
+        grants.append((w, self._grant(p, w.pool, key, w.user, w.host, w.pid, w.version, w.display,
+                                      w.session, now, wall)))  # fmt: skip
+        if new_seat and key:
+            # Waiters further back with the same share key join the new seat now: it costs nothing.
+            for j in list(p.by_key.get(key, ())):
+                self._forget_waiter(j)
+                grants.append((j, self._grant(p, j.pool, key, j.user, j.host, j.pid, j.version,
+                                              j.display, j.session, now, wall)))  # fmt: skip
 
     def _serve_policy(self, p: _Pool, now: float, wall: float, grants: list[tuple[Waiter, LeaseInfo]]) -> None:
         """Under a usage policy: grant, in arrival order, every waiter a free seat is admissible for.
@@ -619,15 +624,7 @@ class Ledger:
             key = w.share_key
             if not (key and key in p.seats) and self._admit(p, w.user, w.host) is None:
                 continue
-            new_seat = not key or key not in p.seats
-            self._forget_waiter(w)
-            grants.append((w, self._grant(p, w.pool, key, w.user, w.host, w.pid, w.version, w.display,
-                                          w.session, now, wall)))  # fmt: skip
-            if new_seat and key:
-                for j in list(p.by_key.get(key, ())):
-                    self._forget_waiter(j)
-                    grants.append((j, self._grant(p, j.pool, key, j.user, j.host, j.pid, j.version,
-                                                  j.display, j.session, now, wall)))  # fmt: skip
+            self._grant_waiter(p, w, not key or key not in p.seats, now, wall, grants)
         queue = p.queue
         while queue and waiters.get(queue[0].waiter_id) is not queue[0]:
             queue.popleft()
