@@ -30,6 +30,7 @@ import os
 import secrets
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -687,6 +688,15 @@ class AsyncLicenseClient:
         except TimeoutError:
             raise ServerUnavailable(f"no answer to status within {self._request_timeout:g} s") from None
         return dict(reply.data)
+
+    def report_idle(self, seconds: float | None) -> None:
+        """Tell the server, from the next heartbeat on, that the user has been idle ``seconds`` (None or 0:
+        active again). Products call it from their input handling; a usage policy ``timeout`` on the server
+        reclaims seats idle longer than it (the seat is then lost with ``IDLE_TIMEOUT``)."""
+        if seconds is None or seconds <= 0:
+            self._keeper.idle_since = None
+        else:
+            self._keeper.idle_since = time.monotonic() - float(seconds)
 
     async def ping(self) -> Ping:
         """Handshake if needed, then time one heartbeat round trip.

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Protocol
 
 from client_stub.backoff import Backoff
@@ -109,6 +110,8 @@ class LeaseKeeper:
         self._wake = asyncio.Event()
         self._next_beat = 0.0
         self._stopped = False
+        #: time.monotonic() since which the product's user is idle, or None while active (report_idle).
+        self.idle_since: float | None = None
 
     # ------------------------------------------------------------------ seats
     @property
@@ -324,6 +327,13 @@ class LeaseKeeper:
     def _lease_floor(self) -> float:
         return min((h[0].lease_timeout for h in self._seats.values()), default=self._backoff.cap * 3.0)
 
+    def heartbeat(self) -> Heartbeat:
+        """The next heartbeat, saying whether (and how long) the user has been idle."""
+        since = self.idle_since
+        if since is None:
+            return Heartbeat(self._link.next_id())
+        return Heartbeat(self._link.next_id(), idle=True, idle_for=round(max(0.0, time.monotonic() - since), 3))
+
     async def _beat(self, conn: Connection) -> None:
         loop = asyncio.get_running_loop()
         lease_timeout = conn.welcome.lease_timeout
@@ -333,7 +343,7 @@ class LeaseKeeper:
         sent = loop.time()
         try:
             async with asyncio.timeout(ack_timeout):
-                reply = await conn.request(Heartbeat(self._link.next_id()))
+                reply = await conn.request(self.heartbeat())
         except TimeoutError:
             logger.warning("license server %s did not answer a heartbeat within %g s; reconnecting",
                            conn.address, ack_timeout)

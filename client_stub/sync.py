@@ -276,6 +276,10 @@ class LicenseClient:
         """The server's status map; see :meth:`AsyncLicenseClient.status`."""
         return self._run(self._aclient.status())
 
+    def report_idle(self, seconds: float | None) -> None:
+        """See :meth:`AsyncLicenseClient.report_idle` (safe from any thread)."""
+        self._loop.call_soon_threadsafe(self._aclient.report_idle, seconds)
+
     def ping(self) -> Ping:
         """Server, version, protocol and round trip; see :meth:`AsyncLicenseClient.ping`."""
         return self._run(self._aclient.ping())

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import yaml
 from harness import Daemon, RawClient
 
+from client_stub import LicenseClient
 from protocol import CheckedIn, Checkin, Checkout, ErrorCode, ErrorReply, Granted, Heartbeat, HeartbeatAck
 
 POLICY: dict[str, Any] = {
@@ -33,8 +35,9 @@ POLICY: dict[str, Any] = {
 PRODUCTS = (("CADPRO", "2.1", 3), ("VIEWER", "1.0", 5))
 
 
-def start(daemon_factory: Callable[..., Daemon], cfg: dict[str, Any]) -> tuple[Daemon, Path]:
-    d = daemon_factory(PRODUCTS, start=False, heartbeat=10.0, lease_timeout=30.0)
+def start(daemon_factory: Callable[..., Daemon], cfg: dict[str, Any], heartbeat: float = 10.0,
+          lease_timeout: float = 30.0) -> tuple[Daemon, Path]:
+    d = daemon_factory(PRODUCTS, start=False, heartbeat=heartbeat, lease_timeout=lease_timeout)
     path = d.workdir / "lmgrd.yaml"
     path.write_text(yaml.safe_dump(cfg))
     d.extra += ["-c", str(path)]
@@ -151,6 +154,25 @@ def test_idle_seats_are_reclaimed_after_the_policy_timeout(daemon_factory: Calla
     data = lmstat(d)
     assert pool(data, "VIEWER")["in_use"] == 0 and pool(data, "CADPRO")["in_use"] == 1
     d.wait_for_log(r"IDLE VIEWER 1\.0 of alice@.* reclaimed")
+
+
+def test_client_stub_reports_idle_and_learns_its_seat_was_reclaimed(daemon_factory: Callable[..., Daemon]) -> None:
+    d, _ = start(daemon_factory, POLICY, heartbeat=1.0, lease_timeout=4.0)
+    with LicenseClient(f"{d.port}@127.0.0.1", user="alice") as lm:
+        seat = lm.checkout("VIEWER", version="1.0")
+        time.sleep(2.5)  # two heartbeats while active: the seat stays
+        assert not seat.lost
+        lm.report_idle(950)  # the product saw no input for 950 s (> the 900 s policy timeout)
+        for _ in range(100):
+            if seat.lost:
+                break
+            time.sleep(0.1)
+        assert seat.lost and seat.lost_reason is not None and seat.lost_reason.code is ErrorCode.IDLE_TIMEOUT
+        assert pool(lmstat(d), "VIEWER")["in_use"] == 0
+        lm.report_idle(None)
+        again = lm.checkout("VIEWER", version="1.0")  # active again: a new seat is granted and kept
+        time.sleep(2.5)
+        assert not again.lost
 
 
 def test_lmreread_changes_the_policy_without_dropping_anyone(daemon_factory: Callable[..., Daemon]) -> None:
