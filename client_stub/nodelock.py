@@ -4,8 +4,9 @@ Imports ``protocol``, ``cryptography`` and the standard library (``psutil`` lazi
 addresses); never ``lmgrd``. Checks, in the handbook's order: the signature against the vendor public key
 the product ships with (never a key carried in the license file, which would prove nothing), that the
 license is single-user, that it belongs to THIS PC (hostname and addresses as the operating system reports
-them; a hostname the caller passes to the client is never used here, as that would be a bypass), then
-expiry, product and version (:func:`protocol.license.evaluate_use`).
+them; a hostname the caller passes to the client is never used here, as that would be a bypass), that it
+is activated on this PC (:mod:`client_stub.activation`), then expiry, product and version
+(:func:`protocol.license.evaluate_use`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from client_stub.activation import check_activation
 from client_stub.errors import LicenseError, SeatDenied
 from protocol import ErrorCode, ProtocolError
 from protocol.license import License, evaluate_use, host_mismatch, load_public_key, verify_license
 from protocol.validation import hostname_problem
 
-__all__ = ["ENV_VENDOR_KEY", "VendorKey", "check_license_file", "load_vendor_key", "this_machine"]
+__all__ = ["ENV_VENDOR_KEY", "VendorKey", "check_license_file", "load_vendor_key", "this_machine", "verify_for_this_pc"]
 
 ENV_VENDOR_KEY = "LM_VENDOR_KEY"
 _MAX_KEY_BYTES = 64 * 1024
@@ -130,8 +132,28 @@ def check_license_file(path: Path, product: str, version: str, public_key: Ed255
         LicenseError: LICENSE_INVALID: unreadable, tampered, unsigned or signed by another key, or a
             multi-user license (which needs a license server); INVALID_HOSTNAME: this PC's name cannot be
             licensed.
-        SeatDenied: HOST_NOT_LICENSED (naming both hosts), LICENSE_EXPIRED, UNKNOWN_PRODUCT,
+        SeatDenied: HOST_NOT_LICENSED (naming both hosts), LICENSE_NOT_ACTIVATED (issued less than 24 h
+            ago and not activated with ``lmclient activate``), LICENSE_MOVED, LICENSE_EXPIRED, UNKNOWN_PRODUCT,
             VERSION_NOT_PERMITTED, BAD_REQUEST (version not dotted).
+    """
+    source = os.fspath(path)
+    lic = verify_for_this_pc(path, public_key)
+    now = now if now is not None else datetime.now(UTC)
+    check_activation(lic, source, now)  # after signature and host, before expiry/product/version
+    decision = evaluate_use(lic, product, version, now)
+    if decision is not None:
+        code, message = decision
+        raise SeatDenied(code, f"{source}: {message}")
+    return lic
+
+
+def verify_for_this_pc(path: Path, public_key: Ed25519PublicKey) -> License:
+    """The checks that do not depend on the product or the time: the signature, that the license is
+    single-user, and that it belongs to this PC (as the operating system reports it).
+
+    Raises:
+        LicenseError: LICENSE_INVALID (unreadable, tampered, multi-user), INVALID_HOSTNAME.
+        SeatDenied: HOST_NOT_LICENSED, naming both hosts.
     """
     source = os.fspath(path)
     try:
@@ -160,8 +182,4 @@ def check_license_file(path: Path, product: str, version: str, public_key: Ed255
             f"use this license on {lic.hostname} ({lic.ip}) only, or ask the vendor for a license issued to "
             f"this PC ({hostname})",
         )
-    decision = evaluate_use(lic, product, version, now if now is not None else datetime.now(UTC))
-    if decision is not None:
-        code, message = decision
-        raise SeatDenied(code, f"{source}: {message}")
     return lic

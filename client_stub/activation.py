@@ -1,0 +1,142 @@
+"""Activation of single-user (node-locked) licenses on this PC, recorded in the per-user data directory.
+
+The handbook's rule, as on the license server: a new license is activated with the admin utility
+(``lmclient activate LICENSE.lic``) or by itself 24 hours after it was issued. Until then a local
+checkout gets ``LICENSE_NOT_ACTIVATED``. Activation binds the license to this PC's fingerprint
+(:mod:`protocol.fingerprint`); a record whose fingerprint is another machine's (the user's data was copied
+to another PC) gives ``LICENSE_MOVED``.
+
+Records live in ``platformdirs.user_data_dir("lmgrd")/activations.json`` (``XDG_DATA_HOME`` moves it on
+Linux), written atomically. Imports ``protocol``, ``platformdirs`` and the standard library; never ``lmgrd``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from client_stub.errors import LicenseError, SeatDenied
+from protocol import ErrorCode
+from protocol.fingerprint import Fingerprint, this_fingerprint
+from protocol.license import License
+
+__all__ = ["AUTO_ACTIVATION_AFTER", "activate", "activation_path", "check_activation", "record_for"]
+
+AUTO_ACTIVATION_AFTER = timedelta(hours=24)
+FILE_NAME = "activations.json"
+
+
+def activation_path() -> Path:
+    """Where this user's single-user activations are recorded."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("lmgrd", appauthor=False)) / FILE_NAME
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise LicenseError(ErrorCode.CLIENT_CONFIG_INVALID,
+                           f"the activation record file {path} cannot be read: {exc}",
+                           f"repair or delete {path}, then run 'lmclient activate LICENSE.lic' again") from None
+    if not isinstance(data, dict):
+        raise LicenseError(ErrorCode.CLIENT_CONFIG_INVALID, f"{path} is not an activation record file",
+                           f"delete {path}, then run 'lmclient activate LICENSE.lic' again")
+    return data
+
+
+def record_for(customer_id: str, path: Path | None = None) -> dict[str, Any] | None:
+    rec = _load(path or activation_path()).get(customer_id)
+    return rec if isinstance(rec, dict) else None
+
+
+def _fingerprint_of(rec: dict[str, Any]) -> Fingerprint | None:
+    host, machine, macs = rec.get("host"), rec.get("machine"), rec.get("macs", [])
+    if not isinstance(host, str) or not isinstance(machine, str) or not isinstance(macs, list):
+        return None
+    return Fingerprint(host, machine, frozenset(m for m in macs if isinstance(m, str)))
+
+
+def _fmt(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def check_activation(lic: License, source: str, now: datetime, path: Path | None = None,
+                     fingerprint: Fingerprint | None = None) -> None:
+    """Raise unless ``lic`` is active on this PC: activated here, or issued 24 hours ago or more.
+
+    Raises:
+        SeatDenied: LICENSE_MOVED (activated on another machine) or LICENSE_NOT_ACTIVATED.
+    """
+    path = path or activation_path()
+    rec = record_for(lic.customer_id, path)
+    if rec is not None:
+        recorded = _fingerprint_of(rec)
+        here = fingerprint or this_fingerprint()
+        if recorded is not None and recorded.matches(here):
+            return
+        raise SeatDenied(
+            ErrorCode.LICENSE_MOVED,
+            f"{source} (customer ID {lic.customer_id}) was activated on another machine "
+            f"({rec.get('hostname', '?')}), and {path} was copied here: it does not run on this PC",
+            "a single-user license runs on the PC it was activated on; to move it, ask the vendor for a "
+            "reissued license for this PC",
+        )
+    auto = lic.issued_at + AUTO_ACTIVATION_AFTER
+    if now >= auto:
+        return
+    raise SeatDenied(
+        ErrorCode.LICENSE_NOT_ACTIVATED,
+        f"{source} (customer ID {lic.customer_id}) is not activated on this PC yet; it activates by itself "
+        f"at {_fmt(auto)} (24 hours after it was issued)",
+        f"run 'lmclient activate {source}' to activate it now",
+    )
+
+
+def activate(lic: License, now: datetime, path: Path | None = None,
+             fingerprint: Fingerprint | None = None, hostname: str = "") -> dict[str, Any]:
+    """Record ``lic`` as activated on this PC now (idempotent on the same PC); returns the record.
+
+    Raises:
+        SeatDenied: LICENSE_MOVED if it is already activated on another machine.
+        LicenseError: CLIENT_CONFIG_INVALID if the record file cannot be read or written.
+    """
+    path = path or activation_path()
+    here = fingerprint or this_fingerprint()
+    data = _load(path)
+    old = data.get(lic.customer_id)
+    if isinstance(old, dict):
+        recorded = _fingerprint_of(old)
+        if recorded is not None and recorded.matches(here):
+            return old
+        check_activation(lic, str(lic.customer_id), now, path, here)  # raises LICENSE_MOVED
+    rec = {"customer_id": lic.customer_id, "fingerprint": here.digest, "host": here.host,
+           "machine": here.machine, "macs": sorted(here.macs), "hostname": hostname,
+           "activated_at": now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "how": "lmclient activate"}
+    data[lic.customer_id] = rec
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".activations-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=2, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise LicenseError(ErrorCode.CLIENT_CONFIG_INVALID,
+                           f"cannot record the activation in {path}: {exc.strerror or exc}",
+                           "check that this user can write its data directory (XDG_DATA_HOME)") from None
+    return rec
