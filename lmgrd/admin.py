@@ -46,9 +46,15 @@ def runtime_dir() -> Path:
     env = os.environ.get("LMGRD_RUNTIME_DIR")
     if env:
         return Path(env)
+    import warnings
+
     import platformdirs
 
-    return Path(platformdirs.user_runtime_dir("lmgrd"))
+    with warnings.catch_warnings():
+        # Without XDG_RUNTIME_DIR (a service account, a container) platformdirs falls back to
+        # /tmp/runtime-UID and warns on every call; the daemon logs the token path it uses instead.
+        warnings.simplefilter("ignore")
+        return Path(platformdirs.user_runtime_dir("lmgrd"))
 
 
 def token_path(port: int, directory: Path | None = None) -> Path:
