@@ -172,19 +172,27 @@ def load_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
 _CONFIG_SOURCE: tuple[Path | None, dict[str, Any]] = (None, {})
 
 
-def reread_config(cfg: DaemonConfig) -> DaemonConfig:
+def reread_config(cfg: DaemonConfig) -> tuple[DaemonConfig, list[str]]:
     """The config as lmreread sees it: the file read again, the original flags still on top.
 
-    A config file that no longer validates is reported and the running config is kept.
+    A config file that no longer validates is reported (the problems are returned, for lmreread's answer)
+    and the running config is kept.
     """
     path, overrides = _CONFIG_SOURCE
     if path is None:
-        return cfg
+        return cfg, []
     try:
-        return build_config(load_config_file(path), overrides, str(path))
+        return build_config(load_config_file(path), overrides, str(path)), []
     except ConfigInvalid as exc:
         logger.error("reread: %s; keeping the running configuration", exc)
-        return cfg
+        return cfg, [f"{path}: {p}; the running configuration (policy included) is kept" for p in exc.problems]
+
+
+def reload_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
+    """What lmreread and SIGHUP load: the config file again, then every license, revocation and policy."""
+    new_cfg, problems = reread_config(cfg)
+    licensing, more = load_licensing(new_cfg)
+    return licensing, problems + more
 
 
 def run_check(cfg: DaemonConfig) -> int:
@@ -222,7 +230,7 @@ async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
     state = _state_dir(cfg)
     state.mkdir(parents=True, exist_ok=True)
     store = open_store(state)
-    server = Server(cfg, licensing, store, reload=lambda: load_licensing(reread_config(cfg)),
+    server = Server(cfg, licensing, store, reload=lambda: reload_licensing(cfg),
                     wall=daemon_wall_clock(clock_offset()))
     install_signal_handlers(server)
     from lmgrd.usage import attach_usage_log

@@ -186,8 +186,13 @@ def cmd_simple(name: str) -> CommandFn:
             print(json.dumps(data, indent=2, sort_keys=True))
         else:
             for k, v in data.items():
-                print(f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}")
-        return 0
+                if k == "problems" and isinstance(v, list):
+                    for prob in v:
+                        print(f"problem: {prob}")
+                else:
+                    print(f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}")
+        # lmreread: what was valid is served, but a refused file or config is the operator's to fix.
+        return 1 if data.get("problems") else 0
 
     return run
 

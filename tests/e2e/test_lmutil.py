@@ -84,6 +84,7 @@ def test_lmreread_reloads_without_dropping_leases_and_keeps_old_on_bad_file(
     # A broken file is refused with the reason and the old license keeps serving.
     lic.write_text(lic.read_text().replace("count=2", "count=99"))
     r = lmutil(d, "lmreread", "--json")
+    assert r.returncode == 1  # the operator's script sees the refusal
     out = json.loads(r.stdout)
     assert any("keeps serving" in p for p in out["problems"]) and any(str(lic) in p for p in out["problems"])
     assert isinstance(b.request(Checkout(b.id(), "CADPRO", "2.1", 0)), Granted)

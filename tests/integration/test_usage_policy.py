@@ -188,6 +188,8 @@ def test_lmreread_changes_the_policy_without_dropping_anyone(daemon_factory: Cal
     path.write_text(yaml.safe_dump(broken))
     r = subprocess.run([sys.executable, "-m", "lmgrd.lmutil", "lmreread", "-c", d.address],
                        capture_output=True, text=True, timeout=30, env=d.env())
+    assert r.returncode == 1, r.stdout + r.stderr  # the operator is told, not just the log
+    assert "policy.CADPRO.reserve[0].group: no group named 'nobody'" in r.stdout + r.stderr
     d.wait_for_log(r"policy\.CADPRO\.reserve\[0\]\.group: no group named 'nobody'")
     assert pool(lmstat(d), "CADPRO")["reserved"] == 1
     # Lifting the reservation gives the waiting gina the seat at once; held seats are untouched.
