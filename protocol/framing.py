@@ -54,6 +54,10 @@ def decode_body(body: bytes) -> dict[str, Any]:
         raise MalformedMessage(f"frame body is not valid msgpack: {exc}") from None
     if not isinstance(obj, dict):
         raise MalformedMessage(f"a message must be a msgpack map, got {type(obj).__name__}")
+    for key in obj:
+        if type(key) is not str:  # msgpack's strict_map_key still lets binary (bytes) keys through
+            raise MalformedMessage(f"frame body is not valid msgpack for this protocol: map key {key!r:.40} is "
+                                   f"{type(key).__name__}, keys must be strings")
     return obj
 
 
