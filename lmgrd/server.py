@@ -578,9 +578,8 @@ class Server:
             logger.info("OUT %s %s to %s lease %s (%d/%d in use, customer %s)", lease.pool[1], lease.version,
                         proto.who(), lease.token[:8], self.ledger.in_use(lease.pool),
                         self.licensing.count(lease.pool), lease.pool[0])
-        self._send(proto, encode_frame(Granted(
-            rid, lease.token, lease.pool[0], lease.pool[1], lease.version, self.lease_timeout,
-            self.hb_interval, waited).to_wire()))
+        self._send(proto, Granted.frame(rid, lease.token, lease.pool[0], lease.pool[1], lease.version,
+                                        self.lease_timeout, self.hb_interval, waited))
         if self.timer is None:
             self._arm()
 
@@ -657,7 +656,7 @@ class Server:
                 logger.info("IN %s %s from %s lease %s (%d/%d in use)", lease.pool[1], lease.version,
                             proto.who(), lease.token[:8], self.ledger.in_use(lease.pool),
                             self.licensing.count(lease.pool))
-        self._send(proto, encode_frame(CheckedIn(req.id, lease is not None).to_wire()))
+        self._send(proto, CheckedIn.frame(req.id, lease is not None))
         if served:
             self._serve_waiters(served)
 

@@ -9,6 +9,7 @@ quotes the offending value and says what to do.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -122,6 +123,7 @@ def _padded(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[tuple[int, ...], tu
     return a + (0,) * (width - len(a)), b + (0,) * (width - len(b))
 
 
+@functools.lru_cache(maxsize=4096)  # a site has a handful of versions; every checkout asks this
 def version_permitted(requested: str, permitted: str) -> bool:
     """True if ``requested`` <= ``permitted`` as dotted numbers, missing parts counting as 0.
 
