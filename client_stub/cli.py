@@ -16,6 +16,13 @@ Commands::
 ``-c SERVER`` (``PORT@HOST``, a comma-separated list, or a single-user license file) overrides the
 environment variable ``LM_LICENSE_SERVER``, which overrides the config file.
 
+``run`` passes SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH and SIGCONT (those the platform
+has) on to COMMAND. SIGINT is passed on unless lmclient is the foreground job of its terminal: then the
+terminal's Ctrl-C has already reached COMMAND (it runs in lmclient's process group), and passing it on would
+deliver it twice. If the seat is lost while COMMAND runs (the server says so, or no heartbeat got through
+for a whole lease timeout), lmclient warns on stderr, sends COMMAND SIGTERM (SIGKILL 10 s later if it is
+still running) and exits with 77 whatever COMMAND's own exit code was.
+
 Exit codes (``lmclient run`` returns COMMAND's own exit code once COMMAND has started):
 
 ====  =====================================================================================
@@ -65,8 +72,7 @@ EXIT_LOST = 77
 EXIT_CONFIG = 78  # EX_CONFIG
 #: Seconds between SIGTERM and SIGKILL when a lost seat ends COMMAND.
 KILL_GRACE = 10.0
-#: Signals ``run`` passes on to COMMAND. SIGINT is not among them: a terminal's Ctrl-C already reaches
-#: COMMAND (it runs in lmclient's process group), and passing it on would deliver it twice.
+#: Signals ``run`` always passes on to COMMAND. SIGINT is handled apart (:func:`_terminal_delivers_sigint`).
 FORWARDED = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH",
                                                 "SIGCONT") if hasattr(signal, n))
 
@@ -205,40 +211,48 @@ def cmd_run(ns: argparse.Namespace) -> int:
         return 2
     lost = threading.Event()
     child: list[subprocess.Popen[bytes]] = []
+    # Either on_lost sees the started child and stops it, or the main thread sees `lost` and does not start
+    # it (or stops it at once): never a COMMAND running on a seat already lost.
+    starting = threading.Lock()
 
     def on_lost(seat: Seat, error: LicenseLost) -> None:
         print(f"lmclient: the seat of {seat.product} was lost: {error.code}: {error.message}; stopping "
               f"{command[0]}", file=sys.stderr)
-        lost.set()
-        if child and child[0].poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                child[0].send_signal(signal.SIGTERM)
-            timer = threading.Timer(KILL_GRACE, _kill_if_running, (child[0],))
-            timer.daemon = True
-            timer.start()
+        with starting:
+            lost.set()
+            if child:
+                _stop(child[0])
 
     with _client(ns, on_lost=on_lost) as lm:
         seat = lm.checkout(ns.product, ns.version, ns.wait)
         if not ns.quiet:
             print(f"lmclient: {_describe(seat)}; running {command[0]}", file=sys.stderr)
         previous: dict[int, Any] = {}
-        try:
-            proc = subprocess.Popen(command)
-        except FileNotFoundError:
-            print(f"lmclient run: command not found: {command[0]}", file=sys.stderr)
-            seat.checkin()
-            return 127
-        except PermissionError:
-            print(f"lmclient run: cannot execute {command[0]}: permission denied", file=sys.stderr)
-            seat.checkin()
-            return 126
-        child.append(proc)
+        with starting:
+            if lost.is_set():
+                return EXIT_LOST  # lost between the grant and here: COMMAND is not started
+            try:
+                proc = subprocess.Popen(command)
+            except FileNotFoundError:
+                print(f"lmclient run: command not found: {command[0]}", file=sys.stderr)
+                seat.checkin()
+                return 127
+            except PermissionError:
+                print(f"lmclient run: cannot execute {command[0]}: permission denied", file=sys.stderr)
+                seat.checkin()
+                return 126
+            child.append(proc)
         forward: Callable[[int, Any], None] = lambda signum, frame: _send(proc, signum)  # noqa: E731
         for sig in FORWARDED:
             with contextlib.suppress(OSError, ValueError):
                 previous[sig] = signal.signal(sig, forward)
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if not _terminal_delivers_sigint(proc):
+                _send(proc, signum)
+
         with contextlib.suppress(OSError, ValueError):
-            previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
         try:
             code = proc.wait()
         finally:
@@ -255,6 +269,35 @@ def cmd_run(ns: argparse.Namespace) -> int:
 def _send(proc: subprocess.Popen[bytes], signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         proc.send_signal(signum)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM now, SIGKILL after :data:`KILL_GRACE` seconds if it is still running."""
+    if proc.poll() is not None:
+        return
+    _send(proc, signal.SIGTERM)
+    timer = threading.Timer(KILL_GRACE, _kill_if_running, (proc,))
+    timer.daemon = True
+    timer.start()
+
+
+def _terminal_delivers_sigint(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether a SIGINT lmclient got has reached COMMAND already: lmclient is the foreground job of its
+    controlling terminal (so the SIGINT is most likely the terminal's Ctrl-C, sent to the whole process group)
+    and COMMAND is still in lmclient's process group. Without a terminal (a service, a batch system,
+    ``kill -INT`` from a script run under ``setsid``) the SIGINT was meant for lmclient alone and is passed on."""
+    if sys.platform == "win32":  # pragma: no cover - a console's Ctrl-C reaches every attached process
+        return True
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False  # no controlling terminal
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp() == os.getpgid(proc.pid)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _kill_if_running(proc: subprocess.Popen[bytes]) -> None:
@@ -318,6 +361,28 @@ COMMAND's exit code (128+N if a signal N killed it; 126/127 if it cannot be star
 """
 
 
+RUN_EPILOG = f"""\
+examples:
+  lmclient run CADPRO --version 2.1 -- cadpro --batch job.dat
+  lmclient run CADPRO --version 2.1 --wait 600 -c 27000@licsrv01 -- ./solver -n 8
+
+COMMAND starts only once the seat is granted; heartbeats keep the seat while it runs, and the seat is checked
+in when COMMAND ends or is killed. SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH and SIGCONT are passed
+on to COMMAND, and SIGINT too unless lmclient is the terminal's foreground job (then Ctrl-C reaches COMMAND
+directly). If the seat is lost while COMMAND runs, COMMAND gets SIGTERM (SIGKILL {KILL_GRACE:g} s later).
+
+exit codes:
+  0..      COMMAND's own exit code once it has started
+  128+N    COMMAND was killed by signal N (as shells report it)
+  {EXIT_DENIED}       no seat: the checkout was refused; COMMAND not started
+  {EXIT_UNREACHABLE}       no license server could be reached; COMMAND not started
+  {EXIT_LOST}       the seat was lost while COMMAND ran (COMMAND was stopped)
+  {EXIT_CONFIG}       configuration or license file problem; COMMAND not started
+  126/127  COMMAND cannot be executed / was not found
+  2        usage error
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmclient", description="The lmgrd client utility: point this PC at the "
                                 "license server, test it, check seats out, and license-gate any command.",
@@ -346,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, fn, text in (("checkout", cmd_checkout, "check out a seat, print the grant, check it in"),
                            ("run", cmd_run, "hold a seat while COMMAND runs; exit with COMMAND's exit code")):
-        sp = sub.add_parser(name, help=text, description=text)
+        sp = sub.add_parser(name, help=text, description=text, epilog=RUN_EPILOG if name == "run" else None,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
         server_opt(sp)
         sp.add_argument("product", metavar="PRODUCT")
         sp.add_argument("--version", required=True, metavar="V", help="the product's version (dotted, e.g. 2.1)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from harness import Daemon, RawClient, write_license
 
-from client_stub.cli import EXIT_CONFIG, EXIT_DENIED, EXIT_UNREACHABLE
+from client_stub.cli import EXIT_CONFIG, EXIT_DENIED, EXIT_LOST, EXIT_UNREACHABLE
 from protocol import Checkout, Granted
 
 PY = sys.executable
@@ -134,10 +135,20 @@ def test_run_without_a_seat_does_not_start_the_command(daemon_factory: Callable[
     assert not marker.exists()
 
 
-def _start_run(d: Daemon, env: dict[str, str], script: str) -> subprocess.Popen[bytes]:
+def _start_run(d: Daemon, env: dict[str, str], script: str, **kw: Any) -> subprocess.Popen[bytes]:
+    kw.setdefault("stderr", subprocess.DEVNULL)
     return subprocess.Popen([PY, "-m", "client_stub.cli", "run", "CADPRO", "--version", "2.1", "-c", d.address,
-                             "--", PY, "-c", script], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                             "--", PY, "-c", script], env=env, stdout=subprocess.DEVNULL, **kw)
+
+
+def _signal_script(signame: str, got: Path, ready: Path, code: int) -> str:
+    """A child that reports readiness, then on ``signame`` writes the signal number to ``got`` and exits."""
+    return ("import signal, sys, time\n"
+            "def handler(signum, frame):\n"
+            f"    open(r'{got}', 'w').write(str(signum)); sys.exit({code})\n"
+            f"signal.signal(signal.{signame}, handler)\n"
+            f"open(r'{ready}', 'w').write('ok')\n"
+            "time.sleep(60)\n")
 
 
 def test_run_forwards_sigterm_and_frees_the_seat(daemon_factory: Callable[..., Daemon], env: dict[str, str],
@@ -159,8 +170,109 @@ def test_run_forwards_sigterm_and_frees_the_seat(daemon_factory: Callable[..., D
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(10)
     assert got.read_text() == str(int(signal.SIGTERM))
     assert in_use(d) == 0
+
+
+def test_run_without_a_terminal_forwards_sigint(daemon_factory: Callable[..., Daemon], env: dict[str, str],
+                                               tmp_path: Path) -> None:
+    """Started in a session of its own (no controlling terminal, as under a service manager), a SIGINT sent to
+    lmclient alone is meant for COMMAND: it is passed on, and lmclient exits with COMMAND's code."""
+    d = daemon_factory((("CADPRO", "2.1", 1),))
+    ready, got = tmp_path / "ready", tmp_path / "got-int"
+    proc = _start_run(d, env, _signal_script("SIGINT", got, ready, 43), start_new_session=True)
+    try:
+        wait_for(ready.exists)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 43
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert got.read_text() == str(int(signal.SIGINT))
+    assert in_use(d) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_run_on_a_terminal_ctrl_c_reaches_the_command_once(daemon_factory: Callable[..., Daemon],
+                                                            env: dict[str, str], tmp_path: Path) -> None:
+    """lmclient the foreground job of a terminal: Ctrl-C reaches COMMAND straight from the terminal, and lmclient
+    does not pass it on a second time."""
+    import pty
+    import select
+
+    d = daemon_factory((("CADPRO", "2.1", 1),))
+    ready, count = tmp_path / "ready", tmp_path / "count"
+    script = ("import signal, sys, time\n"
+              "n = 0\n"
+              "def handler(signum, frame):\n"
+              "    global n\n"
+              "    n += 1\n"
+              "signal.signal(signal.SIGINT, handler)\n"
+              f"open(r'{ready}', 'w').write('ok')\n"
+              "deadline = time.monotonic() + 30\n"
+              "while n == 0 and time.monotonic() < deadline:\n"
+              "    time.sleep(0.05)\n"
+              "time.sleep(1.0)  # time for a second, forwarded SIGINT to arrive\n"
+              f"open(r'{count}', 'w').write(str(n))\n"
+              "sys.exit(5)\n")
+    argv = [PY, "-m", "client_stub.cli", "run", "CADPRO", "--version", "2.1", "-c", d.address, "--", PY, "-c", script]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: session leader with the pty as its controlling terminal, foreground job
+        try:
+            os.execve(PY, argv, env)
+        finally:
+            os._exit(127)
+    status = None
+    try:
+        wait_for(ready.exists)
+        os.write(fd, b"\x03")  # Ctrl-C: the terminal sends SIGINT to its foreground process group
+        deadline = time.monotonic() + 20
+        while status is None and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.1)[0]:
+                with contextlib.suppress(OSError):
+                    os.read(fd, 4096)  # keep the terminal drained
+            done, st = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = st
+    finally:
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    assert status is not None, "lmclient did not end after Ctrl-C"
+    assert os.waitstatus_to_exitcode(status) == 5
+    assert count.read_text() == "1"
+    assert in_use(d) == 0
+
+
+def test_run_whose_seat_is_lost_stops_the_command(daemon_factory: Callable[..., Daemon], env: dict[str, str],
+                                                  tmp_path: Path) -> None:
+    """An admin removes the seat (lmutil lmremove): at its next heartbeat lmclient learns the seat is gone,
+    says so, sends COMMAND SIGTERM and exits with EXIT_LOST, whatever COMMAND's own exit code."""
+    d = daemon_factory((("CADPRO", "2.1", 1),))  # heartbeat every 1 s
+    ready, got = tmp_path / "ready", tmp_path / "got-term"
+    proc = _start_run(d, env, _signal_script("SIGTERM", got, ready, 0), stderr=subprocess.PIPE)
+    try:
+        wait_for(ready.exists)
+        st = subprocess.run([PY, "-m", "lmgrd.lmutil", "lmstat", "-a", "--json", "-c", d.address],
+                            capture_output=True, text=True, timeout=30, env=d.env())
+        assert st.returncode == 0, st.stderr
+        (lease,) = json.loads(st.stdout)["leases"]
+        rm = subprocess.run([PY, "-m", "lmgrd.lmutil", "lmremove", "--token", lease["token"][:8], "-c", d.address],
+                            capture_output=True, text=True, timeout=30, env=d.env())
+        assert rm.returncode == 0, rm.stderr
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+            proc.wait(10)
+    assert proc.returncode == EXIT_LOST, err
+    assert got.read_text() == str(int(signal.SIGTERM))
+    text = err.decode()
+    assert "the seat of CADPRO was lost: SEAT_REMOVED" in text and "stopping" in text
 
 
 def test_run_whose_child_is_killed_reports_128_plus_the_signal_and_frees_the_seat(
@@ -176,6 +288,7 @@ def test_run_whose_child_is_killed_reports_128_plus_the_signal_and_frees_the_sea
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(10)
     assert in_use(d) == 0
 
 

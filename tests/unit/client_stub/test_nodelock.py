@@ -12,17 +12,20 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from harness import HOSTNAME, write_keys, write_license
 
-from client_stub import AsyncLicenseClient, LicenseClient, LicenseError, SeatDenied
+from client_stub import AsyncLicenseClient, LicenseClient, LicenseError, SeatDenied, activation, cli
 from client_stub.nodelock import check_license_file, load_vendor_key
 from protocol import ErrorCode
+from protocol.fingerprint import Fingerprint
 
 Vendor = tuple[Ed25519PrivateKey, Path]
 
 
 @pytest.fixture(autouse=True)
-def _no_ambient_key(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_ambient_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("LM_VENDOR_KEY", raising=False)
     monkeypatch.delenv("LM_LICENSE_SERVER", raising=False)
+    # Activation records go to this test's own data directory, never the user's.
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
 
 
 @pytest.fixture
@@ -206,3 +209,68 @@ def test_this_machine_reports_the_os_view() -> None:
     host, addresses = this_machine()
     assert host == socket.gethostname()
     assert "127.0.0.1" in addresses
+
+
+# --------------------------------------------------------------------------- single-user activation
+def test_a_fresh_license_is_refused_until_24_hours_after_issue(tmp_path: Path, vendor: Vendor) -> None:
+    key, pub = vendor
+    issued = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    lic = single(tmp_path, key, issued_at=issued)
+    err = refusal(lic, pub)
+    assert isinstance(err, SeatDenied) and err.code is ErrorCode.LICENSE_NOT_ACTIVATED
+    auto = issued + timedelta(hours=24)
+    assert f"activates by itself at {auto:%Y-%m-%d %H:%M:%S} UTC" in err.message
+    assert f"lmclient activate {lic}" in err.hint
+    # The injected clock decides the 24 hours: a second short is still refused, the moment itself is not.
+    pk = load_vendor_key(str(pub))
+    with pytest.raises(SeatDenied) as info:
+        check_license_file(lic, "CADPRO", "2.1", pk, now=auto - timedelta(seconds=1))
+    assert info.value.code is ErrorCode.LICENSE_NOT_ACTIVATED
+    assert check_license_file(lic, "CADPRO", "2.1", pk, now=auto).customer_id.startswith("CID-")
+    assert not activation.activation_path().exists()  # time passing records nothing
+
+
+def test_lmclient_activate_records_the_activation_in_the_user_data_dir(
+        tmp_path: Path, vendor: Vendor, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    key, pub = vendor
+    lic = single(tmp_path, key, issued_at=datetime.now(UTC))
+    assert cli.main(["activate", str(lic), "--vendor-key", str(pub)]) == 0, capsys.readouterr().err
+    record = tmp_path / "data" / "lmgrd" / "activations.json"  # XDG_DATA_HOME/lmgrd
+    assert activation.activation_path() == record and str(record) in capsys.readouterr().out
+    with LicenseClient(str(lic), vendor_key=pub) as lm:
+        lm.checkout("CADPRO", "2.1").checkin()
+    # Another data directory (another user, or XDG_DATA_HOME moved) holds no activation.
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "elsewhere"))
+    assert refusal(lic, pub).code is ErrorCode.LICENSE_NOT_ACTIVATED
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    with LicenseClient(str(lic), vendor_key=pub) as lm:
+        lm.checkout("CADPRO", "2.1").checkin()
+
+
+def test_an_activation_recorded_on_another_machine_is_license_moved(tmp_path: Path, vendor: Vendor) -> None:
+    key, pub = vendor
+    path = tmp_path / "pc.lic"
+    lic = write_license(path, key, (("CADPRO", "2.1", 1),), license_type="single", issued_at=datetime.now(UTC))
+    other = Fingerprint.of("otherpc", "0123456789abcdef", ["02:00:00:00:00:01"])
+    activation.activate(lic, datetime.now(UTC), fingerprint=other, hostname="otherpc")
+    pk = load_vendor_key(str(pub))
+    for now in (None, lic.issued_at + timedelta(days=30)):  # not even the 24 hours help a moved license
+        with pytest.raises(SeatDenied) as info:
+            check_license_file(path, "CADPRO", "2.1", pk, now=now)
+        assert info.value.code is ErrorCode.LICENSE_MOVED and "otherpc" in info.value.message
+    # Activating here does not overwrite the other machine's record.
+    assert cli.main(["activate", str(path), "--vendor-key", str(pub)]) == cli.EXIT_DENIED
+
+
+def test_activation_comes_after_the_host_and_before_expiry(tmp_path: Path, vendor: Vendor) -> None:
+    key, pub = vendor
+    fresh = datetime.now(UTC)
+    foreign = single(tmp_path, key, name="foreign.lic", hostname="otherpc", issued_at=fresh)
+    assert refusal(foreign, pub).code is ErrorCode.HOST_NOT_LICENSED
+    assert cli.main(["activate", str(foreign), "--vendor-key", str(pub)]) == cli.EXIT_DENIED
+    assert not activation.activation_path().exists()  # a refused license is never recorded
+    expired = single(tmp_path, key, name="expired.lic", issued_at=fresh, expires=date.today() - timedelta(days=2))
+    assert refusal(expired, pub).code is ErrorCode.LICENSE_NOT_ACTIVATED
+    assert cli.main(["activate", str(expired), "--vendor-key", str(pub)]) == 0
+    assert refusal(expired, pub).code is ErrorCode.LICENSE_EXPIRED
+    assert refusal(expired, pub, product="OTHER").code is ErrorCode.LICENSE_EXPIRED
