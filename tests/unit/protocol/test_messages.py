@@ -69,11 +69,11 @@ def test_heartbeat_idle_for_is_sent_only_when_set() -> None:
 
 
 ids = st.integers(0, 2**63 - 1)
-names = st.text(min_size=1, max_size=MAX_TEXT)
 
 
 @given(st.one_of(
-    st.builds(Checkout, ids, names, st.text(min_size=1, max_size=32), st.floats(0, MAX_WAIT_SECONDS)),
+    st.builds(Checkout, ids, st.text(min_size=1, max_size=64), st.text(min_size=1, max_size=32),
+              st.floats(0, MAX_WAIT_SECONDS)),
     st.builds(Heartbeat, ids, st.booleans(), st.floats(0, 1e6)),
     st.builds(Checkin, ids, st.text(max_size=64)),
     st.builds(Resume, ids, st.lists(st.text(max_size=64), max_size=20).map(tuple)),
