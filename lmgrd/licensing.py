@@ -98,6 +98,7 @@ class Licensing:
             for name in ref.products:
                 self._refused_by_product.setdefault(name, ref)
         self._all_products = ", ".join(sorted(self._by_product)) or "none"
+        self._customer_of: dict[str, str] | None = None
 
     def pools(self) -> dict[PoolKey, int]:
         return self._pools
@@ -107,6 +108,20 @@ class Licensing:
 
     def license_for(self, pool: PoolKey) -> License | None:
         return self._lic_by_pool.get(pool)
+
+    def customer_of(self, product: str) -> str | None:
+        """For labels and logs of a denial: ``None`` when no license (served or refused, say revoked) names
+        ``product``; else the customer ID when exactly one license has it, ``""`` when several do.
+        Built once per (re)load: a Licensing is never changed after it is made."""
+        if self._customer_of is None:
+            owners: dict[str, set[str]] = {}
+            for cid, name in self._pools:
+                owners.setdefault(name, set()).add(cid)
+            for ref in self.refused:
+                for name in ref.products:
+                    owners.setdefault(name, set()).add(ref.customer_id)
+            self._customer_of = {name: next(iter(c)) if len(c) == 1 else "" for name, c in owners.items()}
+        return self._customer_of.get(product)
 
     def refusals(self) -> list[dict[str, Any]]:
         return [r.to_wire() for r in self.refused]

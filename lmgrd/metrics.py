@@ -162,8 +162,6 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.timer = RequestTimer()
         self.recent_denials: deque[Denial] = deque(maxlen=RECENT_DENIALS)
-        self._product_customer: dict[str, str] = {}
-        self._product_customer_of: object = None
         self._primed_of: object = None
         # Plain dicts, not prometheus_client Counters: bumped on the loop thread only, no lock, no _created
         # series; exported by StateCollector. Keys are label values in label order.
@@ -200,17 +198,7 @@ class Metrics:
     def _customer_of(self, product: str) -> str | None:
         """None when no license (served or refused) names ``product``; else the customer ID when exactly one
         license has it, "" when several do."""
-        lic = self.server.licensing
-        if self._product_customer_of is not lic:
-            owners: dict[str, set[str]] = {}
-            for cid, name in lic.pools():
-                owners.setdefault(name, set()).add(cid)
-            for ref in lic.refused:
-                for name in ref.products:
-                    owners.setdefault(name, set()).add(ref.customer_id)
-            self._product_customer = {name: next(iter(c)) if len(c) == 1 else "" for name, c in owners.items()}
-            self._product_customer_of = lic
-        return self._product_customer.get(product)
+        return self.server.licensing.customer_of(product)
 
     def prime(self) -> None:
         """Create the counter series of every licensed pool at 0, so rate() works from the first event."""

@@ -83,8 +83,6 @@ class UsageLog:
         self._file: IO[bytes] | None = None
         self._size = 0
         self._error_logged = False
-        self._owners: dict[str, str] = {}
-        self._owners_of: object = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._open()  # fail at start, in the daemon's log, if the file cannot be opened
         self._thread = threading.Thread(target=self._run, name="lmgrd-usage-log", daemon=True)
@@ -134,16 +132,7 @@ class UsageLog:
         lic = self.server.licensing if self.server is not None else None
         if lic is None:
             return ""
-        if self._owners_of is not lic:  # rebuilt once per license (re)load, not per denial
-            owners: dict[str, set[str]] = {}
-            for cid, name in lic.pools():
-                owners.setdefault(name, set()).add(cid)
-            for ref in lic.refused:
-                for name in ref.products:
-                    owners.setdefault(name, set()).add(ref.customer_id)
-            self._owners = {name: next(iter(c)) if len(c) == 1 else "" for name, c in owners.items()}
-            self._owners_of = lic
-        return self._owners.get(product, "")
+        return lic.customer_of(product) or ""
 
     def on_shutdown(self) -> None:
         self.close()
