@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from lmgrd import LmgrdError, __version__
-from lmgrd.activation import Activations, auto_activation_at, clock_offset, daemon_wall_clock
 from lmgrd.config import (
     DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
     DEFAULT_PORT,
@@ -27,11 +26,12 @@ from lmgrd.config import (
     build_config,
     load_config_file,
 )
-from lmgrd.license import license_problems_for_daemon, read_license_file, read_public_key_file, this_host
-from lmgrd.licensing import Licensing, Refusal
-from lmgrd.policy import parse_policy
-from lmgrd.revocations import load_revocations, revocation_reason
-from lmgrd.site import parse_networks
+from lmgrd.core.activation import Activations, auto_activation_at, clock_offset, daemon_wall_clock
+from lmgrd.core.licensing import Licensing, Refusal
+from lmgrd.core.policy import parse_policy
+from lmgrd.core.site import parse_networks
+from lmgrd.daemon.revocations import load_revocations, revocation_reason
+from lmgrd.storage.files import license_problems_for_daemon, read_license_file, read_public_key_file, this_host
 from protocol.errors import ErrorCode, ProtocolError
 
 logger = logging.getLogger("lmgrd")
@@ -224,8 +224,8 @@ def _state_dir(cfg: DaemonConfig) -> Path:
 
 
 async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
-    from lmgrd.server import Server, install_signal_handlers
-    from lmgrd.store import open_store
+    from lmgrd.daemon.server import Server, install_signal_handlers
+    from lmgrd.storage.journal import open_store
 
     state = _state_dir(cfg)
     state.mkdir(parents=True, exist_ok=True)
@@ -233,7 +233,7 @@ async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
     server = Server(cfg, licensing, store, reload=lambda: reload_licensing(cfg),
                     wall=daemon_wall_clock(clock_offset()))
     install_signal_handlers(server)
-    from lmgrd.usage import attach_usage_log
+    from lmgrd.monitoring.usage import attach_usage_log
 
     attach_usage_log(server)  # flushed by the server's shutdown (on_shutdown)
     try:
@@ -242,7 +242,7 @@ async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
         store.close()
         raise LmgrdError(f"cannot listen on port {cfg.port}: {exc.strerror or exc}; is another lmgrd running? "
                          "choose another --port") from None
-    from lmgrd.http import start_monitoring
+    from lmgrd.monitoring.http import start_monitoring
 
     monitor = await start_monitoring(server, cfg)
     await server.stopped.wait()
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             return runner.run(serve(cfg, licensing))
     except LmgrdError as exc:
         logger.error("%s", exc)
-        from lmgrd.store import StoreLocked
+        from lmgrd.storage.journal import StoreLocked
 
         return 3 if isinstance(exc, StoreLocked) else 1
     except KeyboardInterrupt:

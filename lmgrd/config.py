@@ -55,12 +55,12 @@ class DaemonConfig:
     shutdown_timeout: float = 4.0
     log_level: str = "info"
     admin_token_file: Path | None = None  # None = runtime dir / admin-PORT.token
-    # Monitoring (lmgrd.http, lmgrd.metrics): 0 turns the port off, "auto" picks a free port and logs it.
+    # Monitoring (lmgrd.monitoring): 0 turns the port off, "auto" picks a free port and logs it.
     metrics_port: int | Literal["auto"] = DEFAULT_METRICS_PORT
     metrics_bind: str | None = None  # None = the same address as ``bind``
     metrics_textfile: Path | None = None  # write the metrics dump here for node_exporter's textfile collector
     metrics_textfile_interval: float = 15.0
-    # Usage log (lmgrd.usage): JSON lines for lmutil report, rotated at max_bytes into usage_log.1 .. .N.
+    # Usage log (lmgrd.monitoring.usage): JSON lines for lmutil report, rotated at max_bytes into usage_log.1 .. .N.
     usage_log: Path | None = None
     usage_log_max_bytes: int = 10 * 1024 * 1024
     usage_log_backups: int = 5
@@ -166,11 +166,11 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
     elif revs or overrides.get("revocations"):
         extra["revocations"] = [*revs, *(overrides.get("revocations") or [])]
     if extra.keys() & {"policy", "groups", "host_groups"}:
-        from lmgrd.policy import parse_policy
+        from lmgrd.core.policy import parse_policy
 
         problems.extend(parse_policy(extra)[1])
     if "site_networks" in extra:
-        from lmgrd.site import site_networks_problems
+        from lmgrd.core.site import site_networks_problems
 
         problems.extend(site_networks_problems(extra["site_networks"]))
     cfg = replace(DaemonConfig(), **out, extra=extra)

@@ -1,4 +1,4 @@
-"""``lmutil report``: how many seats should we buy? Read from the daemon's usage log (:mod:`lmgrd.usage`).
+"""``lmutil report``: how many seats should we buy? Read from the daemon's usage log (:mod:`lmgrd.monitoring.usage`).
 
 Runs on the log files alone (plain, rotated ``.1`` .. ``.N`` or gzip-compressed ``.gz``), with no connection
 to a daemon. For each pool (customer ID and product) over the period (``--since`` .. ``--until``, default the

@@ -1,6 +1,6 @@
 """This machine's fingerprint: short hostname, a stable machine id and MAC addresses, each hashed.
 
-Shared by the license server (``lmgrd.activation``, ``lmutil activate``) and the client stub (single-user
+Shared by the license server (``lmgrd.core.activation``, ``lmutil activate``) and the client stub (single-user
 ``lmclient activate``), so both bind an activation to a machine the same way. Pure computation plus reading
 what the operating system reports (``/etc/machine-id``, the Windows MachineGuid, interface addresses via
 psutil); no sockets, no asyncio.

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from harness import HOSTNAME, Daemon, RawClient, write_license
 
-from lmgrd.activation import ACTIVATIONS_FILE, CLOCK_OFFSET_ENV
+from lmgrd.core.activation import ACTIVATIONS_FILE, CLOCK_OFFSET_ENV
 from protocol import Checkout, ErrorCode, ErrorReply, Granted, Heartbeat, HeartbeatAck
 from protocol.license import load_private_key
 

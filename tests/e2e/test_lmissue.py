@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lmgrd.license import read_license_file, read_public_key_file, read_revocation_file
+from lmgrd.storage.files import read_license_file, read_public_key_file, read_revocation_file
 
 LMISSUE = Path(sys.executable).with_name("lmissue")
 CID_RE = re.compile(r"CID-[A-Z2-7]{4}-[A-Z2-7]{4}-[A-Z2-7]{4}-[A-Z2-7]{4}")

@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from harness import HOSTNAME, Daemon, RawClient, write_license
 
-from lmgrd.usage import UsageLog
+from lmgrd.monitoring.usage import UsageLog
 from protocol import Checkin, Checkout, ErrorReply, Granted
 from protocol.license import Revocation, sign_revocation
 
@@ -173,7 +173,7 @@ def test_a_stalled_disk_drops_and_counts_events_without_blocking(tmp_path: Path,
             _event(log, i)
         assert log.dropped > 0
         dropped = log.dropped
-        with caplog.at_level(logging.WARNING, logger="lmgrd.usage"):
+        with caplog.at_level(logging.WARNING, logger="lmgrd.monitoring.usage"):
             data = b""
             deadline = time.monotonic() + 20
             log_closed = False

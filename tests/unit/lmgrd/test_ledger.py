@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from lmgrd.ledger import (
+from lmgrd.core.ledger import (
     LeaseInfo,
     LeaseRecord,
     Ledger,

@@ -19,8 +19,8 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from lmgrd.ledger import LeaseInfo, Ledger, PoolKey, ShareMode, Waiter, share_key_for
-from lmgrd.store import JournalStore, read_journal
+from lmgrd.core.ledger import LeaseInfo, Ledger, PoolKey, ShareMode, Waiter, share_key_for
+from lmgrd.storage.journal import JournalStore, read_journal
 
 T = 10.0  # lease timeout
 MODES: dict[PoolKey, ShareMode] = {

@@ -1,4 +1,4 @@
-"""lmgrd.license: reading license, revocation and key files from disk; this host's identity."""
+"""lmgrd.storage.files: reading license, revocation and key files from disk; this host's identity."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from lmgrd.license import (
+from lmgrd.storage.files import (
     HostIdentity,
     license_problems_for_daemon,
     read_license_file,
@@ -34,7 +34,7 @@ from protocol.license import (
 )
 
 KEY = Ed25519PrivateKey.generate()
-DEMO_DIR = Path(__file__).resolve().parents[3] / "lmgrd" / "demo"
+DEMO_DIR = Path(__file__).resolve().parents[3] / "lmgrd" / "vendor" / "demo_keys"
 
 
 def make_license(hostname: str = "licsrv01", ip: str = "192.0.2.10", license_type: str = "multi") -> License:

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from lmgrd import LmgrdError
-from lmgrd.activation import ACTIVATIONS_FILE, Activations, Fingerprint, clock_offset, this_fingerprint
 from lmgrd.config import ConfigInvalid, build_config
-from lmgrd.licensing import Licensing
-from lmgrd.site import Site, site_networks_problems
+from lmgrd.core.activation import ACTIVATIONS_FILE, Activations, Fingerprint, clock_offset, this_fingerprint
+from lmgrd.core.licensing import Licensing
+from lmgrd.core.site import Site, site_networks_problems
 from protocol.errors import ErrorCode
 from protocol.license import License, Product, new_customer_id
 

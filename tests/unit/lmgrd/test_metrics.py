@@ -1,5 +1,5 @@
-"""lmgrd.metrics and lmgrd.http without a subprocess: a real Server on this test's loop, real sockets on
-127.0.0.1, a fresh CollectorRegistry per test, values read with ``registry.get_sample_value``."""
+"""lmgrd.monitoring.metrics and lmgrd.monitoring.http without a subprocess: a real Server on this test's loop, real
+sockets on 127.0.0.1, a fresh CollectorRegistry per test, values read with ``registry.get_sample_value``."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lmgrd.cli import load_licensing
 from lmgrd.config import ConfigInvalid, DaemonConfig, build_config
-from lmgrd.http import health, render_status
-from lmgrd.metrics import Denial, Metrics, TextfileWriter, attach, write_atomic
-from lmgrd.server import Server
-from lmgrd.store import open_store
+from lmgrd.daemon.server import Server
+from lmgrd.monitoring.http import health, render_status
+from lmgrd.monitoring.metrics import Denial, Metrics, TextfileWriter, attach, write_atomic
+from lmgrd.storage.journal import open_store
 from protocol import Checkin, Checkout, ClientConnection, ErrorCode, ErrorReply, Granted, Hello, Reply, Welcome
 
 ALLOWED_LABELS = {"customer_id", "product", "state", "result", "reason", "op", "le", "version", "python"}

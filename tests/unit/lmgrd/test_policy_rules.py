@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from lmgrd.ledger import LeaseInfo, LeaseRecord, Ledger, PoolKey, ShareMode, Waiter, share_key_for
-from lmgrd.policy import MIN_IDLE_TIMEOUT, ProductPolicy, parse_policy
+from lmgrd.core.ledger import LeaseInfo, LeaseRecord, Ledger, PoolKey, ShareMode, Waiter, share_key_for
+from lmgrd.core.policy import MIN_IDLE_TIMEOUT, ProductPolicy, parse_policy
 
 POOL: PoolKey = ("C1", "CADPRO")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lmgrd.store import (
+from lmgrd.storage.journal import (
     JOURNAL_NAME,
     LOCK_NAME,
     MAGIC,
@@ -95,7 +95,7 @@ def test_flush_survives_sigkill_and_unflushed_records_do_not(tmp_path: Path) -> 
     child = run_child(
         """
         import os, signal, sys
-        from lmgrd.store import JournalStore, LeaseRecord
+        from lmgrd.storage.journal import JournalStore, LeaseRecord
         r = lambda i: LeaseRecord(f"tok{i}", "C1", "CAD", ("u", "h"), "u", "h", 1, "1", ":0", 0.0)
         store = JournalStore(sys.argv[1])
         store.record_grant(r(1)); store.record_grant(r(2)); store.flush()
@@ -124,7 +124,7 @@ def test_a_torn_tail_is_cut_with_a_warning(tmp_path: Path, cut: int, caplog: pyt
     whole = path.read_bytes()
     torn = whole[: good + cut] if cut > 0 else whole[:-1]
     path.write_bytes(torn)
-    with caplog.at_level(logging.WARNING, logger="lmgrd.store"), JournalStore(tmp_path) as store:
+    with caplog.at_level(logging.WARNING, logger="lmgrd.storage.journal"), JournalStore(tmp_path) as store:
         assert store.load() == live
         assert path.stat().st_size == good
         store.record_grant(rec(10))  # appending after the cut works
@@ -250,7 +250,7 @@ def test_a_compaction_file_left_by_a_crash_is_discarded(tmp_path: Path, tmp_stat
 
 CRASHING_COMPACTION = """
     import os, signal, sys
-    import lmgrd.store as store_mod
+    import lmgrd.storage.journal as store_mod
 
     real_os = os
     crash_at = int(sys.argv[2])
@@ -339,7 +339,7 @@ def test_a_failed_write_is_cut_back_and_stays_buffered(tmp_path: Path) -> None:
     child = run_child(
         """
         import os, resource, signal, sys
-        from lmgrd.store import JournalStore, LeaseRecord, StoreError, read_journal
+        from lmgrd.storage.journal import JournalStore, LeaseRecord, StoreError, read_journal
         r = lambda i: LeaseRecord(f"tok{i}", "C1", "CAD", ("u", "h"), "u", "h", 1, "1", "x" * 200, 0.0)
         store = JournalStore(sys.argv[1])
         store.record_grant(r(1)); store.flush()
@@ -387,7 +387,7 @@ def test_a_second_store_on_the_same_dir_is_refused(tmp_path: Path) -> None:
 def test_another_process_is_refused_until_the_holder_dies(tmp_path: Path) -> None:
     attempt = """
         import sys
-        from lmgrd.store import JournalStore, StoreLocked
+        from lmgrd.storage.journal import JournalStore, StoreLocked
         try:
             JournalStore(sys.argv[1]).close()
         except StoreLocked as exc:
@@ -396,7 +396,8 @@ def test_another_process_is_refused_until_the_holder_dies(tmp_path: Path) -> Non
         print("opened")
         """
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from lmgrd.store import JournalStore; s = JournalStore(sys.argv[1]); "
+        [sys.executable, "-c", "import sys; from lmgrd.storage.journal import JournalStore; "
+         "s = JournalStore(sys.argv[1]); "
          "print('ready', flush=True); sys.stdin.read()", str(tmp_path)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )  # fmt: skip

@@ -9,8 +9,8 @@ import pytest
 
 from lmgrd.cli import _overrides, build_parser
 from lmgrd.config import ConfigInvalid, build_config
-from lmgrd.ledger import LeaseInfo
-from lmgrd.removal import match_leases
+from lmgrd.core.ledger import LeaseInfo
+from lmgrd.core.removal import match_leases
 from lmgrd.report import build_report, parse_date
 from protocol.errors import ErrorCode, ProtocolError
 

@@ -2,7 +2,7 @@
 
 The order is the handbook's, and a refusal names the first check that fails: signature and file validity,
 revocation, host and site, activation, expiry, product, version, policy, seats. Seats are the ledger's
-business; everything before them is decided here, without I/O (licenses are loaded by ``lmgrd.license``).
+business; everything before them is decided here, without I/O (licenses are loaded by ``lmgrd.storage.files``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lmgrd.activation import ACTIVE, Activations
-from lmgrd.ledger import PoolKey
-from lmgrd.policy import Policy
-from lmgrd.site import Network, Site
+from lmgrd.core.activation import ACTIVE, Activations
+from lmgrd.core.ledger import PoolKey
+from lmgrd.core.policy import Policy
+from lmgrd.core.site import Network, Site
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.license import License, Revocation, evaluate_use
 

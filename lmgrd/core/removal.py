@@ -1,4 +1,4 @@
-"""Which leases an ``lmremove`` names (the ``lmremove`` admin command in :mod:`lmgrd.admin` frees them).
+"""Which leases an ``lmremove`` names (the ``lmremove`` admin command in :mod:`lmgrd.admin.commands` frees them).
 
 Two forms, as in FlexLM: ``PRODUCT USER HOST [DISPLAY]`` frees every lease of that product held by that
 user on that host (users and hosts compare case-insensitively, hosts by their short name, as the ledger's
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from lmgrd.ledger import LeaseInfo
+from lmgrd.core.ledger import LeaseInfo
 from protocol.errors import ErrorCode, ProtocolError
 
 __all__ = ["MIN_TOKEN_PREFIX", "match_leases"]

@@ -26,11 +26,13 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from lmgrd import __version__, admin, revocations
+from lmgrd import __version__
+from lmgrd.admin import commands as admin
 from lmgrd.config import DaemonConfig
-from lmgrd.ledger import LeaseInfo, Ledger, PoolKey, Waiter
-from lmgrd.licensing import Licensing
-from lmgrd.store import LeaseRecord, LeaseStore
+from lmgrd.core.ledger import LeaseInfo, Ledger, PoolKey, Waiter
+from lmgrd.core.licensing import Licensing
+from lmgrd.daemon import revocations
+from lmgrd.storage.journal import LeaseRecord, LeaseStore
 from protocol import (
     Admin,
     BadRequest,
@@ -103,6 +105,8 @@ class WaitCtx:
     product: str
     version: str
     started: float
+    pool: PoolKey
+    share_key: tuple[str, ...]
     timer: asyncio.TimerHandle | None = None
 
 
@@ -233,7 +237,7 @@ class Server:
         #: on_deny(product, version, code, who, customer_id), on_release(lease, reason) where reason is
         #: checkin | expiry | removal | revoked. Called synchronously on the loop: keep them cheap.
         self.observers: list[Any] = []
-        #: Set by lmgrd.metrics.attach: the Metrics object and the per-request timer (request type, seconds).
+        #: Set by lmgrd.monitoring.metrics.attach: the Metrics object and the per-request timer (request type, seconds).
         self.metrics: Any = None
         self.request_timer: Callable[[type, float], None] | None = None
         self.licensing = licensing
@@ -587,9 +591,10 @@ class Server:
                  wall: float) -> None:
         waiter_id = self.next_waiter
         self.next_waiter += 1
-        ctx = WaitCtx(proto, req.id, req.product, req.version, now)
-        waiter = Waiter(waiter_id, pool, self._share_key(share, proto), proto.user, proto.host, proto.pid,
-                        req.version, proto.display, proto.session, ctx)
+        key = self._share_key(share, proto)
+        ctx = WaitCtx(proto, req.id, req.product, req.version, now, pool, key)
+        waiter = Waiter(waiter_id, pool, key, proto.user, proto.host, proto.pid, req.version, proto.display,
+                        proto.session, ctx)
         position = self.ledger.enqueue(waiter)
         ctx.timer = self.loop.call_later(req.wait, self._wait_expired, waiter_id)
         self.waits[waiter_id] = ctx
@@ -605,12 +610,9 @@ class Server:
         ctx.proto.waiters.pop(waiter_id, None)
         self.ledger.cancel_wait(waiter_id)
         waited = self.clock() - ctx.started
-        code = ErrorCode.NO_SEATS
-        if self.licensing.policy.products and ctx.product in self.licensing.policy.products:
-            lics = self.licensing.candidates(ctx.product, ctx.version, ctx.proto.addr,
-                                             datetime.fromtimestamp(self.wall(), UTC)).licenses
-            if lics:
-                code = self._refusal(ctx.product, lics, ctx.proto)[0]
+        # Why it is still refused, from the pool it waited in (the ledger knows; no license check again).
+        reason = self.ledger.refusal(ctx.pool, ctx.share_key, ctx.proto.user, ctx.proto.host)
+        code = {"max": ErrorCode.MAX_REACHED, "reserved": ErrorCode.RESERVED}.get(reason or "", ErrorCode.NO_SEATS)
         self.counters.denied[code] = self.counters.denied.get(code, 0) + 1
         if self.observers:
             self._notify("on_deny", ctx.product, ctx.version, code, ctx.proto, None)

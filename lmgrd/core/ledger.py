@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from lmgrd import LmgrdError
-from lmgrd.policy import ProductPolicy
+from lmgrd.core.policy import ProductPolicy
 
 __all__ = [
     "LeaseInfo",
@@ -101,7 +101,7 @@ class UnknownPoolError(LmgrdError, LookupError):
 class LeaseRecord(NamedTuple):
     """What the store keeps of a lease: everything except its (monotonic, process-local) deadline and
     its (connection-local) session. ``share_key`` is the resolved key, ``(token,)`` for unshared seats.
-    Re-exported by :mod:`lmgrd.store`, which persists it.
+    Re-exported by :mod:`lmgrd.storage.journal`, which persists it.
 
     Immutable like a frozen dataclass, but a NamedTuple because one is built per grant on the hot path:
     a frozen, slotted dataclass of ten fields takes about 2.4 us to construct here, a NamedTuple 0.4 us.

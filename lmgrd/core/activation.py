@@ -41,13 +41,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmgrd import LmgrdError
-from lmgrd.admin import command
+from lmgrd.admin.commands import command
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.fingerprint import Fingerprint, this_fingerprint
 from protocol.license import License
 
 if TYPE_CHECKING:
-    from lmgrd.server import ClientProtocol, Server
+    from lmgrd.daemon.server import ClientProtocol, Server
 
 __all__ = [
     "ACTIVATIONS_FILE",

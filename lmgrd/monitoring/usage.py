@@ -30,10 +30,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from lmgrd.ledger import LeaseInfo
+from lmgrd.core.ledger import LeaseInfo
 
 if TYPE_CHECKING:
-    from lmgrd.server import Server
+    from lmgrd.daemon.server import Server
 
 __all__ = ["DEFAULT_BACKUPS", "DEFAULT_MAX_BYTES", "DEFAULT_QUEUE_SIZE", "LEASE_ID_CHARS", "UsageLog",
            "attach_usage_log"]

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from lmgrd import __version__, admin
-from lmgrd.metrics import CONTENT_TYPE, Metrics, TextfileWriter, activation_state, attach, reserved_seats
+from lmgrd import __version__
+from lmgrd.admin import commands as admin
+from lmgrd.monitoring.metrics import CONTENT_TYPE, Metrics, TextfileWriter, activation_state, attach, reserved_seats
 
 if TYPE_CHECKING:
     from lmgrd.config import DaemonConfig
-    from lmgrd.server import Server
+    from lmgrd.daemon.server import Server
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import TextIO
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from lmgrd.license import read_public_key_file
+from lmgrd.storage.files import read_public_key_file
 from protocol.errors import ProtocolError
 from protocol.license import (
     CUSTOMER_ID_RANDOM_BYTES,

@@ -43,12 +43,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
-from lmgrd import __version__, admin
+from lmgrd import __version__
+from lmgrd.admin import commands as admin
 from protocol.errors import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
-    from lmgrd.ledger import LeaseInfo, PoolKey
-    from lmgrd.server import ClientProtocol, Server
+    from lmgrd.core.ledger import LeaseInfo, PoolKey
+    from lmgrd.daemon.server import ClientProtocol, Server
 
 logger = logging.getLogger(__name__)
 

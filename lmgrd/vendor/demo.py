@@ -1,6 +1,6 @@
 """``make demo``: issue a demo license for this very machine and start the daemon on it.
 
-The license is signed with the bundled demo vendor key (``lmgrd/demo/demo_vendor.key``), which is public and
+The license is signed with the bundled demo vendor key (``lmgrd/vendor/demo_keys/demo_vendor.key``), which is public and
 therefore NEVER fit for production: anyone can sign licenses with it.
 """
 
@@ -12,13 +12,13 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from lmgrd.activation import record_activation
 from lmgrd.cli import main as lmgrd_main
-from lmgrd.license import this_host
+from lmgrd.core.activation import record_activation
+from lmgrd.storage.files import this_host
 from protocol.license import License, Product, load_private_key, new_customer_id, sign_license
 from protocol.validation import hostname_problem, short_hostname
 
-DEMO_DIR = Path(__file__).with_name("demo")
+DEMO_DIR = Path(__file__).with_name("demo_keys")
 
 
 def _demo_ip(addresses: tuple[str, ...]) -> str:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from protocol.errors import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
-    from lmgrd.server import ClientProtocol, Server
+    from lmgrd.daemon.server import ClientProtocol, Server
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def _lmstat(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict
 
 @command("lmhostid")
 def _lmhostid(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict[str, Any]:
-    from lmgrd.license import this_host
+    from lmgrd.storage.files import this_host
 
     host = this_host()
     return {"hostname": host.hostname, "short_hostname": socket.gethostname().split(".")[0],
@@ -167,7 +167,7 @@ def _lmreread(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> di
 def _lmremove(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict[str, Any]:
     """Free stuck seats now: by ``token`` (or a unique prefix of one, as lmstat -a shows), or every lease of
     ``product`` held by ``user`` on ``host`` (and ``display``, if given). Each holder is told SEAT_REMOVED."""
-    from lmgrd.removal import match_leases
+    from lmgrd.core.removal import match_leases
 
     leases = match_leases(server.ledger.leases(), args)
     now, wall = server.clock(), server.wall()

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from lmgrd.license import read_revocation_file
+from lmgrd.storage.files import read_revocation_file
 from protocol import LostSeat
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.license import Revocation
 
 if TYPE_CHECKING:
-    from lmgrd.server import Server
+    from lmgrd.daemon.server import Server
 
 __all__ = ["end_revoked_seats", "load_revocations", "revocation_reason"]
 
