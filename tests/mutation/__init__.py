@@ -1,0 +1,1 @@
+"""Mutation testing of the core paths (``make mutation``); see ``run.py``."""
