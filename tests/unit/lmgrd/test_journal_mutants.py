@@ -534,3 +534,27 @@ def test_journal_store_ignores_unknown_releases_without_writing_them(tmp_path: P
         store.flush()
         assert store.records == 0
     assert (tmp_path / JOURNAL_NAME).read_bytes() == MAGIC
+
+
+def test_a_compaction_whose_rename_fails_keeps_the_store_working(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # The snapshot is written and fsynced, then the rename over the journal fails (the journal's name is
+    # now a non-empty directory): compaction gives up, removes its temporary file, and flushes go on.
+    path = tmp_path / JOURNAL_NAME
+    with JournalStore(tmp_path, compact_min_records=2, compact_ratio=1) as store:
+        store.record_grant(rec(1))
+        store.flush()
+        path.unlink()  # the store's descriptor still appends to the unlinked file
+        path.mkdir()
+        (path / "keep").write_bytes(b"x")
+        for i in (2, 4):
+            store.record_grant(rec(i))
+            store.record_release(rec(i).token)
+        with caplog.at_level(logging.WARNING, logger=LOG):
+            store.flush()  # 5 records > 1 * 1 live + 2: compaction is due, and its rename fails
+        assert store.records == 5
+        assert any("compaction failed" in r.getMessage() for r in caplog.records)
+        assert not (tmp_path / TMP_NAME).exists()
+        store.record_grant(rec(3))
+        store.flush()
+        assert store.load() == [rec(1), rec(3)]
