@@ -231,6 +231,8 @@ def test_enqueue_refuses_a_checkout_that_could_join_or_be_admitted_under_a_polic
 def test_waiters_that_share_a_new_seat_join_it_with_their_own_fields() -> None:
     for pol in (None, reserve((1, user("zed")))):
         ledger = make(1 if pol is None else 2, pol)  # under the policy: 1 general seat, 1 for zed
+        if pol is not None:
+            must(co(ledger, "zed"))  # so the pool is full once alice has a seat
         holder = must(co(ledger, "xena"))
         assert ledger.enqueue(waiter(1, "alice", session=11)) == 1
         assert ledger.enqueue(waiter(2, "alice", session=12)) == 2  # same user and host: same share key
@@ -243,7 +245,7 @@ def test_waiters_that_share_a_new_seat_join_it_with_their_own_fields() -> None:
                 second.granted_at, second.deadline) == (POOL, "alice", "pc9", 202, "2.2", ":2", 12, WALL + 5, 95.0)
         assert (first.pid, first.version, first.display, first.session, first.granted_at) == (201, "2.1", ":1", 11,
                                                                                              WALL + 5)
-        assert ledger.in_use(POOL) == 1 and ledger.queued(POOL) == 1
+        assert ledger.in_use(POOL) == ledger.count(POOL) and ledger.queued(POOL) == 1
         assert ledger.renew_session(12, 50.0) == 1 and second.deadline == 140.0
         assert [lease.token for lease in ledger.session_leases(12)] == [second.token]
 

@@ -355,7 +355,10 @@ def test_unknown_ops_are_refused_listing_the_known_ones() -> None:
     assert refusal("request", {"op": b"hello", "id": 1}) == f"unknown op b'hello'; known ops: {known_requests}"
     assert refusal("request", {"op": "granted", "id": 1}) == f"unknown op 'granted'; known ops: {known_requests}"
     assert refusal("request", {"op": "o" * 50}) == f"unknown op {'o' * 50!r:.40}; known ops: {known_requests}"
+    # A decoded map may hold any msgpack value as its op, unhashable ones included.
+    assert refusal("request", {"op": ["hello"], "id": 1}) == f"unknown op ['hello']; known ops: {known_requests}"
     known_replies = "checked_in, error, granted, heartbeat_ack, resumed, status, welcome"
+    assert refusal("reply", {"op": {"a": 1}}) == f"unknown reply op {{'a': 1}}; known: {known_replies}"
     assert refusal("reply", {"op": "hello", "id": 1}) == f"unknown reply op 'hello'; known: {known_replies}"
     assert refusal("reply", {"id": 1}) == f"unknown reply op None; known: {known_replies}"
     assert refusal("reply", {"op": 5}) == f"unknown reply op 5; known: {known_replies}"
