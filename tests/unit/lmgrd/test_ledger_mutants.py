@@ -343,3 +343,22 @@ def test_restore_retags_under_a_policy_and_releases_cleanly() -> None:
     assert co(ledger, "pete") is not None  # one general seat was left
     ledger.release("t0", 1.0, WALL)
     assert ledger.reserved(POOL) == 1
+
+
+def test_a_waiter_joins_a_seat_its_host_key_gained_while_it_waited() -> None:
+    # Under host sharing a waiter's key can become held while it waits: alice@h2 waits (her max rule is
+    # full) and bob@h2, under no rule, takes a new seat keyed ("h2",). Serving then joins her to that seat
+    # (it costs nothing). Without a policy that happens even in a full pool; under one, only while a seat
+    # is free (_serve_policy stops at the count first).
+    for lift_policy in (False, True):
+        ledger = make(2 if lift_policy else 3, reserve(maxes=((1, user("alice")),)))
+        hkey = ("h1",)
+        must(ledger.checkout(POOL, hkey, "alice", "h1", 1, "2.1", "", 1, 0.0, WALL))
+        ledger.enqueue(Waiter(1, POOL, ("h2",), "alice", "h2", 2, "2.1", "", 2))
+        must(ledger.checkout(POOL, ("h2",), "bob", "h2", 3, "2.1", "", 3, 0.0, WALL))
+        assert ledger.in_use(POOL) == 2
+        if lift_policy:
+            ledger.set_policy(POOL, None)
+        [(w, lease)] = ledger.serve(POOL, 1.0, WALL + 1)
+        assert w.waiter_id == 1 and lease.share_key == ("h2",) and lease.user == "alice"
+        assert ledger.in_use(POOL) == 2 and ledger.queued(POOL) == 0
