@@ -38,6 +38,9 @@ ROOT = Path(__file__).resolve().parents[2]
 MUTANTS = ROOT / "mutants"
 LOG = MUTANTS / "mutmut-run.log"
 SURVIVORS = MUTANTS / "survivors.txt"
+#: Survivors reviewed and explained: ``mutant-name  reason`` per line. mutmut numbers mutants per function,
+#: so an edit to a function renumbers its mutants: review the list again after changing a module.
+EXPLAINED = Path(__file__).with_name("survivors.txt")
 
 # mutmut's exit-code vocabulary (mutmut/stats.py): 1 and 3 a failing test, 36/24/-24/152/255 a timeout
 # (SIGXCPU), 37 rejected by the type checker; 0 survived; 5/33 no test ran it; None never run.
@@ -92,6 +95,16 @@ def mutmut(args: list[str], env: dict[str, str]) -> int:
         return subprocess.call([str(exe), *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def explained() -> dict[str, str]:
+    out: dict[str, str] = {}
+    if EXPLAINED.exists():
+        for line in EXPLAINED.read_text("utf-8").splitlines():
+            if line.strip() and not line.startswith("#"):
+                name, _, reason = line.partition("  ")
+                out[name.strip()] = reason.strip()
+    return out
+
+
 def diff_lines(names: list[str]) -> dict[str, list[str]]:
     """The changed lines of each mutant (``-`` original, ``+`` mutant), read from mutants/."""
     os.chdir(ROOT)
@@ -125,12 +138,19 @@ def report(threshold: float) -> int:
 
     losers = [name for s in scores for name in (*s.survived, *s.no_tests)]
     diffs = diff_lines(losers)
+    reasons = explained()
     lines: list[str] = []
+    unexplained = 0
     for s in scores:
         for kind, names in (("survived", s.survived), ("no tests", s.no_tests)):
             for name in names:
                 lines.append(f"{kind:8}  {name}")
                 lines.extend(f"          {d}" for d in diffs.get(name, []))
+                if name in reasons:
+                    lines.append(f"          why: {reasons[name]}")
+                else:
+                    unexplained += 1
+                    lines.append(f"          why: NOT EXPLAINED in {EXPLAINED.relative_to(ROOT)}")
         for name, code in s.other:
             lines.append(f"{'other':8}  {name} (mutmut exit code {code})")
     SURVIVORS.write_text("\n".join(lines) + "\n", "utf-8")
@@ -142,6 +162,8 @@ def report(threshold: float) -> int:
 
     failed = [s for s in scores if s.total == 0 or s.percent < threshold]
     print()
+    if unexplained:
+        print(f"{unexplained} of the mutants not killed are not explained in {EXPLAINED.relative_to(ROOT)}")
     if failed:
         for s in failed:
             why = "no mutants were generated or run" if s.total == 0 else f"{s.percent:.1f}% < {threshold:g}%"
