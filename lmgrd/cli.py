@@ -27,11 +27,15 @@ from lmgrd.config import (
     load_config_file,
 )
 from lmgrd.core.activation import Activations, auto_activation_at, clock_offset, daemon_wall_clock
-from lmgrd.core.licensing import Licensing, Refusal
-from lmgrd.core.policy import parse_policy
+from lmgrd.core.licensing import Licensing, Refusal, revocation_reason
 from lmgrd.core.site import parse_networks
-from lmgrd.daemon.revocations import load_revocations, revocation_reason
-from lmgrd.storage.files import license_problems_for_daemon, read_license_file, read_public_key_file, this_host
+from lmgrd.storage.files import (
+    license_problems_for_daemon,
+    load_revocations,
+    read_license_file,
+    read_public_key_file,
+    this_host,
+)
 from protocol.errors import ErrorCode, ProtocolError
 
 logger = logging.getLogger("lmgrd")
@@ -156,8 +160,7 @@ def load_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
             continue
         seen[lic.customer_id] = path
         served.append((path, lic))
-    policy, policy_problems = parse_policy(cfg.extra)  # validated with the config; empty here
-    problems.extend(policy_problems)
+    policy = cfg.policy  # parsed (and its problems refused) with the config
     for _path, lic in served:
         for prod in lic.products:
             pp = policy.get(prod.name)
@@ -233,6 +236,7 @@ async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
     server = Server(cfg, licensing, store, reload=lambda: reload_licensing(cfg),
                     wall=daemon_wall_clock(clock_offset()))
     install_signal_handlers(server)
+    from lmgrd.admin.commands import enable_admin
     from lmgrd.monitoring.usage import attach_usage_log
 
     attach_usage_log(server)  # flushed by the server's shutdown (on_shutdown)
@@ -242,6 +246,7 @@ async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
         store.close()
         raise LmgrdError(f"cannot listen on port {cfg.port}: {exc.strerror or exc}; is another lmgrd running? "
                          "choose another --port") from None
+    enable_admin(server)  # the admin token file, and lmutil's commands
     from lmgrd.monitoring.http import start_monitoring
 
     monitor = await start_monitoring(server, cfg)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from lmgrd import LmgrdError
+from lmgrd.core.policy import Policy, parse_policy
 
 DEFAULT_PORT = 27000
 DEFAULT_METRICS_PORT = 27001
@@ -64,7 +65,9 @@ class DaemonConfig:
     usage_log: Path | None = None
     usage_log_max_bytes: int = 10 * 1024 * 1024
     usage_log_backups: int = 5
-    extra: dict[str, Any] = field(default_factory=dict)  # sections later features read (policy, metrics)
+    #: The usage policy (``groups``, ``host_groups``, ``policy``), parsed once here.
+    policy: Policy = field(default_factory=Policy)
+    extra: dict[str, Any] = field(default_factory=dict)  # the raw sections: policy, revocations, site_networks
 
     @property
     def grace(self) -> float:
@@ -73,8 +76,8 @@ class DaemonConfig:
         return min(g, self.lease_timeout)
 
 
-_KEYS = {f.name for f in fields(DaemonConfig)} - {"extra"} | {"license"}
-#: Sections that belong to later features; accepted and passed through in ``extra``.
+_KEYS = {f.name for f in fields(DaemonConfig)} - {"extra", "policy"} | {"license"}
+#: Sections read by their own parsers (policy, revocations, site); passed through in ``extra``.
 _EXTRA_KEYS = {"policy", "revocations", "groups",
                "host_groups", "products", "site_networks"}
 
@@ -165,15 +168,15 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
         problems.append(f"revocations: expected a path or a list of paths, got {revs!r}")
     elif revs or overrides.get("revocations"):
         extra["revocations"] = [*revs, *(overrides.get("revocations") or [])]
+    policy = Policy()
     if extra.keys() & {"policy", "groups", "host_groups"}:
-        from lmgrd.core.policy import parse_policy
-
-        problems.extend(parse_policy(extra)[1])
+        policy, policy_problems = parse_policy(extra)
+        problems.extend(policy_problems)
     if "site_networks" in extra:
         from lmgrd.core.site import site_networks_problems
 
         problems.extend(site_networks_problems(extra["site_networks"]))
-    cfg = replace(DaemonConfig(), **out, extra=extra)
+    cfg = replace(DaemonConfig(), **out, extra=extra, policy=policy)
     if cfg.lease_timeout <= cfg.heartbeat_interval:
         problems.append(
             f"lease_timeout: must be longer than heartbeat_interval ({cfg.heartbeat_interval:g} s), got "

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lmgrd import __version__
-from lmgrd.admin.commands import token_path
+from lmgrd.admin.token import token_path
 from protocol import Admin, ClientConnection, ErrorReply, Hello, ProtocolError, Reply, StatusReply, Welcome
 
 DEFAULT_SERVER = "27000@localhost"

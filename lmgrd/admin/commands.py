@@ -6,28 +6,28 @@ directory, keyed by port (``admin-PORT.token``), so ``lmutil`` run on the licens
 finds it with nothing but ``-c PORT@HOST``; from elsewhere the operator passes ``--token-file``. A wrong or
 missing token gets ``NOT_AUTHORIZED``, logged with the client's address.
 
-Commands register themselves in ``COMMANDS`` with ``@command("name")``; each gets the server, the
-connection and the args, and returns the reply data (a dict) or raises ``ProtocolError``.
+Commands register themselves in ``COMMANDS`` with ``@command("name")``; each gets the daemon (as a
+:class:`~lmgrd.daemon.api.DaemonView`), the client (a ``ClientView``) and the args, and returns the reply
+data (a dict) or raises ``ProtocolError``. :func:`enable_admin` plugs them into a started daemon.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import socket
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
 
+from lmgrd.admin.token import remove_token, token_path, write_token
+from lmgrd.daemon.api import ClientView, DaemonView
 from protocol.errors import ErrorCode, ProtocolError
-
-if TYPE_CHECKING:
-    from lmgrd.daemon.server import ClientProtocol, Server
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[["Server", "ClientProtocol", dict[str, Any]], dict[str, Any]]
+Handler = Callable[[DaemonView, ClientView, dict[str, Any]], dict[str, Any]]
 COMMANDS: dict[str, Handler] = {}
 
 
@@ -41,50 +41,7 @@ def command(name: str) -> Callable[[Handler], Handler]:
     return register
 
 
-def runtime_dir() -> Path:
-    """Where the admin token lives: $LMGRD_RUNTIME_DIR, else the platform's per-user runtime directory."""
-    env = os.environ.get("LMGRD_RUNTIME_DIR")
-    if env:
-        return Path(env)
-    import warnings
-
-    import platformdirs
-
-    with warnings.catch_warnings():
-        # Without XDG_RUNTIME_DIR (a service account, a container) platformdirs falls back to
-        # /tmp/runtime-UID and warns on every call; the daemon logs the token path it uses instead.
-        warnings.simplefilter("ignore")
-        return Path(platformdirs.user_runtime_dir("lmgrd"))
-
-
-def token_path(port: int, directory: Path | None = None) -> Path:
-    return (directory or runtime_dir()) / f"admin-{port}.token"
-
-
-def write_token(path: Path) -> str:
-    """Create a fresh admin token in ``path`` (mode 0600, replacing any stale one) and return it."""
-    token = secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, token.encode() + b"\n")
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    return token
-
-
-def remove_token(path: Path, token: str) -> None:
-    """Remove the token file if it is still ours (a newer daemon on the same port may have replaced it)."""
-    try:
-        if path.read_text().strip() == token:
-            path.unlink()
-    except OSError:
-        pass
-
-
-def handle(server: Server, proto: ClientProtocol, command_name: str, args: dict[str, Any], auth: str
+def handle(server: DaemonView, proto: ClientView, command_name: str, args: dict[str, Any], auth: str
            ) -> dict[str, Any]:
     """Authenticate and run one admin command.
 
@@ -120,7 +77,7 @@ def lease_view(lease: Any, now: float, wall: float, lease_timeout: float) -> dic
 
 
 @command("lmstat")
-def _lmstat(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict[str, Any]:
+def _lmstat(server: DaemonView, proto: ClientView, args: dict[str, Any]) -> dict[str, Any]:
     data = server.status()
     product = args.get("product")
     if product is not None and not isinstance(product, str):
@@ -134,7 +91,7 @@ def _lmstat(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict
             if product is not None and pool[1] != product:
                 continue
             for pos, w in enumerate(server.ledger.waiting(pool), 1):
-                ctx = server.waits.get(w.waiter_id)
+                ctx = server.waits.get(w.waiter_id)  # None once answered
                 queue.append({"customer_id": pool[0], "product": pool[1], "position": pos, "user": w.user,
                               "host": w.host, "pid": w.pid, "version": w.version,
                               "waiting_s": round(now - ctx.started, 3) if ctx else 0.0})
@@ -144,7 +101,7 @@ def _lmstat(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict
 
 
 @command("lmhostid")
-def _lmhostid(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict[str, Any]:
+def _lmhostid(server: DaemonView, proto: ClientView, args: dict[str, Any]) -> dict[str, Any]:
     from lmgrd.storage.files import this_host
 
     host = this_host()
@@ -153,18 +110,18 @@ def _lmhostid(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> di
 
 
 @command("lmdown")
-def _lmdown(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict[str, Any]:
+def _lmdown(server: DaemonView, proto: ClientView, args: dict[str, Any]) -> dict[str, Any]:
     server.loop.call_soon(server.request_shutdown, f"lmdown from {proto.peer}")
     return {"stopping": True, "leases_persisted": len(server.ledger.leases())}
 
 
 @command("lmreread")
-def _lmreread(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict[str, Any]:
+def _lmreread(server: DaemonView, proto: ClientView, args: dict[str, Any]) -> dict[str, Any]:
     return server.reload()
 
 
 @command("lmremove")
-def _lmremove(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict[str, Any]:
+def _lmremove(server: DaemonView, proto: ClientView, args: dict[str, Any]) -> dict[str, Any]:
     """Free stuck seats now: by ``token`` (or a unique prefix of one, as lmstat -a shows), or every lease of
     ``product`` held by ``user`` on ``host`` (and ``display``, if given). Each holder is told SEAT_REMOVED."""
     from lmgrd.core.removal import match_leases
@@ -178,3 +135,41 @@ def _lmremove(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> di
             view["held_seconds"] = round(max(0.0, wall - lease.granted_at), 3)
             removed.append(view)
     return {"removed": removed}
+
+
+@command("activate")
+def _activate(server: DaemonView, proto: ClientView, args: dict[str, Any]) -> dict[str, Any]:
+    cid = args.get("customer_id")
+    if not isinstance(cid, str) or not cid:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "activate: 'customer_id' must be a customer ID string",
+                            "lmutil activate CID-XXXX-XXXX-XXXX-XXXX")
+    now = datetime.fromtimestamp(server.wall(), UTC)
+    return server.licensing.activate(cid, now, f"lmutil activate from {proto.peer} ({proto.who()})")
+
+
+class _TokenFile:
+    """Removes the admin token file when the daemon stops (an observer of its shutdown)."""
+
+    def __init__(self, server: DaemonView) -> None:
+        self.server = server
+
+    def on_shutdown(self) -> None:
+        if self.server.admin_token_path is not None and self.server.admin_token:
+            remove_token(self.server.admin_token_path, self.server.admin_token)
+
+
+def enable_admin(server: DaemonView) -> None:
+    """Write the admin token for a started daemon and route its admin requests to :data:`COMMANDS`.
+
+    A token file that cannot be written is logged; every admin command is then refused (NOT_AUTHORIZED).
+    """
+    server.admin_token_path = server.cfg.admin_token_file or token_path(server.ports[0])
+    try:
+        server.admin_token = write_token(server.admin_token_path)
+        logger.info("admin token for lmutil written to %s (mode 0600)", server.admin_token_path)
+    except OSError as exc:
+        server.admin_token = ""
+        logger.error("cannot write the admin token file %s: %s; lmutil will be refused", server.admin_token_path,
+                     exc)
+    server.observers.add(_TokenFile(server))
+    server.handlers.admin = partial(handle, server)

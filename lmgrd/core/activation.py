@@ -38,16 +38,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lmgrd import LmgrdError
-from lmgrd.admin.commands import command
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.fingerprint import Fingerprint, this_fingerprint
 from protocol.license import License
-
-if TYPE_CHECKING:
-    from lmgrd.daemon.server import ClientProtocol, Server
 
 __all__ = [
     "ACTIVATIONS_FILE",
@@ -288,14 +284,3 @@ class Activations:
 def record_activation(state_dir: Path, lic: License, how: str, now: datetime | None = None) -> ActivationRecord:
     """Activate ``lic`` on this machine before the daemon starts (``make demo``)."""
     return Activations(state_dir).activate(lic, now or datetime.now(UTC), how)
-
-
-# --------------------------------------------------------------------------- the admin command
-@command("activate")
-def _activate(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict[str, Any]:
-    cid = args.get("customer_id")
-    if not isinstance(cid, str) or not cid:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "activate: 'customer_id' must be a customer ID string",
-                            "lmutil activate CID-XXXX-XXXX-XXXX-XXXX")
-    now = datetime.fromtimestamp(server.wall(), UTC)
-    return server.licensing.activate(cid, now, f"lmutil activate from {proto.peer} ({proto.who()})")

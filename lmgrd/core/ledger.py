@@ -47,6 +47,7 @@ from typing import NamedTuple
 
 from lmgrd import LmgrdError
 from lmgrd.core.policy import ProductPolicy
+from protocol.validation import short_hostname
 
 __all__ = [
     "LeaseInfo",
@@ -80,18 +81,36 @@ class ShareMode(enum.StrEnum):
     NONE = "none"  # every checkout its own seat
 
 
-def share_key_for(mode: ShareMode, user: str, host: str) -> tuple[str, ...]:
-    """Return the share key of a checkout under ``mode``.
+def share_key_for(mode: ShareMode | str, user: str, host: str) -> tuple[str, ...]:
+    """Return the share key of a checkout under ``mode`` (the ONE definition of who shares a seat).
 
     Hosts compare by their short form (the first label), case-insensitively, and users
     case-insensitively, so ``Alice@PC1.corp.example`` and ``alice@pc1`` share a seat. ``NONE`` returns
     ``()``, which :meth:`Ledger.checkout` replaces by ``(token,)``: a seat of its own.
     """
-    if mode is ShareMode.USER_HOST:
-        return (user.lower(), host.split(".", 1)[0].lower())
-    if mode is ShareMode.HOST:
-        return (host.split(".", 1)[0].lower(),)
-    return ()
+    if mode == ShareMode.USER_HOST:
+        return (user.lower(), short_hostname(host))
+    if mode == ShareMode.HOST:
+        return (short_hostname(host),)
+    if mode == ShareMode.NONE:
+        return ()
+    raise ValueError(f"unknown share mode {mode!r}; expected one of {', '.join(m.value for m in ShareMode)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who checks out: the client's user, host (short form), pid, display and connection (``session``;
+    ``None`` for a lease not bound to a connection). One per client connection, made at its hello."""
+
+    user: str
+    host: str
+    pid: int
+    display: str
+    session: int | None
+
+    def share_key(self, mode: ShareMode | str) -> tuple[str, ...]:
+        """This holder's share key under ``mode`` (see :func:`share_key_for`)."""
+        return share_key_for(mode, self.user, self.host)
 
 
 class UnknownPoolError(LmgrdError, LookupError):
@@ -170,13 +189,25 @@ class Waiter:
     waiter_id: int
     pool: PoolKey
     share_key: tuple[str, ...]
-    user: str
-    host: str
-    pid: int
+    holder: Holder
     version: str
-    display: str
-    session: int
     ctx: object = None
+
+    @property
+    def user(self) -> str:
+        return self.holder.user
+
+    @property
+    def host(self) -> str:
+        return self.holder.host
+
+    @property
+    def pid(self) -> int:
+        return self.holder.pid
+
+    @property
+    def session(self) -> int | None:
+        return self.holder.session
 
 
 class _Pool:
@@ -231,7 +262,7 @@ class Ledger:
         self._leases: dict[str, LeaseInfo] = {}
         self._sessions: dict[int, set[str]] = {}  # session -> tokens of its bound leases
         self._waiters: dict[int, Waiter] = {}
-        self._session_waiters: dict[int, set[int]] = {}
+        self._session_waiters: dict[int | None, set[int]] = {}
         # Min-heap of (deadline, seq, token). seq is unique, so tuples never compare tokens.
         self._heap: list[tuple[float, int, str]] = []
         self._seq = 0
@@ -298,12 +329,8 @@ class Ledger:
         self,
         pool: PoolKey,
         share_key: tuple[str, ...],
-        user: str,
-        host: str,
-        pid: int,
+        holder: Holder,
         version: str,
-        display: str,
-        session: int | None,
         now: float,
         wall: float,
     ) -> LeaseInfo | None:
@@ -317,11 +344,11 @@ class Ledger:
         if p.policy is not None and (not share_key or share_key not in p.seats):
             # Waiters ahead cannot use what the policy admits this one to (serve() ran after every
             # change), so only admissibility matters here.
-            if self._admit(p, user, host) is None:
+            if self._admit(p, holder.user, holder.host) is None:
                 return None
         elif (not share_key or share_key not in p.seats) and (p.waiting or len(p.seats) >= p.count):
             return None
-        return self._grant(p, pool, share_key, user, host, pid, version, display, session, now, wall)
+        return self._grant(p, pool, share_key, holder, version, now, wall)
 
     # -- usage policy --------------------------------------------------------------------------------------
 
@@ -421,12 +448,8 @@ class Ledger:
         p: _Pool,
         pool: PoolKey,
         share_key: tuple[str, ...],
-        user: str,
-        host: str,
-        pid: int,
+        holder: Holder,
         version: str,
-        display: str,
-        session: int | None,
         now: float,
         wall: float,
     ) -> LeaseInfo:
@@ -440,12 +463,13 @@ class Ledger:
         held = seats.get(share_key, 0)
         seats[share_key] = held + 1
         if not held and p.policy is not None:
-            self._tag_seat(p, share_key, user, host)
+            self._tag_seat(p, share_key, holder.user, holder.host)
         deadline = now + self.lease_timeout
         self._seq += 1
+        session = holder.session
         lease = LeaseInfo(
-            token, pool, share_key, user, host, pid, version, display, wall, session, deadline,
-            self._seq, deadline,
+            token, pool, share_key, holder.user, holder.host, holder.pid, version, holder.display, wall, session,
+            deadline, self._seq, deadline,
         )  # fmt: skip
         heapq.heappush(self._heap, (deadline, self._seq, token))
         self._leases[token] = lease
@@ -601,14 +625,12 @@ class Ledger:
                       grants: list[tuple[Waiter, LeaseInfo]]) -> None:
         key = w.share_key
         self._forget_waiter(w)
-        grants.append((w, self._grant(p, w.pool, key, w.user, w.host, w.pid, w.version, w.display,
-                                      w.session, now, wall)))  # fmt: skip
+        grants.append((w, self._grant(p, w.pool, key, w.holder, w.version, now, wall)))
         if new_seat and key:
             # Waiters further back with the same share key join the new seat now: it costs nothing.
             for j in list(p.by_key.get(key, ())):
                 self._forget_waiter(j)
-                grants.append((j, self._grant(p, j.pool, key, j.user, j.host, j.pid, j.version,
-                                              j.display, j.session, now, wall)))  # fmt: skip
+                grants.append((j, self._grant(p, j.pool, key, j.holder, j.version, now, wall)))
 
     def _serve_policy(self, p: _Pool, now: float, wall: float, grants: list[tuple[Waiter, LeaseInfo]]) -> None:
         """Under a usage policy: grant, in arrival order, every waiter a free seat is admissible for.

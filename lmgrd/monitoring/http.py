@@ -27,7 +27,7 @@ from lmgrd.monitoring.metrics import CONTENT_TYPE, Metrics, TextfileWriter, acti
 
 if TYPE_CHECKING:
     from lmgrd.config import DaemonConfig
-    from lmgrd.daemon.server import Server
+    from lmgrd.daemon.api import DaemonView as Server
 
 logger = logging.getLogger(__name__)
 

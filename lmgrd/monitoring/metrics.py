@@ -49,7 +49,8 @@ from protocol.errors import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
     from lmgrd.core.ledger import LeaseInfo, PoolKey
-    from lmgrd.daemon.server import ClientProtocol, Server
+    from lmgrd.daemon.api import ClientView as ClientProtocol
+    from lmgrd.daemon.api import DaemonView as Server
 
 logger = logging.getLogger(__name__)
 

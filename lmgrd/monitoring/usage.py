@@ -33,7 +33,7 @@ from typing import IO, TYPE_CHECKING, Any
 from lmgrd.core.ledger import LeaseInfo
 
 if TYPE_CHECKING:
-    from lmgrd.daemon.server import Server
+    from lmgrd.daemon.api import DaemonView as Server
 
 __all__ = ["DEFAULT_BACKUPS", "DEFAULT_MAX_BYTES", "DEFAULT_QUEUE_SIZE", "LEASE_ID_CHARS", "UsageLog",
            "attach_usage_log"]

@@ -12,12 +12,16 @@ LICENSE_INVALID) or, for a key file, ``protocol.license.VendorKeyError``; both a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
+from collections.abc import Iterable
 
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from lmgrd.core.licensing import revocation_reason
+from protocol.errors import ProtocolError
 from protocol.license import (
     MAX_LICENSE_TEXT_CHARS,
     License,
@@ -33,11 +37,14 @@ from protocol.license import (
 __all__ = [
     "HostIdentity",
     "license_problems_for_daemon",
+    "load_revocations",
     "read_license_file",
     "read_public_key_file",
     "read_revocation_file",
     "this_host",
 ]
+
+logger = logging.getLogger(__name__)
 
 # A key file is a few hundred bytes; a license well under 100 kB. Read a little more than the limit
 # so an oversized file is reported as such rather than silently truncated.
@@ -138,3 +145,25 @@ def license_problems_for_daemon(lic: License, host: HostIdentity) -> list[str]:
             f"({lic.hostname}) and is not served by lmgrd"
         ]
     return host_mismatch(lic, host.hostname, host.addresses)
+
+
+def load_revocations(paths: Iterable[str | os.PathLike[str]], key: Ed25519PublicKey
+                     ) -> tuple[dict[str, Revocation], list[str]]:
+    """Read and verify every revocation file (the config's ``revocations:`` and ``--revocations``).
+
+    Returns:
+        The verified revocations by customer ID, and one problem per file refused (unreadable, damaged,
+        unsigned or signed by another key), each naming the file and saying it revokes nothing.
+    """
+    revoked: dict[str, Revocation] = {}
+    problems: list[str] = []
+    for path in paths:
+        try:
+            rev = read_revocation_file(path, key)
+        except ProtocolError as exc:
+            problems.append(f"REVOCATION REFUSED: {exc.message}; it revokes nothing until the vendor's signed "
+                            "file is given")
+            continue
+        logger.info("revocation %s loaded: %s", os.fspath(path), revocation_reason(rev))
+        revoked.setdefault(rev.customer_id, rev)
+    return revoked, problems

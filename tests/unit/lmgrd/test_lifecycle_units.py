@@ -135,12 +135,12 @@ def test_site_comes_before_activation_and_activation_before_expiry(tmp_path: Pat
     lic = make_license(site=("192.0.2.0/24",))
     licensing = Licensing([(tmp_path / "a.lic", lic)], [], activations=Activations(tmp_path))
     now = ISSUED + timedelta(hours=1)
-    d = licensing.candidates("CADPRO", "2.1", "127.0.0.1", now)
+    d = licensing.candidates("CADPRO", "2.1", "127.0.0.1", "alice", "pc1", now)
     assert d.error is not None and d.error[0] is ErrorCode.OUTSIDE_SITE and "127.0.0.1" in d.error[1]
     assert "192.0.2.0/24" in d.error[1]
-    d = licensing.candidates("CADPRO", "9.0", "192.0.2.5", now)
+    d = licensing.candidates("CADPRO", "9.0", "192.0.2.5", "alice", "pc1", now)
     assert d.error is not None and d.error[0] is ErrorCode.LICENSE_NOT_ACTIVATED
     licensing.activate(lic.customer_id, now, "unit test")
-    d = licensing.candidates("CADPRO", "9.0", "192.0.2.5", now)
+    d = licensing.candidates("CADPRO", "9.0", "192.0.2.5", "alice", "pc1", now)
     assert d.error is not None and d.error[0] is ErrorCode.VERSION_NOT_PERMITTED
-    assert licensing.candidates("CADPRO", "2.1", "192.0.2.5", now).licenses == (lic,)
+    assert licensing.candidates("CADPRO", "2.1", "192.0.2.5", "alice", "pc1", now).licenses == (lic,)

@@ -1,0 +1,303 @@
+"""The session handlers and the lease lifecycle, driven without sockets: a real ``Server`` (ledger, journal
+store in a temp dir, licensing from real signed files) on this test's loop, sessions with a recording
+transport, requests dispatched straight to the handlers, replies decoded from the frames they wrote, and the
+journal read back from disk. These are the glue tests: the share key, the journal record, and every way a
+seat ends going through the one lifecycle path (record, counter, event, the holder told).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from harness import HOSTNAME, write_license
+
+from lmgrd.cli import load_licensing
+from lmgrd.config import build_config
+from lmgrd.core.ledger import LeaseInfo
+from lmgrd.daemon.events import EndReason
+from lmgrd.daemon.server import Server
+from lmgrd.daemon.session import Session
+from lmgrd.storage.journal import JournalStore, read_journal
+from protocol import Checkin, Checkout, ErrorCode, Heartbeat, Hello, Resume
+from protocol.framing import FrameDecoder
+
+
+class RecordingTransport:
+    """Stands in for the socket: keeps what the daemon writes."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed = False
+        self.decoder = FrameDecoder()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def replies(self) -> list[dict[str, Any]]:
+        out = self.decoder.feed(bytes(self.data))
+        self.data.clear()
+        return out
+
+
+class Recorder:
+    """An observer that keeps every event."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def on_grant(self, lease: LeaseInfo, who: Any, waited: float) -> None:
+        self.events.append(("grant", (lease.token, who.user, who.host, waited)))
+
+    def on_release(self, lease: LeaseInfo, reason: EndReason) -> None:
+        self.events.append(("release", (lease.token, reason)))
+
+    def on_deny(self, product: str, version: str, code: ErrorCode, who: Any, customer_id: str | None) -> None:
+        self.events.append(("deny", (product, code)))
+
+
+class Rig:
+    def __init__(self, server: Server, recorder: Recorder, state: Path) -> None:
+        self.server, self.recorder, self.state = server, recorder, state
+        self.ids = 0
+
+    def connect(self, user: str, host: str = HOSTNAME, pid: int = 4242, display: str = ":0") -> Session:
+        s = Session(self.server.cfg.max_frame_bytes)
+        t = RecordingTransport()
+        s.transport = t
+        s.addr, s.peer = "127.0.0.1", "127.0.0.1:5000"
+        self.server.handlers.hello(s, Hello(self.rid(), (1,), host, user, pid, "test", display))
+        self.server.outbox.flush()
+        (welcome,) = t.replies()
+        assert welcome["op"] == "welcome", welcome
+        return s
+
+    def rid(self) -> int:
+        self.ids += 1
+        return self.ids
+
+    def send(self, s: Session, req: Any) -> list[dict[str, Any]]:
+        self.server.handlers.dispatch(s, req)
+        self.server.outbox.flush()
+        return self.replies(s)
+
+    @staticmethod
+    def replies(s: Session) -> list[dict[str, Any]]:
+        t = s.transport
+        assert isinstance(t, RecordingTransport)
+        return t.replies()
+
+    def checkout(self, s: Session, product: str = "CADPRO", version: str = "2.1", wait: float = 0) -> dict[str, Any]:
+        (reply,) = self.send(s, Checkout(self.rid(), product, version, wait))
+        return reply
+
+    def journal(self) -> dict[str, Any]:
+        """The live leases in the journal on disk (token -> record)."""
+        return {r.token: r for r in read_journal(self.state / "leases.journal")}
+
+
+Body = Callable[[Rig], Awaitable[None]]
+
+
+def run(tmp_path: Path, vendor: tuple[Ed25519PrivateKey, Path], body: Body, *,
+        products: Any = (("CADPRO", "2.1", 1),), share: str = "user_host", extra: dict[str, Any] | None = None,
+        clock: Callable[[], float] | None = None) -> None:
+    key, pub = vendor
+    lic = tmp_path / "site.lic"
+    write_license(lic, key, products, share=share)
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    cfg = build_config(dict(extra or {}), {"licenses": [str(lic)], "vendor_key": str(pub), "port": 0,
+                                           "state_dir": str(state), "heartbeat_interval": 1.0, "lease_timeout": 3.0},
+                       "test")
+    licensing, problems = load_licensing(cfg)
+    assert not problems, problems
+
+    async def main() -> None:
+        store = JournalStore(state)
+        server = Server(cfg, licensing, store, clock=clock)
+        rec = Recorder()
+        server.observers.add(rec)
+        try:
+            await body(Rig(server, rec, state))
+        finally:
+            store.close()
+
+    asyncio.run(main())
+
+
+def test_a_grant_is_journalled_with_the_holder_as_given(tmp_path: Path, vendor: tuple[Ed25519PrivateKey, Path]
+                                                        ) -> None:
+    async def body(rig: Rig) -> None:
+        s = rig.connect("alice", "PC-07.corp.example", pid=31337, display="pc-07:0")
+        g = rig.checkout(s)
+        assert g["op"] == "granted" and g["product"] == "CADPRO" and g["version"] == "2.1"
+        rec = rig.journal()[g["token"]]
+        # user and host each in their own field (a swap in the journal record is caught here)
+        assert (rec.user, rec.host, rec.pid, rec.display) == ("alice", "pc-07", 31337, "pc-07:0")
+        assert (rec.customer_id, rec.product, rec.version) == (g["customer_id"], "CADPRO", "2.1")
+        assert rec.share_key == ("alice", "pc-07")
+        assert rig.server.counters.granted == 1
+        assert rig.recorder.events == [("grant", (g["token"], "alice", "pc-07", 0.0))]
+
+    run(tmp_path, vendor, body)
+
+
+@pytest.mark.parametrize(("share", "second", "shares"), [
+    ("user_host", ("ALICE", "pc1.corp.example"), True),  # case and domain do not matter
+    ("user_host", ("bob", "pc1"), False),
+    ("user_host", ("alice", "pc2"), False),
+    ("host", ("bob", "PC1"), True),
+    ("host", ("alice", "pc2"), False),
+    ("none", ("alice", "pc1"), False),
+])
+def test_who_shares_a_seat(tmp_path: Path, vendor: tuple[Ed25519PrivateKey, Path], share: str,
+                           second: tuple[str, str], shares: bool) -> None:
+    async def body(rig: Rig) -> None:
+        a = rig.connect("alice", "pc1")
+        b = rig.connect(*second)
+        assert rig.checkout(a)["op"] == "granted"
+        reply = rig.checkout(b)
+        pool = next(iter(rig.server.licensing.pools()))
+        if shares:
+            assert reply["op"] == "granted"
+            assert rig.server.ledger.in_use(pool) == 1  # one seat, two leases
+        else:
+            assert reply["op"] == "error" and reply["code"] == ErrorCode.NO_SEATS
+            assert rig.server.ledger.in_use(pool) == 1
+
+    run(tmp_path, vendor, body, share=share)
+
+
+def test_checkin_ends_through_the_lifecycle(tmp_path: Path, vendor: tuple[Ed25519PrivateKey, Path]) -> None:
+    async def body(rig: Rig) -> None:
+        s = rig.connect("alice")
+        g = rig.checkout(s)
+        (ack,) = rig.send(s, Checkin(rig.rid(), g["token"]))
+        assert ack["op"] == "checked_in" and ack["released"] is True
+        assert g["token"] not in rig.journal()
+        assert rig.server.counters.released == 1
+        assert ("release", (g["token"], EndReason.CHECKIN)) in rig.recorder.events
+        (again,) = rig.send(s, Checkin(rig.rid(), g["token"]))
+        assert again["released"] is False and rig.server.counters.released == 1
+
+    run(tmp_path, vendor, body)
+
+
+@pytest.mark.parametrize(("reason", "code"), [
+    (EndReason.REMOVAL, ErrorCode.SEAT_REMOVED),
+    (EndReason.IDLE, ErrorCode.IDLE_TIMEOUT),
+    (EndReason.REVOKED, ErrorCode.LICENSE_REVOKED),
+    (EndReason.EXPIRY, ErrorCode.LEASE_EXPIRED),
+])
+def test_every_end_is_recorded_counted_reported_and_told(tmp_path: Path, vendor: tuple[Ed25519PrivateKey, Path],
+                                                         reason: EndReason, code: ErrorCode) -> None:
+    now = [1000.0]
+
+    async def body(rig: Rig) -> None:
+        alice, bob = rig.connect("alice", "pc1"), rig.connect("bob", "pc2")
+        g = rig.checkout(alice)
+        assert rig.send(bob, Checkout(rig.rid(), "CADPRO", "2.1", 30)) == []  # queued: no reply yet
+        leases = rig.server.leases
+        if reason is EndReason.EXPIRY:
+            now[0] += 10.0  # past the 3 s lease timeout
+            assert leases.expire(100) == 1
+        else:
+            assert leases.end(g["token"], reason, "a test") is not None
+        rig.server.outbox.flush()
+        assert g["token"] not in rig.journal()
+        counted = rig.server.counters.expired if reason is EndReason.EXPIRY else rig.server.counters.released
+        assert counted == 1
+        assert ("release", (g["token"], reason)) in rig.recorder.events
+        # the holder learns it at its next heartbeat, with the reason's code
+        (ack,) = rig.send(alice, Heartbeat(rig.rid(), False))
+        assert [(x["token"], x["code"]) for x in ack["lost"]] == [(g["token"], code)]
+        # the freed seat went to the waiter, and that grant is journalled too
+        (granted,) = rig.replies(bob)
+        assert granted["op"] == "granted" and granted["token"] in rig.journal()
+        assert rig.journal()[granted["token"]].user == "bob"
+
+    run(tmp_path, vendor, body, clock=lambda: now[0])
+
+
+def test_a_seat_whose_waiter_left_goes_to_the_next_waiter(tmp_path: Path,
+                                                               vendor: tuple[Ed25519PrivateKey, Path]) -> None:
+    async def body(rig: Rig) -> None:
+        alice, bob, cat = rig.connect("alice", "pc1"), rig.connect("bob", "pc2"), rig.connect("cat", "pc3")
+        g = rig.checkout(alice)
+        rig.server.handlers.dispatch(bob, Checkout(rig.rid(), "CADPRO", "2.1", 30))
+        rig.server.handlers.dispatch(cat, Checkout(rig.rid(), "CADPRO", "2.1", 30))
+        assert bob.transport is not None
+        bob.transport.close()  # bob's connection is going away: his turn passes to cat
+        rig.send(alice, Checkin(rig.rid(), g["token"]))
+        (granted,) = rig.replies(cat)
+        assert granted["op"] == "granted"
+        assert [r.user for r in rig.journal().values()] == ["cat"]
+
+    run(tmp_path, vendor, body)
+
+
+def test_a_removed_seat_is_reported_at_resume(tmp_path: Path, vendor: tuple[Ed25519PrivateKey, Path]) -> None:
+    async def body(rig: Rig) -> None:
+        s = rig.connect("alice")
+        g = rig.checkout(s)
+        assert rig.server.remove_lease(g["token"], "lmremove from test") is not None
+        again = rig.connect("alice")
+        (resumed,) = rig.send(again, Resume(rig.rid(), (g["token"],)))
+        assert resumed["resumed"] == []
+        assert [(x["code"], "lmremove from test" in x["message"]) for x in resumed["lost"]] == [
+            (ErrorCode.SEAT_REMOVED, True)]
+
+    run(tmp_path, vendor, body)
+
+
+def test_policy_exclude_is_refused_before_seats(tmp_path: Path, vendor: tuple[Ed25519PrivateKey, Path]) -> None:
+    async def body(rig: Rig) -> None:
+        s = rig.connect("mallory")
+        reply = rig.checkout(s)
+        assert reply["op"] == "error" and reply["code"] == ErrorCode.EXCLUDED
+        assert "excluded" in reply["message"]
+        assert rig.server.counters.denied == {ErrorCode.EXCLUDED: 1}
+        assert rig.recorder.events == [("deny", ("CADPRO", ErrorCode.EXCLUDED))]
+        assert rig.checkout(rig.connect("alice"))["op"] == "granted"
+
+    run(tmp_path, vendor, body, extra={"policy": {"CADPRO": {"exclude": [{"user": "mallory"}]}}})
+
+
+def test_a_wait_that_runs_out_is_denied_with_the_reason(tmp_path: Path, vendor: tuple[Ed25519PrivateKey, Path]
+                                                        ) -> None:
+    async def body(rig: Rig) -> None:
+        alice, bob = rig.connect("alice", "pc1"), rig.connect("bob", "pc2")
+        rig.checkout(alice)
+        rig.server.handlers.dispatch(bob, Checkout(rig.rid(), "CADPRO", "2.1", 0.2))
+        await asyncio.sleep(0.4)
+        rig.server.outbox.flush()
+        (reply,) = rig.replies(bob)
+        assert reply["op"] == "error" and reply["code"] == ErrorCode.NO_SEATS
+        assert "became free within" in reply["message"]
+        assert rig.server.leases.waits == {} and bob.waiters == {}
+
+    run(tmp_path, vendor, body)
+
+
+def test_restore_frees_leases_whose_license_is_gone(tmp_path: Path, vendor: tuple[Ed25519PrivateKey, Path]) -> None:
+    async def first(rig: Rig) -> None:
+        rig.checkout(rig.connect("alice"))
+        assert len(rig.journal()) == 1
+
+    async def second(rig: Rig) -> None:  # run() signs a new license (another customer ID): the lease is unlicensed
+        assert rig.journal() == {} and len(rig.server.ledger) == 0
+        assert rig.server.counters.released == 1
+
+    run(tmp_path, vendor, first)
+    run(tmp_path, vendor, second)
