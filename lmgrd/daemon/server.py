@@ -116,6 +116,8 @@ class Server:
         self.closing = False
         self.forced = False
         self._force = asyncio.Event()
+        self.open_connections = 0
+        self._all_closed = asyncio.Event()
         self.listeners: list[asyncio.AbstractServer] = []
         self.ports: list[int] = []
         self.stopped = asyncio.Event()
@@ -177,17 +179,16 @@ class Server:
                 "your seats are kept; the client resumes them when the server is back")))
             self.outbox.send(s, None)
         self.outbox.flush()
-        waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(srv.wait_closed()) for srv in self.listeners}
-        force = asyncio.ensure_future(self._force.wait())
-        try:
-            async with asyncio.timeout(self.cfg.shutdown_timeout):
-                while waits and not force.done():
-                    _done, waits = await asyncio.wait(waits | {force}, return_when=asyncio.FIRST_COMPLETED)
-                    waits.discard(force)
-        except TimeoutError:
-            logger.warning("some connections did not close within %.1f s", self.cfg.shutdown_timeout)
-        finally:
-            for fut in (*waits, force):
+        # Wait (up to shutdown_timeout) for every client to take its replies and go, or for a second signal.
+        if self.open_connections:
+            closed = asyncio.ensure_future(self._all_closed.wait())
+            force = asyncio.ensure_future(self._force.wait())
+            _done, pending = await asyncio.wait({closed, force}, timeout=self.cfg.shutdown_timeout,
+                                                return_when=asyncio.FIRST_COMPLETED)
+            if not closed.done() and not force.done():
+                logger.warning("%d connection(s) did not close within %.1f s", self.open_connections,
+                               self.cfg.shutdown_timeout)
+            for fut in pending:
                 fut.cancel()
         left = [s for s in self.sessions.values() if s.transport is not None and not s.transport.is_closing()]
         for s in list(self.sessions.values()):
@@ -221,6 +222,7 @@ class Server:
         n = self.per_address.get(proto.addr, 0) + 1
         self.per_address[proto.addr] = n
         self.counters.connections += 1
+        self.open_connections += 1
         if self.closing:
             self.fail(proto, ProtocolError(ErrorCode.SHUTTING_DOWN, "the license server is shutting down",
                                            "retry in a few seconds"))
@@ -237,6 +239,9 @@ class Server:
         proto.handshake_timer = self.loop.call_later(self.cfg.handshake_timeout, proto.handshake_expired)
 
     def on_disconnect(self, proto: ClientProtocol) -> None:
+        self.open_connections -= 1
+        if self.closing and self.open_connections <= 0:
+            self._all_closed.set()
         n = self.per_address.get(proto.addr, 1) - 1
         if n <= 0:
             self.per_address.pop(proto.addr, None)
