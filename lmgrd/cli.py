@@ -26,17 +26,9 @@ from lmgrd.config import (
     build_config,
     load_config_file,
 )
-from lmgrd.core.activation import Activations, auto_activation_at, clock_offset, daemon_wall_clock
-from lmgrd.core.licensing import Licensing, Refusal, revocation_reason
-from lmgrd.core.site import parse_networks
-from lmgrd.storage.files import (
-    license_problems_for_daemon,
-    load_revocations,
-    read_license_file,
-    read_public_key_file,
-    this_host,
-)
-from protocol.errors import ErrorCode, ProtocolError
+from lmgrd.core.activation import auto_activation_at, clock_offset, daemon_wall_clock
+from lmgrd.core.licensing import Licensing
+from lmgrd.storage.files import load_licensing, state_dir
 
 logger = logging.getLogger("lmgrd")
 
@@ -118,60 +110,6 @@ def configure_logging(level: str) -> None:
     root.setLevel(getattr(logging, level.upper()))
 
 
-def load_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
-    """Load every license; return what serves and the list of problems (each naming its file)."""
-    problems: list[str] = []
-    assert cfg.vendor_key is not None
-    try:
-        key = read_public_key_file(cfg.vendor_key)
-    except ProtocolError as exc:
-        refusals = [Refusal(str(p), ErrorCode.LICENSE_INVALID, (exc.message,)) for p in cfg.licenses]
-        return Licensing([], refusals), [exc.message]
-    host = this_host()
-    served = []
-    refused: list[Refusal] = []
-    seen: dict[str, Path] = {}
-    revoked, rev_problems = load_revocations(cfg.extra.get("revocations", []), key)
-    problems.extend(rev_problems)
-    activations = Activations(_state_dir(cfg))
-    problems.extend(activations.problems)
-    for path in cfg.licenses:
-        try:
-            lic = read_license_file(path, key)
-        except ProtocolError as exc:
-            problems.append(exc.message)
-            refused.append(Refusal(str(path), exc.code, (exc.message,)))
-            continue
-        names = tuple(p.name for p in lic.products)
-        rev = revoked.get(lic.customer_id)
-        if rev is not None:  # revocation comes before the host check (the handbook's order)
-            why = revocation_reason(rev) + "; remove this license file from the configuration"
-            problems.append(f"{path}: {why}")
-            refused.append(Refusal(str(path), ErrorCode.LICENSE_REVOKED, (why,), lic.customer_id, names))
-            continue
-        issues = license_problems_for_daemon(lic, host)
-        if lic.customer_id in seen:
-            issues.append(f"customer ID {lic.customer_id} is already loaded from {seen[lic.customer_id]}")
-        if issues:
-            code = ErrorCode.LICENSE_INVALID if lic.license_type != "multi" else ErrorCode.HOST_NOT_LICENSED
-            for i in issues:
-                problems.append(f"{path}: {i}")
-            refused.append(Refusal(str(path), code, tuple(issues), lic.customer_id, names))
-            continue
-        seen[lic.customer_id] = path
-        served.append((path, lic))
-    policy = cfg.policy  # parsed (and its problems refused) with the config
-    for _path, lic in served:
-        for prod in lic.products:
-            pp = policy.get(prod.name)
-            if pp is not None and pp.reserved_total > prod.count:
-                problems.append(f"policy.{prod.name}.reserve: reserves {pp.reserved_total} seat(s) but license "
-                                f"{lic.customer_id} has {prod.count}; the reservations fill the count in rule order "
-                                "and nobody else gets a seat")
-    return Licensing(served, refused, activations=activations, revoked=revoked,
-                     daemon_site=parse_networks(cfg.extra.get("site_networks") or []), policy=policy), problems
-
-
 _CONFIG_SOURCE: tuple[Path | None, dict[str, Any]] = (None, {})
 
 
@@ -218,19 +156,11 @@ def run_check(cfg: DaemonConfig) -> int:
     return 0
 
 
-def _state_dir(cfg: DaemonConfig) -> Path:
-    if cfg.state_dir is not None:
-        return cfg.state_dir
-    import platformdirs
-
-    return Path(platformdirs.user_state_dir("lmgrd"))
-
-
 async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
     from lmgrd.daemon.server import Server, install_signal_handlers
     from lmgrd.storage.journal import open_store
 
-    state = _state_dir(cfg)
+    state = state_dir(cfg)
     state.mkdir(parents=True, exist_ok=True)
     store = open_store(state)
     server = Server(cfg, licensing, store, reload=lambda: reload_licensing(cfg),

@@ -11,6 +11,8 @@ import os
 import secrets
 from pathlib import Path
 
+from lmgrd.storage.atomic import write_atomic
+
 __all__ = ["remove_token", "runtime_dir", "token_path", "write_token"]
 
 
@@ -38,13 +40,7 @@ def write_token(path: Path) -> str:
     """Create a fresh admin token in ``path`` (mode 0600, replacing any stale one) and return it."""
     token = secrets.token_urlsafe(32)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, token.encode() + b"\n")
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(path, token.encode() + b"\n", mode=0o600, durable=False)
     return token
 
 

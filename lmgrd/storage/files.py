@@ -16,12 +16,16 @@ import logging
 import os
 import socket
 from collections.abc import Iterable
+from pathlib import Path
 
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from lmgrd.core.licensing import revocation_reason
-from protocol.errors import ProtocolError
+from lmgrd.config import DaemonConfig
+from lmgrd.core.activation import Activations
+from lmgrd.core.licensing import Licensing, Refusal, revocation_reason
+from lmgrd.core.site import parse_networks
+from protocol.errors import ErrorCode, ProtocolError
 from protocol.license import (
     MAX_LICENSE_TEXT_CHARS,
     License,
@@ -37,10 +41,12 @@ from protocol.license import (
 __all__ = [
     "HostIdentity",
     "license_problems_for_daemon",
+    "load_licensing",
     "load_revocations",
     "read_license_file",
     "read_public_key_file",
     "read_revocation_file",
+    "state_dir",
     "this_host",
 ]
 
@@ -167,3 +173,66 @@ def load_revocations(paths: Iterable[str | os.PathLike[str]], key: Ed25519Public
         logger.info("revocation %s loaded: %s", os.fspath(path), revocation_reason(rev))
         revoked.setdefault(rev.customer_id, rev)
     return revoked, problems
+
+
+def state_dir(cfg: DaemonConfig) -> Path:
+    """The daemon's state directory: the config's ``state_dir``, else the platform's per-user state dir."""
+    if cfg.state_dir is not None:
+        return cfg.state_dir
+    import platformdirs
+
+    return Path(platformdirs.user_state_dir("lmgrd"))
+
+
+def load_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
+    """Load every license; return what serves and the list of problems (each naming its file)."""
+    problems: list[str] = []
+    assert cfg.vendor_key is not None
+    try:
+        key = read_public_key_file(cfg.vendor_key)
+    except ProtocolError as exc:
+        refusals = [Refusal(str(p), ErrorCode.LICENSE_INVALID, (exc.message,)) for p in cfg.licenses]
+        return Licensing([], refusals), [exc.message]
+    host = this_host()
+    served = []
+    refused: list[Refusal] = []
+    seen: dict[str, Path] = {}
+    revoked, rev_problems = load_revocations(cfg.extra.get("revocations", []), key)
+    problems.extend(rev_problems)
+    activations = Activations(state_dir(cfg))
+    problems.extend(activations.problems)
+    for path in cfg.licenses:
+        try:
+            lic = read_license_file(path, key)
+        except ProtocolError as exc:
+            problems.append(exc.message)
+            refused.append(Refusal(str(path), exc.code, (exc.message,)))
+            continue
+        names = tuple(p.name for p in lic.products)
+        rev = revoked.get(lic.customer_id)
+        if rev is not None:  # revocation comes before the host check (the handbook's order)
+            why = revocation_reason(rev) + "; remove this license file from the configuration"
+            problems.append(f"{path}: {why}")
+            refused.append(Refusal(str(path), ErrorCode.LICENSE_REVOKED, (why,), lic.customer_id, names))
+            continue
+        issues = license_problems_for_daemon(lic, host)
+        if lic.customer_id in seen:
+            issues.append(f"customer ID {lic.customer_id} is already loaded from {seen[lic.customer_id]}")
+        if issues:
+            code = ErrorCode.LICENSE_INVALID if lic.license_type != "multi" else ErrorCode.HOST_NOT_LICENSED
+            for i in issues:
+                problems.append(f"{path}: {i}")
+            refused.append(Refusal(str(path), code, tuple(issues), lic.customer_id, names))
+            continue
+        seen[lic.customer_id] = path
+        served.append((path, lic))
+    policy = cfg.policy  # parsed (and its problems refused) with the config
+    for _path, lic in served:
+        for prod in lic.products:
+            pp = policy.get(prod.name)
+            if pp is not None and pp.reserved_total > prod.count:
+                problems.append(f"policy.{prod.name}.reserve: reserves {pp.reserved_total} seat(s) but license "
+                                f"{lic.customer_id} has {prod.count}; the reservations fill the count in rule order "
+                                "and nobody else gets a seat")
+    return Licensing(served, refused, activations=activations, revoked=revoked,
+                     daemon_site=parse_networks(cfg.extra.get("site_networks") or []), policy=policy), problems

@@ -15,11 +15,12 @@ from harness import HOSTNAME, write_license
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from lmgrd.cli import load_licensing
 from lmgrd.config import ConfigInvalid, DaemonConfig, build_config
 from lmgrd.daemon.server import Server
 from lmgrd.monitoring.http import health, render_status
-from lmgrd.monitoring.metrics import Denial, Metrics, TextfileWriter, attach, write_atomic
+from lmgrd.monitoring.metrics import Denial, Metrics, TextfileWriter, attach
+from lmgrd.storage.atomic import write_atomic
+from lmgrd.storage.files import load_licensing
 from lmgrd.storage.journal import open_store
 from protocol import Checkin, Checkout, ClientConnection, ErrorCode, ErrorReply, Granted, Hello, Reply, Welcome
 

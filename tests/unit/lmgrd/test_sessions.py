@@ -16,12 +16,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from harness import HOSTNAME, write_license
 
-from lmgrd.cli import load_licensing
 from lmgrd.config import build_config
 from lmgrd.core.ledger import LeaseInfo
 from lmgrd.daemon.events import EndReason
 from lmgrd.daemon.server import Server
 from lmgrd.daemon.session import Session
+from lmgrd.storage.files import load_licensing
 from lmgrd.storage.journal import JournalStore, read_journal
 from protocol import Checkin, Checkout, ErrorCode, Heartbeat, Hello, Resume
 from protocol.framing import FrameDecoder
