@@ -2,8 +2,7 @@
 
 The daemon talks to a :class:`LeaseStore` only: ``record_grant`` / ``record_release`` buffer in memory,
 ``flush`` makes the buffer survive a crash of the process, ``sync`` makes it survive a power loss,
-``load`` gives the live leases back after a restart. A later issue adds an etcd-backed store behind
-the same interface. This module imports the standard library, msgpack and :mod:`lmgrd.core.ledger` (for
+``load`` gives the live leases back after a restart. This module imports the standard library, msgpack and :mod:`lmgrd.core.ledger` (for
 :class:`LeaseRecord`); never ``protocol`` transports or asyncio.
 
 :class:`JournalStore` is an append-only journal in the state directory with group commit: the daemon
