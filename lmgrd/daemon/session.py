@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from lmgrd import __version__
-from lmgrd.core.ledger import Holder, ShareMode, share_key_for
+from lmgrd.core.ledger import Holder
 from lmgrd.core.licensing import Licensing, seat_refusal
 from lmgrd.daemon.events import EndReason
 from lmgrd.daemon.leases import LeaseLifecycle
@@ -53,15 +53,14 @@ logger = logging.getLogger(__name__)
 #: Runs one admin command for a session: (session, command, args, auth) -> reply data, or ProtocolError.
 AdminHandler = Callable[["Session", str, dict[str, Any], str], dict[str, Any]]
 
-_MODES = tuple(ShareMode)
-
 
 class Session:
     """One client connection's state. Plain attributes: the transport subclass adds the asyncio callbacks."""
 
+    # Kept small: one per connection, and a license server holds thousands (benchmarks' idle scenario).
     __slots__ = (
-        "addr", "conn", "display", "handshake_timer", "holder", "host", "idle_since", "lost", "paused_since",
-        "peer", "pid", "session", "share_keys", "transport", "user", "waiters",
+        "addr", "conn", "handshake_timer", "holder", "idle_since", "lost", "paused_since", "peer", "session",
+        "transport", "waiters",
     )
 
     def __init__(self, max_frame_bytes: int) -> None:
@@ -70,13 +69,8 @@ class Session:
         self.session = 0  # set at hello; 0 = not yet identified
         self.addr = ""
         self.peer = ""
-        self.user = ""
-        self.host = ""
-        self.pid = 0
-        self.display = ""
+        #: Who this client is (user, short host, pid, display, session), set at hello.
         self.holder: Holder | None = None
-        #: The share key of this client under each share mode, computed once at hello.
-        self.share_keys: dict[str, tuple[str, ...]] = {}
         self.lost: list[LostSeat] = []
         self.waiters: dict[int, int] = {}  # waiter_id -> request id
         self.handshake_timer: Any = None
@@ -84,14 +78,25 @@ class Session:
         self.idle_since: float | None = None  # monotonic time of the first heartbeat saying "idle"
 
     def identify(self, session: int, user: str, host: str, pid: int, display: str) -> None:
-        """Record who this client is (at hello): its holder value and its share keys."""
+        """Record who this client is (at hello)."""
         self.session = session
-        self.user = user
-        self.host = host
-        self.pid = pid
-        self.display = display
         self.holder = Holder(user, host, pid, display, session)
-        self.share_keys = {m.value: share_key_for(m, user, host) for m in _MODES}
+
+    @property
+    def user(self) -> str:
+        return self.holder.user if self.holder is not None else ""
+
+    @property
+    def host(self) -> str:
+        return self.holder.host if self.holder is not None else ""
+
+    @property
+    def pid(self) -> int:
+        return self.holder.pid if self.holder is not None else 0
+
+    @property
+    def display(self) -> str:
+        return self.holder.display if self.holder is not None else ""
 
     def who(self) -> str:
         return f"{self.user}@{self.host}" if self.user else self.peer
@@ -184,18 +189,17 @@ class Handlers:
             return
         holder = s.holder
         assert holder is not None  # the connection state machine admits checkout only after hello
-        keys = s.share_keys
         for lic in decision.licenses:
-            if leases.checkout(s, req.id, (lic.customer_id, req.product), keys[lic.share], holder, req.version,
-                               now, wall):
+            if leases.checkout(s, req.id, (lic.customer_id, req.product), holder.share_key(lic.share), holder,
+                               req.version, now, wall):
                 return
         first = decision.licenses[0]
-        reasons = {self.ledger.refusal((lic.customer_id, req.product), keys[lic.share], s.user, s.host)
+        reasons = {self.ledger.refusal((lic.customer_id, req.product), holder.share_key(lic.share), s.user, s.host)
                    for lic in decision.licenses}
         code, message, hint = seat_refusal(req.product, decision.licenses, reasons, licensing.policy, s.user, s.host)
         if code is not ErrorCode.MAX_REACHED and req.wait > 0 and not self.daemon.closing:
-            leases.enqueue(s, req.id, req.product, req.version, (first.customer_id, req.product), keys[first.share],
-                           holder, req.wait, now)
+            leases.enqueue(s, req.id, req.product, req.version, (first.customer_id, req.product),
+                           holder.share_key(first.share), holder, req.wait, now)
             return
         leases.deny(s, req.id, req.product, req.version, code, message, hint)
 

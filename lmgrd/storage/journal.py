@@ -2,8 +2,8 @@
 
 The daemon talks to a :class:`LeaseStore` only: ``record_grant`` / ``record_release`` buffer in memory,
 ``flush`` makes the buffer survive a crash of the process, ``sync`` makes it survive a power loss,
-``load`` gives the live leases back after a restart. This module imports the standard library, msgpack and :mod:`lmgrd.core.ledger` (for
-:class:`LeaseRecord`); never ``protocol`` transports or asyncio.
+``load`` gives the live leases back after a restart. This module imports the standard library, msgpack
+and :mod:`lmgrd.core.ledger` (for :class:`LeaseRecord`); never ``protocol`` transports or asyncio.
 
 :class:`JournalStore` is an append-only journal in the state directory with group commit: the daemon
 calls ``flush()`` once per event-loop iteration, so every grant and release of that iteration costs one
