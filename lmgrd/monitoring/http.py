@@ -49,7 +49,7 @@ MAX_HOLDERS_SHOWN = 200
 REFRESH_SECONDS = 5
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            431: "Request Header Fields Too Large", 501: "Not Implemented", 503: "Service Unavailable"}
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 _HTML = "text/html; charset=utf-8"
 _TEXT = "text/plain; charset=utf-8"
 _BAD_REQUEST_LINE = b"expected an HTTP/1.x request line such as: GET /metrics HTTP/1.1\n"
@@ -280,9 +280,9 @@ class HTTPProtocol(asyncio.Protocol):
         elif exc.error_status_hint == 431:
             self.respond(431, _TEXT, f"request head larger than {MAX_REQUEST_BYTES} bytes\n".encode())
         else:
-            # h11 names what it refused ("Missing mandatory Host: header", "illegal header line: ...").
-            status = exc.error_status_hint if exc.error_status_hint in _REASONS else 400
-            self.respond(status, _TEXT, f"bad request: {reason[:200]}\n".encode("utf-8", "replace"))
+            # h11 names what it refused ("Missing mandatory Host: header", "illegal header line: ..."). Its
+            # one other hint, 501 for a transfer coding other than chunked, is a client's fault here too: 400.
+            self.respond(400, _TEXT, f"bad request: {reason[:200]}\n".encode("utf-8", "replace"))
 
     def _handle(self, request: h11.Request) -> None:
         self.method = request.method

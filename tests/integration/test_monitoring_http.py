@@ -162,6 +162,7 @@ def test_malformed_requests_get_a_400_never_a_traceback(tmp_path: Path,
                          (b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", b"Host"),
                          (b"GET /healthz HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", b"header"),
                          (b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: many\r\n\r\n", b"Content-Length"),
+                         (b"GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", b"Transfer-Encoding"),
                          (b"GET http://[/ HTTP/1.1\r\nHost: x\r\n\r\n", b"target")):
             a = await exchange(port, bad)
             assert a.status_line == "HTTP/1.1 400 Bad Request", (bad, a.raw)
