@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from client_stub.errors import LicenseError, SeatDenied
+from client_stub.machine import this_fingerprint
 from protocol import ErrorCode
-from protocol.fingerprint import Fingerprint, this_fingerprint
+from protocol.fingerprint import Fingerprint
 from protocol.license import License
 
 __all__ = ["AUTO_ACTIVATION_AFTER", "activate", "activation_path", "check_activation", "record_for"]

@@ -57,10 +57,10 @@ from typing import Any
 from client_stub import activation
 from client_stub.address import ENV_SERVER, config_path, parse_server_list, resolve_servers
 from client_stub.errors import LicenseError, LicenseLost, SeatDenied, ServerUnavailable
-from client_stub.nodelock import ENV_VENDOR_KEY, load_vendor_key, this_machine, verify_for_this_pc
+from client_stub.machine import this_fingerprint, this_machine
+from client_stub.nodelock import ENV_VENDOR_KEY, load_vendor_key, verify_for_this_pc
 from client_stub.sync import LicenseClient, Seat
 from protocol import ErrorCode
-from protocol.fingerprint import this_fingerprint
 from protocol.validation import hostname_problem, short_hostname
 
 __all__ = ["EXIT_CONFIG", "EXIT_DENIED", "EXIT_LOST", "EXIT_UNREACHABLE", "main"]

@@ -42,7 +42,7 @@ from typing import Any
 
 from lmgrd import LmgrdError
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.fingerprint import Fingerprint, this_fingerprint
+from protocol.fingerprint import Fingerprint
 from protocol.license import License
 
 __all__ = [
@@ -55,7 +55,6 @@ __all__ = [
     "auto_activation_at",
     "clock_offset",
     "daemon_wall_clock",
-    "this_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -143,9 +142,9 @@ class Activations:
     licenses it could not describe; nothing is written until an activation happens).
     """
 
-    def __init__(self, state_dir: Path, fingerprint: Fingerprint | None = None, hostname: str | None = None) -> None:
+    def __init__(self, state_dir: Path, fingerprint: Fingerprint, hostname: str | None = None) -> None:
         self.path = state_dir / ACTIVATIONS_FILE
-        self.fingerprint = fingerprint or this_fingerprint()
+        self.fingerprint = fingerprint  # this machine's, read by the caller (lmgrd.storage.host)
         self.hostname = hostname or socket.gethostname()
         self.problems: list[str] = []
         self.records: dict[str, ActivationRecord] = {}
@@ -281,6 +280,7 @@ class Activations:
         return rec
 
 
-def record_activation(state_dir: Path, lic: License, how: str, now: datetime | None = None) -> ActivationRecord:
-    """Activate ``lic`` on this machine before the daemon starts (``make demo``)."""
-    return Activations(state_dir).activate(lic, now or datetime.now(UTC), how)
+def record_activation(state_dir: Path, lic: License, how: str, fingerprint: Fingerprint,
+                      now: datetime | None = None) -> ActivationRecord:
+    """Activate ``lic`` on this machine (``fingerprint``) before the daemon starts (``make demo``)."""
+    return Activations(state_dir, fingerprint).activate(lic, now or datetime.now(UTC), how)

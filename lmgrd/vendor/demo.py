@@ -15,6 +15,7 @@ from pathlib import Path
 from lmgrd.cli import main as lmgrd_main
 from lmgrd.core.activation import record_activation
 from lmgrd.storage.files import this_host
+from lmgrd.storage.host import this_fingerprint
 from protocol.license import License, Product, load_private_key, new_customer_id, sign_license
 from protocol.validation import hostname_problem, short_hostname
 
@@ -48,7 +49,7 @@ def main() -> int:
     lic_path = state / "demo.lic"
     lic_path.write_text(sign_license(lic, key), encoding="utf-8")
     # A fresh license is pending for 24 hours; the demo activates it at once, as `lmutil activate` would.
-    record_activation(state, lic, "make demo")
+    record_activation(state, lic, "make demo", this_fingerprint())
     print(f"""
   lmgrd demo: license {lic.customer_id} for {hostname} ({ip}), CADPRO 2.1 x5 and VIEWER 11.0 x20
   signed with the bundled DEMO vendor key: never use it in production.

@@ -204,7 +204,7 @@ def test_entries_are_tried_in_order(tmp_path: Path, vendor: Vendor) -> None:
 
 
 def test_this_machine_reports_the_os_view() -> None:
-    from client_stub.nodelock import this_machine
+    from client_stub.machine import this_machine
 
     host, addresses = this_machine()
     assert host == socket.gethostname()
