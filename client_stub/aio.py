@@ -66,8 +66,7 @@ from protocol import (
     StatusReply,
     Welcome,
 )
-from protocol.messages import MAX_TEXT, MAX_WAIT_SECONDS
-from protocol.validation import hostname_problem, parse_version, product_problem
+from protocol.validation import MAX_TEXT, MAX_WAIT_SECONDS, hostname_problem, parse_version, product_problem
 
 __all__ = ["CLIENT_VERSION", "AsyncLicenseClient", "AsyncSeat", "Identity", "OnLost", "Ping", "local_identity"]
 

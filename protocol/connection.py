@@ -16,7 +16,8 @@ from typing import Any
 
 from protocol.errors import ErrorCode, MalformedMessage, ProtocolError
 from protocol.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame
-from protocol.messages import MAX_ID, Hello, Reply, Request, parse_reply, parse_request
+from protocol.messages import Hello, Reply, Request, parse_reply, parse_request
+from protocol.validation import MAX_ID
 
 #: Protocol versions this code speaks, oldest first.
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
