@@ -104,6 +104,16 @@ class ProtocolError(Exception):
         return f"{self.code}: {self.message}" + (f" ({self.hint})" if self.hint else "")
 
 
+class LocalProtocolError(ProtocolError):
+    """This end tried to send a message the conversation does not allow now (a bug in the caller, not the peer).
+
+    Raised by :meth:`protocol.Connection.send`; the connection is then in ERROR.
+    """
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(ErrorCode.UNEXPECTED_MESSAGE, message, hint)
+
+
 class MalformedMessage(ProtocolError):
     """The peer sent bytes that are not a valid frame or message (the peer's fault)."""
 
