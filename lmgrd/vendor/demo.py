@@ -16,7 +16,8 @@ from lmgrd.cli import main as lmgrd_main
 from lmgrd.core.activation import record_activation
 from lmgrd.storage.files import this_host
 from lmgrd.storage.host import this_fingerprint
-from protocol.license import License, Product, load_private_key, new_customer_id, sign_license
+from lmgrd.vendor.signing import load_private_key, new_customer_id, sign_license
+from protocol.license import License, Product
 from protocol.validation import hostname_problem, short_hostname
 
 DEMO_DIR = Path(__file__).with_name("demo_keys")

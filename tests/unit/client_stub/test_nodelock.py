@@ -91,7 +91,7 @@ def test_unreadable_or_wrong_kind_of_key(tmp_path: Path, vendor: Vendor) -> None
     err = refusal(lic, str(tmp_path / "nope.pub"))
     assert err.code is ErrorCode.LICENSE_INVALID and "nope.pub" in err.message
     private = tmp_path / "vendor.key"
-    from protocol.license import dump_private_key
+    from lmgrd.vendor.signing import dump_private_key
 
     private.write_bytes(dump_private_key(key))
     err = refusal(lic, str(private))

@@ -19,8 +19,9 @@ from lmgrd.core.activation import ACTIVATIONS_FILE, Activations, Fingerprint, cl
 from lmgrd.core.licensing import Licensing
 from lmgrd.core.site import Site, site_networks_problems
 from lmgrd.storage.host import this_fingerprint
+from lmgrd.vendor.signing import new_customer_id
 from protocol.errors import ErrorCode
-from protocol.license import License, Product, new_customer_id
+from protocol.license import License, Product
 
 ISSUED = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 
