@@ -336,7 +336,7 @@ def cmd_activate(ns: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     rec = activation.activate(lic, now, hostname=socket.gethostname())
     print(f"activated single-user license {lic.customer_id} ({lic.customer}) on this PC "
-          f"({short_hostname(socket.gethostname())}), fingerprint {str(rec['fingerprint'])[:16]}")
+          f"({short_hostname(socket.gethostname())}), fingerprint {rec.fingerprint.digest[:16]}")
     print(f"recorded in {activation.activation_path()}")
     return 0
 
