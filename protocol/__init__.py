@@ -6,7 +6,6 @@ clock reads or logging setup: both the daemon (``lmgrd``) and the client library
 """
 
 from protocol.connection import (
-    PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
     BadRequest,
     ClientConnection,
@@ -49,7 +48,7 @@ from protocol.messages import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_FRAME_BYTES", "PROTOCOL_VERSION", "RETRYABLE", "SUPPORTED_VERSIONS", "Admin", "BadRequest",
+    "DEFAULT_MAX_FRAME_BYTES", "RETRYABLE", "SUPPORTED_VERSIONS", "Admin", "BadRequest",
     "CheckedIn", "Checkin", "Checkout", "ClientConnection", "Connection", "ErrorCode", "ErrorReply",
     "FrameDecoder", "FrameTooLarge", "Granted", "Heartbeat", "HeartbeatAck", "Hello", "LocalProtocolError",
     "LostSeat", "MalformedMessage", "ProtocolError", "Reply", "Request", "Resume", "Resumed", "Role",

@@ -54,7 +54,6 @@ from protocol.validation import MAX_ID
 
 __all__ = [
     "CLIENT_MAX_FRAME_BYTES",
-    "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
     "TRANSITIONS",
     "BadRequest",
@@ -69,7 +68,6 @@ __all__ = [
 
 #: Protocol versions this code speaks, oldest first.
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
-PROTOCOL_VERSION = SUPPORTED_VERSIONS[-1]
 #: The client's frame ceiling: it trusts its configured server more than the server trusts clients, but
 #: still bounds what it buffers.
 CLIENT_MAX_FRAME_BYTES = 16 * 1024 * 1024
@@ -222,11 +220,6 @@ class Connection(Generic[_EventT]):
         self.state = State.AWAIT_HELLO
         self.hello: Hello | None = None
         self.proto = 0
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet part of a complete frame."""
-        return self._decoder.buffered
 
     # -- the table ------------------------------------------------------------------------------------------
     def _move(self, sender: Role, kind: type, remote: bool) -> None:

@@ -77,11 +77,6 @@ class FrameDecoder:
         self._buf = bytearray()
         self._failed: MalformedMessage | None = None
 
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet part of a complete frame."""
-        return len(self._buf)
-
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         """Add received bytes; return every message now complete, in order.
 
