@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar, overload
+from typing import Any, Generic, Literal, NoReturn, TypeVar, overload
 
 from protocol.errors import ErrorCode, LocalProtocolError, MalformedMessage, ProtocolError
 from protocol.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame
@@ -79,6 +79,10 @@ class Role(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
 
+    # Members are singletons compared by identity: hash them the same way, in C (Enum's own __hash__ is
+    # Python code, and every message hashes two members to look up the table).
+    __hash__ = object.__hash__
+
 
 class State(enum.Enum):
     """The state of the conversation, the same on both ends once both have seen the same messages."""
@@ -89,6 +93,8 @@ class State(enum.Enum):
     MUST_CLOSE = "must_close"  # the server refused the connection before welcoming it
     ERROR = "error"  # a rule was broken (either end); terminal
     CLOSED = "closed"  # the caller closed the transport
+
+    __hash__ = object.__hash__  # as for Role
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,15 +228,14 @@ class Connection(Generic[_EventT]):
         self.proto = 0
 
     # -- the table ------------------------------------------------------------------------------------------
-    def _move(self, sender: Role, kind: type, remote: bool) -> None:
-        nxt = TRANSITIONS.get((self.state, sender, kind))
-        if nxt is None:
-            message, hint = _refusal(self.state, sender, kind)
-            self.state = State.ERROR
-            if remote:
-                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, message, hint)
-            raise LocalProtocolError(message, hint)
-        self.state = nxt
+    # Every move is ``TRANSITIONS.get((self.state, sender, kind))``, written out at each use (one dict
+    # lookup on the hot path, no call); a miss goes here.
+    def _refuse(self, sender: Role, kind: type, remote: bool) -> NoReturn:
+        message, hint = _refusal(self.state, sender, kind)
+        self.state = State.ERROR
+        if remote:
+            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, message, hint)
+        raise LocalProtocolError(message, hint)
 
     # -- sending --------------------------------------------------------------------------------------------
     def send(self, message: Request | Reply) -> bytes:
@@ -247,7 +252,11 @@ class Connection(Generic[_EventT]):
                 before welcome, a reply from a client, anything after an error or close). The connection
                 is then in ERROR.
         """
-        self._move(self.role, type(message), remote=False)
+        kind = type(message)
+        nxt = TRANSITIONS.get((self.state, self.role, kind))
+        if nxt is None:
+            self._refuse(self.role, kind, remote=False)
+        self.state = nxt
         if isinstance(message, Hello):
             self.hello = message
         return encode_frame(message.to_wire())
@@ -269,7 +278,10 @@ class Connection(Generic[_EventT]):
         if kind is Hello:
             self.state = State.ERROR
             raise LocalProtocolError("send hello with send(), which records it")
-        self._move(self.role, kind, remote=False)
+        nxt = TRANSITIONS.get((self.state, self.role, kind))
+        if nxt is None:
+            self._refuse(self.role, kind, remote=False)
+        self.state = nxt
         return frame
 
     # -- receiving ------------------------------------------------------------------------------------------
@@ -308,7 +320,10 @@ class Connection(Generic[_EventT]):
                     out.append(BadRequest(rid if ok_id and isinstance(rid, int) else 0, exc))
                     continue
                 kind = type(msg)
-                self._move(peer, kind, remote=True)
+                nxt = TRANSITIONS.get((self.state, peer, kind))
+                if nxt is None:
+                    self._refuse(peer, kind, remote=True)
+                self.state = nxt
                 if kind is Hello:
                     self.proto = negotiate(msg.proto)
                     self.hello = msg
