@@ -16,7 +16,7 @@ from lmgrd.cli import main as lmgrd_main
 from lmgrd.core.activation import record_activation
 from lmgrd.storage.files import this_host
 from lmgrd.storage.host import this_fingerprint
-from lmgrd.vendor.signing import load_private_key, new_customer_id, sign_license
+from lmgrd.vendor.signing import CUSTOMER_ID_RANDOM_BYTES, load_private_key, new_customer_id, sign_license
 from protocol.license import License, Product
 from protocol.validation import hostname_problem, short_hostname
 
@@ -43,7 +43,8 @@ def main() -> int:
     ip = _demo_ip(host.addresses)
     key = load_private_key((DEMO_DIR / "demo_vendor.key").read_bytes())
     lic = License(
-        customer_id=new_customer_id(os.urandom(10)), license_type="multi", customer="Demo Customer",
+        customer_id=new_customer_id(os.urandom(CUSTOMER_ID_RANDOM_BYTES)), license_type="multi",
+        customer="Demo Customer",
         hostname=hostname, ip=ip, products=(Product("CADPRO", "2.1", 5), Product("VIEWER", "11.0", 20)),
         issued_at=datetime.now(UTC), expires=None, site_networks=(), share="user_host",
     )
