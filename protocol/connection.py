@@ -341,7 +341,13 @@ class Connection(Generic[_EventT]):
 
 
 class ServerConnection(Connection[Request | BadRequest]):
-    """``Connection(Role.SERVER)`` under its old name, with its old constructor (``max_frame_bytes``)."""
+    """``Connection(Role.SERVER)`` under its old name, with its old constructor (``max_frame_bytes``).
+
+    A server that writes its frames without :meth:`send` / :meth:`send_frame` (the daemon, until it moves
+    to ``Connection``) leaves the state at ``AWAIT_WELCOME`` after the hello; every request is legal there,
+    so what it receives is checked exactly as before. Once it sends through the connection, ``welcome``
+    (or the refusal) must go first.
+    """
 
     __slots__ = ()
 

@@ -1,9 +1,9 @@
 """Stable error codes and the protocol exception root.
 
-Pure: imports only the standard library. Every reply that is not a result carries one of the codes
-below by *name* (the string is the stable wire value; clients match on it, never on the message).
-Numbers group the codes for documentation and logs: 1xxx protocol, 2xxx licensing, 3xxx server
-state, 9xxx internal.
+Pure: imports only the standard library (never ``lmgrd`` or ``client_stub``). Every reply that is not a
+result carries one of the codes below by *name* (the string is the stable wire value; clients match on it,
+never on the message). Numbers group the codes for documentation and logs: 1xxx protocol, 2xxx licensing,
+3xxx server state, 9xxx internal.
 """
 
 from __future__ import annotations
