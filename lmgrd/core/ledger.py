@@ -88,11 +88,12 @@ def share_key_for(mode: ShareMode | str, user: str, host: str) -> tuple[str, ...
     case-insensitively, so ``Alice@PC1.corp.example`` and ``alice@pc1`` share a seat. ``NONE`` returns
     ``()``, which :meth:`Ledger.checkout` replaces by ``(token,)``: a seat of its own.
     """
-    if mode == ShareMode.USER_HOST:
+    # Plain string constants (ShareMode's values): a str comparison, no enum __eq__, on every checkout.
+    if mode == "user_host":
         return (user.lower(), short_hostname(host))
-    if mode == ShareMode.HOST:
+    if mode == "host":
         return (short_hostname(host),)
-    if mode == ShareMode.NONE:
+    if mode == "none":
         return ()
     raise ValueError(f"unknown share mode {mode!r}; expected one of {', '.join(m.value for m in ShareMode)}")
 
@@ -107,10 +108,6 @@ class Holder:
     pid: int
     display: str
     session: int | None
-
-    def share_key(self, mode: ShareMode | str) -> tuple[str, ...]:
-        """This holder's share key under ``mode`` (see :func:`share_key_for`)."""
-        return share_key_for(mode, self.user, self.host)
 
 
 class UnknownPoolError(LmgrdError, LookupError):

@@ -58,10 +58,12 @@ class Observer(Protocol):
 class Observers:
     """The subscribed observers, each method bound once at :meth:`add` (no lookup per event)."""
 
-    __slots__ = ("_deny", "_grant", "_release", "_shutdown", "members")
+    __slots__ = ("_deny", "_grant", "_release", "_shutdown", "any", "members")
 
     def __init__(self) -> None:
         self.members: list[object] = []
+        #: True once anything subscribed: the hot path tests this attribute, not a __bool__ call.
+        self.any = False
         self._grant: list[object] = []
         self._deny: list[object] = []
         self._release: list[object] = []
@@ -69,6 +71,7 @@ class Observers:
 
     def add(self, observer: object) -> None:
         self.members.append(observer)
+        self.any = True
         for name, bound in (("on_grant", self._grant), ("on_deny", self._deny), ("on_release", self._release),
                             ("on_shutdown", self._shutdown)):
             fn = getattr(observer, name, None)

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 #: How many lmremove'd tokens are remembered so their resume says SEAT_REMOVED (oldest forgotten first).
 REMOVED_MEMORY = 4096
 
+_CHECKIN = EndReason.CHECKIN
+
 #: The error code a holder is told for each way its seat can end without its asking (CHECKIN: none).
 LOST_CODE: Mapping[EndReason, ErrorCode] = {
     EndReason.REMOVAL: ErrorCode.SEAT_REMOVED,
@@ -102,7 +104,7 @@ class LeaseLifecycle:
         wall: Callable[[], float],
         lease_timeout: float,
         heartbeat_interval: float,
-        on_grant: Callable[[], None] = lambda: None,
+        arm: Callable[[], None] = lambda: None,
     ) -> None:
         self.ledger = ledger
         self.store = store
@@ -115,8 +117,9 @@ class LeaseLifecycle:
         self.wall = wall
         self.lease_timeout = lease_timeout
         self.hb_interval = heartbeat_interval
-        #: Called after each grant (the server re-arms its expiry timer if none is armed).
-        self.on_grant = on_grant
+        #: Arms the server's expiry timer; called after a grant while :attr:`timer_idle` (no timer armed).
+        self.arm = arm
+        self.timer_idle = True
         self.counters = Counters()
         self.waits: dict[int, WaitCtx] = {}
         self.next_waiter = 1
@@ -136,7 +139,7 @@ class LeaseLifecycle:
     def _granted(self, client: Client, rid: int, lease: LeaseInfo, waited: float) -> None:
         self.store.record_grant(lease.to_record())
         self.counters.granted += 1
-        if self.observers:
+        if self.observers.any:
             self.observers.grant(lease, client, waited)
         if logger.isEnabledFor(logging.INFO):
             logger.info("OUT %s %s to %s lease %s (%d/%d in use, customer %s)", lease.pool[1], lease.version,
@@ -144,7 +147,8 @@ class LeaseLifecycle:
                         lease.pool[0])
         self.outbox.reply(client, Granted, Granted.frame(rid, lease.token, lease.pool[0], lease.pool[1],
                                                          lease.version, self.lease_timeout, self.hb_interval, waited))
-        self.on_grant()
+        if self.timer_idle:
+            self.arm()
 
     # -- the queue -----------------------------------------------------------------------------------------------
     def enqueue(self, client: Client, rid: int, product: str, version: str, pool: PoolKey,
@@ -217,7 +221,7 @@ class LeaseLifecycle:
              hint: str, *, log: str = "", customer_id: str | None = None) -> None:
         """Refuse a checkout: counter, observers, one ``DENIED`` line, the error reply."""
         self.counters.denied[code] = self.counters.denied.get(code, 0) + 1
-        if self.observers:
+        if self.observers.any:
             self.observers.deny(product, version, code, client, customer_id)
         if logger.isEnabledFor(logging.INFO):
             if log:
@@ -227,8 +231,7 @@ class LeaseLifecycle:
         self.outbox.reply(client, ErrorReply, encode_frame(ErrorReply(rid, code, message, hint).to_wire()))
 
     # -- ends ----------------------------------------------------------------------------------------------------
-    def end(self, token: str, reason: EndReason, why: str = "", *, client: Client | None = None
-            ) -> LeaseInfo | None:
+    def end(self, token: str, reason: EndReason, why: str = "", client: Client | None = None) -> LeaseInfo | None:
         """End one lease now for ``reason``; ``None`` if no lease has that token (already ended).
 
         ``client`` is who asked (the checkin's connection, for the log line); ``why`` says what ended it
@@ -238,7 +241,7 @@ class LeaseLifecycle:
         if lease is None:
             return None
         self._ended(lease, reason, why, client)
-        if reason is not EndReason.CHECKIN:
+        if reason is not _CHECKIN:
             self.outbox.request_flush()  # nobody's reply carries this record out: write it promptly
         if served:
             self._serve(served)
@@ -286,19 +289,20 @@ class LeaseLifecycle:
 
     def _ended(self, lease: LeaseInfo, reason: EndReason, why: str, client: Client | None) -> None:
         self.store.record_release(lease.token)
+        if self.observers.any:
+            self.observers.release(lease, reason)
+        if reason is _CHECKIN:  # the hot path: nobody to tell, one log line
+            self.counters.released += 1
+            if logger.isEnabledFor(logging.INFO):
+                who = client.who() if client is not None else f"{lease.user}@{lease.host}"
+                logger.info("IN %s %s from %s lease %s (%d/%d in use)", lease.pool[1], lease.version, who,
+                            lease.token[:8], self.ledger.in_use(lease.pool), self.count_of(lease.pool))
+            return
         if reason is EndReason.EXPIRY:
             self.counters.expired += 1
         else:
             self.counters.released += 1
-        if self.observers:
-            self.observers.release(lease, reason)
         product, version, tok = lease.pool[1], lease.version, lease.token[:8]
-        if reason is EndReason.CHECKIN:
-            if logger.isEnabledFor(logging.INFO):
-                who = client.who() if client is not None else f"{lease.user}@{lease.host}"
-                logger.info("IN %s %s from %s lease %s (%d/%d in use)", product, version, who, tok,
-                            self.ledger.in_use(lease.pool), self.count_of(lease.pool))
-            return
         if reason is EndReason.EXPIRY:
             logger.info("EXPIRED %s %s of %s@%s lease %s: no heartbeat for %g s", product, version, lease.user,
                         lease.host, tok, self.lease_timeout)

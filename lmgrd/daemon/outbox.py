@@ -67,7 +67,13 @@ class Outbox:
         except LocalProtocolError as exc:
             logger.debug("reply %s not sent: %s", kind.__name__, exc)
             return
-        self.send(to, frame)
+        # send(), inlined: this runs for every reply.
+        self.pending.append((to, frame))
+        if not self.scheduled:
+            self.scheduled = True
+            self.call_soon(self.flush)
+        elif len(self.pending) >= FLUSH_EARLY:
+            self.flush()
 
     def send(self, to: Writable, frame: bytes | None) -> None:
         """Queue raw bytes (already checked by :meth:`reply`), or ``None`` to close ``to`` after them."""

@@ -103,12 +103,12 @@ class Server:
             self.ledger, store, self.outbox, self.observers, sessions=self.sessions,
             count_of=lambda pool: self.licensing.count(pool), timers=cast(Timers, self.loop), clock=self.clock,
             wall=wall, lease_timeout=cfg.lease_timeout, heartbeat_interval=cfg.heartbeat_interval,
-            on_grant=self._arm_if_idle)
+            arm=self.arm)
         self.handlers = Handlers(
             self, self.leases, self.outbox, cast(dict[int, Session], self.sessions),
             heartbeat_interval=cfg.heartbeat_interval, lease_timeout=cfg.lease_timeout,
             max_frame_bytes=cfg.max_frame_bytes, clock=self.clock, wall=wall, fail=self.fail)
-        self.timer: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self.timer_when = 0.0
         self.sync_handle: asyncio.TimerHandle | None = None
         self.started_wall = wall()
@@ -132,6 +132,16 @@ class Server:
             logger.info("restored %d lease(s) from the state directory; their clients have %.0f s to resume them",
                         kept, self.lease_timeout)
         self.arm()
+
+    @property
+    def timer(self) -> asyncio.TimerHandle | asyncio.Handle | None:
+        """The one expiry timer (``None``: none armed; the lifecycle then arms it at its next grant)."""
+        return self._timer
+
+    @timer.setter
+    def timer(self, handle: asyncio.TimerHandle | asyncio.Handle | None) -> None:
+        self._timer = handle
+        self.leases.timer_idle = handle is None
 
     @property
     def counters(self) -> Counters:
@@ -264,10 +274,6 @@ class Server:
         refuse(s, self.outbox, exc, request_id)
 
     # -- the expiry timer -------------------------------------------------------------------------------------
-    def _arm_if_idle(self) -> None:
-        if self.timer is None:
-            self.arm()
-
     def arm(self) -> None:
         nd = self.ledger.next_deadline()
         if nd is None:

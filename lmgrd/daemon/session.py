@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from lmgrd import __version__
-from lmgrd.core.ledger import Holder
+from lmgrd.core.ledger import Holder, share_key_for
 from lmgrd.core.licensing import Licensing, seat_refusal
 from lmgrd.daemon.events import EndReason
 from lmgrd.daemon.leases import LeaseLifecycle
@@ -50,6 +50,8 @@ from protocol.validation import hostname_problem, short_hostname
 __all__ = ["AdminHandler", "Handlers", "Session"]
 
 logger = logging.getLogger(__name__)
+
+_CHECKIN = EndReason.CHECKIN
 
 #: Runs one admin command for a session: (session, command, args, auth) -> reply data, or ProtocolError.
 AdminHandler = Callable[["Session", str, dict[str, Any], str], dict[str, Any]]
@@ -132,26 +134,23 @@ class Handlers:
         self.next_session = 1
         #: Set by the composition root (lmgrd.cli) to lmgrd.admin's handler; without it admin is refused.
         self.admin: AdminHandler | None = None
+        #: Every message class the connection can hand over, and its handler.
+        self.routes: dict[type, Callable[[Session, Any], None]] = {
+            Heartbeat: self.heartbeat, Checkout: self.checkout, Checkin: self.checkin, Hello: self.hello,
+            Resume: self.resume, Status: self.status, Admin: self.admin_command, BadRequest: self.bad_request,
+        }
 
     def dispatch(self, s: Session, req: Any) -> None:
-        if isinstance(req, Heartbeat):
-            self.heartbeat(s, req)
-        elif isinstance(req, Checkout):
-            self.checkout(s, req)
-        elif isinstance(req, Checkin):
-            self.checkin(s, req)
-        elif isinstance(req, Hello):
-            self.hello(s, req)
-        elif isinstance(req, Resume):
-            self.resume(s, req)
-        elif isinstance(req, Status):
-            self.outbox.reply(s, StatusReply, encode_frame(StatusReply(req.id, self.daemon.status()).to_wire()))
-        elif isinstance(req, Admin):
-            self.admin_command(s, req)
-        elif isinstance(req, BadRequest):
-            logger.info("bad request from %s: %s", s.who(), req.error.message)
-            self.error(s, req.id, req.error.code, req.error.message,
-                       req.error.hint or "see protocol/PROTOCOL.md for the message schema")
+        """Run the handler of ``req``'s message class (one dict lookup: this is every request's path)."""
+        self.routes[type(req)](s, req)
+
+    def status(self, s: Session, req: Status) -> None:
+        self.outbox.reply(s, StatusReply, encode_frame(StatusReply(req.id, self.daemon.status()).to_wire()))
+
+    def bad_request(self, s: Session, req: BadRequest) -> None:
+        logger.info("bad request from %s: %s", s.who(), req.error.message)
+        self.error(s, req.id, req.error.code, req.error.message,
+                   req.error.hint or "see protocol/PROTOCOL.md for the message schema")
 
     def error(self, s: Session, rid: int, code: ErrorCode, message: str, hint: str = "") -> None:
         self.outbox.reply(s, ErrorReply, encode_frame(ErrorReply(rid, code, message, hint).to_wire()))
@@ -178,34 +177,35 @@ class Handlers:
 
     # -- checkout and checkin ----------------------------------------------------------------------------------
     def checkout(self, s: Session, req: Checkout) -> None:
+        holder = s.holder
+        assert holder is not None  # the connection state machine admits checkout only after hello
         now = self.clock()
         wall = self.wall()
         licensing = self.daemon.licensing
-        decision = licensing.candidates(req.product, req.version, s.addr, s.user, s.host,
+        decision = licensing.candidates(req.product, req.version, s.addr, holder.user, holder.host,
                                         datetime.fromtimestamp(wall, UTC))
         leases = self.leases
         if decision.error is not None:
             code, message, hint = decision.error
             leases.deny(s, req.id, req.product, req.version, code, message, hint)
             return
-        holder = s.holder
-        assert holder is not None  # the connection state machine admits checkout only after hello
+        user, host = holder.user, holder.host
         for lic in decision.licenses:
-            if leases.checkout(s, req.id, (lic.customer_id, req.product), holder.share_key(lic.share), holder,
-                               req.version, now, wall):
+            if leases.checkout(s, req.id, (lic.customer_id, req.product), share_key_for(lic.share, user, host),
+                               holder, req.version, now, wall):
                 return
         first = decision.licenses[0]
-        reasons = {self.ledger.refusal((lic.customer_id, req.product), holder.share_key(lic.share), s.user, s.host)
-                   for lic in decision.licenses}
-        code, message, hint = seat_refusal(req.product, decision.licenses, reasons, licensing.policy, s.user, s.host)
+        reasons = {self.ledger.refusal((lic.customer_id, req.product), share_key_for(lic.share, user, host), user,
+                                       host) for lic in decision.licenses}
+        code, message, hint = seat_refusal(req.product, decision.licenses, reasons, licensing.policy, user, host)
         if code is not ErrorCode.MAX_REACHED and req.wait > 0 and not self.daemon.closing:
             leases.enqueue(s, req.id, req.product, req.version, (first.customer_id, req.product),
-                           holder.share_key(first.share), holder, req.wait, now)
+                           share_key_for(first.share, user, host), holder, req.wait, now)
             return
         leases.deny(s, req.id, req.product, req.version, code, message, hint)
 
     def checkin(self, s: Session, req: Checkin) -> None:
-        lease = self.leases.end(req.token, EndReason.CHECKIN, client=s)
+        lease = self.leases.end(req.token, _CHECKIN, "", s)
         self.outbox.reply(s, CheckedIn, CheckedIn.frame(req.id, lease is not None))
 
     # -- heartbeat, idle and resume --------------------------------------------------------------------------

@@ -183,3 +183,15 @@ def test_restore_frees_leases_whose_license_is_gone(tmp_path: Path, vendor: tupl
 
     run(tmp_path, vendor, first)
     run(tmp_path, vendor, second)
+
+
+def test_every_request_the_connection_hands_over_has_a_handler(tmp_path: Path,
+                                                               vendor: tuple[Ed25519PrivateKey, Path]) -> None:
+    from protocol import BadRequest
+    from protocol.messages import REQUEST_TYPES
+
+    async def body(rig: Rig) -> None:
+        classes = {getattr(parser, '__self__', None) for parser in REQUEST_TYPES.values()}
+        assert set(rig.server.handlers.routes) == {*classes, BadRequest}
+
+    run(tmp_path, vendor, body)
