@@ -135,15 +135,18 @@ def render_lmstat(data: dict[str, Any], *, port: int, now: datetime, features: b
     lines = header(now)
     if server_block:
         files = "".join(f"{p}:" for p in data.get("license_files", [])) or ":"
-        lines += [f"License server status: {port}@{host}", f"    License file(s) on {host}: {files}", "",
-                  f"{host}: license server UP (MASTER) {version}", "",
-                  f"Vendor daemon status (on {host}):", "", f"    {VENDOR}: UP {version}", ""]
+        # A single server as FlexNet 11.19 prints it: the server line indented by two, the vendor daemon's
+        # name right-aligned in ten columns (``       MLM: UP``, ``    armlmd: UP``).
+        lines += ["[Detecting lmgrd processes...]", f"License server status: {port}@{host}",
+                  f"    License file(s) on {host}: {files}", "",
+                  f"  {host}: license server UP (MASTER) {version}", "",
+                  f"Vendor daemon status (on {host}):", "", f"{VENDOR:>10}: UP {version}", ""]
         if features:
             lines += ["Feature usage info:", ""]
     if not features:
         return "\n".join(lines) + "\n"
     by_product: dict[str, list[dict[str, Any]]] = {}
-    for pool in data.get("pools", []):
+    for pool in sorted(data.get("pools", []), key=lambda p: tuple(p.get("license_order", ()))):
         if product is None or pool["product"] == product:
             by_product.setdefault(pool["product"], []).append(pool)
     leases = data.get("leases", [])

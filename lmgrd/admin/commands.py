@@ -97,8 +97,12 @@ def _flexnet_facts(server: DaemonView, data: dict[str, Any]) -> None:
     data["hostname"] = this_host().hostname.split(".")[0] or "localhost"
     data["license_files"] = [str(path) for path, _lic in server.licensing.served]
     ledger_pools = set(server.ledger.pools())
+    # FlexNet lists features in license-file order: (file, line) of each product, for the text layout.
+    order = {(lic.customer_id, prod.name): [i, j] for i, (_p, lic) in enumerate(server.licensing.served)
+             for j, prod in enumerate(lic.products)}
     for pool in data.get("pools", []):
         key = (pool["customer_id"], pool["product"])
+        pool["license_order"] = order.get(key, [len(order), 0])
         lic = server.licensing.license_for(key)
         # lmgrd serves only floating (multi) licenses; single-user ones are node-locked on their PC.
         pool["license_type"] = lic.license_type if lic else ""
