@@ -116,7 +116,8 @@ def test_reservations_expiry_and_singular_as_flexnet_11_19_prints_them(rig: Rig)
     head_g = genuine_all[:next(i for i, x in enumerate(genuine_all) if x.kind == "feature_usage") + 1]
     head_o = ours_all[:next(i for i, x in enumerate(ours_all) if x.kind == "feature_usage") + 1]
     compare(head_o, head_g)
-    assert next(x for x in head_o if x.kind == "vendor_up").text.endswith(f"lmgrd: UP v{head_o[-2].fields['version_any']}")
+    vendor = next(x for x in head_o if x.kind == "vendor_up")
+    assert vendor.text == f"     lmgrd: UP v{vendor.fields['version_any']}"  # right-aligned in ten columns
     # FlexNet counts the reservation as in use; the JSON keeps lmgrd's own numbers
     assert ob["Power_System_Blocks"][0].fields["used"] == "1"
 
