@@ -181,7 +181,7 @@ def feature_info(data: dict[str, Any], now: datetime, product: str | None = None
     lines = header(now)
     lines += ["Feature                         Version     #licenses    Expires      Vendor",
               "_______                         _________   _________    __________   ______"]
-    for pool in data.get("pools", []):
+    for pool in sorted(data.get("pools", []), key=lambda p: tuple(p.get("license_order", ()))):
         if product is None or pool["product"] == product:
             lines.append(f"{pool['product']:<32}{pool['version']:<13}{pool['count']!s:<12}"
                          f"{expiry_text(pool.get('expires'), permanent='1-jan-0'):<13}{VENDOR}")
