@@ -82,15 +82,13 @@ def connect_error(errno: int, strerror: str) -> str:
     return f'Error getting status: Cannot connect to license server system. (-15,570:{errno} "{strerror}")'
 
 
-def version_text() -> str:
+def version_text(version: str) -> str:
     """``lmstat -v``: FlexNet's ``lmstat vX.Y build N ARCH`` line (exporters read the version from it)."""
-    from lmgrd import __version__
-
     machine = platform.machine().lower()
     system = platform.system().lower()
     arch = {("x86_64", "linux"): "x64_lsb", ("amd64", "windows"): "x64_n6", ("aarch64", "linux"): "a64_lsb"}.get(
         (machine, system), "".join(c if c.isalnum() else "_" for c in f"{machine}_{system}"))
-    return f"lmstat v{__version__} build 0 {arch}"
+    return f"lmstat v{version} build 0 {arch}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_report(ns)
     if ns.command == "lmver" or (ns.command == "lmstat" and ns.v):
         print(lmstat_text.header(datetime.now())[0])
-        print(lmstat_text.version_text() if ns.command == "lmstat" else f"lmver v{__version__}")
+        print(lmstat_text.version_text(__version__) if ns.command == "lmstat" else f"lmver v{__version__}")
         return 0
     fn = COMMANDS[ns.command][0]
     try:
