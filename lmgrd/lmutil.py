@@ -1,6 +1,9 @@
 """``lmutil``: the license server admin utility (FlexLM's names: lmstat, lmremove, lmreread, lmdown, lmhostid).
 
-Speaks ``protocol`` over a blocking socket. Every command takes ``-c PORT@HOST`` and ``--json``. The admin
+Speaks ``protocol`` over a blocking socket. Every command takes ``-c PORT@HOST`` and ``--json``. Run as
+``lmstat``, ``lmremove``, ``lmreread``, ``lmdown``, ``lmhostid`` or ``lmver`` (a symlink), it is that command,
+as FlexNet's lmutil is. ``lmstat`` prints FlexNet 11's text (:mod:`lmgrd.lmstat_text`), FlexNet's error line
+on stdout when the server cannot be reached, and lmgrd's own facts only under ``--extended`` or ``--json``. The admin
 credential is found by itself when run on the license server by the daemon's OS user (the token file the
 daemon writes in that user's runtime directory, keyed by port); from elsewhere pass ``--token-file``.
 
