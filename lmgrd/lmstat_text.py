@@ -194,10 +194,10 @@ def render_extended(data: dict[str, Any], now_wall: float) -> str:
              f"heartbeat every {data.get('heartbeat_interval', 0):g} s, lease timeout "
              f"{data.get('lease_timeout', 0):g} s"]
     for pool in data.get("pools", []):
-        lines.append(f"  {pool['product']} v{pool['version']}: customer {pool['customer_id']}, "
-                     f"state {pool.get('activation', 'active')}, {pool['count']} seats, {pool['in_use']} held, "
-                     f"{pool.get('reserved', 0)} reserved, {pool['queued']} queued, share {pool.get('share', '')}, "
-                     f"expires {pool.get('expires') or 'never'}")
+        lines.append(f"  {pool['product']}: customer {pool['customer_id']}, version {pool['version']}, "
+                     f"{pool['count']} seats, {pool['in_use']} held, reserved {pool.get('reserved', 0)}, "
+                     f"queued {pool['queued']}, expires {pool.get('expires') or 'never'}, "
+                     f"state {pool.get('activation', 'active')}, share {pool.get('share', '')}")
         for x in data.get("leases", []):
             if x["product"] == pool["product"] and x["customer_id"] == pool["customer_id"]:
                 beat = user_time(datetime.fromtimestamp(x["last_heartbeat_at"]))

@@ -13,6 +13,7 @@ Exit codes: 0 ok, 1 the server refused or reported a problem, 2 usage, 3 the ser
 from __future__ import annotations
 
 import argparse
+import errno
 import getpass
 import json
 import os
@@ -88,10 +89,12 @@ class AdminClient:
             while not self.replies:
                 data = self.sock.recv(65536)
                 if not data:
-                    raise AdminError("the license server closed the connection", 3)
+                    raise AdminError("the license server closed the connection", 3,
+                                     os_error=ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET)))
                 self.replies.extend(self.conn.receive_data(data))
         except (OSError, ProtocolError) as exc:
-            raise AdminError(f"lost the connection to {self.port}@{self.host}: {exc}", 3) from None
+            raise AdminError(f"lost the connection to {self.port}@{self.host}: {exc}", 3,
+                             os_error=exc if isinstance(exc, OSError) else None) from None
         return self.replies.pop(0)
 
     def admin(self, command: str, args: dict[str, Any], auth: str) -> dict[str, Any]:
@@ -301,10 +304,10 @@ def tool_argv(argv0: str, args: list[str]) -> list[str]:
 def _lmstat_unreachable(ns: argparse.Namespace, exc: AdminError) -> None:
     """FlexNet prints the failure on stdout, where monitoring checks read it (they report OK on silence)."""
     err = exc.os_error
-    errno = err.errno if err is not None and err.errno else 110
-    strerror = (err.strerror if err is not None and err.strerror else "") or os.strerror(errno)
+    code = err.errno if err is not None and err.errno else errno.ETIMEDOUT  # a timeout carries no errno
+    strerror = (err.strerror if err is not None and err.strerror else "") or os.strerror(code)
     sys.stdout.write("\n".join(lmstat_text.header(datetime.now())) + "\n")
-    print(lmstat_text.connect_error(errno, strerror))
+    print(lmstat_text.connect_error(code, strerror))
 
 
 REPORT_HELP = ("usage report from the daemon's usage log files (no server connection needed): peak and 95th "

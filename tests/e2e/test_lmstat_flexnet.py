@@ -212,3 +212,25 @@ def test_formatter_prints_nodelocked_and_multi_license_checkouts_as_flexnet() ->
     assert '  "P" v2, vendor: lmgrd, expiry: 03-feb-2030\n  nodelocked license\n' in text
     assert "Flexible License Manager status on Tue 12/1/2026 18:07" in text
     assert "(srv/27000 101), start " in text and ", 1 licenses" not in text
+
+
+def test_a_server_that_never_answers_times_out_after_t_seconds_with_flexnets_line(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "lmgrd.lmutil", "lmstat", "-a", "-t", "1", "-c", f"{port}@127.0.0.1"],
+                           capture_output=True, text=True, timeout=30,
+                           env={**os.environ, "LMGRD_RUNTIME_DIR": str(tmp_path)})
+        took = time.monotonic() - t0
+    assert r.returncode == 3, r.stderr
+    assert r.stdout.splitlines()[-1] == ('Error getting status: Cannot connect to license server system. '
+                                         '(-15,570:110 "Connection timed out")')
+    assert 1 <= took < 10
