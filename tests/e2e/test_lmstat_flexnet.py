@@ -234,3 +234,40 @@ def test_a_server_that_never_answers_times_out_after_t_seconds_with_flexnets_lin
     assert r.stdout.splitlines()[-1] == ('Error getting status: Cannot connect to license server system. '
                                          '(-15,570:110 "Connection timed out")')
     assert 1 <= took < 10
+
+
+def test_seat_handles_stay_unique_and_fixed_through_collisions_releases_and_restore() -> None:
+    """The ledger's handles (pure, no daemon): 20,000 seats in the 8-digit space collide a few times, so the
+    next-free-handle path runs; releasing seats never moves another seat's handle; a restore gives each seat
+    the handle it had. (The journal does not keep handles: a seat that got the next free handle because its own
+    was taken gets its own back after a restart if that is free by then; these seats include no such one.)"""
+    import itertools
+    import zlib
+
+    from lmgrd.core.ledger import HANDLE_MAX, HANDLE_MIN, Holder, Ledger
+
+    tokens = (f"tok{i}" for i in itertools.count())
+    ledger = Ledger(30.0, lambda: next(tokens))
+    pool = ("CID-TEST", "CADPRO")
+    ledger.set_pool(pool, 30_000)
+    leases = []
+    for i in range(20_000):
+        h = Holder(f"user{i}", "pc", 1, "", 1)
+        lease = ledger.checkout(pool, h.share_key("user_host"), h, "1.0", 0.0, 0.0)
+        assert lease is not None
+        leases.append(lease)
+    handles = {x.token: ledger.handle(pool, x.share_key) for x in leases}
+    assert len(set(handles.values())) == len(leases)
+    assert all(HANDLE_MIN <= v <= HANDLE_MAX for v in handles.values())
+    span = HANDLE_MAX - HANDLE_MIN + 1
+    derived = [HANDLE_MIN + zlib.crc32("\x1f".join((*pool, *x.share_key)).encode()) % span for x in leases]
+    assert len(set(derived)) < len(derived), "no collision: the probing path was not exercised"
+    for x in leases[::2]:
+        ledger.release(x.token, 0.0, 0.0)
+    kept = leases[1::2]
+    assert all(ledger.handle(pool, x.share_key) == handles[x.token] for x in kept)
+    assert ledger.seat_of(handles[leases[0].token]) is None
+    restored = Ledger(30.0, lambda: next(tokens))
+    restored.set_pool(pool, 30_000)
+    restored.restore([x.to_record() for x in kept], 0.0)
+    assert all(restored.handle(pool, x.share_key) == handles[x.token] for x in kept)
