@@ -64,16 +64,52 @@ def handle(server: DaemonView, proto: ClientView, command_name: str, args: dict[
     return fn(server, proto, args)
 
 
-def lease_view(lease: Any, now: float, wall: float, lease_timeout: float) -> dict[str, Any]:
-    """A lease as lmstat shows it (no secrets beyond the token prefix an admin needs for lmremove)."""
+def lease_view(lease: Any, now: float, wall: float, lease_timeout: float, handle: int | None = None
+               ) -> dict[str, Any]:
+    """A lease as lmstat shows it (no secrets beyond the token prefix an admin needs for lmremove).
+
+    ``handle`` is its seat's decimal handle (:meth:`Ledger.handle`): leases sharing a seat share it."""
     remaining = max(0.0, lease.deadline - now)
-    return {
+    view = {
         "token": lease.token, "customer_id": lease.pool[0], "product": lease.pool[1], "user": lease.user,
         "host": lease.host, "pid": lease.pid, "version": lease.version, "display": lease.display,
         "checkout_at": lease.granted_at, "expires_in": round(remaining, 3),
         "last_heartbeat_at": round(wall - max(0.0, lease_timeout - remaining), 3),
         "connected": lease.session is not None,
     }
+    if handle is not None:
+        view["handle"] = handle
+    return view
+
+
+def _handle(server: DaemonView, lease: Any) -> int | None:
+    try:
+        return server.ledger.handle(lease.pool, lease.share_key)
+    except KeyError:  # not a live seat (cannot happen for a lease the ledger lists)
+        return None
+
+
+def _flexnet_facts(server: DaemonView, data: dict[str, Any]) -> None:
+    """Add what FlexNet's lmstat layout prints and ``status()`` lacks: the server's short host name, the
+    license files, and per pool its license kind and free seats per ``reserve`` rule."""
+    from lmgrd.storage.files import this_host
+
+    data["hostname"] = this_host().hostname.split(".")[0] or "localhost"
+    data["license_files"] = [str(path) for path, _lic in server.licensing.served]
+    ledger_pools = set(server.ledger.pools())
+    # FlexNet lists features in license-file order: (file, line) of each product, for the text layout.
+    order = {(lic.customer_id, prod.name): [i, j] for i, (_p, lic) in enumerate(server.licensing.served)
+             for j, prod in enumerate(lic.products)}
+    for pool in data.get("pools", []):
+        key = (pool["customer_id"], pool["product"])
+        pool["license_order"] = order.get(key, [len(order), 0])
+        lic = server.licensing.license_for(key)
+        # lmgrd serves only floating (multi) licenses; single-user ones are node-locked on their PC.
+        pool["license_type"] = lic.license_type if lic else ""
+        pool["reservations"] = [
+            {"kind": subject.kind, "name": subject.name, "seats": n}
+            for subject, n in (server.ledger.reservations(key) if key in ledger_pools else []) if n > 0
+        ]
 
 
 @command("lmstat")
@@ -82,10 +118,11 @@ def _lmstat(server: DaemonView, proto: ClientView, args: dict[str, Any]) -> dict
     product = args.get("product")
     if product is not None and not isinstance(product, str):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "lmstat: 'product' must be a string")
+    _flexnet_facts(server, data)
     if args.get("all") or product:
         now, wall = server.clock(), server.wall()
-        data["leases"] = [lease_view(x, now, wall, server.lease_timeout) for x in server.ledger.leases()
-                          if product is None or x.pool[1] == product]
+        data["leases"] = [lease_view(x, now, wall, server.lease_timeout, _handle(server, x))
+                          for x in server.ledger.leases() if product is None or x.pool[1] == product]
         queue = []
         for pool in server.ledger.pools():
             if product is not None and pool[1] != product:
@@ -122,19 +159,37 @@ def _lmreread(server: DaemonView, proto: ClientView, args: dict[str, Any]) -> di
 
 @command("lmremove")
 def _lmremove(server: DaemonView, proto: ClientView, args: dict[str, Any]) -> dict[str, Any]:
-    """Free stuck seats now: by ``token`` (or a unique prefix of one, as lmstat -a shows), or every lease of
+    """Free stuck seats now: by ``token`` (or a unique prefix of one, as lmstat -a shows), by ``handle`` (the
+    decimal seat handle lmstat prints, with ``product``: FlexNet's ``lmremove -h``), or every lease of
     ``product`` held by ``user`` on ``host`` (and ``display``, if given). Each holder is told SEAT_REMOVED."""
     from lmgrd.core.removal import match_leases
 
-    leases = match_leases(server.ledger.leases(), args)
+    leases = _by_handle(server, args) if "handle" in args else match_leases(server.ledger.leases(), args)
     now, wall = server.clock(), server.wall()
-    views = [lease_view(x, now, wall, server.lease_timeout) for x in leases]
+    views = [lease_view(x, now, wall, server.lease_timeout, _handle(server, x)) for x in leases]
     removed = []
     for lease, view in zip(leases, views, strict=True):
         if server.remove_lease(lease.token, f"lmremove from {proto.peer}") is not None:
             view["held_seconds"] = round(max(0.0, wall - lease.granted_at), 3)
             removed.append(view)
     return {"removed": removed}
+
+
+def _by_handle(server: DaemonView, args: dict[str, Any]) -> list[Any]:
+    """The leases of the seat ``args["handle"]`` names (all leases sharing that seat), of ``args["product"]``."""
+    handle, product = args.get("handle"), args.get("product")
+    if isinstance(handle, bool) or not isinstance(handle, int) or not isinstance(product, str) or not product:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "lmremove: 'handle' must be an integer and 'product' a name",
+                            "lmutil lmremove -h FEATURE SERVER PORT HANDLE, with the handle lmstat -a prints")
+    seat = server.ledger.seat_of(handle)
+    if seat is None or seat[0][1] != product:
+        held = ", ".join(sorted({f"{x.pool[1]} {_handle(server, x)} ({x.user}@{x.host})"
+                                 for x in server.ledger.leases()})[:10]) or "none"
+        raise ProtocolError(ErrorCode.LEASE_NOT_FOUND, f"lmremove: no seat of {product} has handle {handle}; "
+                            f"nothing was removed; seats held now: {held}",
+                            "copy FEATURE and the handle (the number after server/port) from lmutil lmstat -a")
+    pool, key = seat
+    return [x for x in server.ledger.leases(pool) if x.share_key == key]
 
 
 @command("activate")

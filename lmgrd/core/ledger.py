@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import enum
 import heapq
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from lmgrd import LmgrdError
-from lmgrd.core.policy import ProductPolicy
+from lmgrd.core.policy import ProductPolicy, Subject
 from protocol.validation import short_hostname
 
 __all__ = [
@@ -67,6 +68,8 @@ PoolKey = tuple[str, str]  # (customer_id, product)
 _HEAP_SLACK = 1024
 #: Same idea for the per-pool waiter deque, which drops cancelled waiters lazily.
 _QUEUE_SLACK = 64
+#: Seat handles (what ``lmstat`` prints as FlexNet's decimal license handle) lie in this range.
+HANDLE_MIN, HANDLE_MAX = 100, 99_999_999
 
 #: A new seat's place under a usage policy: the reserve rule it counts against (-1: the unreserved
 #: seats) and the max rules its holder falls under.
@@ -210,13 +213,14 @@ class Waiter:
 class _Pool:
     """Seats, leases and waiters of one pool."""
 
-    __slots__ = ("bucket_used", "by_key", "count", "general_used", "leases", "max_used", "policy", "queue",
-                 "seats", "tags", "waiting")
+    __slots__ = ("bucket_used", "by_key", "count", "general_used", "handles", "leases", "max_used", "policy",
+                 "queue", "seats", "tags", "waiting")
 
     def __init__(self, count: int) -> None:
         self.count = count
         # share key -> number of leases holding that seat; len(seats) is in_use.
         self.seats: dict[tuple[str, ...], int] = {}
+        self.handles: dict[tuple[str, ...], int] = {}  # share key -> the seat's handle (same keys as seats)
         self.leases: dict[str, LeaseInfo] = {}
         # FIFO of waiters. Cancelled or already served entries stay until they reach the head (or a
         # rebuild) and are recognised because Ledger._waiters no longer maps their id to them. A deque,
@@ -263,6 +267,8 @@ class Ledger:
         # Min-heap of (deadline, seq, token). seq is unique, so tuples never compare tokens.
         self._heap: list[tuple[float, int, str]] = []
         self._seq = 0
+        # Seat handle -> its seat, for every live seat of every pool (handles are unique among them).
+        self._handles: dict[int, tuple[PoolKey, tuple[str, ...]]] = {}
 
     # -- pools -------------------------------------------------------------------------------------------
 
@@ -290,6 +296,8 @@ class Ledger:
         if p is None:
             return [], []
         removed = list(p.leases.values())
+        for h in p.handles.values():
+            del self._handles[h]
         for lease in removed:
             del self._leases[lease.token]
             self._unbind(lease)
@@ -459,8 +467,10 @@ class Ledger:
         seats = p.seats
         held = seats.get(share_key, 0)
         seats[share_key] = held + 1
-        if not held and p.policy is not None:
-            self._tag_seat(p, share_key, holder.user, holder.host)
+        if not held:
+            p.handles[share_key] = self._new_handle(pool, share_key)
+            if p.policy is not None:
+                self._tag_seat(p, share_key, holder.user, holder.host)
         deadline = now + self.lease_timeout
         self._seq += 1
         session = holder.session
@@ -509,6 +519,7 @@ class Ledger:
             p.seats[key] = held
             return False
         del p.seats[key]
+        del self._handles[p.handles.pop(key)]
         if p.policy is not None:
             self._untag_seat(p, key)
         return True
@@ -824,7 +835,10 @@ class Ledger:
             if p is None:
                 p = self._pools[pool] = _Pool(0)
             key = rec.share_key or (rec.token,)
-            p.seats[key] = p.seats.get(key, 0) + 1
+            held = p.seats.get(key, 0)
+            p.seats[key] = held + 1
+            if not held:
+                p.handles[key] = self._new_handle(pool, key)
             self._seq += 1
             lease = LeaseInfo(
                 rec.token, pool, key, rec.user, rec.host, rec.pid, rec.version, rec.display,
@@ -838,6 +852,42 @@ class Ledger:
             if self._pools[pool].policy is not None:
                 self._retag(self._pools[pool])
         return restored
+
+    # -- seat handles -------------------------------------------------------------------------------------
+
+    def _new_handle(self, pool: PoolKey, key: tuple[str, ...]) -> int:
+        """A handle for a new seat: derived from the seat's identity (so a seat restored after a restart
+        gets the handle it had, unless that one was taken meanwhile), then the next free one."""
+        span = HANDLE_MAX - HANDLE_MIN + 1
+        h = HANDLE_MIN + zlib.crc32("\x1f".join((pool[0], pool[1], *key)).encode()) % span
+        while h in self._handles:
+            h = HANDLE_MIN + (h - HANDLE_MIN + 1) % span
+        self._handles[h] = (pool, key)
+        return h
+
+    def handle(self, pool: PoolKey, share_key: tuple[str, ...]) -> int:
+        """The decimal handle of a live seat (FlexNet's license handle in ``lmstat``): fixed for the seat's
+        life, unique among the live seats of every pool. Raises KeyError for a seat not held."""
+        return self._pool(pool).handles[share_key]
+
+    def seat_of(self, handle: int) -> tuple[PoolKey, tuple[str, ...]] | None:
+        """The live seat (pool, share key) with this handle, or None."""
+        return self._handles.get(handle)
+
+    def reservations(self, pool: PoolKey) -> list[tuple[Subject, int]]:
+        """The free seats held back by each ``reserve`` rule, in rule order; they add up to
+        :meth:`reserved` (``[]`` without a policy)."""
+        p = self._pool(pool)
+        pol = p.policy
+        if pol is None:
+            return []
+        left = self.reserved(pool)
+        out = []
+        for r, used in zip(pol.reserve, p.bucket_used, strict=True):
+            n = min(max(0, r.seats - used), left)
+            left -= n
+            out.append((r.subject, n))
+        return out
 
     # -- reading ------------------------------------------------------------------------------------------
 

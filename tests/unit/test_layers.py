@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "lmgrd.cli": 4,
     "lmgrd.__main__": 4,
     "lmgrd.lmutil": 4,
+    "lmgrd.lmstat_text": 4,  # lmutil's FlexNet lmstat text (pure formatting; imports only the standard library)
     "lmgrd.report": 4,
     "lmgrd.vendor": 4,
 }
