@@ -133,6 +133,8 @@ def reload_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
     """What lmreread and SIGHUP load: the config file again, then every license, revocation and policy."""
     new_cfg, problems = reread_config(cfg)
     licensing, more = load_licensing(new_cfg)
+    for line in new_cfg.options_unsupported:
+        logger.warning("reread: options file: %s", line)
     return licensing, problems + more
 
 
@@ -147,6 +149,11 @@ def run_check(cfg: DaemonConfig) -> int:
                      f"activate {lic.customer_id})"
         print(f"ok: {path}: customer ID {lic.customer_id} ({lic.customer}), {prods}, expires {exp}, "
               f"share {lic.share}, activation {state}")
+    for line in cfg.options_unsupported:  # ignored, not errors: FlexNet keywords lmgrd does not implement
+        print(f"unsupported: {line}")
+    if cfg.options_unsupported:
+        print(f"{len(cfg.options_unsupported)} line(s) of the options file {cfg.options} are not supported as "
+              "written (listed above); the other lines apply")
     for prob in problems:
         print(f"problem: {prob}")
     if problems:
@@ -214,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     licensing, problems = load_licensing(cfg)
     for prob in problems:
         logger.error("%s", prob)
+    for line in cfg.options_unsupported:
+        logger.warning("options file: %s", line)
     if not licensing.served:
         logger.error("no license can be served; clients will be refused until this is fixed")
     try:

@@ -227,6 +227,7 @@ def load_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
         seen[lic.customer_id] = path
         served.append((path, lic))
     policy = cfg.policy  # parsed (and its problems refused) with the config
+    problems.extend(cfg.options_problems)  # bad options-file lines: ignored, reported, never fatal
     for _path, lic in served:
         for prod in lic.products:
             pp = policy.get(prod.name)
