@@ -148,16 +148,17 @@ def _address_pattern(value: str) -> str | None:
 class _Reader:
     def __init__(self, source: str) -> None:
         self.source = source
-        self.problems: list[str] = []
-        self.unsupported: list[str] = []
+        self.problems: list[tuple[int, str]] = []  # (line, message): reported in line order
+        self.unsupported: list[tuple[int, str]] = []
         self.groups: dict[str, set[str]] = {}
         self.host_groups: dict[str, list[str]] = {}
 
     def bad(self, line: _Line, what: str) -> None:
-        self.problems.append(f"{self.source} {line.where}: {what}; the line is ignored")
+        self.problems.append((line.first, f"{self.source} {line.where}: {what}; the line is ignored"))
 
     def skip(self, line: _Line, what: str, ignored: bool = True) -> None:
-        self.unsupported.append(f"{self.source} {line.where}: {what}" + ("; the line is ignored" if ignored else ""))
+        self.unsupported.append((line.first, f"{self.source} {line.where}: {what}"
+                                 + ("; the line is ignored" if ignored else "")))
 
     def product(self, line: _Line, keyword: str, feature: str) -> str | None:
         if ":" in feature:
@@ -346,4 +347,5 @@ def parse_options(text: str, source: str) -> OptionsFile:
         ProductPolicy("*", (), (), tuple(every.include), tuple(every.exclude),
                       every_timeout[0] if every_timeout else None)
         if every.include or every.exclude or every_timeout else None)
-    return OptionsFile(policy, tuple(r.problems), tuple(r.unsupported), timeout_lines)
+    return OptionsFile(policy, tuple(m for _, m in sorted(r.problems, key=lambda x: x[0])),
+                       tuple(m for _, m in sorted(r.unsupported, key=lambda x: x[0])), timeout_lines)
