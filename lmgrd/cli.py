@@ -111,22 +111,27 @@ def configure_logging(level: str) -> None:
 
 
 _CONFIG_SOURCE: tuple[Path | None, dict[str, Any]] = (None, {})
+#: The configuration the last successful reread produced (None: the one the daemon started with).
+_RUNNING_CONFIG: DaemonConfig | None = None
 
 
 def reread_config(cfg: DaemonConfig) -> tuple[DaemonConfig, list[str]]:
-    """The config as lmreread sees it: the file read again, the original flags still on top.
+    """The config as lmreread sees it: the file (and its options file) read again, the original flags on top.
 
     A config file that no longer validates is reported (the problems are returned, for lmreread's answer)
-    and the running config is kept.
+    and the running config is kept: the one the last good reread gave, else ``cfg`` (the startup one).
     """
+    global _RUNNING_CONFIG
     path, overrides = _CONFIG_SOURCE
     if path is None:
         return cfg, []
     try:
-        return build_config(load_config_file(path), overrides, str(path)), []
+        _RUNNING_CONFIG = build_config(load_config_file(path), overrides, str(path))
+        return _RUNNING_CONFIG, []
     except ConfigInvalid as exc:
         logger.error("reread: %s; keeping the running configuration", exc)
-        return cfg, [f"{path}: {p}; the running configuration (policy included) is kept" for p in exc.problems]
+        return _RUNNING_CONFIG or cfg, [f"{path}: {p}; the running configuration (policy included) is kept"
+                                        for p in exc.problems]
 
 
 def reload_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
