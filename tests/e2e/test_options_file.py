@@ -152,3 +152,11 @@ def test_check_lists_unsupported_lines_with_their_line_numbers(daemon_factory: C
     assert r.returncode == 1
     assert (f"problem: {opt} line 2: RESERVE: the number of licenses 'lots' is not a whole number >= 1; the line is "
             "ignored") in r.stdout
+
+
+def test_a_bad_line_at_start_is_logged_and_the_daemon_serves_the_rest(daemon_factory: Callable[..., Daemon]) -> None:
+    d, opt = start(daemon_factory, "EXCLUDE VIEWER USR lori\nEXCLUDE VIEWER USER mallory\n")
+    d.wait_for_log(rf"ERROR .*{opt} line 1: EXCLUDE: unknown type 'USR' \(did you mean USER\?\)")
+    r = checkout(client(d, "mallory"), "VIEWER")
+    assert isinstance(r, ErrorReply) and r.code is ErrorCode.EXCLUDED
+    assert isinstance(checkout(client(d, "lori"), "VIEWER"), Granted)  # the ignored line excludes nobody
