@@ -57,10 +57,10 @@ from typing import Any
 from client_stub import activation
 from client_stub.address import ENV_SERVER, config_path, parse_server_list, resolve_servers
 from client_stub.errors import LicenseError, LicenseLost, SeatDenied, ServerUnavailable
-from client_stub.nodelock import ENV_VENDOR_KEY, load_vendor_key, this_machine, verify_for_this_pc
+from client_stub.machine import this_fingerprint, this_machine
+from client_stub.nodelock import ENV_VENDOR_KEY, load_vendor_key, verify_for_this_pc
 from client_stub.sync import LicenseClient, Seat
 from protocol import ErrorCode
-from protocol.fingerprint import this_fingerprint
 from protocol.validation import hostname_problem, short_hostname
 
 __all__ = ["EXIT_CONFIG", "EXIT_DENIED", "EXIT_LOST", "EXIT_UNREACHABLE", "main"]
@@ -336,7 +336,7 @@ def cmd_activate(ns: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     rec = activation.activate(lic, now, hostname=socket.gethostname())
     print(f"activated single-user license {lic.customer_id} ({lic.customer}) on this PC "
-          f"({short_hostname(socket.gethostname())}), fingerprint {str(rec['fingerprint'])[:16]}")
+          f"({short_hostname(socket.gethostname())}), fingerprint {rec.fingerprint.digest[:16]}")
     print(f"recorded in {activation.activation_path()}")
     return 0
 

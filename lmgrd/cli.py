@@ -26,9 +26,10 @@ from lmgrd.config import (
     build_config,
     load_config_file,
 )
-from lmgrd.core.activation import auto_activation_at, clock_offset, daemon_wall_clock
+from lmgrd.core.activation import clock_offset, daemon_wall_clock
 from lmgrd.core.licensing import Licensing
 from lmgrd.storage.files import load_licensing, state_dir
+from protocol.activation import auto_activation_at
 
 logger = logging.getLogger("lmgrd")
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from lmgrd import __version__
 from lmgrd.admin.token import token_path
-from protocol import Admin, ClientConnection, ErrorReply, Hello, ProtocolError, Reply, StatusReply, Welcome
+from protocol import Admin, Connection, ErrorReply, Hello, ProtocolError, Reply, Role, StatusReply, Welcome
 
 DEFAULT_SERVER = "27000@localhost"
 
@@ -62,7 +62,7 @@ class AdminClient:
         except OSError as exc:
             raise AdminError(f"cannot reach the license server at {port}@{host}: {exc.strerror or exc}; "
                              "is lmgrd running there?", 3) from None
-        self.conn = ClientConnection()
+        self.conn = Connection(Role.CLIENT)
         self.replies: list[Reply] = []
         self.next_id = 0
         reply = self.request(Hello(self._id(), (1,), socket.gethostname().split(".")[0] or "localhost",

@@ -21,8 +21,9 @@ from typing import Any, ClassVar
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from lmgrd.vendor.signing import new_customer_id, sign_license
 from protocol import ClientConnection, Hello, Reply, Request
-from protocol.license import License, Product, new_customer_id, sign_license
+from protocol.license import License, Product
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTNAME = socket.gethostname().split(".")[0]

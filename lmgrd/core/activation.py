@@ -35,14 +35,14 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from lmgrd import LmgrdError
+from protocol.activation import AUTO_ACTIVATION_AFTER, ActivationRecord, auto_activation_at
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.fingerprint import Fingerprint, this_fingerprint
+from protocol.fingerprint import Fingerprint
 from protocol.license import License
 
 __all__ = [
@@ -55,13 +55,11 @@ __all__ = [
     "auto_activation_at",
     "clock_offset",
     "daemon_wall_clock",
-    "this_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
 
 ACTIVATIONS_FILE = "activations.json"
-AUTO_ACTIVATION_AFTER = timedelta(hours=24)
 CLOCK_OFFSET_ENV = "LMGRD_CLOCK_OFFSET_SECONDS"
 _MAX_STATE_BYTES = 16 * 1024 * 1024
 
@@ -98,42 +96,8 @@ def daemon_wall_clock(offset: float = 0.0) -> Callable[[], float]:
 
 
 # --------------------------------------------------------------------------- the records
-@dataclass(frozen=True, slots=True)
-class ActivationRecord:
-    customer_id: str
-    fingerprint: Fingerprint
-    hostname: str
-    activated_at: datetime
-    how: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"customer_id": self.customer_id, "fingerprint": self.fingerprint.digest,
-                "host": self.fingerprint.host, "machine": self.fingerprint.machine,
-                "macs": sorted(self.fingerprint.macs), "hostname": self.hostname,
-                "activated_at": self.activated_at.strftime("%Y-%m-%dT%H:%M:%SZ"), "how": self.how}
-
-    @classmethod
-    def from_json(cls, cid: str, data: Any) -> ActivationRecord:
-        if not isinstance(data, dict):
-            raise ValueError(f"activation of {cid} is not a mapping")
-        macs = data.get("macs", [])
-        if not isinstance(macs, list) or not all(isinstance(m, str) for m in macs):
-            raise ValueError(f"activation of {cid}: 'macs' is not a list of strings")
-        host, machine = data.get("host"), data.get("machine")
-        if not isinstance(host, str) or not isinstance(machine, str):
-            raise ValueError(f"activation of {cid}: 'host' and 'machine' must be strings")
-        at = datetime.strptime(str(data.get("activated_at")), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-        return cls(cid, Fingerprint(host, machine, frozenset(macs)), str(data.get("hostname", "")), at,
-                   str(data.get("how", "")))
-
-
 def _fmt(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def auto_activation_at(lic: License) -> datetime:
-    """When ``lic`` activates by itself: 24 hours after its signed issue time."""
-    return lic.issued_at + AUTO_ACTIVATION_AFTER
 
 
 class Activations:
@@ -143,9 +107,9 @@ class Activations:
     licenses it could not describe; nothing is written until an activation happens).
     """
 
-    def __init__(self, state_dir: Path, fingerprint: Fingerprint | None = None, hostname: str | None = None) -> None:
+    def __init__(self, state_dir: Path, fingerprint: Fingerprint, hostname: str | None = None) -> None:
         self.path = state_dir / ACTIVATIONS_FILE
-        self.fingerprint = fingerprint or this_fingerprint()
+        self.fingerprint = fingerprint  # this machine's, read by the caller (lmgrd.storage.host)
         self.hostname = hostname or socket.gethostname()
         self.problems: list[str] = []
         self.records: dict[str, ActivationRecord] = {}
@@ -281,6 +245,7 @@ class Activations:
         return rec
 
 
-def record_activation(state_dir: Path, lic: License, how: str, now: datetime | None = None) -> ActivationRecord:
-    """Activate ``lic`` on this machine before the daemon starts (``make demo``)."""
-    return Activations(state_dir).activate(lic, now or datetime.now(UTC), how)
+def record_activation(state_dir: Path, lic: License, how: str, fingerprint: Fingerprint,
+                      now: datetime | None = None) -> ActivationRecord:
+    """Activate ``lic`` on this machine (``fingerprint``) before the daemon starts (``make demo``)."""
+    return Activations(state_dir, fingerprint).activate(lic, now or datetime.now(UTC), how)

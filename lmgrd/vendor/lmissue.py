@@ -1,7 +1,8 @@
 """``lmissue``: the vendor's tool to make keys, issue, inspect, revoke and reissue signed licenses.
 
 Runs on the vendor's machine, never on a customer's: it is the only program that touches the vendor's
-private key. The license format and every rule live in ``protocol.license``; this module does the file
+private key. The license format, its rules and its verification live in ``protocol.license``; signing,
+private keys, customer IDs and request checking in ``lmgrd.vendor.signing``; this module does the file
 work and the wording. Exit codes: 0 success, 1 a problem (explained on stderr), 2 bad usage.
 """
 
@@ -22,24 +23,26 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from lmgrd.storage.atomic import write_atomic
 from lmgrd.storage.files import read_public_key_file
-from protocol.errors import ProtocolError
-from protocol.license import (
+from lmgrd.vendor.signing import (
     CUSTOMER_ID_RANDOM_BYTES,
-    License,
     RequestSpec,
-    Revocation,
     check_request,
-    customer_id_problem,
-    document_kind,
     dump_private_key,
     dump_public_key,
-    entry_source,
     load_private_key,
     new_customer_id,
-    parse_license,
-    parse_revocation,
     sign_license,
     sign_revocation,
+)
+from protocol.errors import ProtocolError
+from protocol.license import (
+    License,
+    Revocation,
+    customer_id_problem,
+    document_kind,
+    entry_source,
+    parse_license,
+    parse_revocation,
     split_revocation_list,
     verify_license,
     verify_revocation,

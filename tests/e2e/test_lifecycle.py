@@ -22,8 +22,8 @@ import pytest
 from harness import HOSTNAME, Daemon, RawClient, write_license
 
 from lmgrd.core.activation import ACTIVATIONS_FILE, CLOCK_OFFSET_ENV
+from lmgrd.vendor.signing import load_private_key
 from protocol import Checkout, ErrorCode, ErrorReply, Granted, Heartbeat, HeartbeatAck
-from protocol.license import load_private_key
 
 LMISSUE = Path(sys.executable).with_name("lmissue")
 CID_RE = re.compile(r"CID-[A-Z2-7]{4}-[A-Z2-7]{4}-[A-Z2-7]{4}-[A-Z2-7]{4}")

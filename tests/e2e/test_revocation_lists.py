@@ -17,8 +17,9 @@ import pytest
 from harness import Daemon, RawClient, write_license
 
 from lmgrd.storage.files import read_public_key_file, read_revocation_file
+from lmgrd.vendor.signing import load_private_key
 from protocol import Checkout, ErrorCode, ErrorReply, Granted, Heartbeat, HeartbeatAck
-from protocol.license import load_private_key, verify_revocation_list
+from protocol.license import verify_revocation_list
 
 LMISSUE = Path(sys.executable).with_name("lmissue")
 CIDS = ("CID-AAAA-BBBB-CCCC-DDDD", "CID-AAAA-BBBB-CCCC-EEEE", "CID-AAAA-BBBB-CCCC-FFFF")

@@ -24,8 +24,9 @@ from harness import HOSTNAME, Daemon, RawClient, write_license
 
 from lmgrd.core.ledger import LeaseInfo
 from lmgrd.monitoring.usage import UsageLog
+from lmgrd.vendor.signing import sign_revocation
 from protocol import Checkin, Checkout, ErrorReply, Granted
-from protocol.license import Revocation, sign_revocation
+from protocol.license import Revocation
 
 COMMON = ("ts", "epoch", "event", "customer_id", "product", "version", "user", "host")
 

@@ -1,4 +1,5 @@
-"""Revocation lists: a file holding several revocations, each verified against its own signature."""
+"""Revocation lists: a file holding several revocations, each verified against its own signature
+(``protocol.license``), and the daemon loading files and directories of them (``lmgrd.storage.files``)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from lmgrd.storage.files import load_revocations, revocation_files
+from lmgrd.vendor.signing import sign_revocation
 from protocol.license import (
     LicenseFileError,
     Revocation,
-    sign_revocation,
     split_revocation_list,
     verify_revocation,
     verify_revocation_list,
