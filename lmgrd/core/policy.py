@@ -42,6 +42,7 @@ __all__ = ["MIN_IDLE_TIMEOUT", "Policy", "ProductPolicy", "Rule", "Subject", "ad
 #: seats from people reading a drawing.
 MIN_IDLE_TIMEOUT = 900.0
 SUBJECT_KINDS = ("user", "group", "host", "host_group")
+_MERGED_CACHE_LIMIT = 4096
 
 
 def _host(name: str) -> str:
@@ -165,7 +166,8 @@ class Policy:
             own = self.products.get(product) or ProductPolicy(product)
             hit = ProductPolicy(product, own.reserve, own.max, own.include + every.include,
                                 own.exclude + every.exclude, own.timeout if own.timeout is not None else every.timeout)
-            self._merged[product] = hit
+            if len(self._merged) < _MERGED_CACHE_LIMIT:  # callers pass licensed products; never unbounded
+                self._merged[product] = hit
         return hit
 
 
