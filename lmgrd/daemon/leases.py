@@ -142,8 +142,8 @@ class LeaseLifecycle:
             logger.info("OUT %s %s to %s lease %s (%d/%d in use, customer %s)", lease.pool[1], lease.version,
                         client.who(), lease.token[:8], self.ledger.in_use(lease.pool), self.count_of(lease.pool),
                         lease.pool[0])
-        self.outbox.send(client, Granted.frame(rid, lease.token, lease.pool[0], lease.pool[1], lease.version,
-                                               self.lease_timeout, self.hb_interval, waited))
+        self.outbox.reply(client, Granted, Granted.frame(rid, lease.token, lease.pool[0], lease.pool[1],
+                                                         lease.version, self.lease_timeout, self.hb_interval, waited))
         self.on_grant()
 
     # -- the queue -----------------------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ class LeaseLifecycle:
                 logger.info("DENIED %s %s to %s %s", product, version, client.who(), log)
             else:
                 logger.info("DENIED %s %s to %s: %s %s", product, version, client.who(), code, message)
-        self.outbox.send(client, encode_frame(ErrorReply(rid, code, message, hint).to_wire()))
+        self.outbox.reply(client, ErrorReply, encode_frame(ErrorReply(rid, code, message, hint).to_wire()))
 
     # -- ends ----------------------------------------------------------------------------------------------------
     def end(self, token: str, reason: EndReason, why: str = "", *, client: Client | None = None

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from lmgrd.storage.journal import LeaseStore
+from protocol import LocalProtocolError, Reply
 
 __all__ = ["FLUSH_EARLY", "Outbox", "Writable"]
 
@@ -30,10 +31,18 @@ class Transport(Protocol):
     def is_closing(self) -> bool: ...
 
 
+class Conn(Protocol):
+    def send_frame(self, kind: type[Reply], frame: bytes, /) -> bytes: ...
+
+
 class Writable(Protocol):
-    """Anything with a transport (a client session); ``None`` until connected or after it is gone."""
+    """A client session: its transport (``None`` until connected or after it is gone) and the protocol
+    connection every reply passes on its way out."""
 
     transport: Transport | None
+
+    @property
+    def conn(self) -> Conn: ...
 
 
 class Outbox:
@@ -49,7 +58,19 @@ class Outbox:
         #: Set by every flush: the sync timer fsyncs the journal when something was written since.
         self.dirty = False
 
+    def reply(self, to: Writable, kind: type[Reply], frame: bytes) -> None:
+        """Queue the reply ``frame`` (of message class ``kind``) for ``to``, through its connection's state
+        machine: a reply its connection may not send now (it was refused, or broke a rule and was told) is
+        dropped, never written."""
+        try:
+            to.conn.send_frame(kind, frame)
+        except LocalProtocolError as exc:
+            logger.debug("reply %s not sent: %s", kind.__name__, exc)
+            return
+        self.send(to, frame)
+
     def send(self, to: Writable, frame: bytes | None) -> None:
+        """Queue raw bytes (already checked by :meth:`reply`), or ``None`` to close ``to`` after them."""
         self.pending.append((to, frame))
         if not self.scheduled:
             self.scheduled = True

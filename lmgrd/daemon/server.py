@@ -1,7 +1,7 @@
 """The server shell: listeners, connections, the one expiry timer, journal sync, reload, staged shutdown.
 
 A checkout, end to end: ``ClientProtocol.data_received`` (:mod:`lmgrd.daemon.transport`) ->
-``ServerConnection.receive_data`` -> ``Handlers.checkout`` (:mod:`lmgrd.daemon.session`: licensing checks
+``Connection.receive_data`` -> ``Handlers.checkout`` (:mod:`lmgrd.daemon.session`: licensing checks
 in the documented order) -> ``LeaseLifecycle.checkout`` (:mod:`lmgrd.daemon.leases`: ledger, journal
 record, counter, event, log) -> the reply queued on the :class:`~lmgrd.daemon.outbox.Outbox`, sent after
 the group-commit flush has written the record.
@@ -36,7 +36,7 @@ from lmgrd.daemon.outbox import Outbox
 from lmgrd.daemon.session import Handlers, Session, refuse
 from lmgrd.daemon.transport import ClientProtocol
 from lmgrd.storage.journal import LeaseStore
-from protocol import ErrorCode, ProtocolError, error_frame
+from protocol import ErrorCode, ErrorReply, ProtocolError, error_frame
 
 __all__ = ["EXPIRE_BATCH", "Server", "install_signal_handlers"]
 
@@ -174,7 +174,7 @@ class Server:
     async def _shutdown(self) -> None:
         self.outbox.flush()
         for s in list(self.sessions.values()):
-            self.outbox.send(s, error_frame(0, ProtocolError(
+            self.outbox.reply(s, ErrorReply, error_frame(0, ProtocolError(
                 ErrorCode.SHUTTING_DOWN, "the license server is shutting down",
                 "your seats are kept; the client resumes them when the server is back")))
             self.outbox.send(s, None)

@@ -28,6 +28,7 @@ from protocol import (
     CheckedIn,
     Checkin,
     Checkout,
+    Connection,
     ErrorCode,
     ErrorReply,
     Heartbeat,
@@ -37,7 +38,7 @@ from protocol import (
     ProtocolError,
     Resume,
     Resumed,
-    ServerConnection,
+    Role,
     Status,
     StatusReply,
     Welcome,
@@ -64,7 +65,7 @@ class Session:
     )
 
     def __init__(self, max_frame_bytes: int) -> None:
-        self.conn = ServerConnection(max_frame_bytes)
+        self.conn = Connection(Role.SERVER, max_frame_bytes)
         self.transport: Transport | None = None
         self.session = 0  # set at hello; 0 = not yet identified
         self.addr = ""
@@ -144,7 +145,7 @@ class Handlers:
         elif isinstance(req, Resume):
             self.resume(s, req)
         elif isinstance(req, Status):
-            self.outbox.send(s, encode_frame(StatusReply(req.id, self.daemon.status()).to_wire()))
+            self.outbox.reply(s, StatusReply, encode_frame(StatusReply(req.id, self.daemon.status()).to_wire()))
         elif isinstance(req, Admin):
             self.admin_command(s, req)
         elif isinstance(req, BadRequest):
@@ -153,7 +154,7 @@ class Handlers:
                        req.error.hint or "see protocol/PROTOCOL.md for the message schema")
 
     def error(self, s: Session, rid: int, code: ErrorCode, message: str, hint: str = "") -> None:
-        self.outbox.send(s, encode_frame(ErrorReply(rid, code, message, hint).to_wire()))
+        self.outbox.reply(s, ErrorReply, encode_frame(ErrorReply(rid, code, message, hint).to_wire()))
 
     # -- hello -----------------------------------------------------------------------------------------------
     def hello(self, s: Session, req: Hello) -> None:
@@ -171,7 +172,7 @@ class Handlers:
         self.next_session += 1
         self.sessions[s.session] = s
         logger.debug("hello from %s (%s pid %d, client %s)", s.who(), s.peer, s.pid, req.client_version)
-        self.outbox.send(s, encode_frame(Welcome(
+        self.outbox.reply(s, Welcome, encode_frame(Welcome(
             req.id, s.conn.proto, __version__, self.hb_interval, self.lease_timeout, self.max_frame_bytes,
             s.session).to_wire()))
 
@@ -205,7 +206,7 @@ class Handlers:
 
     def checkin(self, s: Session, req: Checkin) -> None:
         lease = self.leases.end(req.token, EndReason.CHECKIN, client=s)
-        self.outbox.send(s, CheckedIn.frame(req.id, lease is not None))
+        self.outbox.reply(s, CheckedIn, CheckedIn.frame(req.id, lease is not None))
 
     # -- heartbeat, idle and resume --------------------------------------------------------------------------
     def heartbeat(self, s: Session, req: Heartbeat) -> None:
@@ -221,7 +222,7 @@ class Handlers:
         lost = tuple(s.lost)
         if lost:
             s.lost.clear()
-        self.outbox.send(s, encode_frame(HeartbeatAck(req.id, renewed, lost).to_wire()))
+        self.outbox.reply(s, HeartbeatAck, encode_frame(HeartbeatAck(req.id, renewed, lost).to_wire()))
 
     def reclaim_idle(self, s: Session, idle_for: float) -> None:
         """End this session's seats of products whose policy ``timeout`` its idle time has passed."""
@@ -253,7 +254,7 @@ class Handlers:
                 logger.info("lease %s moved from session %d to %d", token[:8], old_session, s.session)
             resumed.append(token)
         logger.info("RESUME %s: %d seat(s) resumed, %d lost", s.who(), len(resumed), len(lost))
-        self.outbox.send(s, encode_frame(Resumed(req.id, tuple(resumed), tuple(lost)).to_wire()))
+        self.outbox.reply(s, Resumed, encode_frame(Resumed(req.id, tuple(resumed), tuple(lost)).to_wire()))
 
     # -- admin -------------------------------------------------------------------------------------------------
     def admin_command(self, s: Session, req: Admin) -> None:
@@ -266,7 +267,7 @@ class Handlers:
         except ProtocolError as exc:
             self.error(s, req.id, exc.code, exc.message, exc.hint)
         else:
-            self.outbox.send(s, encode_frame(StatusReply(req.id, data).to_wire()))
+            self.outbox.reply(s, StatusReply, encode_frame(StatusReply(req.id, data).to_wire()))
 
 
 def refuse(s: Session, outbox: Outbox, exc: ProtocolError, request_id: int = 0) -> None:
@@ -276,5 +277,5 @@ def refuse(s: Session, outbox: Outbox, exc: ProtocolError, request_id: int = 0) 
         return
     if exc.code not in (ErrorCode.HANDSHAKE_TIMEOUT, ErrorCode.TOO_MANY_CONNECTIONS, ErrorCode.SHUTTING_DOWN):
         logger.warning("dropping client %s: %s", s.peer, exc)
-    outbox.send(s, error_frame(request_id, exc))
+    outbox.reply(s, ErrorReply, error_frame(request_id, exc))
     outbox.send(s, None)

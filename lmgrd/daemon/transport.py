@@ -14,7 +14,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from lmgrd.daemon.session import Session
-from protocol import ErrorCode, ProtocolError
+from protocol import ErrorCode, ProtocolError, State
 from protocol.validation import normalize_ip
 
 if TYPE_CHECKING:
@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 __all__ = ["WRITE_HIGH_WATER", "ClientProtocol"]
 
 logger = logging.getLogger(__name__)
+
+#: Once the connection is refused or broke a rule, requests already read behind it are not served.
+_NOT_SERVING = frozenset({State.MUST_CLOSE, State.ERROR, State.CLOSED})
 
 #: A client that does not read its replies is paused above this much unsent data; if it stays stalled for
 #: a lease timeout it is dropped (its leases then lapse like any dropped client's).
@@ -59,11 +62,16 @@ class ClientProtocol(Session, asyncio.Protocol):
         server = self.server
         dispatch = server.handlers.dispatch
         timer = server.request_timer
+        conn = self.conn
         if timer is None:
             for req in requests:
+                if conn.state in _NOT_SERVING:
+                    return
                 dispatch(self, req)
             return
         for req in requests:  # lmgrd_request_duration_seconds: observe only, no allocation
+            if conn.state in _NOT_SERVING:
+                return
             t0 = perf_counter()
             dispatch(self, req)
             timer(type(req), perf_counter() - t0)

@@ -325,6 +325,23 @@ def test_invalid_hostname_in_hello(daemon_factory: Factory, host: str) -> None:
     by.check()
 
 
+def test_requests_pipelined_behind_a_refused_hello_are_not_served(daemon_factory: Factory) -> None:
+    """A checkout sent in the same write as a hello the daemon refuses gets no seat and no reply."""
+    d, by = scene(daemon_factory)
+    c = d.connect()
+    hello = packed({"op": "hello", "id": 5, "proto": [1], "host": "設計室-pc", "user": "alice", "pid": 1,
+                    "client_version": "test", "display": ""})
+    co = packed({"op": "checkout", "id": 6, "product": "CADPRO", "version": "2.1", "wait": 0})
+    c.send_raw(hello + co)
+    r = c.recv()
+    assert isinstance(r, ErrorReply) and r.code is ErrorCode.INVALID_HOSTNAME and r.id == 5, r
+    assert c.closed() and c.replies == []  # no second reply: the checkout was never served
+    assert "to alice@" not in d.log()
+    pools = status(client(d, "observer"))["pools"]
+    assert [p["in_use"] for p in pools] == [1]  # the bystander's seat only
+    by.check()
+
+
 @pytest.mark.parametrize("sent", [b"", frame(msgpack.packb({"op": "hello", "id": 1}))[:9]],
                          ids=["nothing", "partial-hello"])
 def test_silent_or_stalled_client_is_dropped_after_the_handshake_timeout(daemon_factory: Factory,

@@ -20,7 +20,7 @@ from lmgrd.daemon.server import Server
 from lmgrd.daemon.session import Session
 from lmgrd.storage.files import load_licensing
 from lmgrd.storage.journal import JournalStore, read_journal
-from protocol import Checkout, ErrorCode, Hello
+from protocol import Checkout, Connection, ErrorCode, Hello, Role
 from protocol.framing import FrameDecoder
 
 
@@ -73,7 +73,9 @@ class Rig:
         t = RecordingTransport()
         s.transport = t
         s.addr, s.peer = "127.0.0.1", "127.0.0.1:5000"
-        self.server.handlers.hello(s, Hello(self.rid(), (1,), host, user, pid, "test", display))
+        hello = Hello(self.rid(), (1,), host, user, pid, "test", display)
+        (received,) = s.conn.receive_data(Connection(Role.CLIENT).send(hello))  # the handshake's state
+        self.server.handlers.hello(s, received)
         self.server.outbox.flush()
         (welcome,) = t.replies()
         assert welcome["op"] == "welcome", welcome
