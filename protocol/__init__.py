@@ -8,10 +8,8 @@ clock reads or logging setup: both the daemon (``lmgrd``) and the client library
 from protocol.connection import (
     SUPPORTED_VERSIONS,
     BadRequest,
-    ClientConnection,
     Connection,
     Role,
-    ServerConnection,
     State,
     error_frame,
     negotiate,
@@ -49,9 +47,9 @@ from protocol.messages import (
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES", "RETRYABLE", "SUPPORTED_VERSIONS", "Admin", "BadRequest",
-    "CheckedIn", "Checkin", "Checkout", "ClientConnection", "Connection", "ErrorCode", "ErrorReply",
+    "CheckedIn", "Checkin", "Checkout", "Connection", "ErrorCode", "ErrorReply",
     "FrameDecoder", "FrameTooLarge", "Granted", "Heartbeat", "HeartbeatAck", "Hello", "LocalProtocolError",
     "LostSeat", "MalformedMessage", "ProtocolError", "Reply", "Request", "Resume", "Resumed", "Role",
-    "ServerConnection", "State", "Status", "StatusReply", "Welcome", "encode_frame", "error_frame", "negotiate",
+    "State", "Status", "StatusReply", "Welcome", "encode_frame", "error_frame", "negotiate",
     "parse_reply", "parse_request",
 ]

@@ -57,10 +57,8 @@ __all__ = [
     "SUPPORTED_VERSIONS",
     "TRANSITIONS",
     "BadRequest",
-    "ClientConnection",
     "Connection",
     "Role",
-    "ServerConnection",
     "State",
     "error_frame",
     "negotiate",
@@ -338,30 +336,6 @@ class Connection(Generic[_EventT]):
     def close(self) -> None:
         """The transport is gone: nothing more is sent or received."""
         self.state = State.CLOSED
-
-
-class ServerConnection(Connection[Request | BadRequest]):
-    """``Connection(Role.SERVER)`` under its old name, with its old constructor (``max_frame_bytes``).
-
-    A server that writes its frames without :meth:`send` / :meth:`send_frame` (the daemon, until it moves
-    to ``Connection``) leaves the state at ``AWAIT_WELCOME`` after the hello; every request is legal there,
-    so what it receives is checked exactly as before. Once it sends through the connection, ``welcome``
-    (or the refusal) must go first.
-    """
-
-    __slots__ = ()
-
-    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
-        super().__init__(Role.SERVER, max_frame_bytes)
-
-
-class ClientConnection(Connection[Reply]):
-    """``Connection(Role.CLIENT)`` under its old name, with its old constructor (``max_frame_bytes``)."""
-
-    __slots__ = ()
-
-    def __init__(self, max_frame_bytes: int = CLIENT_MAX_FRAME_BYTES) -> None:
-        super().__init__(Role.CLIENT, max_frame_bytes)
 
 
 def error_frame(request_id: int, exc: ProtocolError) -> bytes:

@@ -14,7 +14,7 @@ from pathlib import Path
 from harness import HOSTNAME, Daemon, RawClient
 
 from lmgrd.storage.journal import read_journal
-from protocol import Checkout, ClientConnection, Granted, Hello, Status, Welcome
+from protocol import Checkout, Connection, Granted, Hello, Role, Status, Welcome
 
 
 def _stalled_reader(d: Daemon) -> socket.socket:
@@ -22,7 +22,7 @@ def _stalled_reader(d: Daemon) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small receive window
     sock.connect(("127.0.0.1", d.port))
-    conn = ClientConnection()
+    conn = Connection(Role.CLIENT)
     sock.sendall(conn.send(Hello(1, (1,), HOSTNAME, "slow", os.getpid(), "test", "")))
     sock.settimeout(0.5)
     burst = b"".join(conn.send(Status(i)) for i in range(2, 1002))

@@ -22,7 +22,7 @@ from lmgrd.monitoring.metrics import Denial, Metrics, TextfileWriter, attach
 from lmgrd.storage.atomic import write_atomic
 from lmgrd.storage.files import load_licensing
 from lmgrd.storage.journal import open_store
-from protocol import Checkin, Checkout, ClientConnection, ErrorCode, ErrorReply, Granted, Hello, Reply, Welcome
+from protocol import Checkin, Checkout, Connection, ErrorCode, ErrorReply, Granted, Hello, Reply, Role, Welcome
 
 ALLOWED_LABELS = {"customer_id", "product", "state", "result", "reason", "op", "le", "version", "python"}
 
@@ -40,7 +40,7 @@ class AsyncClient:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
-        self.conn = ClientConnection()
+        self.conn = Connection(Role.CLIENT)
         self.replies: list[Reply] = []
         self.next_id = 0
 

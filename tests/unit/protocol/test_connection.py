@@ -21,7 +21,6 @@ from protocol import (
     CheckedIn,
     Checkin,
     Checkout,
-    ClientConnection,
     Connection,
     ErrorCode,
     ErrorReply,
@@ -34,7 +33,6 @@ from protocol import (
     Resume,
     Resumed,
     Role,
-    ServerConnection,
     State,
     Status,
     StatusReply,
@@ -287,16 +285,16 @@ def test_every_move_not_in_the_table_raises_and_leaves_error() -> None:
     assert all(src is not State.CLOSED and dst is not State.CLOSED for (src, _, _), dst in TRANSITIONS.items())
 
 
-def test_the_aliases_keep_their_constructors_and_attributes() -> None:
-    server = ServerConnection(1024)
-    assert isinstance(server, Connection) and server.role is Role.SERVER
+def test_frame_limits_and_attributes_by_role() -> None:
+    server = Connection(Role.SERVER, 1024)
+    assert server.role is Role.SERVER
     with pytest.raises(ProtocolError) as info:
         server.receive_data(b"\x00\x00\x08\x00")
     assert info.value.code is ErrorCode.FRAME_TOO_LARGE
-    assert ServerConnection()._decoder.max_frame_bytes == DEFAULT_MAX_FRAME_BYTES
-    client = ClientConnection()
+    assert Connection(Role.SERVER)._decoder.max_frame_bytes == DEFAULT_MAX_FRAME_BYTES
+    client = Connection(Role.CLIENT)
     assert client.role is Role.CLIENT and client._decoder.max_frame_bytes == CLIENT_MAX_FRAME_BYTES
-    server = ServerConnection()
+    server = Connection(Role.SERVER)
     assert server.receive_data(client.send(HELLO)) == [HELLO]
     assert (server.hello, server.proto) == (HELLO, 1)
     server.close()
