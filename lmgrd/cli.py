@@ -26,9 +26,9 @@ from lmgrd.config import (
     build_config,
     load_config_file,
 )
-from lmgrd.core.activation import clock_offset, daemon_wall_clock
 from lmgrd.core.licensing import Licensing
 from lmgrd.storage.files import load_licensing, state_dir
+from lmgrd.storage.host import clock_offset, daemon_wall_clock, raise_nofile
 from protocol.activation import auto_activation_at
 
 logger = logging.getLogger("lmgrd")
@@ -198,18 +198,6 @@ async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
     return 0
 
 
-def _raise_nofile() -> None:
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = hard if hard != resource.RLIM_INFINITY else 1_048_576
-        if soft < want:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    except (ImportError, ValueError, OSError):
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
@@ -223,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.check:
         return run_check(cfg)
     configure_logging(cfg.log_level)
-    _raise_nofile()
+    raise_nofile()
     licensing, problems = load_licensing(cfg)
     for prob in problems:
         logger.error("%s", prob)

@@ -22,9 +22,9 @@ import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from lmgrd.config import DaemonConfig
-from lmgrd.core.activation import Activations
 from lmgrd.core.licensing import Licensing, Refusal, revocation_reason
 from lmgrd.core.site import parse_networks
+from lmgrd.storage.activations import open_activations
 from lmgrd.storage.host import this_fingerprint
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.license import (
@@ -240,7 +240,7 @@ def load_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
     seen: dict[str, Path] = {}
     revoked, rev_problems = load_revocations(cfg.extra.get("revocations", []), key)
     problems.extend(rev_problems)
-    activations = Activations(state_dir(cfg), this_fingerprint())
+    activations = open_activations(state_dir(cfg), this_fingerprint())
     problems.extend(activations.problems)
     for path in cfg.licenses:
         try:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from lmgrd.cli import main as lmgrd_main
-from lmgrd.core.activation import record_activation
+from lmgrd.storage.activations import record_activation
 from lmgrd.storage.files import this_host
 from lmgrd.storage.host import this_fingerprint
 from lmgrd.vendor.signing import CUSTOMER_ID_RANDOM_BYTES, load_private_key, new_customer_id, sign_license

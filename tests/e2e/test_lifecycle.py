@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from harness import HOSTNAME, Daemon, RawClient, write_license
 
-from lmgrd.core.activation import ACTIVATIONS_FILE, CLOCK_OFFSET_ENV
+from lmgrd.storage.activations import ACTIVATIONS_FILE
+from lmgrd.storage.host import CLOCK_OFFSET_ENV
 from lmgrd.vendor.signing import load_private_key
 from protocol import Checkout, ErrorCode, ErrorReply, Granted, Heartbeat, HeartbeatAck
 

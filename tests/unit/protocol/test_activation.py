@@ -13,7 +13,7 @@ import pytest
 
 from client_stub import activation as single_user
 from client_stub.errors import SeatDenied
-from lmgrd.core.activation import ACTIVATIONS_FILE, Activations
+from lmgrd.storage.activations import ACTIVATIONS_FILE, open_activations
 from protocol import ErrorCode
 from protocol.activation import AUTO_ACTIVATION_AFTER, ActivationRecord, auto_activation_at
 from protocol.fingerprint import Fingerprint
@@ -63,7 +63,7 @@ def test_a_damaged_record_is_a_value_error(data: object, fragment: str) -> None:
 
 
 def test_a_record_the_license_server_writes_is_read_by_single_user_activation(tmp_path: Path) -> None:
-    server = Activations(tmp_path / "state", fingerprint=HERE, hostname="pc1")
+    server = open_activations(tmp_path / "state", fingerprint=HERE, hostname="pc1")
     server.activate(lic(), SOON, "lmutil activate")
     doc = json.loads((tmp_path / "state" / ACTIVATIONS_FILE).read_text(encoding="utf-8"))
     assert doc["format"] == 1  # the daemon's container
@@ -89,15 +89,15 @@ def test_a_record_single_user_activation_writes_is_read_by_the_license_server(tm
     state.mkdir()
     (state / ACTIVATIONS_FILE).write_text(json.dumps({"format": 1, "activations": {lic().customer_id: written}}),
                                           encoding="utf-8")
-    here = Activations(state, fingerprint=HERE, hostname="pc1")
+    here = open_activations(state, fingerprint=HERE, hostname="pc1")
     assert here.problems == [] and here.records[lic().customer_id] == rec.__class__(
         rec.customer_id, rec.fingerprint, rec.hostname, rec.activated_at.replace(microsecond=0), rec.how)
     assert here.state(lic("multi"), SOON) == "active"
-    moved = Activations(state, fingerprint=ELSEWHERE, hostname="pc2")
+    moved = open_activations(state, fingerprint=ELSEWHERE, hostname="pc2")
     assert moved.state(lic("multi"), SOON) == "moved"
 
 
 def test_both_sides_write_the_same_record_for_the_same_activation(tmp_path: Path) -> None:
-    server = Activations(tmp_path / "state", fingerprint=HERE, hostname="pc1").activate(lic(), SOON, "x")
+    server = open_activations(tmp_path / "state", fingerprint=HERE, hostname="pc1").activate(lic(), SOON, "x")
     client = single_user.activate(lic(), SOON, tmp_path / "user.json", HERE, "pc1")
     assert {**server.to_json(), "how": ""} == {**client.to_json(), "how": ""}
