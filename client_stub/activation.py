@@ -14,15 +14,13 @@ and the standard library; never ``lmgrd``.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from client_stub.errors import LicenseError, SeatDenied
+from client_stub.files import write_atomic
 from client_stub.machine import this_fingerprint
 from protocol import ErrorCode
 from protocol.activation import AUTO_ACTIVATION_AFTER, ActivationRecord, auto_activation_at
@@ -126,18 +124,7 @@ def activate(lic: License, now: datetime, path: Path | None = None,
     rec = ActivationRecord(lic.customer_id, here, hostname, now.astimezone(UTC), "lmclient activate")
     data[lic.customer_id] = rec.to_json()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".activations-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
     except OSError as exc:
         raise LicenseError(ErrorCode.CLIENT_CONFIG_INVALID,
                            f"cannot record the activation in {path}: {exc.strerror or exc}",

@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -140,34 +139,11 @@ def _refuse_existing(paths: Sequence[Path], force: bool) -> None:
 def _write_text(path: Path, text: str, force: bool) -> None:
     """Write ``text`` to ``path`` completely or not at all.
 
-    Without ``force`` the final name is claimed with O_EXCL, so a file created meanwhile is never
-    replaced; with ``force`` a temporary file is renamed over the target.
+    Without ``force`` an existing file (even one created meanwhile) is never replaced; with ``force`` the
+    new file is renamed over it (see :func:`lmgrd.storage.atomic.write_atomic`).
     """
-    data = text.encode("utf-8")
-    parent = path.parent if str(path.parent) else Path(".")
     try:
-        if not force:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            except BaseException:
-                path.unlink(missing_ok=True)
-                raise
-            return
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, text.encode("utf-8"), mode=0o644, replace=force)
     except FileExistsError:
         raise _Failure(f"{path}: already exists; not overwriting it (use --force to replace it)") from None
     except OSError as exc:
