@@ -112,28 +112,35 @@ def configure_logging(level: str) -> None:
 
 
 _CONFIG_SOURCE: tuple[Path | None, dict[str, Any]] = (None, {})
+#: The configuration the last successful reread produced (None: the one the daemon started with).
+_RUNNING_CONFIG: DaemonConfig | None = None
 
 
 def reread_config(cfg: DaemonConfig) -> tuple[DaemonConfig, list[str]]:
-    """The config as lmreread sees it: the file read again, the original flags still on top.
+    """The config as lmreread sees it: the file (and its options file) read again, the original flags on top.
 
     A config file that no longer validates is reported (the problems are returned, for lmreread's answer)
-    and the running config is kept.
+    and the running config is kept: the one the last good reread gave, else ``cfg`` (the startup one).
     """
+    global _RUNNING_CONFIG
     path, overrides = _CONFIG_SOURCE
     if path is None:
         return cfg, []
     try:
-        return build_config(load_config_file(path), overrides, str(path)), []
+        _RUNNING_CONFIG = build_config(load_config_file(path), overrides, str(path))
+        return _RUNNING_CONFIG, []
     except ConfigInvalid as exc:
         logger.error("reread: %s; keeping the running configuration", exc)
-        return cfg, [f"{path}: {p}; the running configuration (policy included) is kept" for p in exc.problems]
+        return _RUNNING_CONFIG or cfg, [f"{path}: {p}; the running configuration (policy included) is kept"
+                                        for p in exc.problems]
 
 
 def reload_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
     """What lmreread and SIGHUP load: the config file again, then every license, revocation and policy."""
     new_cfg, problems = reread_config(cfg)
     licensing, more = load_licensing(new_cfg)
+    for line in new_cfg.options_unsupported:
+        logger.warning("reread: options file: %s", line)
     return licensing, problems + more
 
 
@@ -148,6 +155,11 @@ def run_check(cfg: DaemonConfig) -> int:
                      f"activate {lic.customer_id})"
         print(f"ok: {path}: customer ID {lic.customer_id} ({lic.customer}), {prods}, expires {exp}, "
               f"share {lic.share}, activation {state}")
+    for line in cfg.options_unsupported:  # ignored, not errors: FlexNet keywords lmgrd does not implement
+        print(f"unsupported: {line}")
+    if cfg.options_unsupported:
+        print(f"{len(cfg.options_unsupported)} line(s) of the options file {cfg.options} are not supported as "
+              "written (listed above); the other lines apply")
     for prob in problems:
         print(f"problem: {prob}")
     if problems:
@@ -203,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     licensing, problems = load_licensing(cfg)
     for prob in problems:
         logger.error("%s", prob)
+    for line in cfg.options_unsupported:
+        logger.warning("options file: %s", line)
     if not licensing.served:
         logger.error("no license can be served; clients will be refused until this is fixed")
     try:

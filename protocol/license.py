@@ -34,7 +34,9 @@ so an edit to any value, the order of the products, or the set of site networks 
 The domain prefix keeps a license signature from ever verifying as a revocation and vice versa.
 
 A revocation file has the same shape with ``kind revocation`` and the keys ``customer_id``,
-``revoked_at``, ``replaced_by`` (a customer ID or ``none``) and ``reason``.
+``revoked_at``, ``replaced_by`` (a customer ID or ``none``) and ``reason``. A revocation *list* is several
+such revocations one after another in one file, each with its own signature line
+(``verify_revocation_list``); a file holding one revocation is a list of one.
 """
 
 from __future__ import annotations
@@ -83,20 +85,24 @@ __all__ = [
     "LicenseType",
     "Product",
     "Revocation",
+    "RevocationEntry",
     "ShareMode",
     "VendorKeyError",
     "canonical_license_bytes",
     "canonical_revocation_bytes",
     "customer_id_problem",
     "document_kind",
+    "entry_source",
     "evaluate_use",
     "format_timestamp",
     "host_mismatch",
     "load_public_key",
     "parse_license",
     "parse_revocation",
+    "split_revocation_list",
     "verify_license",
     "verify_revocation",
+    "verify_revocation_list",
 ]
 
 LicenseType = Literal["multi", "single"]
@@ -593,6 +599,86 @@ def verify_revocation(text: str, public_key: Ed25519PublicKey, source: str) -> R
     except InvalidSignature:
         raise _bad_signature(source, "revocation") from None
     return rev
+
+
+# --------------------------------------------------------------------------------------------------
+# Revocation lists: one file holding several revocations, each signed on its own
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RevocationEntry:
+    """One revocation of a revocation list, as written (not yet verified)."""
+
+    #: 1-based position in the file.
+    number: int
+    #: The file's line where the entry starts (its first non-comment line).
+    first_line: int
+    #: The entry's lines, preceded by blank lines so that parse errors name the file's own line numbers.
+    text: str
+
+
+def split_revocation_list(text: str) -> list[RevocationEntry]:
+    """Cut a revocation file into its entries (``lmissue revoke`` appends one per customer ID).
+
+    An entry ends with its ``signature`` line; a second ``format`` line before a signature also starts a new
+    entry (so one damaged entry never swallows the next). A file written before lists existed is one entry.
+    Comment and blank lines are kept with the entry they follow. Nothing is verified here.
+    """
+    entries: list[RevocationEntry] = []
+    lines = text.removeprefix("\ufeff").split("\n")
+    start: int | None = None  # index of the current entry's first non-comment line
+    begin = 0  # index where the current entry's text begins
+    has_format = False
+    for i, raw in enumerate(lines):
+        line = raw.rstrip("\r").strip(" \t")
+        if not line or line.startswith("#"):
+            continue
+        key = line.split(None, 1)[0]
+        if start is not None and key == "format" and has_format:  # a new entry, the last one unsigned
+            entries.append(RevocationEntry(len(entries) + 1, start + 1, "\n" * begin + "\n".join(lines[begin:i])))
+            start, begin, has_format = None, i, False
+        if start is None:
+            start = i
+        has_format = has_format or key == "format"
+        if key == "signature":
+            entries.append(RevocationEntry(len(entries) + 1, start + 1,
+                                           "\n" * begin + "\n".join(lines[begin:i + 1])))
+            start, begin, has_format = None, i + 1, False
+    if start is not None:
+        entries.append(RevocationEntry(len(entries) + 1, start + 1, "\n" * begin + "\n".join(lines[begin:])))
+    return entries
+
+
+def entry_source(source: str, entry: RevocationEntry, total: int) -> str:
+    """How messages name an entry: the file alone when it holds one, else ``FILE (entry N of M, line L)``."""
+    return source if total == 1 else f"{source} (entry {entry.number} of {total}, line {entry.first_line})"
+
+
+def verify_revocation_list(text: str, public_key: Ed25519PublicKey, source: str
+                           ) -> tuple[list[Revocation], list[LicenseFileError]]:
+    """Verify every revocation of a revocation file, each against its own signature.
+
+    Args:
+        text: the file's text (one revocation, or several appended by ``lmissue revoke``).
+        public_key: the vendor public key.
+        source: the file path, named in every error.
+
+    Returns:
+        The verified revocations in file order, and one error per entry refused (damaged, unsigned, signed
+        with another key), naming the file and the entry. A refused entry never hides the valid ones.
+    """
+    entries = split_revocation_list(text)
+    if not entries:
+        return [], [LicenseFileError(source, "the file holds no revocation (only comments or nothing at all)",
+                                     "give lmgrd the file lmissue revoke wrote, or remove this one")]
+    good: list[Revocation] = []
+    bad: list[LicenseFileError] = []
+    for entry in entries:
+        try:
+            good.append(verify_revocation(entry.text, public_key, entry_source(source, entry, len(entries))))
+        except LicenseFileError as exc:
+            bad.append(exc)
+    return good, bad
 
 
 def document_kind(text: str) -> str | None:

@@ -130,8 +130,11 @@ class Licensing:
     def refusals(self) -> list[dict[str, Any]]:
         return [r.to_wire() for r in self.refused]
 
-    def candidates(self, product: str, version: str, addr: str, user: str, host: str, now: datetime) -> Decision:
-        """Run every check before seats, in order; return the licenses that pass or the first refusal."""
+    def candidates(self, product: str, version: str, addr: str, user: str, host: str, now: datetime,
+                   display: str = "") -> Decision:
+        """Run every check before seats, in order; return the licenses that pass or the first refusal.
+
+        ``addr`` and ``display`` are the client's, for the policy's include/exclude by address or display."""
         lics = self._by_product.get(product)
         if lics is None:
             ref = self._refused_by_product.get(product)
@@ -158,9 +161,9 @@ class Licensing:
             elif worst is None or _RANK.get(err[0], 0) > _RANK.get(worst[0], 0):
                 worst = err
         if ok:
-            pp = self.policy.products.get(product) if self.policy.products else None
+            pp = self.policy.get(product) if self.policy.active else None
             if pp is not None:  # the policy's include/exclude, after every license check
-                why = pp.refusal(user, host)
+                why = pp.refusal(user, host, addr, display)
                 if why is not None:
                     return Decision((), (ErrorCode.EXCLUDED, why, _HINTS[ErrorCode.EXCLUDED]))
             return Decision(tuple(ok))

@@ -332,8 +332,9 @@ class Server:
                 logger.warning("pool %s/%s is no longer licensed: no new seats; %d held seat(s) run on until "
                                "checked in or lapsed", pool[0], pool[1], self.ledger.in_use(pool))
         self._apply_policy()
-        if merged.policy.products:
-            logger.info("reread: usage policy for %s", ", ".join(sorted(merged.policy.products)))
+        if merged.policy.active:
+            logger.info("reread: usage policy for %s", ", ".join(
+                [*sorted(merged.policy.products), *(["every product"] if merged.policy.every_product else [])]))
         for prob in problems:
             logger.error("reread: %s", prob)
         served = [lic.customer_id for _, lic in merged.served]

@@ -183,7 +183,7 @@ class Handlers:
         wall = self.wall()
         licensing = self.daemon.licensing
         decision = licensing.candidates(req.product, req.version, s.addr, holder.user, holder.host,
-                                        datetime.fromtimestamp(wall, UTC))
+                                        datetime.fromtimestamp(wall, UTC), holder.display)
         leases = self.leases
         if decision.error is not None:
             code, message, hint = decision.error
@@ -214,7 +214,7 @@ class Handlers:
         if req.idle:
             if s.idle_since is None:
                 s.idle_since = now
-            if self.daemon.licensing.policy.products:
+            if self.daemon.licensing.policy.active:
                 self.reclaim_idle(s, max(req.idle_for, now - s.idle_since))
         elif s.idle_since is not None:
             s.idle_since = None

@@ -37,6 +37,7 @@ from protocol.license import (
     load_public_key,
     verify_license,
     verify_revocation,
+    verify_revocation_list,
 )
 
 __all__ = [
@@ -47,6 +48,8 @@ __all__ = [
     "read_license_file",
     "read_public_key_file",
     "read_revocation_file",
+    "read_revocation_list",
+    "revocation_files",
     "state_dir",
     "this_host",
 ]
@@ -154,25 +157,62 @@ def license_problems_for_daemon(lic: License, host: HostIdentity) -> list[str]:
     return host_mismatch(lic, host.hostname, host.addresses)
 
 
-def load_revocations(paths: Iterable[str | os.PathLike[str]], key: Ed25519PublicKey
-                     ) -> tuple[dict[str, Revocation], list[str]]:
-    """Read and verify every revocation file (the config's ``revocations:`` and ``--revocations``).
+def read_revocation_list(path: str | os.PathLike[str], public_key: Ed25519PublicKey
+                         ) -> tuple[list[Revocation], list[LicenseFileError]]:
+    """Read a revocation file holding one or several revocations and verify each on its own.
 
     Returns:
-        The verified revocations by customer ID, and one problem per file refused (unreadable, damaged,
-        unsigned or signed by another key), each naming the file and saying it revokes nothing.
+        The verified revocations, and one error per entry refused (naming the file and the entry); an
+        unreadable file is one error.
+    """
+    try:
+        text = _read_text(path, "revocation")
+    except LicenseFileError as exc:
+        return [], [exc]
+    return verify_revocation_list(text, public_key, os.fspath(path))
+
+
+def revocation_files(path: str | os.PathLike[str]) -> list[Path]:
+    """``path`` itself, or for a directory every file in it (sorted by name; not hidden files, not
+    subdirectories), so a vendor's revocation file can be dropped in and picked up by ``lmreread``.
+
+    Raises:
+        OSError: the directory cannot be listed.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        return [p]
+    # Hidden names are skipped: write_atomic's temporary files (.NAME.XXXX.tmp), editor swap files.
+    return sorted(f for f in p.iterdir() if not f.name.startswith(".") and f.is_file())
+
+
+def load_revocations(paths: Iterable[str | os.PathLike[str]], key: Ed25519PublicKey
+                     ) -> tuple[dict[str, Revocation], list[str]]:
+    """Read and verify every revocation (the config's ``revocations:`` and ``--revocations``: files, each
+    holding one or more revocations, and directories, whose every file is read).
+
+    Returns:
+        The verified revocations by customer ID, and one problem per entry refused (unreadable, damaged,
+        unsigned or signed by another key), each naming the file and entry and saying it revokes nothing;
+        the valid entries of the same file still revoke.
     """
     revoked: dict[str, Revocation] = {}
     problems: list[str] = []
-    for path in paths:
+    for given in paths:
         try:
-            rev = read_revocation_file(path, key)
-        except ProtocolError as exc:
-            problems.append(f"REVOCATION REFUSED: {exc.message}; it revokes nothing until the vendor's signed "
-                            "file is given")
+            files = revocation_files(given)
+        except OSError as exc:
+            problems.append(f"REVOCATION REFUSED: {os.fspath(given)}: cannot list the revocations directory: "
+                            f"{exc.strerror or exc}; nothing in it revokes anything")
             continue
-        logger.info("revocation %s loaded: %s", os.fspath(path), revocation_reason(rev))
-        revoked.setdefault(rev.customer_id, rev)
+        for path in files:
+            revs, refused = read_revocation_list(path, key)
+            for err in refused:
+                problems.append(f"REVOCATION REFUSED: {err.message}; it revokes nothing until the vendor's signed "
+                                "file is given")
+            for rev in revs:
+                logger.info("revocation %s loaded: %s", os.fspath(path), revocation_reason(rev))
+                revoked.setdefault(rev.customer_id, rev)
     return revoked, problems
 
 
@@ -228,6 +268,7 @@ def load_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
         seen[lic.customer_id] = path
         served.append((path, lic))
     policy = cfg.policy  # parsed (and its problems refused) with the config
+    problems.extend(cfg.options_problems)  # bad options-file lines: ignored, reported, never fatal
     for _path, lic in served:
         for prod in lic.products:
             pp = policy.get(prod.name)
