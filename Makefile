@@ -4,13 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench mutation clean
+.PHONY: demo test lint bench mutation clean tools
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=/path/to/python3.11+)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
-	$(PY) -m pip install -qq -e '.[dev]'
+	$(PY) -m pip install -qq -e '.[dev,report]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,6 +22,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+# FlexNet's tool names for lmutil (lmstat -a is lmutil lmstat -a), as symlinks beside it in the venv.
+tools: $(STAMP)
+	for t in lmstat lmremove lmreread lmdown lmhostid lmver; do ln -sf lmutil $(VENV)/bin/$$t; done
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
-# Debian packages the tests need beyond the Python venv: promtool (package prometheus) checks the /metrics
-# scrape, chromium renders the status page. Non-interactive and idempotent: installs only what is missing,
-# and runs apt-get update at most once.
+# Packages the tests need beyond the Python venv: promtool (Debian prometheus) checks the /metrics scrape,
+# chromium renders the status page, check_flexlm (Debian monitoring-plugins-standard) and the lmstat parser
+# of license-manager-agent (PyPI, without its service dependencies, into .ci/parsers) read lmutil lmstat as
+# they read FlexNet's. Non-interactive and idempotent: installs only what is missing, apt-get update at most
+# once.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The parser module of license-manager-agent imports only `re`; its agent's dependencies are not needed.
+if [ ! -f .ci/parsers/lm_agent/parsing/flexlm.py ]; then
+  echo "install-deps: installing license-manager-agent==3.0.12 (no deps) into .ci/parsers"
+  "${PYTHON:-python3.11}" -m pip install -q --no-deps --target .ci/parsers license-manager-agent==3.0.12
+fi
 
 need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+[ -x /usr/lib/nagios/plugins/check_flexlm ] || need+=(monitoring-plugins-standard)
 if [ "${#need[@]}" -eq 0 ]; then
-  echo "install-deps: promtool and chromium already present"
+  echo "install-deps: promtool, chromium and check_flexlm already present"
   exit 0
 fi
 
@@ -28,4 +38,4 @@ $SUDO apt-get install -y -q --no-install-recommends "${need[@]}" fonts-dejavu-co
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
   $SUDO systemctl stop prometheus || true
 fi
-command -v promtool >/dev/null && command -v chromium >/dev/null
+command -v promtool >/dev/null && command -v chromium >/dev/null && [ -x /usr/lib/nagios/plugins/check_flexlm ]

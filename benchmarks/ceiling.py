@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import resource
 import secrets
 import signal
 import sys
@@ -27,6 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lmgrd.storage.host import raise_nofile
 from protocol.errors import ErrorCode, MalformedMessage
 from protocol.framing import FrameDecoder, encode_frame
 from protocol.messages import (
@@ -132,14 +131,6 @@ async def serve(host: str, port: int, pools: Pools) -> None:
     print(f"ceiling listening on {addr[0]}:{addr[1]}", flush=True)
     await stop.wait()
     server.close()
-
-
-def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else 1_048_576
-    if soft < want:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,13 +26,15 @@ import asyncio
 import contextlib
 import json
 import os
-import resource
 import sys
 import time
 from typing import Any
 
 import msgpack
 import psutil
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lmgrd.storage.host import raise_nofile
 
 _pack = msgpack.Packer(use_bin_type=True).pack
 _unpackb = msgpack.unpackb
@@ -49,14 +51,6 @@ def frame(msg: dict[str, Any]) -> bytes:
 def hello_frame(i: int) -> bytes:
     return frame({"op": "hello", "id": 1, "proto": [1], "host": CLIENT_HOST, "user": f"bench{i}",
                   "pid": 1000 + i, "client_version": "bench", "display": ""})
-
-
-def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else 1_048_576
-    if soft < want:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 class Gen:

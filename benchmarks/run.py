@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 
 import psutil  # noqa: E402
 
+from lmgrd.storage.host import raise_nofile  # noqa: E402
 from tests.harness import write_keys, write_license  # noqa: E402
 
 PY = sys.executable
@@ -570,16 +571,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if ns.clients > 15000 or max(ns.churn_connections) > 15000:
         p.error("at most 15000 clients or connections: the file descriptor hard limit here is 20000")
     return ns
-
-
-def raise_nofile() -> None:
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else 1_048_576
-    if soft < want:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def say(msg: str) -> None:

@@ -7,27 +7,28 @@ checkout gets ``LICENSE_NOT_ACTIVATED``. Activation binds the license to this PC
 to another PC) gives ``LICENSE_MOVED``.
 
 Records live in ``platformdirs.user_data_dir("lmgrd")/activations.json`` (``XDG_DATA_HOME`` moves it on
-Linux), written atomically. Imports ``protocol``, ``platformdirs`` and the standard library; never ``lmgrd``.
+Linux), written atomically: a mapping of customer ID to record, each record in the one format the license
+server writes too (:class:`protocol.activation.ActivationRecord`). Imports ``protocol``, ``platformdirs``
+and the standard library; never ``lmgrd``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from client_stub.errors import LicenseError, SeatDenied
+from client_stub.files import write_atomic
+from client_stub.machine import this_fingerprint
 from protocol import ErrorCode
-from protocol.fingerprint import Fingerprint, this_fingerprint
+from protocol.activation import AUTO_ACTIVATION_AFTER, ActivationRecord, auto_activation_at
+from protocol.fingerprint import Fingerprint
 from protocol.license import License
 
 __all__ = ["AUTO_ACTIVATION_AFTER", "activate", "activation_path", "check_activation", "record_for"]
 
-AUTO_ACTIVATION_AFTER = timedelta(hours=24)
 FILE_NAME = "activations.json"
 
 
@@ -54,15 +55,17 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def record_for(customer_id: str, path: Path | None = None) -> dict[str, Any] | None:
+    """The stored record of ``customer_id`` as written (a mapping), or ``None``."""
     rec = _load(path or activation_path()).get(customer_id)
     return rec if isinstance(rec, dict) else None
 
 
-def _fingerprint_of(rec: dict[str, Any]) -> Fingerprint | None:
-    host, machine, macs = rec.get("host"), rec.get("machine"), rec.get("macs", [])
-    if not isinstance(host, str) or not isinstance(machine, str) or not isinstance(macs, list):
+def _recorded(customer_id: str, rec: dict[str, Any]) -> ActivationRecord | None:
+    """The record read with the one format both ends share; ``None`` if it is damaged (it then matches no PC)."""
+    try:
+        return ActivationRecord.from_json(customer_id, rec)
+    except ValueError:
         return None
-    return Fingerprint(host, machine, frozenset(m for m in macs if isinstance(m, str)))
 
 
 def _fmt(moment: datetime) -> str:
@@ -79,9 +82,9 @@ def check_activation(lic: License, source: str, now: datetime, path: Path | None
     path = path or activation_path()
     rec = record_for(lic.customer_id, path)
     if rec is not None:
-        recorded = _fingerprint_of(rec)
+        recorded = _recorded(lic.customer_id, rec)
         here = fingerprint or this_fingerprint()
-        if recorded is not None and recorded.matches(here):
+        if recorded is not None and recorded.fingerprint.matches(here):
             return
         raise SeatDenied(
             ErrorCode.LICENSE_MOVED,
@@ -90,7 +93,7 @@ def check_activation(lic: License, source: str, now: datetime, path: Path | None
             "a single-user license runs on the PC it was activated on; to move it, ask the vendor for a "
             "reissued license for this PC",
         )
-    auto = lic.issued_at + AUTO_ACTIVATION_AFTER
+    auto = auto_activation_at(lic)
     if now >= auto:
         return
     raise SeatDenied(
@@ -102,7 +105,7 @@ def check_activation(lic: License, source: str, now: datetime, path: Path | None
 
 
 def activate(lic: License, now: datetime, path: Path | None = None,
-             fingerprint: Fingerprint | None = None, hostname: str = "") -> dict[str, Any]:
+             fingerprint: Fingerprint | None = None, hostname: str = "") -> ActivationRecord:
     """Record ``lic`` as activated on this PC now (idempotent on the same PC); returns the record.
 
     Raises:
@@ -114,27 +117,14 @@ def activate(lic: License, now: datetime, path: Path | None = None,
     data = _load(path)
     old = data.get(lic.customer_id)
     if isinstance(old, dict):
-        recorded = _fingerprint_of(old)
-        if recorded is not None and recorded.matches(here):
-            return old
+        recorded = _recorded(lic.customer_id, old)
+        if recorded is not None and recorded.fingerprint.matches(here):
+            return recorded
         check_activation(lic, str(lic.customer_id), now, path, here)  # raises LICENSE_MOVED
-    rec = {"customer_id": lic.customer_id, "fingerprint": here.digest, "host": here.host,
-           "machine": here.machine, "macs": sorted(here.macs), "hostname": hostname,
-           "activated_at": now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "how": "lmclient activate"}
-    data[lic.customer_id] = rec
+    rec = ActivationRecord(lic.customer_id, here, hostname, now.astimezone(UTC), "lmclient activate")
+    data[lic.customer_id] = rec.to_json()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".activations-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
     except OSError as exc:
         raise LicenseError(ErrorCode.CLIENT_CONFIG_INVALID,
                            f"cannot record the activation in {path}: {exc.strerror or exc}",

@@ -52,22 +52,22 @@ from protocol import (
     CheckedIn,
     Checkin,
     Checkout,
-    ClientConnection,
+    Connection,
     ErrorCode,
     ErrorReply,
     Granted,
     Heartbeat,
     HeartbeatAck,
     Hello,
-    MalformedMessage,
+    ProtocolError,
     Reply,
     Request,
+    Role,
     Status,
     StatusReply,
     Welcome,
 )
-from protocol.messages import MAX_TEXT, MAX_WAIT_SECONDS
-from protocol.validation import hostname_problem, parse_version, product_problem
+from protocol.validation import MAX_TEXT, MAX_WAIT_SECONDS, hostname_problem, parse_version, product_problem
 
 __all__ = ["CLIENT_VERSION", "AsyncLicenseClient", "AsyncSeat", "Identity", "OnLost", "Ping", "local_identity"]
 
@@ -150,7 +150,7 @@ class _Connection:
         self._reader = reader
         self._writer = writer
         self._client = client
-        self._proto = ClientConnection()
+        self._proto = Connection(Role.CLIENT)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._welcome: Welcome | None = None
         self.error: LicenseError | None = None
@@ -183,10 +183,12 @@ class _Connection:
         self._pending[msg.id] = fut
         try:
             try:
-                self._writer.write(ClientConnection.send(msg))
+                self._writer.write(self._proto.send(msg))
                 await self._writer.drain()
             except OSError as exc:
                 self.abort(ServerUnavailable(f"connection to {self.address} lost: {exc.strerror or exc}"))
+            except ProtocolError as exc:  # the conversation does not allow this request now
+                self.abort(ProtocolMismatch(exc.code, f"cannot send '{msg.OP}' to {self.address}: {exc.message}"))
             return await fut
         except BaseException:
             # Cancelled (a deadline) after the reply arrived: a grant nobody will hold goes straight back.
@@ -206,8 +208,8 @@ class _Connection:
     def send_nowait(self, msg: Request) -> None:
         """Send without waiting for the reply (a late reply is ignored). Best effort."""
         if self.error is None:
-            with contextlib.suppress(OSError, RuntimeError):
-                self._writer.write(ClientConnection.send(msg))
+            with contextlib.suppress(OSError, RuntimeError, ProtocolError):
+                self._writer.write(self._proto.send(msg))
 
     def _dispatch(self, reply: Reply) -> None:
         if reply.id == 0:
@@ -236,7 +238,7 @@ class _Connection:
                     self._dispatch(reply)
         except _ConnectionFailed as exc:
             error = exc.error
-        except MalformedMessage as exc:
+        except ProtocolError as exc:  # a malformed reply, or one out of order
             error = ProtocolMismatch(exc.code, f"the license server {self.address} sent an invalid message: "
                                                f"{exc.message}")
         except OSError as exc:

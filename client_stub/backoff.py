@@ -1,6 +1,7 @@
-"""Capped exponential backoff with full jitter, and which errors are worth retrying.
+"""Capped exponential backoff with full jitter.
 
-Imports only the standard library and ``client_stub.errors``; no asyncio, no clock. The caller sleeps.
+Imports only the standard library; no asyncio, no clock, never ``lmgrd``. The caller sleeps. Which errors
+are worth retrying is ``LicenseError.retryable`` (the codes of :data:`protocol.RETRYABLE`).
 
 Full jitter (the redis-py ``FullJitterBackoff`` model): the n-th retry waits a uniformly random time in
 ``[0, min(cap, base * 2**n))``. The randomness spreads thousands of clients that lost the same server at
@@ -12,9 +13,7 @@ from __future__ import annotations
 import random
 from typing import Protocol
 
-from client_stub.errors import LicenseError
-
-__all__ = ["Backoff", "SupportsRandom", "is_retryable"]
+__all__ = ["Backoff", "SupportsRandom"]
 
 # 2**63 overflows nothing as a float, but beyond ~60 doublings every ceiling is the cap anyway.
 _MAX_EXPONENT = 60
@@ -69,7 +68,3 @@ class Backoff:
         fraction = min(1.0, max(0.0, self._rng.random()))
         return fraction * self.ceiling(attempt)
 
-
-def is_retryable(exc: BaseException) -> bool:
-    """True for errors where trying again later, unchanged, may succeed (see ``LicenseError.retryable``)."""
-    return isinstance(exc, LicenseError) and exc.retryable

@@ -47,7 +47,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -57,10 +56,11 @@ from typing import Any
 from client_stub import activation
 from client_stub.address import ENV_SERVER, config_path, parse_server_list, resolve_servers
 from client_stub.errors import LicenseError, LicenseLost, SeatDenied, ServerUnavailable
-from client_stub.nodelock import ENV_VENDOR_KEY, load_vendor_key, this_machine, verify_for_this_pc
+from client_stub.files import write_atomic
+from client_stub.machine import this_fingerprint, this_machine
+from client_stub.nodelock import ENV_VENDOR_KEY, load_vendor_key, verify_for_this_pc
 from client_stub.sync import LicenseClient, Seat
 from protocol import ErrorCode
-from protocol.fingerprint import this_fingerprint
 from protocol.validation import hostname_problem, short_hostname
 
 __all__ = ["EXIT_CONFIG", "EXIT_DENIED", "EXIT_LOST", "EXIT_UNREACHABLE", "main"]
@@ -109,17 +109,9 @@ def cmd_set_server(ns: argparse.Namespace) -> int:
         if isinstance(loaded, dict):
             doc = loaded  # keep other settings a later version may store there
     doc["servers"] = [str(e) for e in entries]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".client-", suffix=".yaml", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("# written by lmclient set-server; read by every product using client_stub\n")
-            yaml.safe_dump(doc, f, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    text = "# written by lmclient set-server; read by every product using client_stub\n" + yaml.safe_dump(
+        doc, sort_keys=True)
+    write_atomic(path, text.encode("utf-8"))
     print(f"servers: {', '.join(doc['servers'])}")
     print(f"written to {path}")
     if os.environ.get(ENV_SERVER, "").strip():
@@ -336,7 +328,7 @@ def cmd_activate(ns: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     rec = activation.activate(lic, now, hostname=socket.gethostname())
     print(f"activated single-user license {lic.customer_id} ({lic.customer}) on this PC "
-          f"({short_hostname(socket.gethostname())}), fingerprint {str(rec['fingerprint'])[:16]}")
+          f"({short_hostname(socket.gethostname())}), fingerprint {rec.fingerprint.digest[:16]}")
     print(f"recorded in {activation.activation_path()}")
     return 0
 

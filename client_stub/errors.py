@@ -13,7 +13,7 @@ says what happened and what to do, so a product may show it to its user as it is
 
 from __future__ import annotations
 
-from protocol import ErrorCode
+from protocol import RETRYABLE, ErrorCode
 
 __all__ = [
     "LicenseError",
@@ -86,7 +86,10 @@ class LicenseError(Exception):
 
 
 class ServerUnavailable(LicenseError):
-    """No license server answered, the connection broke, or the server is shutting down. Retryable."""
+    """No license server answered, the connection broke, or the server is shutting down. Retryable.
+
+    Its codes are those of :data:`protocol.RETRYABLE`; ``error_for`` maps exactly those codes here.
+    """
 
     retryable = True
 
@@ -109,11 +112,6 @@ class ProtocolMismatch(LicenseError):
     """The client and the server do not speak a common protocol, or one of them sent something invalid."""
 
 
-# Codes that describe a connection problem rather than a decision about a seat.
-_UNAVAILABLE = frozenset({
-    ErrorCode.SERVER_UNAVAILABLE, ErrorCode.SHUTTING_DOWN, ErrorCode.TOO_MANY_CONNECTIONS,
-    ErrorCode.HANDSHAKE_TIMEOUT,
-})
 _MISMATCH = frozenset({
     ErrorCode.UNSUPPORTED_PROTOCOL, ErrorCode.FRAME_TOO_LARGE, ErrorCode.UNEXPECTED_MESSAGE,
 })
@@ -131,10 +129,10 @@ def error_for(code: ErrorCode, message: str, hint: str = "", *, decision: type[L
             ``LicenseLost`` for a seat that was held.
 
     Returns:
-        ``ServerUnavailable`` for connection-level codes, ``ProtocolMismatch`` for protocol codes, else an
-        instance of ``decision``.
+        ``ServerUnavailable`` (the one retryable class) for the codes in :data:`protocol.RETRYABLE`,
+        ``ProtocolMismatch`` for protocol codes, else an instance of ``decision``.
     """
-    if code in _UNAVAILABLE:
+    if code in RETRYABLE:
         return ServerUnavailable(message, hint, code)
     if code in _MISMATCH:
         return ProtocolMismatch(code, message, hint)

@@ -1,18 +1,17 @@
 """Single-user (node-locked) mode: check a license file on this PC, with no license server.
 
-Imports ``protocol``, ``cryptography`` and the standard library (``psutil`` lazily, for this PC's
-addresses); never ``lmgrd``. Checks, in the handbook's order: the signature against the vendor public key
-the product ships with (never a key carried in the license file, which would prove nothing), that the
-license is single-user, that it belongs to THIS PC (hostname and addresses as the operating system reports
-them; a hostname the caller passes to the client is never used here, as that would be a bypass), that it
-is activated on this PC (:mod:`client_stub.activation`), then expiry, product and version
-(:func:`protocol.license.evaluate_use`).
+Imports ``protocol``, ``cryptography`` and the standard library (this PC's hostname and addresses come
+from :mod:`client_stub.machine`); never ``lmgrd``. Checks, in the handbook's order: the signature against
+the vendor public key the product ships with (never a key carried in the license file, which would prove
+nothing), that the license is single-user, that it belongs to THIS PC (hostname and addresses as the
+operating system reports them; a hostname the caller passes to the client is never used here, as that
+would be a bypass), that it is activated on this PC (:mod:`client_stub.activation`), then expiry, product
+and version (:func:`protocol.license.evaluate_use`).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,11 +20,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from client_stub.activation import check_activation
 from client_stub.errors import LicenseError, SeatDenied
+from client_stub.machine import this_machine
 from protocol import ErrorCode, ProtocolError
 from protocol.license import License, evaluate_use, host_mismatch, load_public_key, verify_license
 from protocol.validation import hostname_problem
 
-__all__ = ["ENV_VENDOR_KEY", "VendorKey", "check_license_file", "load_vendor_key", "this_machine", "verify_for_this_pc"]
+__all__ = ["ENV_VENDOR_KEY", "VendorKey", "check_license_file", "load_vendor_key", "verify_for_this_pc"]
 
 ENV_VENDOR_KEY = "LM_VENDOR_KEY"
 _MAX_KEY_BYTES = 64 * 1024
@@ -82,20 +82,6 @@ def load_vendor_key(vendor_key: VendorKey | None, environ: Mapping[str, str] | N
         return load_public_key(pem, source)
     except ProtocolError as exc:
         raise _invalid(exc.message, exc.hint or _KEY_HINT) from None
-
-
-def this_machine() -> tuple[str, tuple[str, ...]]:
-    """This PC's hostname and interface addresses (loopback included) as the operating system reports them."""
-    import psutil  # lazily: only single-user mode needs it
-
-    addresses: list[str] = []
-    for entries in psutil.net_if_addrs().values():
-        for entry in entries:
-            if entry.family in (socket.AF_INET, socket.AF_INET6):
-                addr = entry.address.split("%", 1)[0]
-                if addr not in addresses:
-                    addresses.append(addr)
-    return socket.gethostname(), tuple(addresses)
 
 
 def _read_license(path: Path) -> str:

@@ -26,13 +26,10 @@ from lmgrd.config import (
     build_config,
     load_config_file,
 )
-from lmgrd.core.activation import Activations, auto_activation_at, clock_offset, daemon_wall_clock
-from lmgrd.core.licensing import Licensing, Refusal
-from lmgrd.core.policy import parse_policy
-from lmgrd.core.site import parse_networks
-from lmgrd.daemon.revocations import load_revocations, revocation_reason
-from lmgrd.storage.files import license_problems_for_daemon, read_license_file, read_public_key_file, this_host
-from protocol.errors import ErrorCode, ProtocolError
+from lmgrd.core.licensing import Licensing
+from lmgrd.storage.files import load_licensing, state_dir
+from lmgrd.storage.host import clock_offset, daemon_wall_clock, raise_nofile
+from protocol.activation import auto_activation_at
 
 logger = logging.getLogger("lmgrd")
 
@@ -114,84 +111,36 @@ def configure_logging(level: str) -> None:
     root.setLevel(getattr(logging, level.upper()))
 
 
-def load_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
-    """Load every license; return what serves and the list of problems (each naming its file)."""
-    problems: list[str] = []
-    assert cfg.vendor_key is not None
-    try:
-        key = read_public_key_file(cfg.vendor_key)
-    except ProtocolError as exc:
-        refusals = [Refusal(str(p), ErrorCode.LICENSE_INVALID, (exc.message,)) for p in cfg.licenses]
-        return Licensing([], refusals), [exc.message]
-    host = this_host()
-    served = []
-    refused: list[Refusal] = []
-    seen: dict[str, Path] = {}
-    revoked, rev_problems = load_revocations(cfg.extra.get("revocations", []), key)
-    problems.extend(rev_problems)
-    activations = Activations(_state_dir(cfg))
-    problems.extend(activations.problems)
-    for path in cfg.licenses:
-        try:
-            lic = read_license_file(path, key)
-        except ProtocolError as exc:
-            problems.append(exc.message)
-            refused.append(Refusal(str(path), exc.code, (exc.message,)))
-            continue
-        names = tuple(p.name for p in lic.products)
-        rev = revoked.get(lic.customer_id)
-        if rev is not None:  # revocation comes before the host check (the handbook's order)
-            why = revocation_reason(rev) + "; remove this license file from the configuration"
-            problems.append(f"{path}: {why}")
-            refused.append(Refusal(str(path), ErrorCode.LICENSE_REVOKED, (why,), lic.customer_id, names))
-            continue
-        issues = license_problems_for_daemon(lic, host)
-        if lic.customer_id in seen:
-            issues.append(f"customer ID {lic.customer_id} is already loaded from {seen[lic.customer_id]}")
-        if issues:
-            code = ErrorCode.LICENSE_INVALID if lic.license_type != "multi" else ErrorCode.HOST_NOT_LICENSED
-            for i in issues:
-                problems.append(f"{path}: {i}")
-            refused.append(Refusal(str(path), code, tuple(issues), lic.customer_id, names))
-            continue
-        seen[lic.customer_id] = path
-        served.append((path, lic))
-    policy, policy_problems = parse_policy(cfg.extra)  # validated with the config; empty here
-    problems.extend(policy_problems)
-    for _path, lic in served:
-        for prod in lic.products:
-            pp = policy.get(prod.name)
-            if pp is not None and pp.reserved_total > prod.count:
-                problems.append(f"policy.{prod.name}.reserve: reserves {pp.reserved_total} seat(s) but license "
-                                f"{lic.customer_id} has {prod.count}; the reservations fill the count in rule order "
-                                "and nobody else gets a seat")
-    return Licensing(served, refused, activations=activations, revoked=revoked,
-                     daemon_site=parse_networks(cfg.extra.get("site_networks") or []), policy=policy), problems
-
-
 _CONFIG_SOURCE: tuple[Path | None, dict[str, Any]] = (None, {})
+#: The configuration the last successful reread produced (None: the one the daemon started with).
+_RUNNING_CONFIG: DaemonConfig | None = None
 
 
 def reread_config(cfg: DaemonConfig) -> tuple[DaemonConfig, list[str]]:
-    """The config as lmreread sees it: the file read again, the original flags still on top.
+    """The config as lmreread sees it: the file (and its options file) read again, the original flags on top.
 
     A config file that no longer validates is reported (the problems are returned, for lmreread's answer)
-    and the running config is kept.
+    and the running config is kept: the one the last good reread gave, else ``cfg`` (the startup one).
     """
+    global _RUNNING_CONFIG
     path, overrides = _CONFIG_SOURCE
     if path is None:
         return cfg, []
     try:
-        return build_config(load_config_file(path), overrides, str(path)), []
+        _RUNNING_CONFIG = build_config(load_config_file(path), overrides, str(path))
+        return _RUNNING_CONFIG, []
     except ConfigInvalid as exc:
         logger.error("reread: %s; keeping the running configuration", exc)
-        return cfg, [f"{path}: {p}; the running configuration (policy included) is kept" for p in exc.problems]
+        return _RUNNING_CONFIG or cfg, [f"{path}: {p}; the running configuration (policy included) is kept"
+                                        for p in exc.problems]
 
 
 def reload_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
     """What lmreread and SIGHUP load: the config file again, then every license, revocation and policy."""
     new_cfg, problems = reread_config(cfg)
     licensing, more = load_licensing(new_cfg)
+    for line in new_cfg.options_unsupported:
+        logger.warning("reread: options file: %s", line)
     return licensing, problems + more
 
 
@@ -206,6 +155,11 @@ def run_check(cfg: DaemonConfig) -> int:
                      f"activate {lic.customer_id})"
         print(f"ok: {path}: customer ID {lic.customer_id} ({lic.customer}), {prods}, expires {exp}, "
               f"share {lic.share}, activation {state}")
+    for line in cfg.options_unsupported:  # ignored, not errors: FlexNet keywords lmgrd does not implement
+        print(f"unsupported: {line}")
+    if cfg.options_unsupported:
+        print(f"{len(cfg.options_unsupported)} line(s) of the options file {cfg.options} are not supported as "
+              "written (listed above); the other lines apply")
     for prob in problems:
         print(f"problem: {prob}")
     if problems:
@@ -215,24 +169,17 @@ def run_check(cfg: DaemonConfig) -> int:
     return 0
 
 
-def _state_dir(cfg: DaemonConfig) -> Path:
-    if cfg.state_dir is not None:
-        return cfg.state_dir
-    import platformdirs
-
-    return Path(platformdirs.user_state_dir("lmgrd"))
-
-
 async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
     from lmgrd.daemon.server import Server, install_signal_handlers
     from lmgrd.storage.journal import open_store
 
-    state = _state_dir(cfg)
+    state = state_dir(cfg)
     state.mkdir(parents=True, exist_ok=True)
     store = open_store(state)
     server = Server(cfg, licensing, store, reload=lambda: reload_licensing(cfg),
                     wall=daemon_wall_clock(clock_offset()))
     install_signal_handlers(server)
+    from lmgrd.admin.commands import enable_admin
     from lmgrd.monitoring.usage import attach_usage_log
 
     attach_usage_log(server)  # flushed by the server's shutdown (on_shutdown)
@@ -242,24 +189,13 @@ async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
         store.close()
         raise LmgrdError(f"cannot listen on port {cfg.port}: {exc.strerror or exc}; is another lmgrd running? "
                          "choose another --port") from None
+    enable_admin(server)  # the admin token file, and lmutil's commands
     from lmgrd.monitoring.http import start_monitoring
 
     monitor = await start_monitoring(server, cfg)
     await server.stopped.wait()
     await monitor.close()
     return 0
-
-
-def _raise_nofile() -> None:
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = hard if hard != resource.RLIM_INFINITY else 1_048_576
-        if soft < want:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    except (ImportError, ValueError, OSError):
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,10 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     if ns.check:
         return run_check(cfg)
     configure_logging(cfg.log_level)
-    _raise_nofile()
+    raise_nofile()
     licensing, problems = load_licensing(cfg)
     for prob in problems:
         logger.error("%s", prob)
+    for line in cfg.options_unsupported:
+        logger.warning("options file: %s", line)
     if not licensing.served:
         logger.error("no license can be served; clients will be refused until this is fixed")
     try:

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 
 from lmgrd import LmgrdError
+from lmgrd.core.options import parse_options
+from lmgrd.core.policy import Policy, combine_policies, parse_policy
 
 DEFAULT_PORT = 27000
 DEFAULT_METRICS_PORT = 27001
@@ -64,7 +66,16 @@ class DaemonConfig:
     usage_log: Path | None = None
     usage_log_max_bytes: int = 10 * 1024 * 1024
     usage_log_backups: int = 5
-    extra: dict[str, Any] = field(default_factory=dict)  # sections later features read (policy, metrics)
+    #: A FlexNet options file (``options: FILE.opt``); its rules join the YAML policy (see ``combine_policies``).
+    options: Path | None = None
+    #: The usage policy (``groups``, ``host_groups``, ``policy``, and the ``options`` file), parsed once here.
+    policy: Policy = field(default_factory=Policy)
+    #: Lines of the options file that were ignored as malformed (each names the file and line): problems
+    #: for ``lmgrd --check`` and the log, which never stop the daemon.
+    options_problems: tuple[str, ...] = ()
+    #: Lines of the options file that lmgrd does not support (FlexNet keywords it does not implement).
+    options_unsupported: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)  # the raw sections: policy, revocations, site_networks
 
     @property
     def grace(self) -> float:
@@ -73,8 +84,11 @@ class DaemonConfig:
         return min(g, self.lease_timeout)
 
 
-_KEYS = {f.name for f in fields(DaemonConfig)} - {"extra"} | {"license"}
-#: Sections that belong to later features; accepted and passed through in ``extra``.
+_KEYS = {f.name for f in fields(DaemonConfig)} - {"extra", "policy", "options_problems", "options_unsupported"} | {
+    "license"}
+#: The largest options file read (FlexNet's lines are at most 4000 characters; a real file is a few kB).
+MAX_OPTIONS_FILE_BYTES = 4 * 1024 * 1024
+#: Sections read by their own parsers (policy, revocations, site); passed through in ``extra``.
 _EXTRA_KEYS = {"policy", "revocations", "groups",
                "host_groups", "products", "site_networks"}
 
@@ -121,7 +135,7 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
         problems.append(f"licenses: expected a path or a list of paths, got {lic!r}")
     else:
         out["licenses"] = tuple(Path(x).expanduser() for x in lic)
-    for key in ("vendor_key", "state_dir", "admin_token_file", "usage_log"):
+    for key in ("vendor_key", "state_dir", "admin_token_file", "usage_log", "options"):
         if key in merged:
             if not isinstance(merged[key], str):
                 problems.append(f"{key}: expected a path, got {merged[key]!r}")
@@ -165,15 +179,18 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
         problems.append(f"revocations: expected a path or a list of paths, got {revs!r}")
     elif revs or overrides.get("revocations"):
         extra["revocations"] = [*revs, *(overrides.get("revocations") or [])]
+    policy = Policy()
     if extra.keys() & {"policy", "groups", "host_groups"}:
-        from lmgrd.core.policy import parse_policy
-
-        problems.extend(parse_policy(extra)[1])
+        policy, policy_problems = parse_policy(extra)
+        problems.extend(policy_problems)
+    if "options" in out:
+        policy, opt_problems, opt_unsupported = _read_options(out["options"], policy, problems)
+        out["options_problems"], out["options_unsupported"] = opt_problems, opt_unsupported
     if "site_networks" in extra:
         from lmgrd.core.site import site_networks_problems
 
         problems.extend(site_networks_problems(extra["site_networks"]))
-    cfg = replace(DaemonConfig(), **out, extra=extra)
+    cfg = replace(DaemonConfig(), **out, extra=extra, policy=policy)
     if cfg.lease_timeout <= cfg.heartbeat_interval:
         problems.append(
             f"lease_timeout: must be longer than heartbeat_interval ({cfg.heartbeat_interval:g} s), got "
@@ -186,6 +203,43 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
     if problems:
         raise ConfigInvalid(source, problems)
     return cfg
+
+
+def _read_options(path: Path, yaml_policy: Policy, problems: list[str]
+                  ) -> tuple[Policy, tuple[str, ...], tuple[str, ...]]:
+    """Read the FlexNet options file and join its rules to the YAML policy.
+
+    A file that cannot be read is a configuration problem (appended to ``problems``): on a reread the running
+    configuration is then kept, so a moved file never lifts every rule. Its bad lines are not: each is
+    ignored and returned (with the unsupported ones) for ``--check`` and the log.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_OPTIONS_FILE_BYTES + 1)
+    except OSError as exc:
+        problems.append(f"options: cannot read the options file {path}: {exc.strerror or exc}; check the path "
+                        "and its permissions")
+        return yaml_policy, (), ()
+    if len(data) > MAX_OPTIONS_FILE_BYTES:
+        problems.append(f"options: {path} is larger than {MAX_OPTIONS_FILE_BYTES} bytes; it is not an options file")
+        return yaml_policy, (), ()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        try:  # Notepad on Japanese Windows saved options files (and their comments) as Shift_JIS for years
+            text = data.decode("cp932")
+        except UnicodeDecodeError as exc:
+            problems.append(f"options: {path} is neither UTF-8 nor Shift_JIS text (bad byte at offset "
+                            f"{exc.start}); save it as UTF-8")
+            return yaml_policy, (), ()
+    opts = parse_options(text, str(path))
+    bad = list(opts.problems)
+    for product, lineno in opts.timeout_lines.items():
+        own = yaml_policy.products.get(product)
+        if own is not None and own.timeout is not None:
+            bad.append(f"{path} line {lineno}: TIMEOUT for {product} clashes with policy.{product}.timeout "
+                       f"({own.timeout:g} s) in the YAML config, which is used; set it in one place")
+    return combine_policies(yaml_policy, opts.policy), tuple(bad), opts.unsupported
 
 
 def _metrics_settings(merged: dict[str, Any], out: dict[str, Any], problems: list[str]) -> None:

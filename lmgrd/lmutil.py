@@ -1,6 +1,9 @@
 """``lmutil``: the license server admin utility (FlexLM's names: lmstat, lmremove, lmreread, lmdown, lmhostid).
 
-Speaks ``protocol`` over a blocking socket. Every command takes ``-c PORT@HOST`` and ``--json``. The admin
+Speaks ``protocol`` over a blocking socket. Every command takes ``-c PORT@HOST`` and ``--json``. Run as
+``lmstat``, ``lmremove``, ``lmreread``, ``lmdown``, ``lmhostid`` or ``lmver`` (a symlink), it is that command,
+as FlexNet's lmutil is. ``lmstat`` prints FlexNet 11's text (:mod:`lmgrd.lmstat_text`), FlexNet's error line
+on stdout when the server cannot be reached, and lmgrd's own facts only under ``--extended`` or ``--json``. The admin
 credential is found by itself when run on the license server by the daemon's OS user (the token file the
 daemon writes in that user's runtime directory, keyed by port); from elsewhere pass ``--token-file``.
 
@@ -10,28 +13,33 @@ Exit codes: 0 ok, 1 the server refused or reported a problem, 2 usage, 3 the ser
 from __future__ import annotations
 
 import argparse
+import errno
 import getpass
 import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lmgrd import __version__
-from lmgrd.admin.commands import token_path
-from protocol import Admin, ClientConnection, ErrorReply, Hello, ProtocolError, Reply, StatusReply, Welcome
+from lmgrd import __version__, lmstat_text
+from lmgrd.admin.token import token_path
+from protocol import Admin, Connection, ErrorReply, Hello, ProtocolError, Reply, Role, StatusReply, Welcome
 
 DEFAULT_SERVER = "27000@localhost"
 
 
 class AdminError(Exception):
-    def __init__(self, message: str, exit_code: int = 1, code: str = "") -> None:
+    """What went wrong, the exit code it means, and (server unreachable) the socket error behind it."""
+
+    def __init__(self, message: str, exit_code: int = 1, code: str = "", os_error: OSError | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
         self.code = code
+        self.os_error = os_error
 
 
 def parse_server(spec: str) -> tuple[str, int]:
@@ -61,8 +69,8 @@ class AdminClient:
             self.sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
             raise AdminError(f"cannot reach the license server at {port}@{host}: {exc.strerror or exc}; "
-                             "is lmgrd running there?", 3) from None
-        self.conn = ClientConnection()
+                             "is lmgrd running there?", 3, os_error=exc) from None
+        self.conn = Connection(Role.CLIENT)
         self.replies: list[Reply] = []
         self.next_id = 0
         reply = self.request(Hello(self._id(), (1,), socket.gethostname().split(".")[0] or "localhost",
@@ -81,10 +89,12 @@ class AdminClient:
             while not self.replies:
                 data = self.sock.recv(65536)
                 if not data:
-                    raise AdminError("the license server closed the connection", 3)
+                    raise AdminError("the license server closed the connection", 3,
+                                     os_error=ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET)))
                 self.replies.extend(self.conn.receive_data(data))
         except (OSError, ProtocolError) as exc:
-            raise AdminError(f"lost the connection to {self.port}@{self.host}: {exc}", 3) from None
+            raise AdminError(f"lost the connection to {self.port}@{self.host}: {exc}", 3,
+                             os_error=exc if isinstance(exc, OSError) else None) from None
         return self.replies.pop(0)
 
     def admin(self, command: str, args: dict[str, Any], auth: str) -> dict[str, Any]:
@@ -116,48 +126,20 @@ def find_token(port: int, token_file: str | None) -> str:
 
 
 # --------------------------------------------------------------------------- output
-def _fmt_time(epoch: float) -> str:
-    t = datetime.fromtimestamp(epoch)
-    return f"{t:%a} {t.month}/{t.day} {t.hour}:{t.minute:02d}"
-
-
-def print_lmstat(data: dict[str, Any], host: str, port: int, product: str | None, show_users: bool) -> None:
-    """FlexNet's lmstat layout, line for line where it has one; extra facts on lines its parsers skip."""
-    up = data.get("uptime_seconds", 0)
-    print(f"lmutil - Copyright (c) lmgrd authors. License server status: {port}@{host}")
-    print(f"License server status: {port}@{host}")
-    print(f"    {host}: license server UP v{data.get('server_version', '?')}")
-    print(f"    [lmgrd] uptime {int(up)} s, {data.get('connections', 0)} client connection(s)")
-    print()
-    print("Feature usage info:")
-    print()
-    leases = data.get("leases", [])
-    for pool in data.get("pools", []):
-        if product and pool["product"] != product:
-            continue
-        print(f"Users of {pool['product']}:  (Total of {pool['count']} licenses issued;  "
-              f"Total of {pool['in_use']} licenses in use)")
-        print(f"    [lmgrd] customer {pool['customer_id']}, version {pool['version']}, "
-              f"reserved {pool.get('reserved', 0)}, queued {pool['queued']}, "
-              f"expires {pool['expires'] or 'never'}, state {pool.get('activation', 'active')}")
+def print_lmstat(data: dict[str, Any], host: str, port: int, ns: argparse.Namespace) -> None:
+    """FlexNet 11's lmstat layout (:mod:`lmgrd.lmstat_text`), then lmgrd's own facts if ``--extended``."""
+    del host  # FlexNet prints the server's own host name (``data["hostname"]``), not the one dialled
+    now = datetime.now()
+    if ns.i is not None:
+        sys.stdout.write(lmstat_text.feature_info(data, now, ns.i or None))
+    else:
+        one = ns.f or None
+        sys.stdout.write(lmstat_text.render_lmstat(
+            data, port=port, now=now, features=bool(ns.a or ns.f is not None or ns.S is not None),
+            users=bool(ns.a or ns.f is not None or ns.S is not None), product=one, server_block=one is None))
+    if ns.extended:
         print()
-        if show_users:
-            holders = [x for x in leases if x["product"] == pool["product"] and x["customer_id"] == pool["customer_id"]]
-            if holders:
-                print(f'  "{pool["product"]}" v{pool["version"]}, vendor: lmgrd')
-                print("  floating license")
-                print()
-            for x in holders:
-                display = x.get("display") or x["host"]
-                print(f"    {x['user']} {x['host']} {display} (v{x['version']}) ({host}/{port} {x['token'][:8]}), "
-                      f"start {_fmt_time(x['checkout_at'])}, 1 licenses")
-                print(f"        [lmgrd] pid {x['pid']}, last heartbeat {_fmt_time(x['last_heartbeat_at'])}, "
-                      f"{'connected' if x['connected'] else 'disconnected'}, lease expires in {x['expires_in']:.0f} s")
-            for w in data.get("queue", []):
-                if w["product"] == pool["product"] and w["customer_id"] == pool["customer_id"]:
-                    print(f"    [lmgrd] queued #{w['position']}: {w['user']} {w['host']} pid {w['pid']} "
-                          f"(v{w['version']}), waiting {w['waiting_s']:.0f} s")
-            print()
+        sys.stdout.write(lmstat_text.render_extended(data, time.time()))
 
 
 # --------------------------------------------------------------------------- commands
@@ -168,14 +150,17 @@ def cmd_lmstat(ns: argparse.Namespace, client: AdminClient, auth: str) -> int:
     if getattr(ns, "prometheus", False):  # the same text as GET /metrics
         sys.stdout.write(str(client.admin("metrics", {}, auth).get("text", "")))
         return 0
-    args: dict[str, Any] = {"all": bool(ns.a)}
+    if ns.S and ns.S.lower() != lmstat_text.VENDOR:
+        raise AdminError(f"this license server serves only the vendor daemon {lmstat_text.VENDOR!r}, not {ns.S!r}; "
+                         f"use -S {lmstat_text.VENDOR} or leave -S out", 1)
+    args: dict[str, Any] = {"all": bool(ns.a or ns.S is not None or ns.f == "" or ns.extended)}
     if ns.f:
         args["product"] = ns.f
     data = client.admin("lmstat", args, auth)
     if ns.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
-        print_lmstat(data, client.host, client.port, ns.f, bool(ns.a or ns.f))
+        print_lmstat(data, client.host, client.port, ns)
     return 0
 
 
@@ -209,15 +194,27 @@ def cmd_activate(ns: argparse.Namespace, client: AdminClient, auth: str) -> int:
 
 
 def cmd_lmremove(ns: argparse.Namespace, client: AdminClient, auth: str) -> int:
-    if ns.token is not None:
+    if ns.by_handle:  # FlexNet's lmremove -h FEATURE SERVER PORT HANDLE
+        if ns.token is not None or len(ns.names) != 4:
+            raise AdminError("usage: lmutil lmremove -h FEATURE SERVER PORT HANDLE (the server/port and handle that "
+                             "lmstat -a prints in parentheses on the user's line)", 2)
+        feature, _server, port_s, handle_s = ns.names
+        if not (port_s.isdigit() and handle_s.isdigit()):
+            raise AdminError(f"lmremove -h: PORT and HANDLE must be numbers, got {port_s!r} and {handle_s!r} "
+                             "(copy them from lmstat -a: (server/PORT HANDLE))", 2)
+        if int(port_s) != client.port:
+            raise AdminError(f"lmremove -h: the handle is from the server on port {port_s}, but this is "
+                             f"{client.port}@{client.host}; give -c {port_s}@SERVER", 2)
+        args: dict[str, Any] = {"product": feature, "handle": int(handle_s)}
+    elif ns.token is not None:
         if ns.names:
             raise AdminError("give either PRODUCT USER HOST or --token TOKEN, not both", 2)
-        args: dict[str, Any] = {"token": ns.token}
+        args = {"token": ns.token}
     elif len(ns.names) in (3, 4):
         args = dict(zip(("product", "user", "host", "display"), ns.names, strict=False))
     else:
-        raise AdminError("usage: lmutil lmremove PRODUCT USER HOST [DISPLAY]  or  lmutil lmremove --token TOKEN "
-                         "(lmstat -a shows them)", 2)
+        raise AdminError("usage: lmutil lmremove PRODUCT USER HOST [DISPLAY]  or  lmutil lmremove -h FEATURE SERVER "
+                         "PORT HANDLE  or  lmutil lmremove --token TOKEN (lmstat -a shows them)", 2)
     data = client.admin("lmremove", args, auth)
     if ns.json:
         print(json.dumps(data, indent=2, sort_keys=True))
@@ -236,9 +233,13 @@ COMMANDS: dict[str, tuple[CommandFn, str]] = {
     "lmdown": (cmd_simple("lmdown"), "shut the license server down gracefully (leases are persisted first)"),
     "lmhostid": (cmd_simple("lmhostid"), "this license server's identity as the daemon sees it"),
     "lmreread": (cmd_simple("lmreread"), "reload licenses (and revocations, policy) without dropping a client"),
-    "lmremove": (cmd_lmremove, "free a stuck seat now: PRODUCT USER HOST, or --token TOKEN; its client is told "
-                 "SEAT_REMOVED at its next heartbeat"),
+    "lmremove": (cmd_lmremove, "free a stuck seat now: PRODUCT USER HOST [DISPLAY], -h FEATURE SERVER PORT HANDLE, "
+                 "or --token TOKEN; its client is told SEAT_REMOVED at its next heartbeat"),
 }
+
+#: FlexNet's lmutil also runs under these names (symlinks to lmutil; ``make tools`` creates them).
+TOOL_NAMES = ("lmstat", "lmremove", "lmreread", "lmdown", "lmhostid", "lmver")
+LMVER_HELP = "print the version of lmutil (no server connection needed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,15 +258,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"lmutil {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_fn, helptext) in COMMANDS.items():
-        sp = sub.add_parser(name, parents=[common], help=helptext, description=helptext)
+        sp = sub.add_parser(name, parents=[common], help=helptext, description=helptext,
+                            add_help=name != "lmremove")  # lmremove -h is FlexNet's handle form
         if name == "activate":
             sp.add_argument("customer_id", metavar="CUSTOMER_ID", help="the license's customer ID (CID-...)")
         if name == "lmstat":
             sp.add_argument("-a", action="store_true", help="all products, with their holders")
-            sp.add_argument("-f", metavar="PRODUCT", help="that product only, with its holders")
+            sp.add_argument("-f", metavar="FEATURE", nargs="?", const="", help="that product only, with its "
+                            "holders (without FEATURE: every product, as -a)")
+            sp.add_argument("-i", metavar="FEATURE", nargs="?", const="",
+                            help="the license line of FEATURE (or of every product): version, count, expiry")
+            sp.add_argument("-S", metavar="VENDOR", nargs="?", const="", help="every user of VENDOR's licenses "
+                            f"(this server's vendor daemon is {lmstat_text.VENDOR!r}); as -a")
+            sp.add_argument("-v", action="store_true", help="print lmstat's version and exit (no server needed)")
+            sp.add_argument("-t", metavar="TIMEOUT", type=float, default=10.0, help="connection timeout in seconds "
+                            "(default 10)")
+            sp.add_argument("--extended", action="store_true", help="after FlexNet's layout, what lmgrd knows "
+                            "beyond it: customer IDs, activation, queue, heartbeats, leases")
             sp.add_argument("--prometheus", action="store_true", help="print the Prometheus metrics (the same "
                             "text as the daemon's /metrics)")
         if name == "lmremove":
+            sp.add_argument("--help", action="help", help="show this help message and exit")
+            sp.add_argument("-h", dest="by_handle", action="store_true", help="FlexNet's form: lmremove -h "
+                            "FEATURE SERVER PORT HANDLE, with the (server/port handle) lmstat -a prints")
             sp.add_argument("names", nargs="*", metavar="PRODUCT USER HOST", help="free every seat of PRODUCT "
                             "held by USER on HOST (an optional 4th DISPLAY narrows it)")
             sp.add_argument("--token", metavar="TOKEN", help="free this one lease (a unique prefix, such as the "
@@ -274,7 +289,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help=REPORT_HELP, description=REPORT_HELP)
     add_report_arguments(rp)
+    sub.add_parser("lmver", help=LMVER_HELP, description=LMVER_HELP)
     return p
+
+
+def tool_argv(argv0: str, args: list[str]) -> list[str]:
+    """The argument list as ``lmutil`` takes it, when run through a FlexNet tool name (``lmstat -a`` is
+    ``lmutil lmstat -a``); otherwise ``args`` unchanged."""
+    name = Path(argv0).name.lower()
+    name = name.removesuffix(".exe")
+    return [name, *args] if name in TOOL_NAMES else args
+
+
+def _lmstat_unreachable(ns: argparse.Namespace, exc: AdminError) -> None:
+    """FlexNet prints the failure on stdout, where monitoring checks read it (they report OK on silence)."""
+    err = exc.os_error
+    code = err.errno if err is not None and err.errno else errno.ETIMEDOUT  # a timeout carries no errno
+    strerror = (err.strerror if err is not None and err.strerror else "") or os.strerror(code)
+    sys.stdout.write("\n".join(lmstat_text.header(datetime.now())) + "\n")
+    print(lmstat_text.connect_error(code, strerror))
 
 
 REPORT_HELP = ("usage report from the daemon's usage log files (no server connection needed): peak and 95th "
@@ -282,16 +315,22 @@ REPORT_HELP = ("usage report from the daemon's usage log files (no server connec
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = tool_argv(sys.argv[0], sys.argv[1:])
     ns = build_parser().parse_args(argv)
     if ns.command == "report":  # reads log files here; needs neither a server nor a token
         from lmgrd.report import run_report
 
         return run_report(ns)
+    if ns.command == "lmver" or (ns.command == "lmstat" and ns.v):
+        print(lmstat_text.header(datetime.now())[0])
+        print(lmstat_text.version_text(__version__) if ns.command == "lmstat" else f"lmver v{__version__}")
+        return 0
     fn = COMMANDS[ns.command][0]
     try:
-        host, port = parse_server(ns.server)
+        host, port = parse_server(ns.server.split(",")[0])
         auth = find_token(port, ns.token_file)
-        client = AdminClient(host, port)
+        client = AdminClient(host, port, timeout=getattr(ns, "t", 10.0))
         try:
             return fn(ns, client, auth)
         finally:
@@ -299,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     except AdminError as exc:
         if getattr(ns, "json", False):
             print(json.dumps({"error": exc.code or "ERROR", "message": str(exc)}))
+        elif ns.command == "lmstat" and exc.os_error is not None:
+            _lmstat_unreachable(ns, exc)
         print(f"lmutil {ns.command}: {exc}", file=sys.stderr)
         return exc.exit_code
 

@@ -15,13 +15,16 @@ first to the last event):
 
 The level before a pool's first line in the period is what the lines before ``--since`` left it at, or 0
 when the log starts inside the period. ``--plot`` draws seats in use against the count (matplotlib, Agg).
-Never imports ``client_stub``.
+matplotlib is the optional ``report`` extra (``pip install 'lmgrd[report]'``), not a dependency of the daemon:
+it is imported inside :func:`write_plot` only, and ``--plot`` without it is refused up front (exit 2, the
+message names the extra) before any output. Never imports ``client_stub``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import importlib.util
 import json
 import math
 import sys
@@ -31,10 +34,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PoolReport", "Report", "ReportError", "add_report_arguments", "build_report", "format_text",
-           "load_events", "parse_date", "run_report", "write_plot"]
+__all__ = ["PLOT_EXTRA", "PoolReport", "Report", "ReportError", "add_report_arguments", "build_report",
+           "format_text", "load_events", "parse_date", "plot_unavailable", "run_report", "write_plot"]
 
 RELEASES = frozenset({"checkin", "expiry", "removal", "revoked"})
+#: How to get what --plot needs.
+PLOT_EXTRA = "pip install 'lmgrd[report]'"
 TOP_USERS = 10
 PERCENTILE = 0.95
 
@@ -382,9 +387,30 @@ def format_text(report: Report, files: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_unavailable() -> str | None:
+    """Why ``--plot`` cannot run in this environment, or None when it can; looks matplotlib up without
+    importing it (that is :func:`write_plot`'s job, and only when a plot is asked for)."""
+    try:
+        found = importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):  # a broken or half-removed install
+        found = False
+    if found:
+        return None
+    return f"--plot needs matplotlib, which is not installed; install the report extra: {PLOT_EXTRA}"
+
+
 def write_plot(report: Report, path: Path) -> None:
-    """Seats in use over time against the licensed count, one panel per pool, as a PNG (matplotlib Agg)."""
-    import matplotlib
+    """Seats in use over time against the licensed count, one panel per pool, as a PNG (matplotlib Agg).
+
+    Raises:
+        ReportError: matplotlib (the ``report`` extra) cannot be imported.
+        OSError: the file cannot be written.
+    """
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ReportError(f"--plot needs matplotlib, which cannot be imported ({exc}); install the report "
+                          f"extra: {PLOT_EXTRA}") from None
 
     matplotlib.use("Agg")
     import matplotlib.dates as mdates
@@ -433,12 +459,15 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
                    "default: the last event)")
     p.add_argument("--product", metavar="P", help="this product only")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.add_argument("--plot", metavar="FILE.png", help="also draw seats in use over time against the count")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw seats in use over time against the count "
+                   f"(needs the report extra: {PLOT_EXTRA})")
 
 
 def run_report(ns: argparse.Namespace) -> int:
     """``lmutil report``: 0 ok, 1 nothing to report, 2 unreadable input or bad arguments."""
     try:
+        if ns.plot and (why := plot_unavailable()) is not None:
+            raise ReportError(why)  # before any output: nothing half done
         since = parse_date(ns.since).timestamp() if ns.since else None
         until = parse_date(ns.until, end_of_day=True).timestamp() if ns.until else None
         if since is not None and until is not None and until < since:
@@ -464,6 +493,9 @@ def run_report(ns: argparse.Namespace) -> int:
     if ns.plot:
         try:
             write_plot(report, Path(ns.plot))
+        except ReportError as exc:
+            print(f"lmutil report: {exc}", file=sys.stderr)
+            return 2
         except OSError as exc:
             print(f"lmutil report: cannot write the plot {ns.plot}: {exc.strerror or exc}", file=sys.stderr)
             return 2

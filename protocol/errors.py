@@ -1,9 +1,9 @@
 """Stable error codes and the protocol exception root.
 
-Pure: imports only the standard library. Every reply that is not a result carries one of the codes
-below by *name* (the string is the stable wire value; clients match on it, never on the message).
-Numbers group the codes for documentation and logs: 1xxx protocol, 2xxx licensing, 3xxx server
-state, 9xxx internal.
+Pure: imports only the standard library (never ``lmgrd`` or ``client_stub``). Every reply that is not a
+result carries one of the codes below by *name* (the string is the stable wire value; clients match on it,
+never on the message). Numbers group the codes for documentation and logs: 1xxx protocol, 2xxx licensing,
+3xxx server state, 9xxx internal.
 """
 
 from __future__ import annotations
@@ -85,9 +85,11 @@ ERROR_NUMBERS: dict[ErrorCode, int] = {
 if len(set(ERROR_NUMBERS.values())) != len(ERROR_NUMBERS) or set(ERROR_NUMBERS) != set(ErrorCode):
     raise TypeError("ERROR_NUMBERS must give every ErrorCode exactly one distinct number")
 
-#: Codes a client may retry after a reconnect or a wait (everything else is a decision).
+#: Codes a client may retry after a reconnect or a wait: the connection failed, not the request (everything
+#: else is a decision or a protocol fault). ``client_stub`` raises ``ServerUnavailable`` for exactly these.
 RETRYABLE: frozenset[ErrorCode] = frozenset(
-    {ErrorCode.SHUTTING_DOWN, ErrorCode.SERVER_UNAVAILABLE, ErrorCode.TOO_MANY_CONNECTIONS}
+    {ErrorCode.SHUTTING_DOWN, ErrorCode.SERVER_UNAVAILABLE, ErrorCode.TOO_MANY_CONNECTIONS,
+     ErrorCode.HANDSHAKE_TIMEOUT}
 )
 
 
@@ -102,6 +104,16 @@ class ProtocolError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}" + (f" ({self.hint})" if self.hint else "")
+
+
+class LocalProtocolError(ProtocolError):
+    """This end tried to send a message the conversation does not allow now (a bug in the caller, not the peer).
+
+    Raised by :meth:`protocol.Connection.send`; the connection is then in ERROR.
+    """
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(ErrorCode.UNEXPECTED_MESSAGE, message, hint)
 
 
 class MalformedMessage(ProtocolError):

@@ -1,10 +1,11 @@
 """Length-prefixed msgpack framing, bounded before parsing.
 
-Pure: no sockets, no asyncio. A frame is a 4-byte big-endian unsigned length N (1 <= N <= max_frame_bytes)
-followed by N bytes holding exactly one msgpack map with string keys. The decoder checks the announced
-length *before* buffering the body, so a hostile peer cannot make us hold more than one maximum frame,
-and it may raise only :class:`protocol.errors.MalformedMessage` (or its subclass FrameTooLarge), whether
-the bytes arrive whole or one at a time.
+Pure: imports only msgpack and the standard library (never ``lmgrd`` or ``client_stub``); no sockets, no
+asyncio. A frame is a 4-byte big-endian unsigned length N (1 <= N <= max_frame_bytes) followed by N bytes
+holding exactly one msgpack map with string keys. The decoder checks the announced length *before*
+buffering the body, so a hostile peer cannot make us hold more than one maximum frame, and it may raise
+only :class:`protocol.errors.MalformedMessage` (or its subclass FrameTooLarge), whether the bytes arrive
+whole or one at a time.
 """
 
 from __future__ import annotations
@@ -76,11 +77,6 @@ class FrameDecoder:
         self.max_frame_bytes = max_frame_bytes
         self._buf = bytearray()
         self._failed: MalformedMessage | None = None
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet part of a complete frame."""
-        return len(self._buf)
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         """Add received bytes; return every message now complete, in order.

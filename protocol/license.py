@@ -1,8 +1,10 @@
-"""Signed licenses: the schema, the text file format, its Ed25519 signature, and the decisions on it.
+"""Signed licenses: the schema, the text file format, its Ed25519 *verification*, and the decisions on it.
 
-Pure: imports only the standard library, msgpack and cryptography. No file access, no YAML, no clock
-reads (the caller passes ``now`` / ``today``), no logging. The daemon (floating licenses) and the
-client stub (node-locked licenses) both use this module, so one file verifies the same way everywhere.
+Pure: imports only the standard library, msgpack and cryptography (never ``lmgrd`` or ``client_stub``).
+No file access, no YAML, no clock reads (the caller passes ``now``), no logging, no private keys. The
+daemon (floating licenses) and the client stub (node-locked licenses) both use this module, so one file
+verifies the same way everywhere. Signing, private keys, new customer IDs and registration-request
+checking are the vendor's and live in ``lmgrd.vendor.signing``.
 
 The license file
 ================
@@ -32,41 +34,44 @@ so an edit to any value, the order of the products, or the set of site networks 
 The domain prefix keeps a license signature from ever verifying as a revocation and vice versa.
 
 A revocation file has the same shape with ``kind revocation`` and the keys ``customer_id``,
-``revoked_at``, ``replaced_by`` (a customer ID or ``none``) and ``reason``.
+``revoked_at``, ``replaced_by`` (a customer ID or ``none``) and ``reason``. A revocation *list* is several
+such revocations one after another in one file, each with its own signature line
+(``verify_revocation_list``); a file holding one revocation is a list of one.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import dataclasses
 import difflib
 import ipaddress
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from datetime import UTC, date, datetime, time
 from typing import Final, Literal, cast
 
 import msgpack
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.validation import (
+    MAX_COUNT,
     hostname_problem,
     normalize_ip,
     parse_version,
     product_problem,
     short_hostname,
+    text_field_problem,
     version_permitted,
 )
 
 __all__ = [
-    "CUSTOMER_ID_RANDOM_BYTES",
     "CUSTOMER_ID_RE",
+    "DATE_RE",
     "LICENSE_FORMAT",
     "LICENSE_SIGNING_DOMAIN",
     "LICENSE_TYPES",
@@ -74,35 +79,30 @@ __all__ = [
     "MAX_LICENSE_TEXT_CHARS",
     "REVOCATION_SIGNING_DOMAIN",
     "SHARE_MODES",
-    "FieldProblem",
+    "SIGNATURE_BYTES",
     "License",
     "LicenseFileError",
     "LicenseType",
     "Product",
-    "RequestSpec",
     "Revocation",
+    "RevocationEntry",
     "ShareMode",
     "VendorKeyError",
     "canonical_license_bytes",
     "canonical_revocation_bytes",
-    "check_request",
     "customer_id_problem",
     "document_kind",
-    "dump_private_key",
-    "dump_public_key",
+    "entry_source",
     "evaluate_use",
-    "format_license",
-    "format_revocation",
+    "format_timestamp",
     "host_mismatch",
-    "load_private_key",
     "load_public_key",
-    "new_customer_id",
     "parse_license",
     "parse_revocation",
-    "sign_license",
-    "sign_revocation",
+    "split_revocation_list",
     "verify_license",
     "verify_revocation",
+    "verify_revocation_list",
 ]
 
 LicenseType = Literal["multi", "single"]
@@ -119,17 +119,14 @@ LICENSE_SIGNING_DOMAIN: Final = b"lmgrd license v1\x00"
 REVOCATION_SIGNING_DOMAIN: Final = b"lmgrd revocation v1\x00"
 #: Largest license or revocation text accepted (a real one is well under 100 kB).
 MAX_LICENSE_TEXT_CHARS: Final = 1_000_000
-#: Largest seat count of one product.
-MAX_COUNT: Final = 1_000_000
-#: Random bytes in a customer ID (80 bits, 16 base32 characters).
-CUSTOMER_ID_RANDOM_BYTES: Final = 10
 #: ``CID-`` and four groups of four base32 characters.
 CUSTOMER_ID_RE: Final[re.Pattern[str]] = re.compile(r"CID-[A-Z2-7]{4}-[A-Z2-7]{4}-[A-Z2-7]{4}-[A-Z2-7]{4}")
 
-_MAX_TEXT_FIELD = 200
-_SIGNATURE_BYTES = 64
+#: Bytes in an Ed25519 signature.
+SIGNATURE_BYTES: Final = 64
+#: Dates in the files and requests (``expires``): YYYY-MM-DD (then checked by ``date.fromisoformat``).
+DATE_RE: Final[re.Pattern[str]] = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _TIMESTAMP_RE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})Z")
-_DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _COUNT_RE = re.compile(r"[1-9][0-9]{0,8}")
 _DEFAULT_FILE_HINT = "ask the software vendor for a new license file; never edit a license file by hand"
 
@@ -161,24 +158,6 @@ class VendorKeyError(ProtocolError):
 
 # --------------------------------------------------------------------------------------------------
 # Schema
-
-
-def _text_field_problem(what: str, value: object) -> str | None:
-    """Customer names and reasons: one line of printable text, any script (Japanese is fine)."""
-    if not isinstance(value, str):
-        return f"{what} must be text, got {type(value).__name__} {value!r}"
-    if not value.strip():
-        return f"{what} is empty"
-    if value != value.strip():
-        return f"{what} {value!r} has leading or trailing spaces"
-    if len(value) > _MAX_TEXT_FIELD:
-        return f"{what} is {len(value)} characters long; the limit is {_MAX_TEXT_FIELD}"
-    for ch in value:
-        # Control, format-less line breaks, surrogates, private use and unassigned code points would
-        # make the file ambiguous (a line break) or unreadable; everything else is allowed.
-        if unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn", "Zl", "Zp"):
-            return f"{what} {value!r} contains the control or line-break character U+{ord(ch):04X}"
-    return None
 
 
 def customer_id_problem(customer_id: object) -> str | None:
@@ -235,7 +214,7 @@ class License:
             raise ValueError(problem)
         if self.license_type not in LICENSE_TYPES:
             raise ValueError(f"license type {self.license_type!r} is not one of {', '.join(LICENSE_TYPES)}")
-        problem = _text_field_problem("customer", self.customer) or hostname_problem(self.hostname)
+        problem = text_field_problem("customer", self.customer) or hostname_problem(self.hostname)
         if problem:
             raise ValueError(problem)
         normalize_ip(self.ip)
@@ -290,7 +269,7 @@ class Revocation:
         problem = (
             customer_id_problem(self.customer_id)
             or (customer_id_problem(self.replaced_by) if self.replaced_by is not None else None)
-            or _text_field_problem("reason", self.reason)
+            or text_field_problem("reason", self.reason)
         )
         if problem:
             raise ValueError(problem)
@@ -299,26 +278,12 @@ class Revocation:
         object.__setattr__(self, "revoked_at", self.revoked_at.astimezone(UTC).replace(microsecond=0))
 
 
-def new_customer_id(rng_bytes: bytes) -> str:
-    """Make a readable customer ID from fresh random bytes (pass ``os.urandom(CUSTOMER_ID_RANDOM_BYTES)``).
-
-    Returns:
-        ``CID-XXXX-XXXX-XXXX-XXXX``: the RFC 4648 base32 of the 10 bytes (no 0/1/8/9, no O/I confusion).
-
-    Raises:
-        ValueError: ``rng_bytes`` is not exactly 10 bytes.
-    """
-    if not isinstance(rng_bytes, bytes) or len(rng_bytes) != CUSTOMER_ID_RANDOM_BYTES:
-        raise ValueError(f"new_customer_id needs exactly {CUSTOMER_ID_RANDOM_BYTES} random bytes")
-    text = base64.b32encode(rng_bytes).decode("ascii")
-    return "CID-" + "-".join(text[i : i + 4] for i in range(0, 16, 4))
-
-
 # --------------------------------------------------------------------------------------------------
 # Canonical encoding and signatures
 
 
-def _format_timestamp(moment: datetime) -> str:
+def format_timestamp(moment: datetime) -> str:
+    """``moment`` as the files and the signed bytes write it: ``2025-11-28T09:30:00Z`` (UTC, seconds)."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -340,7 +305,7 @@ def canonical_license_bytes(lic: License) -> bytes:
             "hostname": lic.hostname,
             "ip": lic.ip,
             "products": [[p.name, p.version, p.count] for p in lic.products],
-            "issued_at": _format_timestamp(lic.issued_at),
+            "issued_at": format_timestamp(lic.issued_at),
             "expires": lic.expires.isoformat() if lic.expires is not None else None,
             "site_networks": list(lic.site_networks),
             "share": lic.share,
@@ -356,80 +321,11 @@ def canonical_revocation_bytes(rev: Revocation) -> bytes:
             "format": LICENSE_FORMAT,
             "kind": "revocation",
             "customer_id": rev.customer_id,
-            "revoked_at": _format_timestamp(rev.revoked_at),
+            "revoked_at": format_timestamp(rev.revoked_at),
             "replaced_by": rev.replaced_by,
             "reason": rev.reason,
         },
     )
-
-
-def _line(key: str, value: str) -> str:
-    return f"{key:<14}{value}\n"
-
-
-def _signature_line(signature: bytes) -> str:
-    if not isinstance(signature, bytes) or len(signature) != _SIGNATURE_BYTES:
-        raise ValueError(f"an Ed25519 signature is {_SIGNATURE_BYTES} bytes")
-    return _line("signature", "ed25519:" + base64.b64encode(signature).decode("ascii"))
-
-
-_LICENSE_HEADER = (
-    "# lmgrd license file (format 1), issued and signed by the software vendor.\n"
-    "# DO NOT EDIT. Any change to a value below, even one character, invalidates the signature\n"
-    "# and the whole file is refused. Ask the vendor for a reissued license instead.\n"
-)
-_REVOCATION_HEADER = (
-    "# lmgrd license revocation (format 1), signed by the software vendor.\n"
-    "# Give this file to lmgrd (--revocations) to stop serving the customer ID below.\n"
-    "# DO NOT EDIT. Any change to a value below invalidates the signature.\n"
-)
-
-
-def format_license(lic: License, signature: bytes) -> str:
-    """Render a license and its signature as the text file (see the module docstring)."""
-    out = [
-        _LICENSE_HEADER,
-        _line("format", str(LICENSE_FORMAT)),
-        _line("kind", "license"),
-        _line("customer_id", lic.customer_id),
-        _line("license_type", lic.license_type),
-        _line("customer", lic.customer),
-        _line("hostname", lic.hostname),
-        _line("ip", lic.ip),
-        _line("issued_at", _format_timestamp(lic.issued_at)),
-        _line("expires", lic.expires.isoformat() if lic.expires is not None else "never"),
-        _line("share", lic.share),
-    ]
-    out += [_line("site_network", net) for net in lic.site_networks]
-    out += [_line("product", f"{p.name} version={p.version} count={p.count}") for p in lic.products]
-    out.append(_signature_line(signature))
-    return "".join(out)
-
-
-def sign_license(lic: License, private_key: Ed25519PrivateKey) -> str:
-    """Sign ``lic`` with the vendor's private key and return the complete license file text."""
-    return format_license(lic, private_key.sign(canonical_license_bytes(lic)))
-
-
-def format_revocation(rev: Revocation, signature: bytes) -> str:
-    """Render a revocation and its signature as the text file."""
-    return "".join(
-        [
-            _REVOCATION_HEADER,
-            _line("format", str(LICENSE_FORMAT)),
-            _line("kind", "revocation"),
-            _line("customer_id", rev.customer_id),
-            _line("revoked_at", _format_timestamp(rev.revoked_at)),
-            _line("replaced_by", rev.replaced_by or "none"),
-            _line("reason", rev.reason),
-            _signature_line(signature),
-        ]
-    )
-
-
-def sign_revocation(rev: Revocation, private_key: Ed25519PrivateKey) -> str:
-    """Sign ``rev`` with the vendor's private key and return the complete revocation file text."""
-    return format_revocation(rev, private_key.sign(canonical_revocation_bytes(rev)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -542,7 +438,7 @@ def _parse_signature(records: _Records, value: str, lineno: int) -> bytes:
         signature = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise records.fail("unparsable line: the signature is not valid base64", lineno) from None
-    if len(signature) != _SIGNATURE_BYTES:
+    if len(signature) != SIGNATURE_BYTES:
         raise records.fail(
             f"unparsable line: the signature is {len(signature)} bytes, an Ed25519 signature is 64", lineno
         )
@@ -596,7 +492,7 @@ def parse_license(text: str, source: str) -> tuple[License, bytes]:
     lineno, expires_text = records.get("expires")
     expires: date | None = None
     if expires_text != "never":
-        if not _DATE_RE.fullmatch(expires_text):
+        if not DATE_RE.fullmatch(expires_text):
             raise records.fail(f"unparsable line: expires {expires_text!r} is not a date like 2027-12-31", lineno)
         try:
             expires = date.fromisoformat(expires_text)
@@ -616,7 +512,7 @@ def parse_license(text: str, source: str) -> tuple[License, bytes]:
     for key, check in (
         ("customer_id", customer_id_problem),
         ("hostname", hostname_problem),
-        ("customer", lambda v: _text_field_problem("customer", v)),
+        ("customer", lambda v: text_field_problem("customer", v)),
     ):
         lineno, value = records.get(key)
         problem = check(value)
@@ -705,6 +601,86 @@ def verify_revocation(text: str, public_key: Ed25519PublicKey, source: str) -> R
     return rev
 
 
+# --------------------------------------------------------------------------------------------------
+# Revocation lists: one file holding several revocations, each signed on its own
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RevocationEntry:
+    """One revocation of a revocation list, as written (not yet verified)."""
+
+    #: 1-based position in the file.
+    number: int
+    #: The file's line where the entry starts (its first non-comment line).
+    first_line: int
+    #: The entry's lines, preceded by blank lines so that parse errors name the file's own line numbers.
+    text: str
+
+
+def split_revocation_list(text: str) -> list[RevocationEntry]:
+    """Cut a revocation file into its entries (``lmissue revoke`` appends one per customer ID).
+
+    An entry ends with its ``signature`` line; a second ``format`` line before a signature also starts a new
+    entry (so one damaged entry never swallows the next). A file written before lists existed is one entry.
+    Comment and blank lines are kept with the entry they follow. Nothing is verified here.
+    """
+    entries: list[RevocationEntry] = []
+    lines = text.removeprefix("\ufeff").split("\n")
+    start: int | None = None  # index of the current entry's first non-comment line
+    begin = 0  # index where the current entry's text begins
+    has_format = False
+    for i, raw in enumerate(lines):
+        line = raw.rstrip("\r").strip(" \t")
+        if not line or line.startswith("#"):
+            continue
+        key = line.split(None, 1)[0]
+        if start is not None and key == "format" and has_format:  # a new entry, the last one unsigned
+            entries.append(RevocationEntry(len(entries) + 1, start + 1, "\n" * begin + "\n".join(lines[begin:i])))
+            start, begin, has_format = None, i, False
+        if start is None:
+            start = i
+        has_format = has_format or key == "format"
+        if key == "signature":
+            entries.append(RevocationEntry(len(entries) + 1, start + 1,
+                                           "\n" * begin + "\n".join(lines[begin:i + 1])))
+            start, begin, has_format = None, i + 1, False
+    if start is not None:
+        entries.append(RevocationEntry(len(entries) + 1, start + 1, "\n" * begin + "\n".join(lines[begin:])))
+    return entries
+
+
+def entry_source(source: str, entry: RevocationEntry, total: int) -> str:
+    """How messages name an entry: the file alone when it holds one, else ``FILE (entry N of M, line L)``."""
+    return source if total == 1 else f"{source} (entry {entry.number} of {total}, line {entry.first_line})"
+
+
+def verify_revocation_list(text: str, public_key: Ed25519PublicKey, source: str
+                           ) -> tuple[list[Revocation], list[LicenseFileError]]:
+    """Verify every revocation of a revocation file, each against its own signature.
+
+    Args:
+        text: the file's text (one revocation, or several appended by ``lmissue revoke``).
+        public_key: the vendor public key.
+        source: the file path, named in every error.
+
+    Returns:
+        The verified revocations in file order, and one error per entry refused (damaged, unsigned, signed
+        with another key), naming the file and the entry. A refused entry never hides the valid ones.
+    """
+    entries = split_revocation_list(text)
+    if not entries:
+        return [], [LicenseFileError(source, "the file holds no revocation (only comments or nothing at all)",
+                                     "give lmgrd the file lmissue revoke wrote, or remove this one")]
+    good: list[Revocation] = []
+    bad: list[LicenseFileError] = []
+    for entry in entries:
+        try:
+            good.append(verify_revocation(entry.text, public_key, entry_source(source, entry, len(entries))))
+        except LicenseFileError as exc:
+            bad.append(exc)
+    return good, bad
+
+
 def document_kind(text: str) -> str | None:
     """``"license"`` or ``"revocation"`` from a file's ``kind`` line (unverified), else ``None``."""
     for raw in text.removeprefix("\ufeff").split("\n"):
@@ -742,393 +718,6 @@ def load_public_key(pem: bytes, source: str = "vendor public key") -> Ed25519Pub
     if not isinstance(key, Ed25519PublicKey):
         raise VendorKeyError(source, f"the key is {type(key).__name__}, not an Ed25519 vendor key")
     return key
-
-
-def load_private_key(pem: bytes, source: str = "vendor private key") -> Ed25519PrivateKey:
-    """Load the vendor's Ed25519 private key from unencrypted PEM (PKCS8).
-
-    Raises:
-        VendorKeyError: not a PEM private key, a public key given by mistake, encrypted, or not Ed25519.
-    """
-    if b"PRIVATE KEY-----" not in pem and b"PUBLIC KEY-----" in pem:
-        raise VendorKeyError(
-            source,
-            "this is a PUBLIC key; signing needs the vendor PRIVATE key (vendor.key)",
-            "pass the vendor.key written by 'lmissue keygen'",
-        )
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except TypeError:
-        raise VendorKeyError(source, "the private key is encrypted; lmissue needs an unencrypted key") from None
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise VendorKeyError(
-            source,
-            f"not a PEM private key ({exc})",
-            "use the vendor.key written by 'lmissue keygen' (it starts with -----BEGIN PRIVATE KEY-----)",
-        ) from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise VendorKeyError(source, f"the key is {type(key).__name__}, not an Ed25519 vendor key")
-    return key
-
-
-def dump_private_key(key: Ed25519PrivateKey) -> bytes:
-    """PEM PKCS8, unencrypted (protect the file itself: mode 0600)."""
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def dump_public_key(key: Ed25519PublicKey) -> bytes:
-    """PEM SubjectPublicKeyInfo."""
-    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-# --------------------------------------------------------------------------------------------------
-# The registration request
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class FieldProblem:
-    """One problem in a request: the field's path (``host.hostname``, ``products[1].count``) and what is wrong."""
-
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RequestSpec:
-    """A checked registration request: a license without its customer ID and issue time."""
-
-    license_type: LicenseType
-    customer: str
-    hostname: str
-    ip: str
-    products: tuple[Product, ...]
-    expires: date | None
-    site_networks: tuple[str, ...]
-    share: ShareMode
-
-    def to_license(self, customer_id: str, issued_at: datetime) -> License:
-        """The license this request becomes under ``customer_id``, issued at ``issued_at`` (aware)."""
-        return License(
-            customer_id=customer_id,
-            license_type=self.license_type,
-            customer=self.customer,
-            hostname=self.hostname,
-            ip=self.ip,
-            products=self.products,
-            issued_at=issued_at,
-            expires=self.expires,
-            site_networks=self.site_networks,
-            share=self.share,
-        )
-
-
-_REQUEST_KEYS = ("license_type", "customer", "host", "products", "expires", "site_networks", "share")
-_HOST_KEYS = ("hostname", "ip")
-_PRODUCT_KEYS = ("name", "version", "count")
-_MISSING = object()
-
-
-def _join(path: str, key: object) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-def _did_you_mean(value: str, choices: Iterable[str]) -> str:
-    near = difflib.get_close_matches(value, list(choices), n=1)
-    return f"; did you mean {near[0]!r}?" if near else ""
-
-
-def _check_keys(
-    mapping: Mapping[object, object], allowed: tuple[str, ...], path: str, problems: list[FieldProblem]
-) -> None:
-    for key in mapping:
-        if key in allowed:
-            continue
-        near = difflib.get_close_matches(str(key), allowed, n=1)
-        suggestion = f"did you mean {near[0]!r}?" if near else f"allowed keys: {', '.join(allowed)}"
-        problems.append(FieldProblem(_join(path, key), f"unknown key {key!r}; {suggestion}"))
-
-
-def _check_version(value: object, path: str, problems: list[FieldProblem]) -> str | None:
-    if isinstance(value, bool):
-        problems.append(FieldProblem(path, f'version must be a dotted version such as "2.1", got {value!r}'))
-        return None
-    if isinstance(value, float):
-        problems.append(
-            FieldProblem(
-                path,
-                f'version {value!r} was read as a number; quote it (version: "2.10") so that 2.10 is not read as 2.1',
-            )
-        )
-        return None
-    text = str(value) if isinstance(value, int) and value >= 0 else value
-    try:
-        parse_version(cast(str, text))
-    except ValueError as exc:
-        problems.append(FieldProblem(path, str(exc)))
-        return None
-    return cast(str, text)
-
-
-def _check_products(value: object, license_type: object, problems: list[FieldProblem]) -> tuple[Product, ...] | None:
-    if value is _MISSING:
-        problems.append(FieldProblem("products", "missing required field: a list of {name, version, count}"))
-        return None
-    if not isinstance(value, list) or not value:
-        problems.append(
-            FieldProblem(
-                "products",
-                f'must be a non-empty list such as [{{name: CADPRO, version: "2.1", count: 25}}], got {value!r}',
-            )
-        )
-        return None
-    single = license_type == "single"
-    if single and len(value) > 1:
-        problems.append(
-            FieldProblem(
-                "products",
-                f"a single-user (node-locked) license covers exactly one product, this request lists {len(value)}; "
-                "issue one single-user license per product, or use license_type: multi",
-            )
-        )
-    products: list[Product] = []
-    first_index: dict[str, int] = {}
-    ok = True
-    for index, item in enumerate(value):
-        path = f"products[{index}]"
-        if not isinstance(item, dict):
-            problems.append(FieldProblem(path, f"must be a mapping {{name, version, count}}, got {item!r}"))
-            ok = False
-            continue
-        _check_keys(item, _PRODUCT_KEYS, path, problems)
-        name = item.get("name", _MISSING)
-        if name is _MISSING:
-            problems.append(FieldProblem(f"{path}.name", "missing required field: the product name"))
-            name = None
-        else:
-            problem = product_problem(cast(str, name))
-            if problem:
-                problems.append(FieldProblem(f"{path}.name", problem))
-                name = None
-            elif cast(str, name) in first_index:
-                problems.append(
-                    FieldProblem(
-                        f"{path}.name",
-                        f"product {name!r} is already listed at products[{first_index[cast(str, name)]}]; "
-                        "list each product once",
-                    )
-                )
-            else:
-                first_index[cast(str, name)] = index
-        version: str | None = None
-        if "version" not in item:
-            problems.append(FieldProblem(f"{path}.version", "missing required field: the highest permitted version"))
-        else:
-            version = _check_version(item["version"], f"{path}.version", problems)
-        count = item.get("count", 1 if single else _MISSING)
-        if count is _MISSING:
-            problems.append(FieldProblem(f"{path}.count", "missing required field: the number of seats"))
-            count = None
-        elif isinstance(count, bool) or not isinstance(count, int):
-            problems.append(FieldProblem(f"{path}.count", f"count must be a whole number >= 1, got {count!r}"))
-            count = None
-        elif count < 1:
-            problems.append(FieldProblem(f"{path}.count", f"count must be at least 1, got {count}"))
-            count = None
-        elif count > MAX_COUNT:
-            problems.append(FieldProblem(f"{path}.count", f"count {count} is more than the maximum {MAX_COUNT}"))
-            count = None
-        elif single and count != 1:
-            problems.append(
-                FieldProblem(
-                    f"{path}.count",
-                    f"a single-user (node-locked) license has count 1 (one PC), got {count}; "
-                    "for several seats use license_type: multi",
-                )
-            )
-            count = None
-        if name is None or version is None or count is None:
-            ok = False
-            continue
-        products.append(Product(cast(str, name), version, cast(int, count)))
-    return tuple(products) if ok else None
-
-
-def _check_host(value: object, problems: list[FieldProblem]) -> tuple[str, str] | None:
-    if value is _MISSING:
-        problems.append(FieldProblem("host", "missing required field: {hostname: NAME, ip: ADDRESS}"))
-        return None
-    if not isinstance(value, dict):
-        problems.append(FieldProblem("host", f"must be a mapping {{hostname: NAME, ip: ADDRESS}}, got {value!r}"))
-        return None
-    _check_keys(value, _HOST_KEYS, "host", problems)
-    hostname = value.get("hostname", _MISSING)
-    ip = value.get("ip", _MISSING)
-    result_name: str | None = None
-    result_ip: str | None = None
-    if hostname is _MISSING:
-        problems.append(
-            FieldProblem("host.hostname", "missing required field: the license server's (or PC's) hostname")
-        )
-    else:
-        problem = hostname_problem(cast(str, hostname))
-        if problem:
-            problems.append(FieldProblem("host.hostname", problem))
-        else:
-            result_name = cast(str, hostname)
-    if ip is _MISSING:
-        problems.append(FieldProblem("host.ip", "missing required field: the host's IP address"))
-    else:
-        try:
-            addr = normalize_ip(cast(str, ip))
-        except ValueError as exc:
-            problems.append(FieldProblem("host.ip", str(exc)))
-        else:
-            if addr.is_unspecified or addr.is_multicast:
-                problems.append(
-                    FieldProblem("host.ip", f"{ip!r} is not the address of one host; give the host's own address")
-                )
-            else:
-                result_ip = str(addr)
-    if result_name is None or result_ip is None:
-        return None
-    return result_name, result_ip
-
-
-def _check_expires(value: object, today: date, problems: list[FieldProblem]) -> tuple[bool, date | None]:
-    if value is _MISSING or value is None:
-        return True, None
-    expires: date | None = None
-    if isinstance(value, date) and not isinstance(value, datetime):
-        expires = value
-    elif isinstance(value, str) and _DATE_RE.fullmatch(value.strip()):
-        with contextlib.suppress(ValueError):  # 2027-02-30 matches the pattern but is no date
-            expires = date.fromisoformat(value.strip())
-    if expires is None:
-        problems.append(
-            FieldProblem("expires", f"must be a date like 2027-12-31 (or omitted for no expiry), got {value!r}")
-        )
-        return False, None
-    if expires < today:
-        problems.append(
-            FieldProblem(
-                "expires",
-                f"expiry date {expires.isoformat()} is in the past (today is {today.isoformat()}); "
-                "use a future date, or omit expires for a license that does not expire",
-            )
-        )
-        return False, None
-    return True, expires
-
-
-def _check_networks(value: object, problems: list[FieldProblem]) -> tuple[str, ...] | None:
-    if value is _MISSING or value is None:
-        return ()
-    if not isinstance(value, list):
-        problems.append(
-            FieldProblem("site_networks", f"must be a list of networks such as [192.0.2.0/24], got {value!r}")
-        )
-        return None
-    networks: list[str] = []
-    ok = True
-    for index, item in enumerate(value):
-        path = f"site_networks[{index}]"
-        if not isinstance(item, str):
-            problems.append(FieldProblem(path, f"must be a network such as 192.0.2.0/24, got {item!r}"))
-            ok = False
-            continue
-        try:
-            networks.append(str(ipaddress.ip_network(item.strip(), strict=True)))
-        except ValueError as exc:
-            try:
-                loose = ipaddress.ip_network(item.strip(), strict=False)
-            except ValueError:
-                problems.append(FieldProblem(path, f"{item!r} is not a network such as 192.0.2.0/24 ({exc})"))
-            else:
-                problems.append(FieldProblem(path, f"{item!r} has host bits set; did you mean {str(loose)!r}?"))
-            ok = False
-    return tuple(networks) if ok else None
-
-
-def check_request(data: object, today: date) -> tuple[RequestSpec | None, list[FieldProblem]]:
-    """Check a registration request (the YAML mapping, already loaded) and report EVERY problem.
-
-    Args:
-        data: what ``yaml.safe_load`` returned for the request file.
-        today: the issuer's current date (UTC), to refuse an expiry in the past.
-
-    Returns:
-        ``(spec, [])`` when the request is good; ``(None, problems)`` otherwise, one ``FieldProblem``
-        per problem, in field order, each with the field path (``host.hostname``, ``products[1].count``).
-    """
-    problems: list[FieldProblem] = []
-    if not isinstance(data, dict):
-        problems.append(
-            FieldProblem(
-                "request",
-                "must be a YAML mapping with the keys license_type, customer, host, products "
-                f"(and optionally expires, site_networks, share); got {type(data).__name__}",
-            )
-        )
-        return None, problems
-    _check_keys(data, _REQUEST_KEYS, "", problems)
-
-    license_type = data.get("license_type", _MISSING)
-    if license_type is _MISSING:
-        problems.append(
-            FieldProblem(
-                "license_type", "missing required field: multi (floating, served by lmgrd) or single (node-locked PC)"
-            )
-        )
-    elif license_type not in LICENSE_TYPES:
-        problems.append(
-            FieldProblem(
-                "license_type",
-                f"unknown license type {license_type!r}: use multi (floating, served by lmgrd) or single "
-                f"(node-locked PC){_did_you_mean(str(license_type), LICENSE_TYPES)}",
-            )
-        )
-
-    customer = data.get("customer", _MISSING)
-    if customer is _MISSING:
-        problems.append(FieldProblem("customer", "missing required field: the customer's name"))
-    else:
-        problem = _text_field_problem("customer", customer.strip() if isinstance(customer, str) else customer)
-        if problem:
-            problems.append(FieldProblem("customer", problem))
-
-    host = _check_host(data.get("host", _MISSING), problems)
-    products = _check_products(data.get("products", _MISSING), license_type, problems)
-    expires_ok, expires = _check_expires(data.get("expires", _MISSING), today, problems)
-    networks = _check_networks(data.get("site_networks", _MISSING), problems)
-
-    share = data.get("share", "user_host")
-    if share not in SHARE_MODES:
-        problems.append(
-            FieldProblem(
-                "share",
-                f"unknown share mode {share!r}: use user_host (the default: one seat per user and host), "
-                f"host (one seat per PC) or none (one seat per checkout){_did_you_mean(str(share), SHARE_MODES)}",
-            )
-        )
-
-    if problems or host is None or products is None or networks is None or not expires_ok:
-        return None, problems
-    spec = RequestSpec(
-        license_type=cast(LicenseType, license_type),
-        customer=cast(str, customer).strip(),
-        hostname=host[0],
-        ip=host[1],
-        products=products,
-        expires=expires,
-        site_networks=networks,
-        share=cast(ShareMode, share),
-    )
-    return spec, problems
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Regenerate protocol/vectors/frames.json (the checked-in test vectors) from the message classes.
 
 Run ``python -m protocol.make_vectors`` only when the protocol deliberately changes; the tests check the
-vectors in both directions, so an accidental change to the wire format fails them.
+vectors in both directions, so an accidental change to the wire format fails them. A developer script:
+neither end imports it, and it is the one module of ``protocol`` that writes a file (only when run).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Message schema: one frozen, slotted dataclass per message, with wire encoding and validation.
 
-Pure: no sockets, asyncio, clocks or logging. Every message on the wire is a msgpack map with an ``op``
+Pure: no sockets, asyncio, clocks or logging; imports only msgpack (through framing), the standard library
+and the rest of ``protocol``, never ``lmgrd`` or ``client_stub``. Every length and range limit comes from
+:mod:`protocol.validation`, the one place they are written. Every message on the wire is a msgpack map with an ``op``
 string; requests also carry ``id`` (an unsigned integer the client chooses, echoed in the reply). Replies
 carry the same ``id`` (0 for a message the server sends unprompted, such as a handshake timeout), an
 ``op`` naming the reply, and either result fields or, for ``op == "error"``, ``code``, ``message`` and
@@ -16,11 +18,25 @@ from typing import Any, ClassVar, TypeVar
 
 from protocol.errors import ErrorCode, MalformedMessage
 from protocol.framing import encode_frame
-
-MAX_ID = 2**63 - 1
-MAX_TEXT = 256
-MAX_TOKENS = 1024
-MAX_WAIT_SECONDS = 86_400.0
+from protocol.validation import (
+    MAX_CODE_LENGTH,
+    MAX_COMMAND_LENGTH,
+    MAX_HEARTBEAT_INTERVAL_SECONDS,
+    MAX_ID,
+    MAX_IDLE_FOR_SECONDS,
+    MAX_LEASE_TIMEOUT_SECONDS,
+    MAX_MESSAGE_LENGTH,
+    MAX_PID,
+    MAX_PRODUCT_LENGTH,
+    MAX_PROTOCOL_VERSION,
+    MAX_PROTOCOLS_OFFERED,
+    MAX_TEXT,
+    MAX_TOKEN_LENGTH,
+    MAX_TOKENS,
+    MAX_VERSION_LENGTH,
+    MAX_WAIT_SECONDS,
+    MAX_WAITED_SECONDS,
+)
 
 _T = TypeVar("_T")
 
@@ -110,12 +126,13 @@ class Hello:
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Hello:
         protos = _get(d, "proto", list, "a list of protocol version integers", "hello")
-        if not protos or len(protos) > 16 or not all(
-            isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in protos
+        if not protos or len(protos) > MAX_PROTOCOLS_OFFERED or not all(
+            isinstance(p, int) and not isinstance(p, bool) and 0 < p <= MAX_PROTOCOL_VERSION for p in protos
         ):
-            raise MalformedMessage(f"hello: field 'proto' must list 1 to 16 positive integers, got {protos!r:.60}")
+            raise MalformedMessage(f"hello: field 'proto' must list 1 to {MAX_PROTOCOLS_OFFERED} positive integers, "
+                                   f"got {protos!r:.60}")
         return cls(_uint(d, "id", "hello"), tuple(protos), _text(d, "host", "hello"),
-                   _text(d, "user", "hello"), _uint(d, "pid", "hello", 2**32),
+                   _text(d, "user", "hello"), _uint(d, "pid", "hello", MAX_PID),
                    _text(d, "client_version", "hello", default=""), _text(d, "display", "hello", default=""))
 
 
@@ -135,8 +152,8 @@ class Checkout:
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Checkout:
-        return cls(_uint(d, "id", "checkout"), _text(d, "product", "checkout", limit=64),
-                   _text(d, "version", "checkout", limit=32),
+        return cls(_uint(d, "id", "checkout"), _text(d, "product", "checkout", limit=MAX_PRODUCT_LENGTH),
+                   _text(d, "version", "checkout", limit=MAX_VERSION_LENGTH),
                    _seconds(d, "wait", "checkout", MAX_WAIT_SECONDS, default=0.0))
 
 
@@ -162,7 +179,7 @@ class Heartbeat:
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Heartbeat:
         return cls(_uint(d, "id", "heartbeat"), _bool(d, "idle", "heartbeat", False),
-                   _seconds(d, "idle_for", "heartbeat", 10 * 365 * 86400.0, 0.0))
+                   _seconds(d, "idle_for", "heartbeat", MAX_IDLE_FOR_SECONDS, 0.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +195,7 @@ class Checkin:
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Checkin:
-        return cls(_uint(d, "id", "checkin"), _text(d, "token", "checkin", limit=64))
+        return cls(_uint(d, "id", "checkin"), _text(d, "token", "checkin", limit=MAX_TOKEN_LENGTH))
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,8 +244,8 @@ class Admin:
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Admin:
-        return cls(_uint(d, "id", "admin"), _text(d, "command", "admin", limit=64), _map(d, "args", "admin"),
-                   _text(d, "auth", "admin", default=""))
+        return cls(_uint(d, "id", "admin"), _text(d, "command", "admin", limit=MAX_COMMAND_LENGTH),
+                   _map(d, "args", "admin"), _text(d, "auth", "admin", default=""))
 
 
 Request = Hello | Checkout | Heartbeat | Checkin | Resume | Status | Admin
@@ -271,10 +288,10 @@ class Welcome:
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Welcome:
-        return cls(_uint(d, "id", "welcome"), _uint(d, "proto", "welcome", 65535),
+        return cls(_uint(d, "id", "welcome"), _uint(d, "proto", "welcome", MAX_PROTOCOL_VERSION),
                    _text(d, "server_version", "welcome"),
-                   _seconds(d, "heartbeat_interval", "welcome", 86_400.0),
-                   _seconds(d, "lease_timeout", "welcome", 864_000.0), _uint(d, "max_frame", "welcome"),
+                   _seconds(d, "heartbeat_interval", "welcome", MAX_HEARTBEAT_INTERVAL_SECONDS),
+                   _seconds(d, "lease_timeout", "welcome", MAX_LEASE_TIMEOUT_SECONDS), _uint(d, "max_frame", "welcome"),
                    _uint(d, "session", "welcome"))
 
 
@@ -307,11 +324,11 @@ class Granted:
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Granted:
-        return cls(_uint(d, "id", "granted"), _text(d, "token", "granted", limit=64),
+        return cls(_uint(d, "id", "granted"), _text(d, "token", "granted", limit=MAX_TOKEN_LENGTH),
                    _text(d, "customer_id", "granted"), _text(d, "product", "granted"),
-                   _text(d, "version", "granted"), _seconds(d, "lease_timeout", "granted", 864_000.0),
-                   _seconds(d, "heartbeat_interval", "granted", 86_400.0),
-                   _seconds(d, "waited", "granted", MAX_WAIT_SECONDS * 2, default=0.0))
+                   _text(d, "version", "granted"), _seconds(d, "lease_timeout", "granted", MAX_LEASE_TIMEOUT_SECONDS),
+                   _seconds(d, "heartbeat_interval", "granted", MAX_HEARTBEAT_INTERVAL_SECONDS),
+                   _seconds(d, "waited", "granted", MAX_WAITED_SECONDS, default=0.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,11 +346,12 @@ class LostSeat:
     def from_wire(cls, d: object, op: str) -> LostSeat:
         if not isinstance(d, dict):
             raise MalformedMessage(f"{op}: each item of 'lost' must be a map, got {d!r:.60}")
-        return cls(_text(d, "token", op, limit=64), _code(d, op), _text(d, "message", op, limit=4096))
+        return cls(_text(d, "token", op, limit=MAX_TOKEN_LENGTH), _code(d, op),
+                   _text(d, "message", op, limit=MAX_MESSAGE_LENGTH))
 
 
 def _code(d: dict[str, Any], op: str) -> ErrorCode:
-    raw = _text(d, "code", op, limit=64)
+    raw = _text(d, "code", op, limit=MAX_CODE_LENGTH)
     try:
         return ErrorCode(raw)
     except ValueError:
@@ -437,8 +455,8 @@ class ErrorReply:
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> ErrorReply:
-        return cls(_uint(d, "id", "error"), _code(d, "error"), _text(d, "message", "error", limit=4096),
-                   _text(d, "hint", "error", default="", limit=4096))
+        return cls(_uint(d, "id", "error"), _code(d, "error"), _text(d, "message", "error", limit=MAX_MESSAGE_LENGTH),
+                   _text(d, "hint", "error", default="", limit=MAX_MESSAGE_LENGTH))
 
 
 Reply = Welcome | Granted | HeartbeatAck | CheckedIn | Resumed | StatusReply | ErrorReply

@@ -1,10 +1,11 @@
-"""Field rules both ends share: hostnames, product names, versions and IP addresses.
+"""Field rules both ends share: every length and range limit, hostnames, product names, versions, IP addresses.
 
-Pure: imports only the standard library. No I/O, no clock, no logging. Every rule here is used by the
-license issuer (``lmissue``), the daemon and the client stub alike, so a value accepted at one end is
-accepted at the other. Problems are returned as messages (``*_problem`` functions return ``None`` when
-the value is fine) or raised as ``ValueError`` (``parse_version``, ``normalize_ip``); each message
-quotes the offending value and says what to do.
+Pure: imports only the standard library (never ``lmgrd`` or ``client_stub``). No I/O, no clock, no logging.
+This module is the one home of every field limit: the message schema (:mod:`protocol.messages`), the
+license format (:mod:`protocol.license`), the license issuer (``lmissue``), the daemon and the client stub
+all read them from here, so a value accepted at one end is accepted at the other. Problems are returned as
+messages (``*_problem`` functions return ``None`` when the value is fine) or raised as ``ValueError``
+(``parse_version``, ``normalize_ip``); each message quotes the offending value and says what to do.
 """
 
 from __future__ import annotations
@@ -12,18 +13,82 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import unicodedata
 
 __all__ = [
     "HOSTNAME_RULE",
+    "MAX_CODE_LENGTH",
+    "MAX_COMMAND_LENGTH",
+    "MAX_COUNT",
+    "MAX_HEARTBEAT_INTERVAL_SECONDS",
+    "MAX_HOSTNAME_LENGTH",
+    "MAX_ID",
+    "MAX_IDLE_FOR_SECONDS",
+    "MAX_LEASE_TIMEOUT_SECONDS",
+    "MAX_MESSAGE_LENGTH",
+    "MAX_NAME_TEXT_LENGTH",
+    "MAX_PID",
+    "MAX_PRODUCT_LENGTH",
+    "MAX_PROTOCOLS_OFFERED",
+    "MAX_PROTOCOL_VERSION",
+    "MAX_TEXT",
+    "MAX_TOKENS",
+    "MAX_TOKEN_LENGTH",
     "MAX_VERSION_LENGTH",
+    "MAX_WAITED_SECONDS",
+    "MAX_WAIT_SECONDS",
     "PRODUCT_NAME_RE",
     "hostname_problem",
     "normalize_ip",
     "parse_version",
     "product_problem",
     "short_hostname",
+    "text_field_problem",
     "version_permitted",
 ]
+
+# --------------------------------------------------------------------------- the limits, each written once
+#: Request ids, session numbers and other unsigned wire integers (msgpack's signed 64-bit range).
+MAX_ID = 2**63 - 1
+#: Free text on the wire (user, host as sent, client and server versions, display, customer ID, each
+#: string of a list): characters.
+MAX_TEXT = 256
+#: Strings in one list on the wire (the tokens of a resume).
+MAX_TOKENS = 1024
+#: Product names: characters.
+MAX_PRODUCT_LENGTH = 64
+#: Versions (requested on the wire, permitted in a license): characters. The server has always refused a
+#: longer requested version (BAD_REQUEST), so the client and the license format refuse it too.
+MAX_VERSION_LENGTH = 32
+#: Lease tokens: characters.
+MAX_TOKEN_LENGTH = 64
+#: Admin command names: characters.
+MAX_COMMAND_LENGTH = 64
+#: Error code names on the wire: characters.
+MAX_CODE_LENGTH = 64
+#: Error messages and hints on the wire: characters.
+MAX_MESSAGE_LENGTH = 4096
+#: A process id in hello is below this.
+MAX_PID = 2**32
+#: Protocol version numbers are 1 to this; a hello offers 1 to MAX_PROTOCOLS_OFFERED of them.
+MAX_PROTOCOL_VERSION = 65535
+MAX_PROTOCOLS_OFFERED = 16
+#: Longest checkout wait in the server's queue: one day.
+MAX_WAIT_SECONDS = 86_400.0
+#: Longest time a granted seat may report having waited (a wait spans a reconnect at most once).
+MAX_WAITED_SECONDS = MAX_WAIT_SECONDS * 2
+#: Heartbeat interval and lease timeout a server may announce: one day, ten days.
+MAX_HEARTBEAT_INTERVAL_SECONDS = 86_400.0
+MAX_LEASE_TIMEOUT_SECONDS = 864_000.0
+#: Longest idle time a heartbeat may report: ten years.
+MAX_IDLE_FOR_SECONDS = 10 * 365 * 86_400.0
+#: Hostnames: characters (RFC 1123); each dot-separated label 1 to 63.
+MAX_HOSTNAME_LENGTH = 253
+_MAX_LABEL_LENGTH = 63
+#: Customer names and revocation reasons in a license file: characters.
+MAX_NAME_TEXT_LENGTH = 200
+#: Seats of one product in one license.
+MAX_COUNT = 1_000_000
 
 #: The hostname rule, in the words the handbook uses. Quoted by every hostname error.
 HOSTNAME_RULE = (
@@ -33,17 +98,14 @@ HOSTNAME_RULE = (
 )
 
 # One DNS label (RFC 1123 "LDH" rule). ASCII only: `str.isalnum()` would accept Japanese letters.
-_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_LABEL_RE = re.compile(rf"[A-Za-z0-9](?:[A-Za-z0-9-]{{0,{_MAX_LABEL_LENGTH - 2}}}[A-Za-z0-9])?")
 _LABEL_CHARS_RE = re.compile(r"[A-Za-z0-9-]*")
-_MAX_HOSTNAME_LENGTH = 253
 
 #: Product names: ASCII letters, digits, underscore and hyphen, 1 to 64 characters (use ``fullmatch``).
-PRODUCT_NAME_RE: re.Pattern[str] = re.compile(r"[A-Za-z0-9_-]{1,64}")
+PRODUCT_NAME_RE: re.Pattern[str] = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_PRODUCT_LENGTH}}}")
 
 # A version is one or more dot-separated non-negative decimal integers (ASCII digits only).
 _VERSION_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
-#: Longest version string accepted (keeps comparisons cheap and int() conversions bounded).
-MAX_VERSION_LENGTH = 64
 
 
 def hostname_problem(name: str) -> str | None:
@@ -62,9 +124,9 @@ def hostname_problem(name: str) -> str | None:
         return f"hostname must be a string, got {type(name).__name__} {name!r}; {HOSTNAME_RULE}"
     if not name:
         return f"hostname is empty; {HOSTNAME_RULE}"
-    if len(name) > _MAX_HOSTNAME_LENGTH:
+    if len(name) > MAX_HOSTNAME_LENGTH:
         return (
-            f"hostname {name[:40]!r}... is {len(name)} characters long, more than {_MAX_HOSTNAME_LENGTH}; "
+            f"hostname {name[:40]!r}... is {len(name)} characters long, more than {MAX_HOSTNAME_LENGTH}; "
             f"{HOSTNAME_RULE}"
         )
     for label in name.split("."):
@@ -76,8 +138,8 @@ def hostname_problem(name: str) -> str | None:
             bad = sorted({ch for ch in label if not (ch.isascii() and (ch.isalnum() or ch == "-"))})
             shown = ", ".join(repr(ch) for ch in bad[:8])
             reason = f"it contains characters that are not allowed ({shown})"
-        elif len(label) > 63:
-            reason = f"the label {label[:20]!r}... is {len(label)} characters long, more than 63"
+        elif len(label) > _MAX_LABEL_LENGTH:
+            reason = f"the label {label[:20]!r}... is {len(label)} characters long, more than {_MAX_LABEL_LENGTH}"
         else:
             reason = f"the label {label!r} starts or ends with a hyphen"
         return f"hostname {name!r} cannot be licensed: {reason}; {HOSTNAME_RULE}"
@@ -169,7 +231,34 @@ def product_problem(name: str) -> str | None:
     if PRODUCT_NAME_RE.fullmatch(name):
         return None
     if not name:
-        return "product name is empty; use 1 to 64 ASCII letters, digits, '_' or '-'"
-    if len(name) > 64:
-        return f"product name {name[:20]!r}... is {len(name)} characters long; the limit is 64"
-    return f"product name {name!r} may contain only ASCII letters, digits, '_' and '-' (1 to 64 characters)"
+        return f"product name is empty; use 1 to {MAX_PRODUCT_LENGTH} ASCII letters, digits, '_' or '-'"
+    if len(name) > MAX_PRODUCT_LENGTH:
+        return f"product name {name[:20]!r}... is {len(name)} characters long; the limit is {MAX_PRODUCT_LENGTH}"
+    return (f"product name {name!r} may contain only ASCII letters, digits, '_' and '-' "
+            f"(1 to {MAX_PRODUCT_LENGTH} characters)")
+
+
+def text_field_problem(what: str, value: object) -> str | None:
+    """Say what is wrong with a customer name or a reason, or return ``None`` if it is fine.
+
+    One line of printable text in any script (Japanese is fine), no leading or trailing spaces, at most
+    ``MAX_NAME_TEXT_LENGTH`` characters.
+
+    Args:
+        what: the field's name, for the message (``customer``, ``reason``).
+        value: the value to check.
+    """
+    if not isinstance(value, str):
+        return f"{what} must be text, got {type(value).__name__} {value!r}"
+    if not value.strip():
+        return f"{what} is empty"
+    if value != value.strip():
+        return f"{what} {value!r} has leading or trailing spaces"
+    if len(value) > MAX_NAME_TEXT_LENGTH:
+        return f"{what} is {len(value)} characters long; the limit is {MAX_NAME_TEXT_LENGTH}"
+    for ch in value:
+        # Control, format-less line breaks, surrogates, private use and unassigned code points would
+        # make the file ambiguous (a line break) or unreadable; everything else is allowed.
+        if unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn", "Zl", "Zp"):
+            return f"{what} {value!r} contains the control or line-break character U+{ord(ch):04X}"
+    return None

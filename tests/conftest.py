@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from harness import Daemon, RawClient, write_keys, write_license
+
+from lmgrd.storage.host import raise_nofile
 
 
 @pytest.fixture(autouse=True)
@@ -21,9 +22,7 @@ def _close_raw_clients() -> Iterator[None]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _raise_open_file_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_nofile()
 
 
 @pytest.fixture

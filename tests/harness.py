@@ -21,8 +21,9 @@ from typing import Any, ClassVar
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocol import ClientConnection, Hello, Reply, Request
-from protocol.license import License, Product, new_customer_id, sign_license
+from lmgrd.vendor.signing import new_customer_id, sign_license
+from protocol import Connection, Hello, Reply, Request, Role
+from protocol.license import License, Product
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTNAME = socket.gethostname().split(".")[0]
@@ -170,7 +171,7 @@ class RawClient:
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         RawClient.opened.append(self)
-        self.conn = ClientConnection()
+        self.conn = Connection(Role.CLIENT)
         self.replies: list[Reply] = []
         self.next_id = 1
 

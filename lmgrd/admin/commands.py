@@ -6,28 +6,28 @@ directory, keyed by port (``admin-PORT.token``), so ``lmutil`` run on the licens
 finds it with nothing but ``-c PORT@HOST``; from elsewhere the operator passes ``--token-file``. A wrong or
 missing token gets ``NOT_AUTHORIZED``, logged with the client's address.
 
-Commands register themselves in ``COMMANDS`` with ``@command("name")``; each gets the server, the
-connection and the args, and returns the reply data (a dict) or raises ``ProtocolError``.
+Commands register themselves in ``COMMANDS`` with ``@command("name")``; each gets the daemon (as a
+:class:`~lmgrd.daemon.api.DaemonView`), the client (a ``ClientView``) and the args, and returns the reply
+data (a dict) or raises ``ProtocolError``. :func:`enable_admin` plugs them into a started daemon.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import socket
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
 
+from lmgrd.admin.token import remove_token, token_path, write_token
+from lmgrd.daemon.api import ClientView, DaemonView
 from protocol.errors import ErrorCode, ProtocolError
-
-if TYPE_CHECKING:
-    from lmgrd.daemon.server import ClientProtocol, Server
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[["Server", "ClientProtocol", dict[str, Any]], dict[str, Any]]
+Handler = Callable[[DaemonView, ClientView, dict[str, Any]], dict[str, Any]]
 COMMANDS: dict[str, Handler] = {}
 
 
@@ -41,50 +41,7 @@ def command(name: str) -> Callable[[Handler], Handler]:
     return register
 
 
-def runtime_dir() -> Path:
-    """Where the admin token lives: $LMGRD_RUNTIME_DIR, else the platform's per-user runtime directory."""
-    env = os.environ.get("LMGRD_RUNTIME_DIR")
-    if env:
-        return Path(env)
-    import warnings
-
-    import platformdirs
-
-    with warnings.catch_warnings():
-        # Without XDG_RUNTIME_DIR (a service account, a container) platformdirs falls back to
-        # /tmp/runtime-UID and warns on every call; the daemon logs the token path it uses instead.
-        warnings.simplefilter("ignore")
-        return Path(platformdirs.user_runtime_dir("lmgrd"))
-
-
-def token_path(port: int, directory: Path | None = None) -> Path:
-    return (directory or runtime_dir()) / f"admin-{port}.token"
-
-
-def write_token(path: Path) -> str:
-    """Create a fresh admin token in ``path`` (mode 0600, replacing any stale one) and return it."""
-    token = secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, token.encode() + b"\n")
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    return token
-
-
-def remove_token(path: Path, token: str) -> None:
-    """Remove the token file if it is still ours (a newer daemon on the same port may have replaced it)."""
-    try:
-        if path.read_text().strip() == token:
-            path.unlink()
-    except OSError:
-        pass
-
-
-def handle(server: Server, proto: ClientProtocol, command_name: str, args: dict[str, Any], auth: str
+def handle(server: DaemonView, proto: ClientView, command_name: str, args: dict[str, Any], auth: str
            ) -> dict[str, Any]:
     """Authenticate and run one admin command.
 
@@ -107,34 +64,71 @@ def handle(server: Server, proto: ClientProtocol, command_name: str, args: dict[
     return fn(server, proto, args)
 
 
-def lease_view(lease: Any, now: float, wall: float, lease_timeout: float) -> dict[str, Any]:
-    """A lease as lmstat shows it (no secrets beyond the token prefix an admin needs for lmremove)."""
+def lease_view(lease: Any, now: float, wall: float, lease_timeout: float, handle: int | None = None
+               ) -> dict[str, Any]:
+    """A lease as lmstat shows it (no secrets beyond the token prefix an admin needs for lmremove).
+
+    ``handle`` is its seat's decimal handle (:meth:`Ledger.handle`): leases sharing a seat share it."""
     remaining = max(0.0, lease.deadline - now)
-    return {
+    view = {
         "token": lease.token, "customer_id": lease.pool[0], "product": lease.pool[1], "user": lease.user,
         "host": lease.host, "pid": lease.pid, "version": lease.version, "display": lease.display,
         "checkout_at": lease.granted_at, "expires_in": round(remaining, 3),
         "last_heartbeat_at": round(wall - max(0.0, lease_timeout - remaining), 3),
         "connected": lease.session is not None,
     }
+    if handle is not None:
+        view["handle"] = handle
+    return view
+
+
+def _handle(server: DaemonView, lease: Any) -> int | None:
+    try:
+        return server.ledger.handle(lease.pool, lease.share_key)
+    except KeyError:  # not a live seat (cannot happen for a lease the ledger lists)
+        return None
+
+
+def _flexnet_facts(server: DaemonView, data: dict[str, Any]) -> None:
+    """Add what FlexNet's lmstat layout prints and ``status()`` lacks: the server's short host name, the
+    license files, and per pool its license kind and free seats per ``reserve`` rule."""
+    from lmgrd.storage.files import this_host
+
+    data["hostname"] = this_host().hostname.split(".")[0] or "localhost"
+    data["license_files"] = [str(path) for path, _lic in server.licensing.served]
+    ledger_pools = set(server.ledger.pools())
+    # FlexNet lists features in license-file order: (file, line) of each product, for the text layout.
+    order = {(lic.customer_id, prod.name): [i, j] for i, (_p, lic) in enumerate(server.licensing.served)
+             for j, prod in enumerate(lic.products)}
+    for pool in data.get("pools", []):
+        key = (pool["customer_id"], pool["product"])
+        pool["license_order"] = order.get(key, [len(order), 0])
+        lic = server.licensing.license_for(key)
+        # lmgrd serves only floating (multi) licenses; single-user ones are node-locked on their PC.
+        pool["license_type"] = lic.license_type if lic else ""
+        pool["reservations"] = [
+            {"kind": subject.kind, "name": subject.name, "seats": n}
+            for subject, n in (server.ledger.reservations(key) if key in ledger_pools else []) if n > 0
+        ]
 
 
 @command("lmstat")
-def _lmstat(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict[str, Any]:
+def _lmstat(server: DaemonView, proto: ClientView, args: dict[str, Any]) -> dict[str, Any]:
     data = server.status()
     product = args.get("product")
     if product is not None and not isinstance(product, str):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "lmstat: 'product' must be a string")
+    _flexnet_facts(server, data)
     if args.get("all") or product:
         now, wall = server.clock(), server.wall()
-        data["leases"] = [lease_view(x, now, wall, server.lease_timeout) for x in server.ledger.leases()
-                          if product is None or x.pool[1] == product]
+        data["leases"] = [lease_view(x, now, wall, server.lease_timeout, _handle(server, x))
+                          for x in server.ledger.leases() if product is None or x.pool[1] == product]
         queue = []
         for pool in server.ledger.pools():
             if product is not None and pool[1] != product:
                 continue
             for pos, w in enumerate(server.ledger.waiting(pool), 1):
-                ctx = server.waits.get(w.waiter_id)
+                ctx = server.waits.get(w.waiter_id)  # None once answered
                 queue.append({"customer_id": pool[0], "product": pool[1], "position": pos, "user": w.user,
                               "host": w.host, "pid": w.pid, "version": w.version,
                               "waiting_s": round(now - ctx.started, 3) if ctx else 0.0})
@@ -144,7 +138,7 @@ def _lmstat(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict
 
 
 @command("lmhostid")
-def _lmhostid(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict[str, Any]:
+def _lmhostid(server: DaemonView, proto: ClientView, args: dict[str, Any]) -> dict[str, Any]:
     from lmgrd.storage.files import this_host
 
     host = this_host()
@@ -153,28 +147,84 @@ def _lmhostid(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> di
 
 
 @command("lmdown")
-def _lmdown(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict[str, Any]:
+def _lmdown(server: DaemonView, proto: ClientView, args: dict[str, Any]) -> dict[str, Any]:
     server.loop.call_soon(server.request_shutdown, f"lmdown from {proto.peer}")
     return {"stopping": True, "leases_persisted": len(server.ledger.leases())}
 
 
 @command("lmreread")
-def _lmreread(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict[str, Any]:
+def _lmreread(server: DaemonView, proto: ClientView, args: dict[str, Any]) -> dict[str, Any]:
     return server.reload()
 
 
 @command("lmremove")
-def _lmremove(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict[str, Any]:
-    """Free stuck seats now: by ``token`` (or a unique prefix of one, as lmstat -a shows), or every lease of
+def _lmremove(server: DaemonView, proto: ClientView, args: dict[str, Any]) -> dict[str, Any]:
+    """Free stuck seats now: by ``token`` (or a unique prefix of one, as lmstat -a shows), by ``handle`` (the
+    decimal seat handle lmstat prints, with ``product``: FlexNet's ``lmremove -h``), or every lease of
     ``product`` held by ``user`` on ``host`` (and ``display``, if given). Each holder is told SEAT_REMOVED."""
     from lmgrd.core.removal import match_leases
 
-    leases = match_leases(server.ledger.leases(), args)
+    leases = _by_handle(server, args) if "handle" in args else match_leases(server.ledger.leases(), args)
     now, wall = server.clock(), server.wall()
-    views = [lease_view(x, now, wall, server.lease_timeout) for x in leases]
+    views = [lease_view(x, now, wall, server.lease_timeout, _handle(server, x)) for x in leases]
     removed = []
     for lease, view in zip(leases, views, strict=True):
         if server.remove_lease(lease.token, f"lmremove from {proto.peer}") is not None:
             view["held_seconds"] = round(max(0.0, wall - lease.granted_at), 3)
             removed.append(view)
     return {"removed": removed}
+
+
+def _by_handle(server: DaemonView, args: dict[str, Any]) -> list[Any]:
+    """The leases of the seat ``args["handle"]`` names (all leases sharing that seat), of ``args["product"]``."""
+    handle, product = args.get("handle"), args.get("product")
+    if isinstance(handle, bool) or not isinstance(handle, int) or not isinstance(product, str) or not product:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "lmremove: 'handle' must be an integer and 'product' a name",
+                            "lmutil lmremove -h FEATURE SERVER PORT HANDLE, with the handle lmstat -a prints")
+    seat = server.ledger.seat_of(handle)
+    if seat is None or seat[0][1] != product:
+        held = ", ".join(sorted({f"{x.pool[1]} {_handle(server, x)} ({x.user}@{x.host})"
+                                 for x in server.ledger.leases()})[:10]) or "none"
+        raise ProtocolError(ErrorCode.LEASE_NOT_FOUND, f"lmremove: no seat of {product} has handle {handle}; "
+                            f"nothing was removed; seats held now: {held}",
+                            "copy FEATURE and the handle (the number after server/port) from lmutil lmstat -a")
+    pool, key = seat
+    return [x for x in server.ledger.leases(pool) if x.share_key == key]
+
+
+@command("activate")
+def _activate(server: DaemonView, proto: ClientView, args: dict[str, Any]) -> dict[str, Any]:
+    cid = args.get("customer_id")
+    if not isinstance(cid, str) or not cid:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "activate: 'customer_id' must be a customer ID string",
+                            "lmutil activate CID-XXXX-XXXX-XXXX-XXXX")
+    now = datetime.fromtimestamp(server.wall(), UTC)
+    return server.licensing.activate(cid, now, f"lmutil activate from {proto.peer} ({proto.who()})")
+
+
+class _TokenFile:
+    """Removes the admin token file when the daemon stops (an observer of its shutdown)."""
+
+    def __init__(self, server: DaemonView) -> None:
+        self.server = server
+
+    def on_shutdown(self) -> None:
+        if self.server.admin_token_path is not None and self.server.admin_token:
+            remove_token(self.server.admin_token_path, self.server.admin_token)
+
+
+def enable_admin(server: DaemonView) -> None:
+    """Write the admin token for a started daemon and route its admin requests to :data:`COMMANDS`.
+
+    A token file that cannot be written is logged; every admin command is then refused (NOT_AUTHORIZED).
+    """
+    server.admin_token_path = server.cfg.admin_token_file or token_path(server.ports[0])
+    try:
+        server.admin_token = write_token(server.admin_token_path)
+        logger.info("admin token for lmutil written to %s (mode 0600)", server.admin_token_path)
+    except OSError as exc:
+        server.admin_token = ""
+        logger.error("cannot write the admin token file %s: %s; lmutil will be refused", server.admin_token_path,
+                     exc)
+    server.observers.add(_TokenFile(server))
+    server.handlers.admin = partial(handle, server)

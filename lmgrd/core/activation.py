@@ -18,191 +18,58 @@ Fingerprint matching tolerates a changed set of network interfaces (container br
 matches when the hostname and machine id are the same and at least one recorded MAC address is still
 present (or neither side has any).
 
-The clock: the daemon's wall clock is ``time.time()`` plus ``LMGRD_CLOCK_OFFSET_SECONDS`` (default 0). The
-offset exists for tests and for operators rehearsing the 24-hour rule; it may only move time FORWARD
-(a negative value is refused), so it can bring expiry nearer but never extend a license.
-
-Never imports ``client_stub``.
+Pure: the records are read and written by :mod:`lmgrd.storage.activations`, time is passed in (the
+daemon's wall clock, :func:`lmgrd.storage.host.daemon_wall_clock`). Never imports ``client_stub``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
-import socket
-import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
-from lmgrd import LmgrdError
-from lmgrd.admin.commands import command
+from protocol.activation import AUTO_ACTIVATION_AFTER, ActivationRecord, auto_activation_at
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.fingerprint import Fingerprint, this_fingerprint
+from protocol.fingerprint import Fingerprint
 from protocol.license import License
 
-if TYPE_CHECKING:
-    from lmgrd.daemon.server import ClientProtocol, Server
-
-__all__ = [
-    "ACTIVATIONS_FILE",
-    "AUTO_ACTIVATION_AFTER",
-    "CLOCK_OFFSET_ENV",
-    "ActivationRecord",
-    "Activations",
-    "Fingerprint",
-    "auto_activation_at",
-    "clock_offset",
-    "daemon_wall_clock",
-    "this_fingerprint",
-]
+__all__ = ["ACTIVE", "AUTO_ACTIVATION_AFTER", "MOVED", "PENDING", "ActivationRecord", "Activations", "Fingerprint",
+           "auto_activation_at"]
 
 logger = logging.getLogger(__name__)
 
-ACTIVATIONS_FILE = "activations.json"
-AUTO_ACTIVATION_AFTER = timedelta(hours=24)
-CLOCK_OFFSET_ENV = "LMGRD_CLOCK_OFFSET_SECONDS"
-_MAX_STATE_BYTES = 16 * 1024 * 1024
 
 PENDING, ACTIVE, MOVED = "pending", "active", "moved"
 
 
-# --------------------------------------------------------------------------- the clock
-def clock_offset(environ: dict[str, str] | None = None) -> float:
-    """Seconds added to the daemon's wall clock (``LMGRD_CLOCK_OFFSET_SECONDS``; tests and rehearsals only).
-
-    Raises:
-        LmgrdError: the value is not a number, or is negative (the clock may only be moved forward).
-    """
-    raw = (os.environ if environ is None else environ).get(CLOCK_OFFSET_ENV, "").strip()
-    if not raw:
-        return 0.0
-    try:
-        value = float(raw)
-    except ValueError:
-        raise LmgrdError(f"{CLOCK_OFFSET_ENV}={raw!r} is not a number of seconds; unset it") from None
-    if not value >= 0 or value == float("inf"):
-        raise LmgrdError(f"{CLOCK_OFFSET_ENV}={raw!r}: the clock may only be moved forward (0 or more seconds); "
-                         "unset it")
-    return value
-
-
-def daemon_wall_clock(offset: float = 0.0) -> Callable[[], float]:
-    """The daemon's wall clock: epoch seconds, moved forward by ``offset``."""
-    if not offset:
-        return time.time
-    logger.warning("%s=%g: the daemon's clock runs %g s ahead of the system clock (test/rehearsal setting)",
-                   CLOCK_OFFSET_ENV, offset, offset)
-    return lambda: time.time() + offset
-
-
 # --------------------------------------------------------------------------- the records
-@dataclass(frozen=True, slots=True)
-class ActivationRecord:
-    customer_id: str
-    fingerprint: Fingerprint
-    hostname: str
-    activated_at: datetime
-    how: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"customer_id": self.customer_id, "fingerprint": self.fingerprint.digest,
-                "host": self.fingerprint.host, "machine": self.fingerprint.machine,
-                "macs": sorted(self.fingerprint.macs), "hostname": self.hostname,
-                "activated_at": self.activated_at.strftime("%Y-%m-%dT%H:%M:%SZ"), "how": self.how}
-
-    @classmethod
-    def from_json(cls, cid: str, data: Any) -> ActivationRecord:
-        if not isinstance(data, dict):
-            raise ValueError(f"activation of {cid} is not a mapping")
-        macs = data.get("macs", [])
-        if not isinstance(macs, list) or not all(isinstance(m, str) for m in macs):
-            raise ValueError(f"activation of {cid}: 'macs' is not a list of strings")
-        host, machine = data.get("host"), data.get("machine")
-        if not isinstance(host, str) or not isinstance(machine, str):
-            raise ValueError(f"activation of {cid}: 'host' and 'machine' must be strings")
-        at = datetime.strptime(str(data.get("activated_at")), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-        return cls(cid, Fingerprint(host, machine, frozenset(macs)), str(data.get("hostname", "")), at,
-                   str(data.get("how", "")))
-
-
 def _fmt(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def auto_activation_at(lic: License) -> datetime:
-    """When ``lic`` activates by itself: 24 hours after its signed issue time."""
-    return lic.issued_at + AUTO_ACTIVATION_AFTER
-
-
 class Activations:
-    """The activation state of the served licenses, backed by ``STATE_DIR/activations.json``.
+    """The activation state of the served licenses: pure decisions over the records it is given, which
+    :func:`lmgrd.storage.activations.open_activations` reads from and ``persist`` writes back to
+    ``STATE_DIR/activations.json``.
 
     ``problems`` lists what was wrong with the file when it was read (it is then treated as empty for the
     licenses it could not describe; nothing is written until an activation happens).
     """
 
-    def __init__(self, state_dir: Path, fingerprint: Fingerprint | None = None, hostname: str | None = None) -> None:
-        self.path = state_dir / ACTIVATIONS_FILE
-        self.fingerprint = fingerprint or this_fingerprint()
-        self.hostname = hostname or socket.gethostname()
-        self.problems: list[str] = []
-        self.records: dict[str, ActivationRecord] = {}
-        self._raw: dict[str, Any] = {}
+    def __init__(self, records: Mapping[str, ActivationRecord], raw: Mapping[str, Any], *, fingerprint: Fingerprint,
+                 hostname: str, persist: Callable[[dict[str, Any]], None], where: str,
+                 problems: list[str] | None = None) -> None:
+        self.fingerprint = fingerprint  # this machine's, read by lmgrd.storage.host
+        self.hostname = hostname
+        #: Writes the records (customer ID -> JSON) durably; raises OSError when it cannot.
+        self.persist = persist
+        #: Where the records live, for messages (the file's path).
+        self.path = where
+        self.problems: list[str] = list(problems or ())
+        self.records: dict[str, ActivationRecord] = dict(records)
+        self._raw: dict[str, Any] = dict(raw)
         self._state: dict[str, str] = {}
-        self._load()
-
-    def _load(self) -> None:
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read(_MAX_STATE_BYTES + 1)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            self.problems.append(f"{self.path}: cannot read the activation records: {exc.strerror or exc}")
-            return
-        try:
-            doc = json.loads(data)
-            entries = doc["activations"]
-            if not isinstance(entries, dict):
-                raise TypeError("'activations' is not a mapping")
-        except (ValueError, KeyError, TypeError) as exc:
-            self.problems.append(f"{self.path}: the activation records are damaged ({exc}); licenses are pending "
-                                 "again until activated (lmutil activate CUSTOMER_ID)")
-            return
-        for cid, entry in entries.items():
-            try:
-                self.records[str(cid)] = ActivationRecord.from_json(str(cid), entry)
-                self._raw[str(cid)] = entry
-            except (ValueError, TypeError) as exc:
-                self.problems.append(f"{self.path}: {exc}; that license is pending again until activated")
-
-    def _save(self) -> None:
-        doc = {"format": 1, "activations": self._raw}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".activations.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(doc, f, indent=2, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        with contextlib.suppress(OSError):  # make the rename itself durable
-            dfd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
 
     def state(self, lic: License, now: datetime) -> str:
         """``pending``, ``active`` or ``moved``; a pending license past its 24 hours is activated (and recorded)."""
@@ -274,7 +141,7 @@ class Activations:
         rec = ActivationRecord(lic.customer_id, self.fingerprint, self.hostname, now.astimezone(UTC), how)
         self._raw[lic.customer_id] = rec.to_json()
         try:
-            self._save()
+            self.persist(dict(self._raw))
         except OSError:
             del self._raw[lic.customer_id]
             raise
@@ -283,19 +150,3 @@ class Activations:
         logger.info("ACTIVATED license %s (%s) on this machine (%s): %s; fingerprint %s recorded in %s",
                     lic.customer_id, lic.customer, self.hostname, how, self.fingerprint.digest[:16], self.path)
         return rec
-
-
-def record_activation(state_dir: Path, lic: License, how: str, now: datetime | None = None) -> ActivationRecord:
-    """Activate ``lic`` on this machine before the daemon starts (``make demo``)."""
-    return Activations(state_dir).activate(lic, now or datetime.now(UTC), how)
-
-
-# --------------------------------------------------------------------------- the admin command
-@command("activate")
-def _activate(server: Server, proto: ClientProtocol, args: dict[str, Any]) -> dict[str, Any]:
-    cid = args.get("customer_id")
-    if not isinstance(cid, str) or not cid:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "activate: 'customer_id' must be a customer ID string",
-                            "lmutil activate CID-XXXX-XXXX-XXXX-XXXX")
-    now = datetime.fromtimestamp(server.wall(), UTC)
-    return server.licensing.activate(cid, now, f"lmutil activate from {proto.peer} ({proto.who()})")

@@ -40,13 +40,15 @@ from __future__ import annotations
 
 import enum
 import heapq
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from lmgrd import LmgrdError
-from lmgrd.core.policy import ProductPolicy
+from lmgrd.core.policy import ProductPolicy, Subject
+from protocol.validation import short_hostname
 
 __all__ = [
     "LeaseInfo",
@@ -66,6 +68,8 @@ PoolKey = tuple[str, str]  # (customer_id, product)
 _HEAP_SLACK = 1024
 #: Same idea for the per-pool waiter deque, which drops cancelled waiters lazily.
 _QUEUE_SLACK = 64
+#: Seat handles (what ``lmstat`` prints as FlexNet's decimal license handle) lie in this range.
+HANDLE_MIN, HANDLE_MAX = 100, 99_999_999
 
 #: A new seat's place under a usage policy: the reserve rule it counts against (-1: the unreserved
 #: seats) and the max rules its holder falls under.
@@ -80,18 +84,33 @@ class ShareMode(enum.StrEnum):
     NONE = "none"  # every checkout its own seat
 
 
-def share_key_for(mode: ShareMode, user: str, host: str) -> tuple[str, ...]:
-    """Return the share key of a checkout under ``mode``.
+def share_key_for(mode: ShareMode | str, user: str, host: str) -> tuple[str, ...]:
+    """Return the share key of a checkout under ``mode`` (the ONE definition of who shares a seat).
 
     Hosts compare by their short form (the first label), case-insensitively, and users
     case-insensitively, so ``Alice@PC1.corp.example`` and ``alice@pc1`` share a seat. ``NONE`` returns
     ``()``, which :meth:`Ledger.checkout` replaces by ``(token,)``: a seat of its own.
     """
-    if mode is ShareMode.USER_HOST:
-        return (user.lower(), host.split(".", 1)[0].lower())
-    if mode is ShareMode.HOST:
-        return (host.split(".", 1)[0].lower(),)
-    return ()
+    # Plain string constants (ShareMode's values): a str comparison, no enum __eq__, on every checkout.
+    if mode == "user_host":
+        return (user.lower(), short_hostname(host))
+    if mode == "host":
+        return (short_hostname(host),)
+    if mode == "none":
+        return ()
+    raise ValueError(f"unknown share mode {mode!r}; expected one of {', '.join(m.value for m in ShareMode)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who checks out: the client's user, host (short form), pid, display and connection (``session``;
+    ``None`` for a lease not bound to a connection). One per client connection, made at its hello."""
+
+    user: str
+    host: str
+    pid: int
+    display: str
+    session: int | None
 
 
 class UnknownPoolError(LmgrdError, LookupError):
@@ -170,25 +189,38 @@ class Waiter:
     waiter_id: int
     pool: PoolKey
     share_key: tuple[str, ...]
-    user: str
-    host: str
-    pid: int
+    holder: Holder
     version: str
-    display: str
-    session: int
     ctx: object = None
+
+    @property
+    def user(self) -> str:
+        return self.holder.user
+
+    @property
+    def host(self) -> str:
+        return self.holder.host
+
+    @property
+    def pid(self) -> int:
+        return self.holder.pid
+
+    @property
+    def session(self) -> int | None:
+        return self.holder.session
 
 
 class _Pool:
     """Seats, leases and waiters of one pool."""
 
-    __slots__ = ("bucket_used", "by_key", "count", "general_used", "leases", "max_used", "policy", "queue",
-                 "seats", "tags", "waiting")
+    __slots__ = ("bucket_used", "by_key", "count", "general_used", "handles", "leases", "max_used", "policy",
+                 "queue", "seats", "tags", "waiting")
 
     def __init__(self, count: int) -> None:
         self.count = count
         # share key -> number of leases holding that seat; len(seats) is in_use.
         self.seats: dict[tuple[str, ...], int] = {}
+        self.handles: dict[tuple[str, ...], int] = {}  # share key -> the seat's handle (same keys as seats)
         self.leases: dict[str, LeaseInfo] = {}
         # FIFO of waiters. Cancelled or already served entries stay until they reach the head (or a
         # rebuild) and are recognised because Ledger._waiters no longer maps their id to them. A deque,
@@ -231,10 +263,12 @@ class Ledger:
         self._leases: dict[str, LeaseInfo] = {}
         self._sessions: dict[int, set[str]] = {}  # session -> tokens of its bound leases
         self._waiters: dict[int, Waiter] = {}
-        self._session_waiters: dict[int, set[int]] = {}
+        self._session_waiters: dict[int | None, set[int]] = {}
         # Min-heap of (deadline, seq, token). seq is unique, so tuples never compare tokens.
         self._heap: list[tuple[float, int, str]] = []
         self._seq = 0
+        # Seat handle -> its seat, for every live seat of every pool (handles are unique among them).
+        self._handles: dict[int, tuple[PoolKey, tuple[str, ...]]] = {}
 
     # -- pools -------------------------------------------------------------------------------------------
 
@@ -262,6 +296,8 @@ class Ledger:
         if p is None:
             return [], []
         removed = list(p.leases.values())
+        for h in p.handles.values():
+            del self._handles[h]
         for lease in removed:
             del self._leases[lease.token]
             self._unbind(lease)
@@ -298,12 +334,8 @@ class Ledger:
         self,
         pool: PoolKey,
         share_key: tuple[str, ...],
-        user: str,
-        host: str,
-        pid: int,
+        holder: Holder,
         version: str,
-        display: str,
-        session: int | None,
         now: float,
         wall: float,
     ) -> LeaseInfo | None:
@@ -317,11 +349,11 @@ class Ledger:
         if p.policy is not None and (not share_key or share_key not in p.seats):
             # Waiters ahead cannot use what the policy admits this one to (serve() ran after every
             # change), so only admissibility matters here.
-            if self._admit(p, user, host) is None:
+            if self._admit(p, holder.user, holder.host) is None:
                 return None
         elif (not share_key or share_key not in p.seats) and (p.waiting or len(p.seats) >= p.count):
             return None
-        return self._grant(p, pool, share_key, user, host, pid, version, display, session, now, wall)
+        return self._grant(p, pool, share_key, holder, version, now, wall)
 
     # -- usage policy --------------------------------------------------------------------------------------
 
@@ -421,12 +453,8 @@ class Ledger:
         p: _Pool,
         pool: PoolKey,
         share_key: tuple[str, ...],
-        user: str,
-        host: str,
-        pid: int,
+        holder: Holder,
         version: str,
-        display: str,
-        session: int | None,
         now: float,
         wall: float,
     ) -> LeaseInfo:
@@ -439,13 +467,16 @@ class Ledger:
         seats = p.seats
         held = seats.get(share_key, 0)
         seats[share_key] = held + 1
-        if not held and p.policy is not None:
-            self._tag_seat(p, share_key, user, host)
+        if not held:
+            p.handles[share_key] = self._new_handle(pool, share_key)
+            if p.policy is not None:
+                self._tag_seat(p, share_key, holder.user, holder.host)
         deadline = now + self.lease_timeout
         self._seq += 1
+        session = holder.session
         lease = LeaseInfo(
-            token, pool, share_key, user, host, pid, version, display, wall, session, deadline,
-            self._seq, deadline,
+            token, pool, share_key, holder.user, holder.host, holder.pid, version, holder.display, wall, session,
+            deadline, self._seq, deadline,
         )  # fmt: skip
         heapq.heappush(self._heap, (deadline, self._seq, token))
         self._leases[token] = lease
@@ -488,6 +519,7 @@ class Ledger:
             p.seats[key] = held
             return False
         del p.seats[key]
+        del self._handles[p.handles.pop(key)]
         if p.policy is not None:
             self._untag_seat(p, key)
         return True
@@ -601,14 +633,12 @@ class Ledger:
                       grants: list[tuple[Waiter, LeaseInfo]]) -> None:
         key = w.share_key
         self._forget_waiter(w)
-        grants.append((w, self._grant(p, w.pool, key, w.user, w.host, w.pid, w.version, w.display,
-                                      w.session, now, wall)))  # fmt: skip
+        grants.append((w, self._grant(p, w.pool, key, w.holder, w.version, now, wall)))
         if new_seat and key:
             # Waiters further back with the same share key join the new seat now: it costs nothing.
             for j in list(p.by_key.get(key, ())):
                 self._forget_waiter(j)
-                grants.append((j, self._grant(p, j.pool, key, j.user, j.host, j.pid, j.version,
-                                              j.display, j.session, now, wall)))  # fmt: skip
+                grants.append((j, self._grant(p, j.pool, key, j.holder, j.version, now, wall)))
 
     def _serve_policy(self, p: _Pool, now: float, wall: float, grants: list[tuple[Waiter, LeaseInfo]]) -> None:
         """Under a usage policy: grant, in arrival order, every waiter a free seat is admissible for.
@@ -805,7 +835,10 @@ class Ledger:
             if p is None:
                 p = self._pools[pool] = _Pool(0)
             key = rec.share_key or (rec.token,)
-            p.seats[key] = p.seats.get(key, 0) + 1
+            held = p.seats.get(key, 0)
+            p.seats[key] = held + 1
+            if not held:
+                p.handles[key] = self._new_handle(pool, key)
             self._seq += 1
             lease = LeaseInfo(
                 rec.token, pool, key, rec.user, rec.host, rec.pid, rec.version, rec.display,
@@ -819,6 +852,42 @@ class Ledger:
             if self._pools[pool].policy is not None:
                 self._retag(self._pools[pool])
         return restored
+
+    # -- seat handles -------------------------------------------------------------------------------------
+
+    def _new_handle(self, pool: PoolKey, key: tuple[str, ...]) -> int:
+        """A handle for a new seat: derived from the seat's identity (so a seat restored after a restart
+        gets the handle it had, unless that one was taken meanwhile), then the next free one."""
+        span = HANDLE_MAX - HANDLE_MIN + 1
+        h = HANDLE_MIN + zlib.crc32("\x1f".join((pool[0], pool[1], *key)).encode()) % span
+        while h in self._handles:
+            h = HANDLE_MIN + (h - HANDLE_MIN + 1) % span
+        self._handles[h] = (pool, key)
+        return h
+
+    def handle(self, pool: PoolKey, share_key: tuple[str, ...]) -> int:
+        """The decimal handle of a live seat (FlexNet's license handle in ``lmstat``): fixed for the seat's
+        life, unique among the live seats of every pool. Raises KeyError for a seat not held."""
+        return self._pool(pool).handles[share_key]
+
+    def seat_of(self, handle: int) -> tuple[PoolKey, tuple[str, ...]] | None:
+        """The live seat (pool, share key) with this handle, or None."""
+        return self._handles.get(handle)
+
+    def reservations(self, pool: PoolKey) -> list[tuple[Subject, int]]:
+        """The free seats held back by each ``reserve`` rule, in rule order; they add up to
+        :meth:`reserved` (``[]`` without a policy)."""
+        p = self._pool(pool)
+        pol = p.policy
+        if pol is None:
+            return []
+        left = self.reserved(pool)
+        out = []
+        for r, used in zip(pol.reserve, p.bucket_used, strict=True):
+            n = min(max(0, r.seats - used), left)
+            left -= n
+            out.append((r.subject, n))
+        return out
 
     # -- reading ------------------------------------------------------------------------------------------
 

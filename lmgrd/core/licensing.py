@@ -1,8 +1,11 @@
 """Which licenses this daemon serves, and the ordered licensing checks for one checkout.
 
 The order is the handbook's, and a refusal names the first check that fails: signature and file validity,
-revocation, host and site, activation, expiry, product, version, policy, seats. Seats are the ledger's
-business; everything before them is decided here, without I/O (licenses are loaded by ``lmgrd.storage.files``).
+revocation, host and site, activation, expiry, product, version, policy (include/exclude), seats. Signature,
+revocation and host are decided when the files are loaded (``lmgrd.storage.files``); site, activation,
+expiry, product, version and include/exclude per checkout in :meth:`Licensing.candidates`; seats (and the
+policy's reserve/max, which depend on who holds what) by the ledger, whose verdict :func:`seat_refusal`
+turns into the reply. Also here: what a reload keeps (:meth:`Licensing.merged_with`). Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ _HINTS = {
     ErrorCode.HOST_NOT_LICENSED: "the license must be issued for this license server's hostname and address",
     ErrorCode.LICENSE_INVALID: "ask the administrator to run 'lmgrd --check' and replace the license file",
     ErrorCode.LICENSE_REVOKED: "the vendor revoked this license; install the reissued license it was replaced by",
+    ErrorCode.EXCLUDED: "ask the license administrator to change the usage policy (lmgrd config 'policy')",
     ErrorCode.OUTSIDE_SITE: "run the product from a PC inside the licensed site, or ask the vendor to add your "
                             "network to the license (site_networks)",
 }
@@ -126,8 +130,11 @@ class Licensing:
     def refusals(self) -> list[dict[str, Any]]:
         return [r.to_wire() for r in self.refused]
 
-    def candidates(self, product: str, version: str, addr: str, now: datetime) -> Decision:
-        """Run every check before seats, in order; return the licenses that pass or the first refusal."""
+    def candidates(self, product: str, version: str, addr: str, user: str, host: str, now: datetime,
+                   display: str = "") -> Decision:
+        """Run every check before seats, in order; return the licenses that pass or the first refusal.
+
+        ``addr`` and ``display`` are the client's, for the policy's include/exclude by address or display."""
         lics = self._by_product.get(product)
         if lics is None:
             ref = self._refused_by_product.get(product)
@@ -154,6 +161,11 @@ class Licensing:
             elif worst is None or _RANK.get(err[0], 0) > _RANK.get(worst[0], 0):
                 worst = err
         if ok:
+            pp = self.policy.get(product) if self.policy.active else None
+            if pp is not None:  # the policy's include/exclude, after every license check
+                why = pp.refusal(user, host, addr, display)
+                if why is not None:
+                    return Decision((), (ErrorCode.EXCLUDED, why, _HINTS[ErrorCode.EXCLUDED]))
             return Decision(tuple(ok))
         assert worst is not None
         if worst[0] is ErrorCode.OUTSIDE_SITE:
@@ -206,3 +218,55 @@ class Licensing:
         return {"customer_id": customer_id, "state": ACTIVE, "activated": True,
                 "activated_at": rec.activated_at.strftime("%Y-%m-%dT%H:%M:%SZ"), "how": rec.how,
                 "hostname": rec.hostname, "fingerprint": rec.fingerprint.digest[:16]}
+
+    def merged_with(self, new: Licensing, problems: list[str]) -> Licensing:
+        """What a reload serves: ``new``, plus each license served now whose file the reload refused.
+
+        A license file that now fails validation keeps its previously loaded copy serving (a problem says
+        so), unless the reload revoked it. ``new.activations`` is ``None`` when the vendor key could not be
+        read: then the running activation state, revocations and site are kept. Appends to ``problems``.
+        """
+        new_paths = {str(p) for p, _ in new.served}
+        kept = [(p, lic) for p, lic in self.served
+                if str(p) not in new_paths and any(r.source == str(p) for r in new.refused)
+                and lic.customer_id not in new.revoked]  # a revoked license never keeps serving
+        for p, lic in kept:
+            problems.append(f"{p}: the new file was refused; the previously loaded license {lic.customer_id} "
+                            "keeps serving")
+        kept_paths = {str(p) for p, _ in kept}
+        fresh = new.activations is not None
+        return Licensing(new.served + kept, [r for r in new.refused if r.source not in kept_paths],
+                         activations=new.activations if fresh else self.activations,
+                         revoked=new.revoked if fresh else self.revoked,
+                         daemon_site=new.daemon_site if fresh else self.daemon_site,
+                         policy=new.policy)
+
+
+def revocation_reason(rev: Revocation) -> str:
+    """One line saying what a revocation says."""
+    text = (f"customer ID {rev.customer_id} was revoked by the vendor on "
+            f"{rev.revoked_at.strftime('%Y-%m-%d %H:%M:%S')} UTC ({rev.reason})")
+    if rev.replaced_by:
+        text += f"; it is replaced by {rev.replaced_by}"
+    return text
+
+
+def seat_refusal(product: str, licenses: Sequence[License], reasons: set[str | None], policy: Policy, user: str,
+                 host: str) -> tuple[ErrorCode, str, str]:
+    """Why no pool of ``product`` grants ``user``@``host`` a seat now, from the ledger's ``reasons`` (one per
+    pool: ``"max"``, ``"reserved"`` or ``None`` for plain full). Cold path: after every pool said no."""
+    count = sum(p.count for lic in licenses for p in lic.products if p.name == product)
+    if reasons == {"max"}:
+        pp = policy.get(product)
+        rules = [f"max {r.seats} for {r.subject}" for r in (pp.max if pp else ()) if r.subject.matches(user, host)]
+        return (ErrorCode.MAX_REACHED,
+                f"{user}@{host} already holds the most seats of {product} the usage policy allows "
+                f"({', '.join(rules) or 'max'})",
+                "check in a seat you hold first, or ask the license administrator to change the policy")
+    if "reserved" in reasons:
+        return (ErrorCode.RESERVED,
+                f"the free seats of {product} are reserved for others by the usage policy",
+                "try again later, check out with a wait, or ask the license administrator for a reservation")
+    return (ErrorCode.NO_SEATS, f"all {count} seat(s) of {product} are in use",
+            "try again later, check out with a wait, or ask the administrator who holds them "
+            "(lmutil lmstat -a)")

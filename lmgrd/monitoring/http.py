@@ -1,10 +1,14 @@
 """The monitoring port: ``GET /metrics``, ``GET /healthz`` and a read-only status page at ``GET /``.
 
-A deliberately small HTTP/1.1 server on the daemon's own event loop (an ``asyncio.Protocol``): GET only,
-one request per connection (``Connection: close``), request head bounded to :data:`MAX_REQUEST_BYTES`,
-a per-connection deadline and a cap on concurrent connections, so a slow or hostile scraper costs little
-and can never hold up license traffic. Everything it shows is read from the server at request time; it
-changes nothing. If the port cannot be bound the daemon says why and keeps serving licenses.
+A deliberately small HTTP/1.1 server on the daemon's own event loop: an ``asyncio.Protocol`` that feeds the bytes
+it receives to an ``h11.Connection(h11.SERVER)`` (sans-I/O, the model :mod:`protocol` follows) and sends the
+bytes h11 frames. GET only; one request per connection, answered with ``Connection: close`` (pipelined requests
+after the first are not read); the request head bounded to :data:`MAX_REQUEST_BYTES` however it arrives; a
+per-connection deadline (:data:`REQUEST_TIMEOUT`) and a cap on concurrent connections (:data:`MAX_CONNECTIONS`),
+so a slow or hostile scraper costs little and can never hold up license traffic. A request h11 cannot read is
+answered with the 4xx it hints (400, or 431 for a head too large), never a traceback. Everything it shows is read
+from the server at request time; it changes nothing. If the port cannot be bound the daemon says why and keeps
+serving licenses.
 
 Must not import ``client_stub``.
 """
@@ -21,13 +25,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+import h11
+
 from lmgrd import __version__
 from lmgrd.admin import commands as admin
 from lmgrd.monitoring.metrics import CONTENT_TYPE, Metrics, TextfileWriter, activation_state, attach, reserved_seats
 
 if TYPE_CHECKING:
     from lmgrd.config import DaemonConfig
-    from lmgrd.daemon.server import Server
+    from lmgrd.daemon.api import DaemonView as Server
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +52,7 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
             431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 _HTML = "text/html; charset=utf-8"
 _TEXT = "text/plain; charset=utf-8"
+_BAD_REQUEST_LINE = b"expected an HTTP/1.x request line such as: GET /metrics HTTP/1.1\n"
 
 
 # --------------------------------------------------------------------------- health
@@ -212,22 +219,25 @@ def render_status(server: Server, metrics: Metrics | None) -> str:
 
 # --------------------------------------------------------------------------- HTTP
 class HTTPProtocol(asyncio.Protocol):
-    """One monitoring connection: read one request head, answer it, close."""
+    """One monitoring connection: h11 reads one request; it is answered, then the connection closes."""
 
     def __init__(self, app: MonitorHTTP) -> None:
         self.app = app
-        self.buf = bytearray()
+        # h11 never holds more than MAX_REQUEST_BYTES of an unfinished head: data_received feeds it no more.
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+        self.fed = 0  # bytes given to h11 so far (all of them part of the one request head we read)
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.answered = False
+        self.method = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.app.connections.add(self)
-        if len(self.app.connections) > MAX_CONNECTIONS:
+        if len(self.app.connections) > self.app.max_connections:
             transport.abort()  # type: ignore[attr-defined]
             return
-        self.timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT, self._timed_out)
+        self.timer = asyncio.get_running_loop().call_later(self.app.request_timeout, self._timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.app.connections.discard(self)
@@ -242,25 +252,52 @@ class HTTPProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.answered:
+            return  # a pipelined request, or the tail of a refused one: not read
+        # Give h11 at most MAX_REQUEST_BYTES in all: a head that is complete within them is read whole, one
+        # that is not is too large, whether it came in one piece or a byte at a time. (h11's own limit only
+        # applies to an incomplete head, so a large head arriving in one piece would otherwise pass.)
+        chunk = data[:MAX_REQUEST_BYTES - self.fed]
+        self.fed += len(chunk)
+        if chunk:  # an empty receive_data() means EOF to h11
+            self.conn.receive_data(chunk)
+        try:
+            event = self.conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            self._refuse(exc)
             return
-        self.buf += data
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            end = self.buf.find(b"\n\n")
-        if end < 0 or end > MAX_REQUEST_BYTES:
-            if len(self.buf) > MAX_REQUEST_BYTES:
+        if event is h11.NEED_DATA:
+            if self.fed >= MAX_REQUEST_BYTES:
                 self.respond(431, _TEXT, f"request head larger than {MAX_REQUEST_BYTES} bytes\n".encode())
             return
-        line = bytes(self.buf[:end]).split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
-        parts = line.split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            self.respond(400, _TEXT, b"expected an HTTP/1.x request line such as: GET /metrics HTTP/1.1\n")
+        if isinstance(event, h11.Request):
+            self._handle(event)
+
+    def _refuse(self, exc: h11.RemoteProtocolError) -> None:
+        """Answer a request h11 could not read with the status it hints and what was wrong."""
+        reason = str(exc)
+        if reason.startswith(("illegal request line", "no request line")):
+            self.respond(400, _TEXT, _BAD_REQUEST_LINE)
+        elif exc.error_status_hint == 431:
+            self.respond(431, _TEXT, f"request head larger than {MAX_REQUEST_BYTES} bytes\n".encode())
+        else:
+            # h11 names what it refused ("Missing mandatory Host: header", "illegal header line: ..."). Its
+            # one other hint, 501 for a transfer coding other than chunked, is a client's fault here too: 400.
+            self.respond(400, _TEXT, f"bad request: {reason[:200]}\n".encode("utf-8", "replace"))
+
+    def _handle(self, request: h11.Request) -> None:
+        self.method = request.method
+        if not request.http_version.startswith(b"1."):
+            self.respond(400, _TEXT, _BAD_REQUEST_LINE)
             return
-        method, target, _version = parts
-        if method != "GET":
+        if request.method != b"GET":
             self.respond(405, _TEXT, b"only GET is supported\n", (("Allow", "GET"),))
             return
-        status, ctype, body = self.app.route(urlsplit(target).path)
+        try:
+            path = urlsplit(request.target.decode("latin-1")).path
+        except ValueError as exc:  # "Invalid IPv6 URL" for a target like http://[/
+            self.respond(400, _TEXT, f"bad request: cannot read the request target: {exc}\n".encode())
+            return
+        status, ctype, body = self.app.route(path)
         self.respond(status, ctype, body)
 
     def respond(self, status: int, ctype: str, body: bytes, extra: tuple[tuple[str, str], ...] = ()) -> None:
@@ -268,22 +305,44 @@ class HTTPProtocol(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing():
             return
-        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}", f"Content-Type: {ctype}",
-                f"Content-Length: {len(body)}", "Connection: close", "Cache-Control: no-store",
-                "X-Content-Type-Options: nosniff", f"Server: lmgrd/{__version__}"]
+        headers = [("Content-Type", ctype), ("Content-Length", str(len(body))), ("Connection", "close"),
+                   ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+                   ("Server", f"lmgrd/{__version__}")]
         if ctype == _HTML:
-            head.append("Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline'")
-        head.extend(f"{k}: {v}" for k, v in extra)
-        t.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
-        t.close()  # after the buffered answer is flushed
+            headers.append(("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"))
+        headers.extend(extra)
+        try:
+            out = self.conn.send(h11.Response(status_code=status, headers=headers,
+                                              reason=_REASONS.get(status, "Unknown")))
+            if self.method != b"HEAD":  # the answer to a HEAD has the headers of a GET and no body
+                out += self.conn.send(h11.Data(data=body))
+            out += self.conn.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            logger.exception("monitoring: cannot frame a %d answer", status)
+            t.abort()
+            return
+        t.write(out)
+        # Close our side once the answer is flushed, and keep discarding what the client still sends until it
+        # closes (or the deadline): closing at once with unread data would reset the connection, and a reset
+        # can destroy the answer before the client reads it (a refused head that is still arriving).
+        if t.can_write_eof():
+            t.write_eof()
+        else:
+            t.close()
+
+    def eof_received(self) -> bool | None:
+        return None  # the client is done: close the transport
 
 
 class MonitorHTTP:
     """Routes and the listening socket(s) of the monitoring port."""
 
-    def __init__(self, server: Server, metrics: Metrics) -> None:
+    def __init__(self, server: Server, metrics: Metrics, *, request_timeout: float = REQUEST_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.server = server
         self.metrics = metrics
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
         self.connections: set[HTTPProtocol] = set()
         self.listener: asyncio.AbstractServer | None = None
         self.port = 0

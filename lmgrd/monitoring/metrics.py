@@ -24,7 +24,6 @@ Must not import ``client_stub``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import platform
@@ -45,11 +44,13 @@ from prometheus_client.registry import Collector
 
 from lmgrd import __version__
 from lmgrd.admin import commands as admin
+from lmgrd.storage.atomic import write_atomic
 from protocol.errors import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
     from lmgrd.core.ledger import LeaseInfo, PoolKey
-    from lmgrd.daemon.server import ClientProtocol, Server
+    from lmgrd.daemon.api import ClientView as ClientProtocol
+    from lmgrd.daemon.api import DaemonView as Server
 
 logger = logging.getLogger(__name__)
 
@@ -327,20 +328,6 @@ def _metrics_command(server: Server, proto: ClientProtocol, args: dict[str, Any]
     return {"text": m.dump().decode("utf-8"), "content_type": CONTENT_TYPE}
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` in one step (a reader sees the old file or the new, never half)."""
-    # The temporary name must not end in .prom: node_exporter's textfile collector would read it.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 class TextfileWriter:
     """Writes the dump to ``path`` every ``interval`` seconds for node_exporter's (or windows_exporter's)
     textfile collector. The text is rendered on the loop (O(products)); the file write runs in a thread."""
@@ -360,7 +347,7 @@ class TextfileWriter:
     async def write_once(self) -> bool:
         data = self.metrics.dump()
         try:
-            await asyncio.to_thread(write_atomic, self.path, data)
+            await asyncio.to_thread(write_atomic, self.path, data, durable=False)
         except OSError as exc:
             msg = f"{exc.strerror or exc}"
             if msg != self._last_error:  # say it once per distinct problem, not every interval

@@ -1,12 +1,15 @@
 """The usage log: one JSON line per checkout, checkin, expiry, removal, revocation and denial.
 
 It answers the customer's question "how many seats should we buy?" (``lmutil report`` reads it, see
-:mod:`lmgrd.report`). Append-only, rotated by size (``PATH``, ``PATH.1`` .. ``PATH.N``, like logrotate and
-``logging.handlers.RotatingFileHandler``), and it never blocks the event loop: the observer hooks only put a
-small tuple on a bounded in-memory queue; a background thread formats, writes and rotates in batches. If the
-disk stalls long enough for the queue to fill, further events are dropped and counted; the writer logs how
-many and writes a ``dropped`` line, so a report knows the log has a gap. ``on_shutdown`` (called by the
-server's shutdown) drains the queue before the daemon exits.
+:mod:`lmgrd.report`). Append-only, rotated by size (``PATH``, ``PATH.1`` .. ``PATH.N``), and it never blocks the
+event loop. The standard library does the work: the observer hooks hand a small record to a
+``logging.handlers.QueueHandler`` (a non-blocking put on a bounded queue); a ``QueueListener`` thread formats
+each line and writes it through a ``RotatingFileHandler``, flushing whenever the queue runs empty (one write
+per burst, not per line). The handlers are used directly, not through a logger, so usage lines never reach the
+daemon's own log and the daemon's log never reaches the usage file. If the disk stalls long enough for the
+queue to fill, further events are dropped and counted; the writer logs how many and writes a ``dropped``
+line, so a report knows the log has a gap. ``on_shutdown`` (called by the server's shutdown) drains the queue
+before the daemon exits.
 
 Line schema (every line): ``ts`` (ISO 8601, UTC), ``epoch`` (seconds), ``event``, ``customer_id``,
 ``product``, ``version``, ``user``, ``host``. Checkout adds ``lease`` (the first 12 characters of the token:
@@ -23,17 +26,21 @@ import json
 import logging
 import os
 import queue
+import stat
+import sys
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from io import TextIOWrapper
+from logging.handlers import QueueHandler, QueueListener, RotatingFileHandler
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from lmgrd.core.ledger import LeaseInfo
 
 if TYPE_CHECKING:
-    from lmgrd.daemon.server import Server
+    from lmgrd.daemon.api import DaemonView as Server
 
 __all__ = ["DEFAULT_BACKUPS", "DEFAULT_MAX_BYTES", "DEFAULT_QUEUE_SIZE", "LEASE_ID_CHARS", "UsageLog",
            "attach_usage_log"]
@@ -42,18 +49,198 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_BACKUPS = 5
-#: Events buffered while the disk is slow; past this they are dropped and counted (about 30 MB of tuples).
+#: Events buffered while the disk is slow; past this they are dropped and counted (about 60 MB of records).
 DEFAULT_QUEUE_SIZE = 100_000
 #: Characters of the lease token written to the log.
 LEASE_ID_CHARS = 12
-#: Lines written per write() call at most.
-_BATCH = 2000
 #: How long shutdown waits for the writer to drain.
 _CLOSE_TIMEOUT = 10.0
 
 # An event on the queue: (epoch, event name, fields). Formatting happens on the writer thread.
 _Event = tuple[float, str, dict[str, Any]]
-_STOP: Any = object()
+#: What QueueListener takes as "stop" (its ``_sentinel``).
+_SENTINEL = None
+
+
+class _UsageRecord(logging.LogRecord):
+    """One usage event on its way to the file; ``usage`` is what the line is made of."""
+
+    usage: _Event
+
+
+def _record(item: _Event) -> _UsageRecord:
+    rec = _UsageRecord(__name__, logging.INFO, __file__, 0, item[1], None, None)
+    rec.usage = item
+    return rec
+
+
+class _JsonLine(logging.Formatter):
+    """A usage record as its JSON line (the terminator is the handler's)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        assert isinstance(record, _UsageRecord)
+        epoch, event, fields = record.usage
+        epoch = round(epoch, 3)  # ts and epoch say the same millisecond
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "epoch": epoch, "event": event,
+        }
+        fields = dict(fields)
+        granted_at = fields.pop("granted_at", None)
+        line.update(fields)
+        if granted_at is not None:
+            line["held_s"] = round(max(0.0, epoch - granted_at), 3)
+        return json.dumps(line, separators=(",", ":"), ensure_ascii=False)
+
+
+class _DroppingQueueHandler(QueueHandler):
+    """Puts records on the bounded queue without ever waiting: a full queue drops the record and counts it."""
+
+    def __init__(self, q: queue.Queue[Any]) -> None:
+        super().__init__(q)
+        self.dropped = 0  # only incremented, on the loop thread; the writer reports each increase
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record  # formatted on the writer thread, not on the event loop
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+class _UsageFile(RotatingFileHandler):
+    """``RotatingFileHandler`` with the usage log's rules: sizes in bytes, kept by the handler (``tell()`` on a
+    text stream would flush each line); rotate between lines, before the one that would take the file past
+    ``maxBytes`` (a line longer than that gets a file of its own); never rotate what is not a regular file (a
+    pipe to a log shipper); no backups means the file starts again; flush only when the writer says so."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        self._size = 0
+        self._regular = True
+        self._error_logged = False
+        self.written = 0
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+        self.setFormatter(_JsonLine())
+
+    def _open(self) -> TextIOWrapper:
+        stream = super()._open()
+        try:
+            st = os.fstat(stream.fileno())
+            self._regular = stat.S_ISREG(st.st_mode)
+            self._size = st.st_size if self._regular else 0
+        except OSError:
+            self._regular, self._size = False, 0
+        return stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+            size = len(line) if line.isascii() else len(line.encode("utf-8"))
+            if self.maxBytes and self._regular and self._size > 0 and self._size + size > self.maxBytes:
+                self.doRollover()
+            if self.stream is None:  # closed after a write error: try again with this line
+                self.stream = self._open()
+            self.stream.write(line)
+            self._size += size
+            self.written += 1
+        except Exception:
+            self.handleError(record)
+
+    def doRollover(self) -> None:
+        if self.backupCount > 0:
+            super().doRollover()  # PATH.N-1 -> PATH.N .. PATH -> PATH.1, then a new PATH
+            return
+        if self.stream:
+            self.stream.close()
+            self.stream = None
+        Path(self.baseFilename).unlink(missing_ok=True)
+        self.stream = self._open()
+
+    def flush(self) -> None:
+        """Called by ``emit`` after every line in ``StreamHandler``; here a no-op: see :meth:`flush_lines`."""
+
+    def flush_lines(self) -> None:
+        """Hand the buffered lines to the OS (the writer calls this when the queue runs empty)."""
+        with self.lock:  # type: ignore[union-attr]
+            if self.stream is None:
+                return  # closed after a write error; the next line reopens it
+            try:
+                self.stream.flush()
+                self._error_logged = False  # the outage, if there was one, is over
+            except Exception:
+                self.handleError(None)
+
+    def handleError(self, record: logging.LogRecord | None) -> None:
+        """A write failed: say so once per outage (not once per line), drop the stream, retry with the next line."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            if not self._error_logged:
+                logger.error("cannot write the usage log %s: %s; events are lost until it can be written again "
+                             "(retrying with the next ones)", self.baseFilename, exc)
+                self._error_logged = True
+        else:
+            logger.error("usage log: cannot write an event: %r", exc)
+        if self.stream is not None:
+            with contextlib.suppress(Exception):
+                self.stream.close()
+            self.stream = None
+
+    def close(self) -> None:
+        """Flush, fsync and close (the daemon is stopping: what was logged must be on disk)."""
+        with self.lock:  # type: ignore[union-attr]
+            if self.stream is not None:
+                with contextlib.suppress(OSError):
+                    self.stream.flush()
+                with contextlib.suppress(OSError):  # EINVAL on a pipe
+                    os.fsync(self.stream.fileno())
+            with contextlib.suppress(OSError):
+                super().close()
+
+
+class _Writer(QueueListener):
+    """The writer thread: ``QueueListener`` that flushes the file and reports drops whenever the queue runs
+    empty, and whose stop waits a bounded time (a stalled disk must not hang the daemon's exit)."""
+
+    def __init__(self, q: queue.Queue[Any], file: _UsageFile, report_drops: Callable[[], None]) -> None:
+        super().__init__(q, file)
+        self.q = q  # typed: QueueListener.queue is any queue-like object
+        self.file = file
+        self.report_drops = report_drops
+
+    def dequeue(self, block: bool) -> Any:
+        try:
+            return self.q.get_nowait()
+        except queue.Empty:
+            pass
+        self.report_drops()
+        self.file.flush_lines()
+        return self.q.get(block)
+
+    def handle(self, record: logging.LogRecord) -> None:
+        super().handle(record)
+        self.report_drops()
+
+    def start(self) -> None:
+        super().start()
+        if self._thread is not None:
+            self._thread.name = "lmgrd-usage-log"
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop_within(self, timeout: float) -> bool:
+        """Ask the thread to finish what is queued and wait up to ``timeout`` seconds; True when it did."""
+        thread = self._thread
+        if thread is None:
+            return True
+        self.q.put(_SENTINEL, timeout=timeout)  # raises queue.Full when the writer is stuck
+        thread.join(timeout)
+        if thread.is_alive():
+            return False
+        self._thread = None
+        return True
 
 
 class UsageLog:
@@ -66,6 +253,9 @@ class UsageLog:
         wall: the wall clock (epoch seconds) events are stamped with; the server's own.
         queue_size: events buffered before new ones are dropped.
         server: the daemon it observes (``None`` in unit tests): gives ``count``, ``in_use`` and the clock.
+
+    Raises:
+        OSError: the file cannot be opened (at start, so the daemon's log says so).
     """
 
     def __init__(self, path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, backups: int = DEFAULT_BACKUPS,
@@ -77,23 +267,27 @@ class UsageLog:
         self.server = server
         self.wall: Callable[[], float] = wall or (server.wall if server is not None else time.time)
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
-        self.dropped = 0  # only incremented, on the loop thread; the writer reports each increase
         self._dropped_reported = 0
-        self.written = 0
-        self._file: IO[bytes] | None = None
-        self._size = 0
-        self._error_logged = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._open()  # fail at start, in the daemon's log, if the file cannot be opened
-        self._thread = threading.Thread(target=self._run, name="lmgrd-usage-log", daemon=True)
-        self._thread.start()
+        self._file = _UsageFile(self.path, max_bytes, backups)  # opens the file: fails here if it cannot
+        self._enqueue = _DroppingQueueHandler(self.queue)
+        self._writer = _Writer(self.queue, self._file, self._report_drops)
+        self._closing = threading.Lock()
+        self._writer.start()
+
+    @property
+    def dropped(self) -> int:
+        """Events dropped because the queue was full."""
+        return self._enqueue.dropped
+
+    @property
+    def written(self) -> int:
+        """Lines written since start (events and ``dropped`` lines)."""
+        return self._file.written
 
     # -- observer hooks (event loop thread: only build a dict and enqueue) --------------------------------
     def _put(self, event: str, fields: dict[str, Any]) -> None:
-        try:
-            self.queue.put_nowait((self.wall(), event, fields))
-        except queue.Full:
-            self.dropped += 1
+        self._enqueue.handle(_record((self.wall(), event, fields)))
 
     def _in_use(self, lease: LeaseInfo) -> int | None:
         if self.server is None:
@@ -138,133 +332,35 @@ class UsageLog:
         self.close()
 
     # -- writer thread -------------------------------------------------------------------------------------
-    def _open(self) -> None:
-        self._file = open(self.path, "ab")  # noqa: SIM115 - kept open across batches, closed in close()
-        try:
-            self._size = self._file.tell()
-        except OSError:  # not a regular file (a pipe to a log shipper): never rotated
-            self._size = 0
-
-    def _format(self, item: _Event) -> bytes:
-        epoch, event, fields = item
-        epoch = round(epoch, 3)  # ts and epoch say the same millisecond
-        line: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "epoch": epoch, "event": event,
-        }
-        granted_at = fields.pop("granted_at", None)
-        line.update(fields)
-        if granted_at is not None:
-            line["held_s"] = round(max(0.0, epoch - granted_at), 3)
-        return json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-
-    def _rotate(self) -> None:
-        assert self._file is not None
-        self._file.close()
-        self._file = None
-        if self.backups > 0:
-            for i in range(self.backups - 1, 0, -1):
-                src = self.path.with_name(f"{self.path.name}.{i}")
-                if src.exists():
-                    os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
-            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
-        else:
-            self.path.unlink(missing_ok=True)
-        self._open()
-
-    def _write(self, lines: list[bytes]) -> None:
-        try:
-            if self._file is None:
-                self._open()
-            start = 0
-            size = self._size
-            # Rotate between lines, before the one that would take the file past max_bytes (a line longer
-            # than max_bytes gets a file of its own).
-            for i, line in enumerate(lines):
-                if self.max_bytes and size > 0 and size + len(line) > self.max_bytes:
-                    self._append(lines[start:i])
-                    self._rotate()
-                    start, size = i, 0
-                size += len(line)
-            self._append(lines[start:])
-            self._error_logged = False
-        except OSError as exc:
-            if not self._error_logged:  # once per outage, not once per batch
-                logger.error("cannot write the usage log %s: %s; %d event(s) lost (retrying with the next ones)",
-                             self.path, exc, len(lines))
-                self._error_logged = True
-            with contextlib.suppress(OSError):
-                if self._file is not None:
-                    self._file.close()
-            self._file = None
-
-    def _append(self, lines: list[bytes]) -> None:
-        if not lines:
-            return
-        assert self._file is not None
-        data = b"".join(lines)
-        self._file.write(data)
-        self._file.flush()
-        self._size += len(data)
-        self.written += len(lines)
-
-    def _drops_line(self) -> bytes | None:
-        dropped = self.dropped  # an int read is atomic; the loop only ever increments it
+    def _report_drops(self) -> None:
+        """Write a ``dropped`` line for the events dropped since the last one (writer thread, or close())."""
+        dropped = self._enqueue.dropped  # an int read is atomic; the loop only ever increments it
         new = dropped - self._dropped_reported
         if new <= 0:
-            return None
+            return
         self._dropped_reported = dropped
         logger.warning("usage log: %d event(s) dropped because the disk did not keep up (queue of %d full)",
                        new, self.queue.maxsize)
-        return self._format((float(self.wall()), "dropped", {"count": new}))
-
-    def _run(self) -> None:
-        stop = False
-        while not stop:
-            item = self.queue.get()
-            batch: list[bytes] = []
-            while True:
-                if item is _STOP:
-                    stop = True
-                    break
-                batch.append(self._format(item))
-                if len(batch) >= _BATCH:
-                    break
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-            drops = self._drops_line()
-            if drops is not None:
-                batch.append(drops)
-            if batch:
-                self._write(batch)
-        if self._file is not None:
-            try:
-                with contextlib.suppress(OSError):
-                    self._file.flush()
-                with contextlib.suppress(OSError):  # EINVAL on a pipe
-                    os.fsync(self._file.fileno())
-            finally:
-                with contextlib.suppress(OSError):
-                    self._file.close()
-                self._file = None
+        self._file.handle(_record((float(self.wall()), "dropped", {"count": new})))
 
     def close(self, timeout: float = _CLOSE_TIMEOUT) -> None:
         """Write what is queued, then stop the writer (waits up to ``timeout`` seconds). Idempotent."""
-        if not self._thread.is_alive():
-            return
-        try:
-            self.queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            logger.error("usage log: the writer is stuck; %d queued event(s) not written", self.queue.qsize())
-            return
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            logger.error("usage log: the writer did not finish within %.0f s; some events may be missing",
-                         timeout)
-        elif self.written:
-            logger.info("usage log %s flushed (%d event(s) written since start)", self.path, self.written)
+        with self._closing:
+            if not self._writer.alive():
+                return
+            try:
+                finished = self._writer.stop_within(timeout)
+            except queue.Full:
+                logger.error("usage log: the writer is stuck; %d queued event(s) not written", self.queue.qsize())
+                return
+            if not finished:
+                logger.error("usage log: the writer did not finish within %.0f s; some events may be missing",
+                             timeout)
+                return
+            self._report_drops()  # events dropped after the writer's last look
+            self._file.close()
+            if self.written:
+                logger.info("usage log %s flushed (%d event(s) written since start)", self.path, self.written)
 
 
 def attach_usage_log(server: Server) -> UsageLog | None:

@@ -12,12 +12,21 @@ LICENSE_INVALID) or, for a key file, ``protocol.license.VendorKeyError``; both a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
+from collections.abc import Iterable
+from pathlib import Path
 
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from lmgrd.config import DaemonConfig
+from lmgrd.core.licensing import Licensing, Refusal, revocation_reason
+from lmgrd.core.site import parse_networks
+from lmgrd.storage.activations import open_activations
+from lmgrd.storage.host import this_fingerprint
+from protocol.errors import ErrorCode, ProtocolError
 from protocol.license import (
     MAX_LICENSE_TEXT_CHARS,
     License,
@@ -28,16 +37,24 @@ from protocol.license import (
     load_public_key,
     verify_license,
     verify_revocation,
+    verify_revocation_list,
 )
 
 __all__ = [
     "HostIdentity",
     "license_problems_for_daemon",
+    "load_licensing",
+    "load_revocations",
     "read_license_file",
     "read_public_key_file",
     "read_revocation_file",
+    "read_revocation_list",
+    "revocation_files",
+    "state_dir",
     "this_host",
 ]
+
+logger = logging.getLogger(__name__)
 
 # A key file is a few hundred bytes; a license well under 100 kB. Read a little more than the limit
 # so an oversized file is reported as such rather than silently truncated.
@@ -138,3 +155,126 @@ def license_problems_for_daemon(lic: License, host: HostIdentity) -> list[str]:
             f"({lic.hostname}) and is not served by lmgrd"
         ]
     return host_mismatch(lic, host.hostname, host.addresses)
+
+
+def read_revocation_list(path: str | os.PathLike[str], public_key: Ed25519PublicKey
+                         ) -> tuple[list[Revocation], list[LicenseFileError]]:
+    """Read a revocation file holding one or several revocations and verify each on its own.
+
+    Returns:
+        The verified revocations, and one error per entry refused (naming the file and the entry); an
+        unreadable file is one error.
+    """
+    try:
+        text = _read_text(path, "revocation")
+    except LicenseFileError as exc:
+        return [], [exc]
+    return verify_revocation_list(text, public_key, os.fspath(path))
+
+
+def revocation_files(path: str | os.PathLike[str]) -> list[Path]:
+    """``path`` itself, or for a directory every file in it (sorted by name; not hidden files, not
+    subdirectories), so a vendor's revocation file can be dropped in and picked up by ``lmreread``.
+
+    Raises:
+        OSError: the directory cannot be listed.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        return [p]
+    # Hidden names are skipped: write_atomic's temporary files (.NAME.XXXX.tmp), editor swap files.
+    return sorted(f for f in p.iterdir() if not f.name.startswith(".") and f.is_file())
+
+
+def load_revocations(paths: Iterable[str | os.PathLike[str]], key: Ed25519PublicKey
+                     ) -> tuple[dict[str, Revocation], list[str]]:
+    """Read and verify every revocation (the config's ``revocations:`` and ``--revocations``: files, each
+    holding one or more revocations, and directories, whose every file is read).
+
+    Returns:
+        The verified revocations by customer ID, and one problem per entry refused (unreadable, damaged,
+        unsigned or signed by another key), each naming the file and entry and saying it revokes nothing;
+        the valid entries of the same file still revoke.
+    """
+    revoked: dict[str, Revocation] = {}
+    problems: list[str] = []
+    for given in paths:
+        try:
+            files = revocation_files(given)
+        except OSError as exc:
+            problems.append(f"REVOCATION REFUSED: {os.fspath(given)}: cannot list the revocations directory: "
+                            f"{exc.strerror or exc}; nothing in it revokes anything")
+            continue
+        for path in files:
+            revs, refused = read_revocation_list(path, key)
+            for err in refused:
+                problems.append(f"REVOCATION REFUSED: {err.message}; it revokes nothing until the vendor's signed "
+                                "file is given")
+            for rev in revs:
+                logger.info("revocation %s loaded: %s", os.fspath(path), revocation_reason(rev))
+                revoked.setdefault(rev.customer_id, rev)
+    return revoked, problems
+
+
+def state_dir(cfg: DaemonConfig) -> Path:
+    """The daemon's state directory: the config's ``state_dir``, else the platform's per-user state dir."""
+    if cfg.state_dir is not None:
+        return cfg.state_dir
+    import platformdirs
+
+    return Path(platformdirs.user_state_dir("lmgrd"))
+
+
+def load_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
+    """Load every license; return what serves and the list of problems (each naming its file)."""
+    problems: list[str] = []
+    assert cfg.vendor_key is not None
+    try:
+        key = read_public_key_file(cfg.vendor_key)
+    except ProtocolError as exc:
+        refusals = [Refusal(str(p), ErrorCode.LICENSE_INVALID, (exc.message,)) for p in cfg.licenses]
+        return Licensing([], refusals), [exc.message]
+    host = this_host()
+    served = []
+    refused: list[Refusal] = []
+    seen: dict[str, Path] = {}
+    revoked, rev_problems = load_revocations(cfg.extra.get("revocations", []), key)
+    problems.extend(rev_problems)
+    activations = open_activations(state_dir(cfg), this_fingerprint())
+    problems.extend(activations.problems)
+    for path in cfg.licenses:
+        try:
+            lic = read_license_file(path, key)
+        except ProtocolError as exc:
+            problems.append(exc.message)
+            refused.append(Refusal(str(path), exc.code, (exc.message,)))
+            continue
+        names = tuple(p.name for p in lic.products)
+        rev = revoked.get(lic.customer_id)
+        if rev is not None:  # revocation comes before the host check (the handbook's order)
+            why = revocation_reason(rev) + "; remove this license file from the configuration"
+            problems.append(f"{path}: {why}")
+            refused.append(Refusal(str(path), ErrorCode.LICENSE_REVOKED, (why,), lic.customer_id, names))
+            continue
+        issues = license_problems_for_daemon(lic, host)
+        if lic.customer_id in seen:
+            issues.append(f"customer ID {lic.customer_id} is already loaded from {seen[lic.customer_id]}")
+        if issues:
+            code = ErrorCode.LICENSE_INVALID if lic.license_type != "multi" else ErrorCode.HOST_NOT_LICENSED
+            for i in issues:
+                problems.append(f"{path}: {i}")
+            refused.append(Refusal(str(path), code, tuple(issues), lic.customer_id, names))
+            continue
+        seen[lic.customer_id] = path
+        served.append((path, lic))
+    policy = cfg.policy  # parsed (and its problems refused) with the config
+    problems.extend(cfg.options_problems)  # bad options-file lines: ignored, reported, never fatal
+    for _path, lic in served:
+        for prod in lic.products:
+            pp = policy.get(prod.name)
+            if pp is not None and pp.reserved_total > prod.count:
+                problems.append(f"policy.{prod.name}.reserve: reserves {pp.reserved_total} seat(s) but license "
+                                f"{lic.customer_id} has {prod.count}; the reservations fill the count in rule order "
+                                "and nobody else gets a seat")
+    return Licensing(served, refused, activations=activations, revoked=revoked,
+                     daemon_site=parse_networks(cfg.extra.get("site_networks") or []), policy=policy), problems

@@ -2,9 +2,8 @@
 
 The daemon talks to a :class:`LeaseStore` only: ``record_grant`` / ``record_release`` buffer in memory,
 ``flush`` makes the buffer survive a crash of the process, ``sync`` makes it survive a power loss,
-``load`` gives the live leases back after a restart. A later issue adds an etcd-backed store behind
-the same interface. This module imports the standard library, msgpack and :mod:`lmgrd.core.ledger` (for
-:class:`LeaseRecord`); never ``protocol`` transports or asyncio.
+``load`` gives the live leases back after a restart. This module imports the standard library, msgpack
+and :mod:`lmgrd.core.ledger` (for :class:`LeaseRecord`); never ``protocol`` transports or asyncio.
 
 :class:`JournalStore` is an append-only journal in the state directory with group commit: the daemon
 calls ``flush()`` once per event-loop iteration, so every grant and release of that iteration costs one
@@ -64,7 +63,6 @@ __all__ = [
     "JournalStore",
     "LeaseRecord",
     "LeaseStore",
-    "MemoryStore",
     "StoreError",
     "StoreLocked",
     "open_store",
@@ -528,51 +526,3 @@ class JournalStore:
 def open_store(state_dir: str | os.PathLike[str]) -> JournalStore:
     """Open (creating if needed) the lease journal in ``state_dir``; see :class:`JournalStore`."""
     return JournalStore(state_dir)
-
-
-class MemoryStore:
-    """A :class:`LeaseStore` in this process's memory, **for unit tests only**: nothing survives.
-
-    ``flushed()`` gives what a JournalStore would have made durable (what a crash would leave), and
-    ``flushes`` / ``syncs`` count the calls, so tests can check that a reply came after a flush.
-    """
-
-    def __init__(self, records: Iterable[LeaseRecord] = ()) -> None:
-        self._live: dict[str, LeaseRecord] = {r.token: r for r in records}
-        self._durable = dict(self._live)
-        self._pending: list[tuple[str, LeaseRecord | None]] = []
-        self.flushes = 0
-        self.syncs = 0
-        self.closed = False
-
-    def load(self) -> list[LeaseRecord]:
-        return list(self._live.values())
-
-    def record_grant(self, rec: LeaseRecord) -> None:
-        if rec.token in self._live:
-            raise ValueError(f"lease {rec.token[:6]}... is already recorded as granted")
-        self._live[rec.token] = rec
-        self._pending.append((rec.token, rec))
-
-    def record_release(self, token: str) -> None:
-        if self._live.pop(token, None) is not None:
-            self._pending.append((token, None))
-
-    def flush(self) -> None:
-        for token, rec in self._pending:
-            if rec is None:
-                del self._durable[token]
-            else:
-                self._durable[token] = rec
-        self._pending.clear()
-        self.flushes += 1
-
-    def sync(self) -> None:
-        self.syncs += 1
-
-    def close(self) -> None:
-        self.flush()
-        self.closed = True
-
-    def flushed(self) -> list[LeaseRecord]:
-        return list(self._durable.values())

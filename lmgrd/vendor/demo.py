@@ -13,9 +13,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from lmgrd.cli import main as lmgrd_main
-from lmgrd.core.activation import record_activation
+from lmgrd.storage.activations import record_activation
 from lmgrd.storage.files import this_host
-from protocol.license import License, Product, load_private_key, new_customer_id, sign_license
+from lmgrd.storage.host import this_fingerprint
+from lmgrd.vendor.signing import CUSTOMER_ID_RANDOM_BYTES, load_private_key, new_customer_id, sign_license
+from protocol.license import License, Product
 from protocol.validation import hostname_problem, short_hostname
 
 DEMO_DIR = Path(__file__).with_name("demo_keys")
@@ -41,14 +43,15 @@ def main() -> int:
     ip = _demo_ip(host.addresses)
     key = load_private_key((DEMO_DIR / "demo_vendor.key").read_bytes())
     lic = License(
-        customer_id=new_customer_id(os.urandom(10)), license_type="multi", customer="Demo Customer",
+        customer_id=new_customer_id(os.urandom(CUSTOMER_ID_RANDOM_BYTES)), license_type="multi",
+        customer="Demo Customer",
         hostname=hostname, ip=ip, products=(Product("CADPRO", "2.1", 5), Product("VIEWER", "11.0", 20)),
         issued_at=datetime.now(UTC), expires=None, site_networks=(), share="user_host",
     )
     lic_path = state / "demo.lic"
     lic_path.write_text(sign_license(lic, key), encoding="utf-8")
     # A fresh license is pending for 24 hours; the demo activates it at once, as `lmutil activate` would.
-    record_activation(state, lic, "make demo")
+    record_activation(state, lic, "make demo", this_fingerprint())
     print(f"""
   lmgrd demo: license {lic.customer_id} for {hostname} ({ip}), CADPRO 2.1 x5 and VIEWER 11.0 x20
   signed with the bundled DEMO vendor key: never use it in production.

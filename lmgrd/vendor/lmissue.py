@@ -1,17 +1,18 @@
 """``lmissue``: the vendor's tool to make keys, issue, inspect, revoke and reissue signed licenses.
 
 Runs on the vendor's machine, never on a customer's: it is the only program that touches the vendor's
-private key. The license format and every rule live in ``protocol.license``; this module does the file
+private key. The license format, its rules and its verification live in ``protocol.license``; signing,
+private keys, customer IDs and request checking in ``lmgrd.vendor.signing``; this module does the file
 work and the wording. Exit codes: 0 success, 1 a problem (explained on stderr), 2 bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
@@ -19,26 +20,32 @@ from typing import TextIO
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from lmgrd.storage.atomic import write_atomic
 from lmgrd.storage.files import read_public_key_file
-from protocol.errors import ProtocolError
-from protocol.license import (
+from lmgrd.vendor.signing import (
     CUSTOMER_ID_RANDOM_BYTES,
-    License,
     RequestSpec,
-    Revocation,
     check_request,
-    customer_id_problem,
-    document_kind,
     dump_private_key,
     dump_public_key,
     load_private_key,
     new_customer_id,
-    parse_license,
-    parse_revocation,
     sign_license,
     sign_revocation,
+)
+from protocol.errors import ProtocolError
+from protocol.license import (
+    License,
+    Revocation,
+    customer_id_problem,
+    document_kind,
+    entry_source,
+    parse_license,
+    parse_revocation,
+    split_revocation_list,
     verify_license,
     verify_revocation,
+    verify_revocation_list,
 )
 
 __all__ = ["main"]
@@ -52,7 +59,7 @@ Issue signed licenses for lmgrd (the vendor's tool).
   lmissue keygen --out keys/                        make the vendor key pair (once)
   lmissue issue request.yaml --key keys/vendor.key --out customer.lic
   lmissue show customer.lic --vendor-key keys/vendor.pub
-  lmissue revoke CID-XXXX-XXXX-XXXX-XXXX --key keys/vendor.key --out CID.revoked
+  lmissue revoke CID-XXXX-XXXX-XXXX-XXXX --key keys/vendor.key --out customer.revoked   (adds to it)
   lmissue reissue old.lic request.yaml --key keys/vendor.key --out new.lic
 
 Keep vendor.key secret: whoever has it can issue licenses. Give vendor.pub to the license server
@@ -132,34 +139,11 @@ def _refuse_existing(paths: Sequence[Path], force: bool) -> None:
 def _write_text(path: Path, text: str, force: bool) -> None:
     """Write ``text`` to ``path`` completely or not at all.
 
-    Without ``force`` the final name is claimed with O_EXCL, so a file created meanwhile is never
-    replaced; with ``force`` a temporary file is renamed over the target.
+    Without ``force`` an existing file (even one created meanwhile) is never replaced; with ``force`` the
+    new file is renamed over it (see :func:`lmgrd.storage.atomic.write_atomic`).
     """
-    data = text.encode("utf-8")
-    parent = path.parent if str(path.parent) else Path(".")
     try:
-        if not force:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            except BaseException:
-                path.unlink(missing_ok=True)
-                raise
-            return
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, text.encode("utf-8"), mode=0o644, replace=force)
     except FileExistsError:
         raise _Failure(f"{path}: already exists; not overwriting it (use --force to replace it)") from None
     except OSError as exc:
@@ -286,11 +270,48 @@ def _cmd_issue(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _show_revocation_list(args: argparse.Namespace, text: str, public: Ed25519PublicKey | None,
+                          key_path: str | None, out: TextIO) -> int:
+    """``lmissue show`` of a file holding several revocations: every entry, each checked on its own."""
+    entries = split_revocation_list(text)
+    print(f"{args.file}: signed revocation list, {len(entries)} revocations", file=out)
+    failed: list[str] = []
+    for entry in entries:
+        source = entry_source(args.file, entry, len(entries))
+        print(f"\nentry {entry.number} (line {entry.first_line}):", file=out)
+        try:
+            rev, _ = parse_revocation(entry.text, source)
+        except ProtocolError as exc:
+            print("signature:     NOT VALID (the entry cannot even be read as a revocation)", file=out)
+            failed.append(_explain(exc))
+            continue
+        for line in _revocation_summary(rev):
+            print(line, file=out)
+        if public is None:
+            continue
+        try:
+            verify_revocation(entry.text, public, source)
+        except ProtocolError as exc:
+            print(f"signature:     DOES NOT VERIFY with {key_path}", file=out)
+            failed.append(_explain(exc))
+            continue
+        print(f"signature:     OK (verified with {key_path})", file=out)
+    if public is None:
+        print("\nsignatures:    not checked (pass --vendor-key vendor.pub, or set LM_VENDOR_KEY, to verify them)",
+              file=out)
+    if failed:
+        raise _Failure(f"{len(failed)} of {len(entries)} revocations in {args.file} are refused (the others are "
+                       "valid):\n" + "\n".join(failed))
+    return 0
+
+
 def _cmd_show(args: argparse.Namespace, out: TextIO) -> int:
     text = _read_text(args.file, "license")
     key_path = args.vendor_key or os.environ.get("LM_VENDOR_KEY") or None
     public = _load_public(key_path) if key_path else None
     kind = document_kind(text) or "license"
+    if kind == "revocation" and len(split_revocation_list(text)) > 1:
+        return _show_revocation_list(args, text, public, key_path, out)
     try:
         if kind == "revocation":
             rev, _ = parse_revocation(text, args.file)
@@ -329,6 +350,43 @@ def _revocation(customer_id: str, reason: str, replaced_by: str | None, now: dat
         raise _Failure(str(exc)) from None
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the directory of ``path``, so two ``lmissue revoke`` runs on one file never
+    both read the old list and each write it back with only their own entry added (the file itself cannot
+    carry the lock: write_atomic replaces it by a new inode)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the vendor runs one lmissue at a time there
+        yield
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        fd = os.open(parent, os.O_RDONLY)
+    except OSError as exc:
+        raise _Failure(f"{parent}: cannot open the directory of --out: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _existing_revocations(path: Path, public: Ed25519PublicKey) -> tuple[str, list[Revocation]]:
+    """The text and the revocations of the list at ``path``; refuses one that is not all ours and intact."""
+    text = _read_text(str(path), "revocation list")
+    kind = document_kind(text)
+    if kind != "revocation":
+        raise _Failure(f"{path}: exists and is {'a ' + kind + ' file' if kind else 'not a revocation list'}; "
+                       "not adding a revocation to it (choose another --out)")
+    revs, refused = verify_revocation_list(text, public, str(path))
+    if refused:
+        raise _Failure(f"{path}: {len(refused)} of its entries do not verify with this --key, so nothing was "
+                       "added (fix or move the file first; lmissue show lists them):\n"
+                       + "\n".join(_explain(e) for e in refused))
+    return text, revs
+
+
 def _cmd_revoke(args: argparse.Namespace, out: TextIO) -> int:
     problem = customer_id_problem(args.customer_id)
     if problem:
@@ -336,12 +394,34 @@ def _cmd_revoke(args: argparse.Namespace, out: TextIO) -> int:
     rev = _revocation(args.customer_id, args.reason, None, datetime.now(UTC))
     private = _load_private(args.key)
     out_path = Path(args.out)
-    _refuse_existing([out_path], args.force)
-    _write_text(out_path, sign_revocation(rev, private), args.force)
-    print(f"wrote {out_path}", file=out)
+    if args.force:
+        print("lmissue: --force no longer replaces a revocation list (that would un-revoke every earlier entry); "
+              "the revocation is added to it", file=sys.stderr)
+    with _locked(out_path):
+        if out_path.exists():
+            text, revs = _existing_revocations(out_path, private.public_key())
+            same = next((i for i, r in enumerate(revs, start=1) if r.customer_id == rev.customer_id), None)
+            if same is not None:
+                print(f"{out_path}: {rev.customer_id} is already revoked there (entry {same} of {len(revs)}, "
+                      f"revoked at {revs[same - 1].revoked_at:%Y-%m-%d %H:%M:%S} UTC); nothing was written", file=out)
+                return 0
+            # Earlier entries are kept byte for byte: each carries its own signature.
+            new_text = text + ("" if text.endswith("\n") else "\n") + "\n" + sign_revocation(rev, private)
+            count = len(revs) + 1
+        else:
+            new_text, count = sign_revocation(rev, private), 1
+        try:
+            write_atomic(out_path, new_text.encode("utf-8"), replace=count > 1)
+        except FileExistsError:
+            raise _Failure(f"{out_path}: appeared while writing; run the command again to add to it") from None
+        except OSError as exc:
+            raise _Failure(f"{out_path}: cannot write: {exc.strerror or exc}") from None
+    print(f"{'added to' if count > 1 else 'wrote'} {out_path} ({count} revocation{'s' if count > 1 else ''} in it)",
+          file=out)
     for line in _revocation_summary(rev):
         print(line, file=out)
-    print("give this file to the license server (lmgrd --revocations FILE) to stop serving it", file=out)
+    print("give this file to the license server (lmgrd --revocations FILE, or drop it into its revocations "
+          "directory) and run lmutil lmreread to stop serving it", file=out)
     return 0
 
 
@@ -410,20 +490,24 @@ def _parser() -> argparse.ArgumentParser:
         description="Print a readable summary of a license or revocation file. With --vendor-key (or "
         "LM_VENDOR_KEY) also verify its signature; exit 1 if it does not verify.",
     )
-    show.add_argument("file", metavar="FILE", help="a .lic license or .revoked revocation file")
+    show.add_argument("file", metavar="FILE", help="a .lic license or .revoked revocation file (every "
+                      "revocation in it is listed)")
     show.add_argument("--vendor-key", metavar="vendor.pub", help="the vendor public key (default: $LM_VENDOR_KEY)")
     show.set_defaults(func=_cmd_show)
 
     revoke = sub.add_parser(
         "revoke",
-        help="write a signed revocation of a customer ID",
-        description="Write a signed revocation: a license server given this file stops serving CUSTOMER_ID.",
+        help="add a signed revocation of a customer ID to a revocation list",
+        description="Add a signed revocation to FILE (created if missing): a license server given this file "
+        "stops serving CUSTOMER_ID. FILE may hold many revocations, each signed on its own; earlier ones are "
+        "never dropped, and a customer ID already in FILE is not added twice.",
     )
     revoke.add_argument("customer_id", metavar="CUSTOMER_ID", help="the customer ID to revoke (CID-XXXX-...)")
     revoke.add_argument("--key", required=True, metavar="vendor.key", help="the vendor private key")
-    revoke.add_argument("--out", required=True, metavar="FILE", help="where to write the revocation")
+    revoke.add_argument("--out", required=True, metavar="FILE", help="the revocation list to add to (created "
+                        "if missing)")
     revoke.add_argument("--reason", default="revoked by the vendor", help="one line kept in the file")
-    revoke.add_argument("--force", action="store_true", help="replace --out if it exists")
+    revoke.add_argument("--force", action="store_true", help=argparse.SUPPRESS)  # accepted; never replaces
     revoke.set_defaults(func=_cmd_revoke)
 
     reissue = sub.add_parser(

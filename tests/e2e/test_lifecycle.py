@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 from harness import HOSTNAME, Daemon, RawClient, write_license
 
-from lmgrd.core.activation import ACTIVATIONS_FILE, CLOCK_OFFSET_ENV
+from lmgrd.storage.activations import ACTIVATIONS_FILE
+from lmgrd.storage.host import CLOCK_OFFSET_ENV
+from lmgrd.vendor.signing import load_private_key
 from protocol import Checkout, ErrorCode, ErrorReply, Granted, Heartbeat, HeartbeatAck
-from protocol.license import load_private_key
 
 LMISSUE = Path(sys.executable).with_name("lmissue")
 CID_RE = re.compile(r"CID-[A-Z2-7]{4}-[A-Z2-7]{4}-[A-Z2-7]{4}-[A-Z2-7]{4}")
@@ -126,7 +127,7 @@ def test_issue_load_pending_activate_checkout(tmp_path: Path, vendor_cli: Vendor
     assert re.search(r"activates automatically at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", reply.message)
     assert f"lmutil activate {cid}" in reply.hint
     assert pool_state(d) == {cid: "pending"}
-    r = lmutil(d, "lmstat")
+    r = lmutil(d, "lmstat", "--extended")
     assert "state pending" in r.stdout
     r = lmutil(d, "activate", cid)
     assert r.returncode == 0, r.stderr
@@ -317,7 +318,7 @@ def test_client_outside_the_site_is_refused_but_lmutil_is_not(tmp_path: Path, ve
     assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.OUTSIDE_SITE
     assert "127.0.0.1" in reply.message and "192.0.2.0/24" in reply.message
     d.wait_for_log(r"OUTSIDE_SITE.*127\.0\.0\.1")
-    assert lmutil(d, "lmstat").returncode == 0  # admin connections are not subject to the site
+    assert lmutil(d, "lmstat", "--extended").returncode == 0  # admin connections are not subject to the site
     # The daemon config narrows the LAN default (and cannot widen a license's site).
     lan = tmp_path / "lan.lic"
     write_license(lan, key, (("VIEWER", "2.1", 2),))

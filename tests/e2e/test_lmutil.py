@@ -27,7 +27,7 @@ def test_lmstat_finds_its_credential_and_follows_flexnet_layout(daemon_factory: 
     assert isinstance(c.request(Checkout(c.id(), "CADPRO", "2.1", 0)), Granted)
     r = lmutil(d, "lmstat", "-a")
     assert r.returncode == 0, r.stderr
-    assert "Users of CADPRO:  (Total of 25 licenses issued;  Total of 1 licenses in use)" in r.stdout
+    assert "Users of CADPRO:  (Total of 25 licenses issued;  Total of 1 license in use)" in r.stdout
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("    alice "))
     assert line.startswith(f"    alice {HOSTNAME.lower()} ") and "(v2.1)" in line and ", start " in line
     j = lmutil(d, "lmstat", "-f", "CADPRO", "--json")

@@ -1,5 +1,6 @@
 """``lmutil report`` on a synthetic usage log whose figures were worked out by hand, run as an operator runs it
-(no daemon, no -c, no token): text, --json, --since/--until, --product, rotated and .gz files, and --plot.
+(no daemon, no -c, no token): text, --json, --since/--until, --product, rotated and .gz files, and --plot, with
+the ``report`` extra (matplotlib) and, with matplotlib hidden from the interpreter, without it.
 
 The log (hours after 2024-04-01T00:00Z), pool CID-A/CADPRO with 3 seats:
     0 alice out (1 in use)   1 bob out (2)   2 carol out (3)   2.5 dave denied NO_SEATS
@@ -15,6 +16,7 @@ VIEWER: 0 for 12 h, 1 for 8 h; peak 1, 95th percentile 1 (12 h < 19 h), never at
 from __future__ import annotations
 
 import gzip
+import importlib.metadata
 import json
 import struct
 import subprocess
@@ -161,3 +163,78 @@ def test_plot_is_a_png(tmp_path: Path) -> None:
     width, height = struct.unpack(">II", data[16:24])
     assert width == 1000 and height == 620  # 10 x 6.2 inches at 100 dpi: two panels
     assert len(data) > 20_000  # lines, labels and titles drawn, not an empty canvas
+
+
+# Run lmutil as if the report extra were not installed: every finder on sys.meta_path is wrapped so that
+# matplotlib is not found (find_spec answers None, ``import matplotlib`` raises ModuleNotFoundError), exactly as
+# in a venv made with ``pip install lmgrd``. Everything else imports as usual.
+HIDE_MATPLOTLIB = """
+import sys
+
+class Hidden:
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "matplotlib":
+            return None
+        find = getattr(self.finder, "find_spec", None)
+        return find(name, path, target) if find is not None else None
+
+    def invalidate_caches(self):
+        getattr(self.finder, "invalidate_caches", lambda: None)()
+
+sys.meta_path[:] = [Hidden(f) for f in sys.meta_path]
+"""
+
+
+def without_matplotlib(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", HIDE_MATPLOTLIB + code, *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def report_without_matplotlib(*args: str) -> subprocess.CompletedProcess[str]:
+    return without_matplotlib("from lmgrd.lmutil import main\nsys.exit(main(['report', *sys.argv[1:]]))", *args)
+
+
+def test_matplotlib_is_really_hidden_by_the_helper() -> None:
+    # The tests below would pass vacuously if the helper did not hide it: check that it does, and that it is
+    # installed here otherwise (make's dev install has the report extra).
+    r = without_matplotlib("import matplotlib")
+    assert r.returncode == 1 and "ModuleNotFoundError: No module named 'matplotlib'" in r.stderr, r.stderr
+    r = without_matplotlib("import importlib.util; sys.exit(importlib.util.find_spec('matplotlib') is not None)")
+    assert r.returncode == 0, r.stderr
+    assert subprocess.run([sys.executable, "-c", "import matplotlib"], timeout=120).returncode == 0
+
+
+def test_plot_without_the_report_extra_names_it_and_does_nothing_else(tmp_path: Path) -> None:
+    log = write_log(tmp_path / "usage.log", EVENTS)
+    png = tmp_path / "usage.png"
+    r = report_without_matplotlib(str(log), "--plot", str(png))
+    assert r.returncode == 2, r.stdout + r.stderr  # lmutil's usage / bad-arguments code
+    assert r.stderr == ("lmutil report: --plot needs matplotlib, which is not installed; install the report extra: "
+                        "pip install 'lmgrd[report]'\n"), r.stderr
+    assert r.stdout == "" and not png.exists()  # refused up front: no half-done report
+    r = report_without_matplotlib(str(log), "--plot", str(png), "--json")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    err = json.loads(r.stdout)  # one JSON document, as for every other refusal
+    assert err["error"] == "ERROR" and "pip install 'lmgrd[report]'" in err["message"]
+
+
+def test_the_report_itself_needs_no_matplotlib(tmp_path: Path) -> None:
+    log = write_log(tmp_path / "usage.log", EVENTS)
+    r = report_without_matplotlib(str(log), "--json")
+    assert r.returncode == 0, r.stderr
+    assert {p["product"]: p["peak"] for p in json.loads(r.stdout)["products"]} == {"CADPRO": 3, "VIEWER": 1}
+    # Nothing the daemon or lmutil imports pulls in the plotting stack (only write_plot imports it).
+    r = without_matplotlib("import lmgrd.cli, lmgrd.lmutil, lmgrd.report, lmgrd.monitoring.http, "
+                           "lmgrd.monitoring.usage\n"
+                           "print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'numpy', 'PIL'}))")
+    assert r.returncode == 0 and r.stdout == "[]\n", r.stdout + r.stderr
+
+
+def test_matplotlib_is_the_report_extra_not_a_dependency_of_the_daemon() -> None:
+    requires = importlib.metadata.requires("lmgrd") or []
+    base = [x for x in requires if "extra ==" not in x]
+    assert base and not [x for x in base if x.lower().startswith(("matplotlib", "numpy"))], base
+    assert 'matplotlib>=3.7; extra == "report"' in requires, requires

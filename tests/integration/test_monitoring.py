@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -151,6 +152,50 @@ def test_healthz_and_http_edges(daemon_factory: Callable[..., Daemon]) -> None:
     # The license port was never disturbed.
     c = client(d, "ann")
     assert isinstance(c.request(Checkout(c.id(), "CADPRO", "2.1", 0)), Granted)
+    assert d.stop() == 0
+
+
+def test_silent_and_trickling_scrapers_are_cut_at_the_ten_second_deadline(daemon_factory: Callable[..., Daemon]
+                                                                          ) -> None:
+    d = daemon_factory(extra=AUTO)
+    url = d.metrics_url()
+    port = urlsplit(url).port
+    assert port is not None
+    start = time.monotonic()
+    silent = socket.create_connection(("127.0.0.1", port), timeout=20)
+    slow = socket.create_connection(("127.0.0.1", port), timeout=20)
+    slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+    cut: dict[str, float] = {}
+    got: dict[str, bytes] = {"silent": b"", "slow": b""}
+    served_meanwhile = False
+    try:
+        while len(cut) < 2 and time.monotonic() - start < 20:
+            if "slow" not in cut:
+                try:
+                    slow.sendall(b"X-Trickle: y\r\n")  # a header every 0.25 s: the head never ends
+                except OSError:
+                    cut["slow"] = time.monotonic() - start
+            ready, _, _ = select.select([s for n, s in (("silent", silent), ("slow", slow)) if n not in cut], [], [],
+                                        0.25)
+            for s in ready:
+                name = "silent" if s is silent else "slow"
+                try:
+                    chunk = s.recv(65536)
+                except OSError:
+                    chunk = b""
+                got[name] += chunk
+                if not chunk:
+                    cut.setdefault(name, time.monotonic() - start)
+            if not served_meanwhile and time.monotonic() - start > 3:
+                assert get(url, "/healthz")[0::2] == (200, "ok\n")  # the port still serves others
+                c = client(d, "ann")
+                assert isinstance(c.request(Checkout(c.id(), "CADPRO", "2.1", 0)), Granted)
+                served_meanwhile = True
+    finally:
+        silent.close()
+        slow.close()
+    assert served_meanwhile and got == {"silent": b"", "slow": b""}  # cut without an answer
+    assert set(cut) == {"silent", "slow"} and all(9.5 <= t < 13 for t in cut.values()), cut
     assert d.stop() == 0
 
 

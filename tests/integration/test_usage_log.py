@@ -1,9 +1,12 @@
 """The usage log of the real daemon (every event kind, written while it runs, flushed at shutdown, read back by
-``lmutil report``), and the writer itself: rotation by size, and a stalled disk (a pipe nobody reads) that
-drops and counts events instead of blocking the caller."""
+``lmutil report``), and the writer itself (a QueueHandler, a QueueListener thread and a RotatingFileHandler):
+the exact line format, rotation by size with the rotated names and nothing lost across a rotation, a stalled
+disk (a pipe nobody reads) that drops and counts events instead of blocking the caller, and a full disk
+(/dev/full) that is reported once and never raises."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -19,9 +22,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from harness import HOSTNAME, Daemon, RawClient, write_license
 
+from lmgrd.core.ledger import LeaseInfo
 from lmgrd.monitoring.usage import UsageLog
+from lmgrd.vendor.signing import sign_revocation
 from protocol import Checkin, Checkout, ErrorReply, Granted
-from protocol.license import Revocation, sign_revocation
+from protocol.license import Revocation
 
 COMMON = ("ts", "epoch", "event", "customer_id", "product", "version", "user", "host")
 
@@ -169,8 +174,10 @@ def test_a_stalled_disk_drops_and_counts_events_without_blocking(tmp_path: Path,
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # opened, never read until the end: the "disk" stalls
     try:
         log = UsageLog(fifo, max_bytes=0, queue_size=50)
+        start = time.monotonic()
         for i in range(5000):  # far more than the pipe buffer and the queue hold; each call returns at once
             _event(log, i)
+        assert time.monotonic() - start < 2.0  # never waited on the stalled writer
         assert log.dropped > 0
         dropped = log.dropped
         with caplog.at_level(logging.WARNING, logger="lmgrd.monitoring.usage"):
@@ -190,8 +197,120 @@ def test_a_stalled_disk_drops_and_counts_events_without_blocking(tmp_path: Path,
                     log_closed = True
         lines = [json.loads(x) for x in data.splitlines()]
         drops = [x for x in lines if x["event"] == "dropped"]
+        assert drops and all(list(x) == ["ts", "epoch", "event", "count"] for x in drops), drops
         assert sum(x["count"] for x in drops) == dropped
         assert len(lines) - len(drops) == 5000 - dropped  # every event not dropped was written
         assert any("dropped because the disk did not keep up" in r.getMessage() for r in caplog.records)
     finally:
         os.close(reader)
+
+
+def _lease(user: str, token: str = "abcdef0123456789" * 2) -> LeaseInfo:
+    return LeaseInfo(token, ("CID-A", "CADPRO"), (user, "pc1"), user, "pc1", 4242, "2.1", "pc1:0",
+                     1_699_999_000.0, 1, 10.0)
+
+
+class _Who:
+    user, host = "bob", "pc2"
+
+
+def test_lines_are_byte_for_byte_the_documented_format(tmp_path: Path) -> None:
+    # These bytes were produced by the writer this one replaced (its own thread and rotation): they are the
+    # format lmutil report and customers' scripts read.
+    path = tmp_path / "usage.jsonl"
+    log = UsageLog(path, wall=lambda: 1_700_000_000.1234)
+    log.on_grant(_lease("josé"), None, 1.23456)
+    log.on_release(_lease("josé"), "checkin")
+    log.on_deny("CADPRO", "2.1", "NO_SEATS", _Who(), "CID-A")
+    log.on_deny("NOPE", "1", "UNKNOWN_PRODUCT", None, None)
+    log.close()
+    assert path.read_bytes() == (
+        b'{"ts":"2023-11-14T22:13:20.123Z","epoch":1700000000.123,"event":"checkout","customer_id":"CID-A",'
+        b'"product":"CADPRO","version":"2.1","user":"jos\xc3\xa9","host":"pc1","lease":"abcdef012345","count":null,'
+        b'"in_use":null,"pid":4242,"display":"pc1:0","waited_s":1.235}\n'
+        b'{"ts":"2023-11-14T22:13:20.123Z","epoch":1700000000.123,"event":"checkin","customer_id":"CID-A",'
+        b'"product":"CADPRO","version":"2.1","user":"jos\xc3\xa9","host":"pc1","lease":"abcdef012345",'
+        b'"in_use":null,"held_s":1000.123}\n'
+        b'{"ts":"2023-11-14T22:13:20.123Z","epoch":1700000000.123,"event":"denial","customer_id":"CID-A",'
+        b'"product":"CADPRO","version":"2.1","user":"bob","host":"pc2","reason":"NO_SEATS"}\n'
+        b'{"ts":"2023-11-14T22:13:20.123Z","epoch":1700000000.123,"event":"denial","customer_id":"",'
+        b'"product":"NOPE","version":"1","user":"","host":"","reason":"UNKNOWN_PRODUCT"}\n')
+    assert log.written == 4 and log.dropped == 0
+
+
+def test_rotation_happens_at_the_size_limit_with_the_rotated_names_and_loses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "usage.jsonl"
+    limit = 1500
+    log = UsageLog(path, max_bytes=limit, backups=100, wall=lambda: 1_700_000_000.0)
+    users = ["ann", "bérénice", "zoë-" + "x" * 40, "李"]  # multi-byte characters: the limit is in bytes
+    for i in range(300):
+        log.on_grant(_lease(users[i % 4], token=f"{i:012d}" + "0" * 20), None, 0.0)
+    log.close()
+    names = sorted((f.name for f in tmp_path.iterdir()), key=lambda n: (len(n), n))
+    rotated = len(names) - 1
+    assert rotated >= 10
+    assert names == ["usage.jsonl"] + [f"usage.jsonl.{i}" for i in range(1, rotated + 1)]
+    oldest_first = [tmp_path / f"usage.jsonl.{i}" for i in range(rotated, 0, -1)] + [path]
+    raw = [f.read_bytes() for f in oldest_first]
+    # Every event once, in order, as whole lines; no file past the limit.
+    tokens = [json.loads(line)["lease"] for data in raw for line in data.splitlines()]
+    assert tokens == [f"{i:012d}" for i in range(300)]
+    assert all(data.endswith(b"\n") and len(data) <= limit for data in raw)
+    # Rotated at the limit, not before: each rotated file could not take the next line.
+    for data, newer in itertools.pairwise(raw):
+        assert len(data) + len(newer.splitlines(keepends=True)[0]) > limit
+    assert log.written == 300
+
+
+def test_old_backups_fall_off_the_end(tmp_path: Path) -> None:
+    path = tmp_path / "usage.jsonl"
+    log = UsageLog(path, max_bytes=600, backups=3, wall=lambda: 1_700_000_000.0)
+    for i in range(100):
+        _event(log, i)
+    log.close()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["usage.jsonl", "usage.jsonl.1", "usage.jsonl.2",
+                                                          "usage.jsonl.3"]
+    ids = [int(x["customer_id"][4:]) for f in ("usage.jsonl.3", "usage.jsonl.2", "usage.jsonl.1", "usage.jsonl")
+           for x in read_lines(tmp_path / f)]
+    assert ids == list(range(ids[0], 100)) and ids[0] > 0
+
+
+def test_a_line_longer_than_max_bytes_gets_a_file_of_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "usage.jsonl"
+    log = UsageLog(path, max_bytes=200, backups=5, wall=lambda: 1_700_000_000.0)
+    _event(log, 1)
+    log.on_deny("P" * 300, "2.1", "NO_SEATS", None, "CID-LONG")
+    _event(log, 2)
+    log.close()
+    files = [tmp_path / n for n in ("usage.jsonl.2", "usage.jsonl.1", "usage.jsonl")]
+    assert [[x["customer_id"] for x in read_lines(f)] for f in files] == [["CID-000001"], ["CID-LONG"],
+                                                                          ["CID-000002"]]
+
+
+def test_usage_lines_and_the_daemons_log_never_mix(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "usage.jsonl"
+    with caplog.at_level(logging.DEBUG):  # the root logger sees everything logged anywhere
+        log = UsageLog(path, wall=lambda: 1_700_000_000.0)
+        for i in range(20):
+            _event(log, i)
+        logging.getLogger("lmgrd").warning("a daemon log line")
+        logging.getLogger("lmgrd.monitoring.usage").warning("a usage-module log line")
+        log.close()
+    assert [x["customer_id"] for x in read_lines(path)] == [f"CID-{i:06d}" for i in range(20)]  # JSON only
+    assert not [r for r in caplog.records if "CID-0000" in r.getMessage()], caplog.records
+    assert any("flushed (20 event(s) written since start)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_is_reported_once_and_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="lmgrd.monitoring.usage"):
+        log = UsageLog(Path("/dev/full"), max_bytes=1000)  # every write fails with ENOSPC
+        for burst in range(3):
+            for i in range(200):
+                _event(log, burst * 1000 + i)
+            time.sleep(0.2)
+        log.close()
+        log.close()  # idempotent
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors  # once per outage, not once per line
+    assert "cannot write the usage log /dev/full" in errors[0] and "No space left on device" in errors[0]

@@ -125,7 +125,7 @@ def test_reserve_max_and_queue_together(daemon_factory: Callable[..., Daemon]) -
     assert isinstance(gina.recv(), Granted)
     data = pool(lmstat(d), "CADPRO")
     assert (data["in_use"], data["reserved"], data["queued"]) == (3, 0, 0)
-    text = subprocess.run([sys.executable, "-m", "lmgrd.lmutil", "lmstat", "-a", "-c", d.address],
+    text = subprocess.run([sys.executable, "-m", "lmgrd.lmutil", "lmstat", "-a", "--extended", "-c", d.address],
                           capture_output=True, text=True, timeout=30, env=d.env()).stdout
     assert "Users of CADPRO:  (Total of 3 licenses issued;  Total of 3 licenses in use)" in text
     assert "reserved 0, queued 0" in text

@@ -1,6 +1,6 @@
 """A scripted protocol server for the client stub's tests.
 
-A real asyncio TCP server on 127.0.0.1 that speaks the real wire protocol (``protocol.ServerConnection``);
+A real asyncio TCP server on 127.0.0.1 that speaks the real wire protocol (``protocol.Connection(Role.SERVER)``);
 each test chooses its behaviour (delay a reply, drop a connection, report a seat lost, never answer).
 Nothing is mocked: the client under test uses real sockets.
 """
@@ -19,6 +19,7 @@ from protocol import (
     CheckedIn,
     Checkin,
     Checkout,
+    Connection,
     ErrorCode,
     ErrorReply,
     Granted,
@@ -31,7 +32,7 @@ from protocol import (
     Request,
     Resume,
     Resumed,
-    ServerConnection,
+    Role,
     Status,
     StatusReply,
     Welcome,
@@ -45,7 +46,7 @@ class ServerConn:
         self.server = server
         self.reader = reader
         self.writer = writer
-        self.proto = ServerConnection()
+        self.proto = Connection(Role.SERVER)
         self.hello: Hello | None = None
         self.tokens: set[str] = set()
 

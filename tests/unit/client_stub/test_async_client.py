@@ -26,8 +26,10 @@ from client_stub import (
 )
 from client_stub.backoff import Backoff
 from protocol import (
+    BadRequest,
     Checkin,
     Checkout,
+    Connection,
     ErrorCode,
     ErrorReply,
     Heartbeat,
@@ -35,8 +37,11 @@ from protocol import (
     LostSeat,
     Request,
     Resume,
+    Role,
     Status,
+    encode_frame,
 )
+from protocol.validation import MAX_VERSION_LENGTH
 
 Run = Callable[..., Any]
 Make = Callable[..., ScriptedServer]
@@ -548,3 +553,39 @@ def test_checkin_while_disconnected_is_sent_on_the_next_connection(run: Run, scr
         await again.stop()
 
     run(main)
+
+
+def _version(length: int) -> str:
+    v = "1." * ((length - 1) // 2) + "1" * (1 + (length - 1) % 2)
+    assert len(v) == length
+    return v
+
+
+@pytest.mark.parametrize("length", [1, 32, 33, 40, 64])
+def test_a_version_gets_the_same_verdict_from_the_client_and_the_server(run: Run, scripted: Make, length: int) -> None:
+    """The client's local check and the server's schema agree on every version length (one limit)."""
+    version = _version(length)
+    server_side = Connection(Role.SERVER)
+    server_side.receive_data(encode_frame(Hello(1, (1,), "pc1", "a", 1, "", "").to_wire()))
+    (event,) = server_side.receive_data(encode_frame(Checkout(2, "CADPRO", version).to_wire()))
+    server_accepts = isinstance(event, Checkout)
+    if not server_accepts:
+        assert isinstance(event, BadRequest) and event.error.code is ErrorCode.BAD_REQUEST
+
+    async def main() -> bool:
+        srv = await scripted().start()
+        try:
+            async with client(srv) as lm:
+                try:
+                    seat = await lm.checkout("CADPRO", version)
+                except LicenseError as exc:
+                    # Refused here, before any connection: the server never had to say no.
+                    assert exc.code is ErrorCode.BAD_REQUEST and srv.conns == [], exc
+                    return False
+                assert srv.of(Checkout)[0].version == version
+                await seat.checkin()
+                return True
+        finally:
+            await srv.stop()
+
+    assert run(main) is server_accepts is (length <= MAX_VERSION_LENGTH)

@@ -8,7 +8,7 @@ import pytest
 
 from client_stub import LicenseError, LicenseLost, ProtocolMismatch, SeatDenied, ServerUnavailable
 from client_stub.errors import error_for
-from protocol import ErrorCode
+from protocol import RETRYABLE, ErrorCode
 
 
 def test_str_says_what_happened_and_what_to_do() -> None:
@@ -50,3 +50,10 @@ def test_errors_pickle(err: LicenseError) -> None:
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is type(err)
     assert (back.code, back.message, back.hint) == (err.code, err.message, err.hint)
+
+
+@pytest.mark.parametrize("code", list(ErrorCode))
+def test_retryable_is_exactly_protocol_retryable(code: ErrorCode) -> None:
+    """One retryable set: the client retries a code if and only if ``protocol.RETRYABLE`` lists it."""
+    for decision in (LicenseError, SeatDenied, LicenseLost):
+        assert error_for(code, "m", decision=decision).retryable is (code in RETRYABLE), code

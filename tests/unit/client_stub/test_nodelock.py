@@ -91,7 +91,7 @@ def test_unreadable_or_wrong_kind_of_key(tmp_path: Path, vendor: Vendor) -> None
     err = refusal(lic, str(tmp_path / "nope.pub"))
     assert err.code is ErrorCode.LICENSE_INVALID and "nope.pub" in err.message
     private = tmp_path / "vendor.key"
-    from protocol.license import dump_private_key
+    from lmgrd.vendor.signing import dump_private_key
 
     private.write_bytes(dump_private_key(key))
     err = refusal(lic, str(private))
@@ -204,7 +204,7 @@ def test_entries_are_tried_in_order(tmp_path: Path, vendor: Vendor) -> None:
 
 
 def test_this_machine_reports_the_os_view() -> None:
-    from client_stub.nodelock import this_machine
+    from client_stub.machine import this_machine
 
     host, addresses = this_machine()
     assert host == socket.gethostname()

@@ -7,6 +7,7 @@ import itertools
 import pytest
 
 from lmgrd.core.ledger import (
+    Holder,
     LeaseInfo,
     LeaseRecord,
     Ledger,
@@ -40,12 +41,12 @@ def co(
     pool: PoolKey = POOL,
 ) -> LeaseInfo | None:
     key = share_key_for(mode, user, host)
-    return ledger.checkout(pool, key, user, host, 100, "2.1", ":0", session, now, 1.7e9 + now)
+    return ledger.checkout(pool, key, Holder(user, host, 100, ":0", session), "2.1", now, 1.7e9 + now)
 
 
 def waiter(wid: int, user: str, host: str = "pc9", session: int = 9, pool: PoolKey = POOL) -> Waiter:
     key = share_key_for(ShareMode.USER_HOST, user, host)
-    return Waiter(wid, pool, key, user, host, 200 + wid, "2.1", ":0", session, ctx=("req", wid))
+    return Waiter(wid, pool, key, Holder(user, host, 200 + wid, ":0", session), "2.1", ctx=("req", wid))
 
 
 def must(lease: LeaseInfo | None) -> LeaseInfo:

@@ -19,7 +19,7 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from lmgrd.core.ledger import LeaseInfo, Ledger, PoolKey, ShareMode, Waiter, share_key_for
+from lmgrd.core.ledger import Holder, LeaseInfo, Ledger, PoolKey, ShareMode, Waiter, share_key_for
 from lmgrd.storage.journal import JournalStore, read_journal
 
 T = 10.0  # lease timeout
@@ -145,7 +145,7 @@ class LedgerMachine(RuleBasedStateMachine):
             key = share_key_for(MODES[pool], user, host)
             joinable = bool(key) and self.held(pool, key)
             free = not self.queues[pool] and self.seats(pool) < self.counts[pool]
-            lease = self.ledger.checkout(pool, key, user, host, 1, "1.0", ":0", session, self.now, self.wall())
+            lease = self.ledger.checkout(pool, key, Holder(user, host, 1, ":0", session), "1.0", self.now, self.wall())
             if joinable or free:
                 assert lease is not None
                 assert lease.share_key == (key or (lease.token,))
@@ -155,7 +155,7 @@ class LedgerMachine(RuleBasedStateMachine):
             event("checkout denied")
             if wait:
                 wid = next(self.waiter_ids)
-                w = Waiter(wid, pool, key, user, host, 1, "1.0", ":0", session, ctx=wid)
+                w = Waiter(wid, pool, key, Holder(user, host, 1, ":0", session), "1.0", ctx=wid)
                 assert self.ledger.enqueue(w) == len(self.queues[pool]) + 1
                 self.queues[pool].append(wid)
                 self.waiters[wid] = ModelWaiter(pool, key, session)

@@ -17,6 +17,7 @@ from lmgrd.storage.files import (
     read_revocation_file,
     this_host,
 )
+from lmgrd.vendor.signing import dump_private_key, dump_public_key, load_private_key, sign_license, sign_revocation
 from protocol.errors import ErrorCode
 from protocol.license import (
     License,
@@ -24,12 +25,7 @@ from protocol.license import (
     Product,
     Revocation,
     VendorKeyError,
-    dump_private_key,
-    dump_public_key,
-    load_private_key,
     load_public_key,
-    sign_license,
-    sign_revocation,
     verify_license,
 )
 

@@ -15,11 +15,14 @@ import pytest
 
 from lmgrd import LmgrdError
 from lmgrd.config import ConfigInvalid, build_config
-from lmgrd.core.activation import ACTIVATIONS_FILE, Activations, Fingerprint, clock_offset, this_fingerprint
+from lmgrd.core.activation import Fingerprint
 from lmgrd.core.licensing import Licensing
 from lmgrd.core.site import Site, site_networks_problems
+from lmgrd.storage.activations import ACTIVATIONS_FILE, open_activations
+from lmgrd.storage.host import clock_offset, this_fingerprint
+from lmgrd.vendor.signing import new_customer_id
 from protocol.errors import ErrorCode
-from protocol.license import License, Product, new_customer_id
+from protocol.license import License, Product
 
 ISSUED = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -91,7 +94,7 @@ def test_fingerprint_matching_tolerates_interface_changes_only() -> None:
 # --------------------------------------------------------------------------- activation and the 24-hour rule
 def test_pending_until_24_hours_after_issue_then_recorded(tmp_path: Path) -> None:
     lic = make_license()
-    acts = Activations(tmp_path)
+    acts = open_activations(tmp_path, this_fingerprint())
     err = acts.check(lic, ISSUED + timedelta(hours=24) - timedelta(seconds=1))
     assert err is not None and err[0] is ErrorCode.LICENSE_NOT_ACTIVATED
     assert "2026-03-02 12:00:00 UTC" in err[1] and f"lmutil activate {lic.customer_id}" in err[2]
@@ -101,23 +104,23 @@ def test_pending_until_24_hours_after_issue_then_recorded(tmp_path: Path) -> Non
     rec = doc["activations"][lic.customer_id]
     assert rec["how"].startswith("automatic") and rec["fingerprint"] == acts.fingerprint.digest
     # A new reader (a restart) sees it active at once, even at an earlier clock.
-    assert Activations(tmp_path).state(lic, ISSUED) == "active"
+    assert open_activations(tmp_path, this_fingerprint()).state(lic, ISSUED) == "active"
 
 
 def test_manual_activation_and_a_moved_record(tmp_path: Path) -> None:
     lic = make_license()
-    acts = Activations(tmp_path)
+    acts = open_activations(tmp_path, this_fingerprint())
     assert acts.state(lic, ISSUED) == "pending"
     acts.activate(lic, ISSUED + timedelta(minutes=5), "lmutil activate")
     assert acts.check(lic, ISSUED + timedelta(minutes=6)) is None
-    elsewhere = Activations(tmp_path, Fingerprint.of("licsrv01", "another-machine", ["02:00:00:00:00:42"]))
+    elsewhere = open_activations(tmp_path, Fingerprint.of("licsrv01", "another-machine", ["02:00:00:00:00:42"]))
     err = elsewhere.check(lic, ISSUED + timedelta(days=30))
     assert err is not None and err[0] is ErrorCode.LICENSE_MOVED and "reissued license" in err[2]
 
 
 def test_damaged_activation_file_is_a_problem_not_a_crash(tmp_path: Path) -> None:
     (tmp_path / ACTIVATIONS_FILE).write_text("{not json")
-    acts = Activations(tmp_path)
+    acts = open_activations(tmp_path, this_fingerprint())
     assert acts.problems and ACTIVATIONS_FILE in acts.problems[0]
     assert acts.state(make_license(), ISSUED) == "pending"
 
@@ -133,14 +136,14 @@ def test_clock_offset_moves_forward_only() -> None:
 # --------------------------------------------------------------------------- the order of the checks
 def test_site_comes_before_activation_and_activation_before_expiry(tmp_path: Path) -> None:
     lic = make_license(site=("192.0.2.0/24",))
-    licensing = Licensing([(tmp_path / "a.lic", lic)], [], activations=Activations(tmp_path))
+    licensing = Licensing([(tmp_path / "a.lic", lic)], [], activations=open_activations(tmp_path, this_fingerprint()))
     now = ISSUED + timedelta(hours=1)
-    d = licensing.candidates("CADPRO", "2.1", "127.0.0.1", now)
+    d = licensing.candidates("CADPRO", "2.1", "127.0.0.1", "alice", "pc1", now)
     assert d.error is not None and d.error[0] is ErrorCode.OUTSIDE_SITE and "127.0.0.1" in d.error[1]
     assert "192.0.2.0/24" in d.error[1]
-    d = licensing.candidates("CADPRO", "9.0", "192.0.2.5", now)
+    d = licensing.candidates("CADPRO", "9.0", "192.0.2.5", "alice", "pc1", now)
     assert d.error is not None and d.error[0] is ErrorCode.LICENSE_NOT_ACTIVATED
     licensing.activate(lic.customer_id, now, "unit test")
-    d = licensing.candidates("CADPRO", "9.0", "192.0.2.5", now)
+    d = licensing.candidates("CADPRO", "9.0", "192.0.2.5", "alice", "pc1", now)
     assert d.error is not None and d.error[0] is ErrorCode.VERSION_NOT_PERMITTED
-    assert licensing.candidates("CADPRO", "2.1", "192.0.2.5", now).licenses == (lic,)
+    assert licensing.candidates("CADPRO", "2.1", "192.0.2.5", "alice", "pc1", now).licenses == (lic,)

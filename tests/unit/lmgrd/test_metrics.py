@@ -15,13 +15,14 @@ from harness import HOSTNAME, write_license
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from lmgrd.cli import load_licensing
 from lmgrd.config import ConfigInvalid, DaemonConfig, build_config
 from lmgrd.daemon.server import Server
 from lmgrd.monitoring.http import health, render_status
-from lmgrd.monitoring.metrics import Denial, Metrics, TextfileWriter, attach, write_atomic
+from lmgrd.monitoring.metrics import Denial, Metrics, TextfileWriter, attach
+from lmgrd.storage.atomic import write_atomic
+from lmgrd.storage.files import load_licensing
 from lmgrd.storage.journal import open_store
-from protocol import Checkin, Checkout, ClientConnection, ErrorCode, ErrorReply, Granted, Hello, Reply, Welcome
+from protocol import Checkin, Checkout, Connection, ErrorCode, ErrorReply, Granted, Hello, Reply, Role, Welcome
 
 ALLOWED_LABELS = {"customer_id", "product", "state", "result", "reason", "op", "le", "version", "python"}
 
@@ -39,7 +40,7 @@ class AsyncClient:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
-        self.conn = ClientConnection()
+        self.conn = Connection(Role.CLIENT)
         self.replies: list[Reply] = []
         self.next_id = 0
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from lmgrd.core.ledger import LeaseInfo, LeaseRecord, Ledger, PoolKey, ShareMode, Waiter, share_key_for
+from lmgrd.core.ledger import Holder, LeaseInfo, LeaseRecord, Ledger, PoolKey, ShareMode, Waiter, share_key_for
 from lmgrd.core.policy import MIN_IDLE_TIMEOUT, ProductPolicy, parse_policy
 
 POOL: PoolKey = ("C1", "CADPRO")
@@ -50,11 +50,11 @@ def make(count: int, pp: ProductPolicy | None) -> Ledger:
 
 def co(ledger: Ledger, user: str, host: str = "pc1", session: int = 1) -> LeaseInfo | None:
     key = share_key_for(ShareMode.USER_HOST, user, host)
-    return ledger.checkout(POOL, key, user, host, 100, "2.1", host, session, 0.0, 1.7e9)
+    return ledger.checkout(POOL, key, Holder(user, host, 100, host, session), "2.1", 0.0, 1.7e9)
 
 
 def waiter(wid: int, user: str, host: str = "pc9") -> Waiter:
-    return Waiter(wid, POOL, share_key_for(ShareMode.USER_HOST, user, host), user, host, wid, "2.1", host, 9)
+    return Waiter(wid, POOL, share_key_for(ShareMode.USER_HOST, user, host), Holder(user, host, wid, host, 9), "2.1")
 
 
 # -- parsing -------------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from lmgrd.storage.journal import (
     JournalCorrupt,
     JournalStore,
     LeaseRecord,
-    MemoryStore,
     StoreError,
     StoreLocked,
     open_store,
@@ -424,20 +423,3 @@ def test_closed_store_refuses_to_write(tmp_path: Path) -> None:
     store.record_grant(rec(1))
     with pytest.raises(StoreError, match="closed"):
         store.flush()
-
-
-# -- MemoryStore -------------------------------------------------------------------------------------------
-
-
-def test_memory_store_tells_recorded_from_flushed() -> None:
-    store = MemoryStore([rec(1)])
-    store.record_grant(rec(2))
-    store.record_release(rec(1).token)
-    assert store.load() == [rec(2)] and store.flushed() == [rec(1)]
-    store.flush()
-    assert store.flushed() == [rec(2)] and store.flushes == 1
-    with pytest.raises(ValueError, match="already recorded"):
-        store.record_grant(rec(2))
-    store.sync()
-    store.close()
-    assert store.syncs == 1 and store.closed

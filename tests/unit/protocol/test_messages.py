@@ -21,7 +21,7 @@ from protocol import (
     parse_request,
 )
 from protocol.make_vectors import EXAMPLES
-from protocol.messages import MAX_TEXT, MAX_TOKENS, MAX_WAIT_SECONDS
+from protocol.validation import MAX_TEXT, MAX_TOKENS, MAX_WAIT_SECONDS
 
 HELLO = {"op": "hello", "id": 1, "proto": [1], "host": "pc1", "user": "alice", "pid": 7}
 

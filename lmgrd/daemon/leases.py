@@ -1,0 +1,333 @@
+"""The lease lifecycle: the ONLY code that grants a seat or ends one.
+
+A grant, whether at once or to a queued checkout: ledger -> journal record (``LeaseInfo.to_record``) ->
+counter -> observers (``on_grant``) -> ``OUT`` log line -> the ``granted`` reply, queued on the outbox (sent
+after the group-commit flush has written the record).
+
+An end, for every :class:`~lmgrd.daemon.events.EndReason` (checkin, lmremove, idle reclaim, expiry,
+revocation, a license gone at restore): ledger -> journal release -> counter -> observers
+(``on_release``) -> one log line -> the holder told at its next heartbeat (``LostSeat``, with the reason's
+error code) unless it asked for the end itself -> the freed seat offered to the queue. No seat leaves the
+ledger any other way, so none leaves without a record, a counter and a log line.
+
+Queued checkouts live here too (a waiter is a grant not yet made): their wait timers, a waiter that left
+before its grant, and the denial when a wait runs out. Denials of every kind go through :meth:`deny`.
+
+Imports the core, the journal store protocol and ``protocol``; never the transport, admin or monitoring.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from lmgrd.core.ledger import Holder, LeaseInfo, Ledger, PoolKey, Waiter
+from lmgrd.daemon.events import ClientView, EndReason, Observers
+from lmgrd.daemon.outbox import Outbox, Writable
+from lmgrd.storage.journal import LeaseRecord, LeaseStore
+from protocol import ErrorCode, ErrorReply, Granted, LostSeat, encode_frame
+
+__all__ = ["REMOVED_MEMORY", "Counters", "LeaseLifecycle", "WaitCtx"]
+
+logger = logging.getLogger(__name__)
+
+#: How many lmremove'd tokens are remembered so their resume says SEAT_REMOVED (oldest forgotten first).
+REMOVED_MEMORY = 4096
+
+_CHECKIN = EndReason.CHECKIN
+
+#: The error code a holder is told for each way its seat can end without its asking (CHECKIN: none).
+LOST_CODE: Mapping[EndReason, ErrorCode] = {
+    EndReason.REMOVAL: ErrorCode.SEAT_REMOVED,
+    EndReason.IDLE: ErrorCode.IDLE_TIMEOUT,
+    EndReason.EXPIRY: ErrorCode.LEASE_EXPIRED,
+    EndReason.REVOKED: ErrorCode.LICENSE_REVOKED,
+}
+
+
+class Client(Writable, ClientView, Protocol):
+    """A connected client as the lifecycle needs it: where replies go, and what it is told at heartbeat."""
+
+    lost: list[LostSeat]
+    waiters: dict[int, int]
+
+
+class Timers(Protocol):
+    def call_later(self, delay: float, callback: Callable[[int], None], arg: int, /) -> Cancellable: ...
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+@dataclass(slots=True)
+class WaitCtx:
+    """What is needed to answer a queued checkout later."""
+
+    client: Client
+    request_id: int
+    product: str
+    version: str
+    started: float
+    pool: PoolKey
+    share_key: tuple[str, ...]
+    timer: Cancellable | None = None
+
+
+@dataclass(slots=True)
+class Counters:
+    """Event counts since start (the status reply, metrics and tests read them)."""
+
+    granted: int = 0
+    denied: dict[str, int] = field(default_factory=dict)
+    released: int = 0
+    expired: int = 0
+    connections: int = 0
+
+
+class LeaseLifecycle:
+    """Grants and ends seats; the daemon's other parts ask it to, and never touch the ledger's leases."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        store: LeaseStore,
+        outbox: Outbox,
+        observers: Observers,
+        *,
+        sessions: Mapping[int, Client],
+        count_of: Callable[[PoolKey], int],
+        timers: Timers,
+        clock: Callable[[], float],
+        wall: Callable[[], float],
+        lease_timeout: float,
+        heartbeat_interval: float,
+        arm: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.ledger = ledger
+        self.store = store
+        self.outbox = outbox
+        self.observers = observers
+        self.sessions = sessions
+        self.count_of = count_of
+        self.timers = timers
+        self.clock = clock
+        self.wall = wall
+        self.lease_timeout = lease_timeout
+        self.hb_interval = heartbeat_interval
+        #: Arms the server's expiry timer; called after a grant while :attr:`timer_idle` (no timer armed).
+        self.arm = arm
+        self.timer_idle = True
+        self.counters = Counters()
+        self.waits: dict[int, WaitCtx] = {}
+        self.next_waiter = 1
+        #: Tokens freed by lmremove, so a later resume says SEAT_REMOVED rather than LEASE_NOT_FOUND (bounded).
+        self.removed: dict[str, LostSeat] = {}
+
+    # -- grants ------------------------------------------------------------------------------------------------
+    def checkout(self, client: Client, rid: int, pool: PoolKey, share_key: tuple[str, ...], holder: Holder,
+                 version: str, now: float, wall: float) -> bool:
+        """Grant a seat of ``pool`` now if the ledger has one; False when it needs a new seat and none is free."""
+        lease = self.ledger.checkout(pool, share_key, holder, version, now, wall)
+        if lease is None:
+            return False
+        self._granted(client, rid, lease, 0.0)
+        return True
+
+    def _granted(self, client: Client, rid: int, lease: LeaseInfo, waited: float) -> None:
+        self.store.record_grant(lease.to_record())
+        self.counters.granted += 1
+        if self.observers.any:
+            self.observers.grant(lease, client, waited)
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("OUT %s %s to %s lease %s (%d/%d in use, customer %s)", lease.pool[1], lease.version,
+                        client.who(), lease.token[:8], self.ledger.in_use(lease.pool), self.count_of(lease.pool),
+                        lease.pool[0])
+        self.outbox.reply(client, Granted, Granted.frame(rid, lease.token, lease.pool[0], lease.pool[1],
+                                                         lease.version, self.lease_timeout, self.hb_interval, waited))
+        if self.timer_idle:
+            self.arm()
+
+    # -- the queue -----------------------------------------------------------------------------------------------
+    def enqueue(self, client: Client, rid: int, product: str, version: str, pool: PoolKey,
+                share_key: tuple[str, ...], holder: Holder, wait: float, now: float) -> int:
+        """Queue a checkout the ledger refused for up to ``wait`` seconds; returns its position."""
+        waiter_id = self.next_waiter
+        self.next_waiter += 1
+        ctx = WaitCtx(client, rid, product, version, now, pool, share_key)
+        position = self.ledger.enqueue(Waiter(waiter_id, pool, share_key, holder, version, ctx))
+        ctx.timer = self.timers.call_later(wait, self._wait_expired, waiter_id)
+        self.waits[waiter_id] = ctx
+        client.waiters[waiter_id] = rid
+        logger.info("QUEUED %s %s for %s (position %d, waiting up to %g s)", product, version, client.who(),
+                    position, wait)
+        return position
+
+    def _wait_expired(self, waiter_id: int) -> None:
+        ctx = self._take_wait(waiter_id)
+        if ctx is None:
+            return
+        self.ledger.cancel_wait(waiter_id)
+        waited = self.clock() - ctx.started
+        # Why it is still refused, from the pool it waited in (the ledger knows; no license check again).
+        why = self.ledger.refusal(ctx.pool, ctx.share_key, ctx.client.user, ctx.client.host)
+        code = {"max": ErrorCode.MAX_REACHED, "reserved": ErrorCode.RESERVED}.get(why or "", ErrorCode.NO_SEATS)
+        what = "no seat" if code is ErrorCode.NO_SEATS else "no seat the usage policy allows you"
+        self.deny(ctx.client, ctx.request_id, ctx.product, ctx.version, code,
+                  f"{what} of {ctx.product} became free within {waited:.0f} s", "try again later or wait longer",
+                  log=f"after waiting {waited:.1f} s: no seat became free ({code})")
+
+    def _take_wait(self, waiter_id: int) -> WaitCtx | None:
+        ctx = self.waits.pop(waiter_id, None)
+        if ctx is None:
+            return None
+        if ctx.timer is not None:
+            ctx.timer.cancel()
+            ctx.timer = None
+        ctx.client.waiters.pop(waiter_id, None)
+        return ctx
+
+    def drop_waits(self, client: Client) -> None:
+        """The client left: forget its queued checkouts."""
+        for waiter_id in list(client.waiters):
+            if self._take_wait(waiter_id) is not None:
+                self.ledger.cancel_wait(waiter_id)
+
+    def serve_pool(self, pool: PoolKey) -> None:
+        """Give waiters of ``pool`` whatever seats are free now (after a count or policy change)."""
+        self._serve(self.ledger.serve(pool, self.clock(), self.wall()))
+
+    def _serve(self, served: list[tuple[Waiter, LeaseInfo]]) -> None:
+        now = self.clock()
+        i = 0
+        while i < len(served):  # grows when a seat goes back to the queue
+            waiter, lease = served[i]
+            i += 1
+            ctx = self._take_wait(waiter.waiter_id)
+            t = ctx.client.transport if ctx is not None else None
+            if ctx is None or t is None or t.is_closing():
+                # The waiter left between the ledger's decision and now. Nobody was told of this lease and
+                # nothing was journalled: give the seat straight back, to the next waiter.
+                logger.info("waiter for %s left before its grant; seat released", lease.pool[1])
+                _, more = self.ledger.release(lease.token, now, self.wall())
+                served.extend(more)
+                continue
+            self._granted(ctx.client, ctx.request_id, lease, now - ctx.started)
+
+    # -- denials -------------------------------------------------------------------------------------------------
+    def deny(self, client: Client, rid: int, product: str, version: str, code: ErrorCode, message: str,
+             hint: str, *, log: str = "", customer_id: str | None = None) -> None:
+        """Refuse a checkout: counter, observers, one ``DENIED`` line, the error reply."""
+        self.counters.denied[code] = self.counters.denied.get(code, 0) + 1
+        if self.observers.any:
+            self.observers.deny(product, version, code, client, customer_id)
+        if logger.isEnabledFor(logging.INFO):
+            if log:
+                logger.info("DENIED %s %s to %s %s", product, version, client.who(), log)
+            else:
+                logger.info("DENIED %s %s to %s: %s %s", product, version, client.who(), code, message)
+        self.outbox.reply(client, ErrorReply, encode_frame(ErrorReply(rid, code, message, hint).to_wire()))
+
+    # -- ends ----------------------------------------------------------------------------------------------------
+    def end(self, token: str, reason: EndReason, why: str = "", client: Client | None = None) -> LeaseInfo | None:
+        """End one lease now for ``reason``; ``None`` if no lease has that token (already ended).
+
+        ``client`` is who asked (the checkin's connection, for the log line); ``why`` says what ended it
+        (for removal, idle and revocation: shown to the holder and logged).
+        """
+        lease, served = self.ledger.release(token, self.clock(), self.wall())
+        if lease is None:
+            return None
+        self._ended(lease, reason, why, client)
+        if reason is not _CHECKIN:
+            self.outbox.request_flush()  # nobody's reply carries this record out: write it promptly
+        if served:
+            self._serve(served)
+        return lease
+
+    def expire(self, limit: int) -> int:
+        """End the leases whose deadline has passed (at most ``limit``); returns how many ended."""
+        lapsed, served = self.ledger.expire(self.clock(), self.wall(), limit)
+        for lease in lapsed:
+            self._ended(lease, EndReason.EXPIRY, "", None)
+        if lapsed:
+            self.outbox.request_flush()
+        if served:
+            self._serve(served)
+        return len(lapsed)
+
+    def end_pool(self, pool: PoolKey, reason: EndReason, why: str, code: ErrorCode, hint: str) -> int:
+        """End every lease of ``pool`` and refuse its queued checkouts with ``code``; returns leases ended."""
+        leases, waiters = self.ledger.remove_pool(pool)
+        for lease in leases:
+            self._ended(lease, reason, why, None)
+        for w in waiters:
+            ctx = self._take_wait(w.waiter_id)
+            if ctx is not None:
+                self.deny(ctx.client, ctx.request_id, ctx.product, ctx.version, code,
+                          f"{ctx.product} is not served: {why}", hint, customer_id=pool[0])
+        if leases:
+            self.outbox.request_flush()
+        return len(leases)
+
+    def restore(self, records: Iterable[LeaseRecord], licensed: Callable[[PoolKey], bool]) -> int:
+        """Reload the journal's leases at start; those of a pool no longer licensed end (``UNLICENSED``)."""
+        keep: list[LeaseRecord] = []
+        for rec in records:
+            if licensed((rec.customer_id, rec.product)):
+                keep.append(rec)
+            else:
+                self.store.record_release(rec.token)
+                logger.warning("lease %s for %s/%s restored from the state directory is no longer licensed here; "
+                               "freed", rec.token[:8], rec.customer_id, rec.product)
+                self.counters.released += 1
+        self.ledger.restore(keep, self.clock())
+        self.store.flush()
+        return len(keep)
+
+    def _ended(self, lease: LeaseInfo, reason: EndReason, why: str, client: Client | None) -> None:
+        self.store.record_release(lease.token)
+        if self.observers.any:
+            self.observers.release(lease, reason)
+        if reason is _CHECKIN:  # the hot path: nobody to tell, one log line
+            self.counters.released += 1
+            if logger.isEnabledFor(logging.INFO):
+                who = client.who() if client is not None else f"{lease.user}@{lease.host}"
+                logger.info("IN %s %s from %s lease %s (%d/%d in use)", lease.pool[1], lease.version, who,
+                            lease.token[:8], self.ledger.in_use(lease.pool), self.count_of(lease.pool))
+            return
+        if reason is EndReason.EXPIRY:
+            self.counters.expired += 1
+        else:
+            self.counters.released += 1
+        product, version, tok = lease.pool[1], lease.version, lease.token[:8]
+        if reason is EndReason.EXPIRY:
+            logger.info("EXPIRED %s %s of %s@%s lease %s: no heartbeat for %g s", product, version, lease.user,
+                        lease.host, tok, self.lease_timeout)
+            message = f"no heartbeat reached the server for {self.lease_timeout:g} s"
+        elif reason is EndReason.REMOVAL:
+            logger.warning("REMOVED %s %s of %s@%s lease %s: %s", product, version, lease.user, lease.host, tok, why)
+            message = (f"this seat of {product} was freed by the license administrator ({why}); check out again "
+                       "to continue")
+        elif reason is EndReason.IDLE:
+            logger.info("IDLE %s %s of %s@%s lease %s reclaimed: %s", product, version, lease.user, lease.host, tok,
+                        why)
+            message = f"this seat of {product} was reclaimed after {why}; check out again to continue"
+        elif reason is EndReason.REVOKED:
+            logger.warning("REVOKED %s %s of %s@%s lease %s: %s", product, version, lease.user, lease.host, tok, why)
+            message = f"this seat of {product} is lost: {why}"
+        else:
+            logger.warning("%s %s %s of %s@%s lease %s ended: %s", reason.upper(), product, version, lease.user,
+                           lease.host, tok, why)
+            message = f"this seat of {product} ended: {why}"
+        lost = LostSeat(lease.token, LOST_CODE.get(reason, ErrorCode.LEASE_NOT_FOUND), message)
+        holder = self.sessions.get(lease.session) if lease.session is not None else None
+        if holder is not None:
+            holder.lost.append(lost)
+        if reason is EndReason.REMOVAL:
+            # Kept even when told at a heartbeat: the client may drop before that and come back with a resume.
+            self.removed[lease.token] = lost
+            while len(self.removed) > REMOVED_MEMORY:
+                del self.removed[next(iter(self.removed))]

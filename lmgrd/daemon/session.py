@@ -1,0 +1,281 @@
+"""Per-client sessions and the request handlers: what each request does, with no socket in sight.
+
+A :class:`Session` is one client's state (who it is after ``hello``, the seats it has lost since its last
+heartbeat, its queued checkouts). :class:`Handlers` answers each request of a session: ``hello``,
+``checkout`` (licensing checks in the documented order, then the lease lifecycle), ``checkin``,
+``heartbeat`` (renewal, idle reclaim), ``resume``, ``status`` and ``admin`` (handed to the admin handler the
+composition root plugs in). Replies go to the outbox; seats are granted and ended only by
+:mod:`lmgrd.daemon.leases`. The transport (:mod:`lmgrd.daemon.transport`) feeds bytes in; tests drive the
+handlers directly with a recording transport.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from lmgrd import __version__
+from lmgrd.core.ledger import Holder, share_key_for
+from lmgrd.core.licensing import Licensing, seat_refusal
+from lmgrd.daemon.events import EndReason
+from lmgrd.daemon.leases import LeaseLifecycle
+from lmgrd.daemon.outbox import Outbox, Transport
+from protocol import (
+    Admin,
+    BadRequest,
+    CheckedIn,
+    Checkin,
+    Checkout,
+    Connection,
+    ErrorCode,
+    ErrorReply,
+    Heartbeat,
+    HeartbeatAck,
+    Hello,
+    LostSeat,
+    ProtocolError,
+    Resume,
+    Resumed,
+    Role,
+    Status,
+    StatusReply,
+    Welcome,
+    encode_frame,
+    error_frame,
+)
+from protocol.validation import hostname_problem, short_hostname
+
+__all__ = ["AdminHandler", "Handlers", "Session"]
+
+logger = logging.getLogger(__name__)
+
+_CHECKIN = EndReason.CHECKIN
+
+#: Runs one admin command for a session: (session, command, args, auth) -> reply data, or ProtocolError.
+AdminHandler = Callable[["Session", str, dict[str, Any], str], dict[str, Any]]
+
+
+class Session:
+    """One client connection's state. Plain attributes: the transport subclass adds the asyncio callbacks."""
+
+    # Kept small: one per connection, and a license server holds thousands (benchmarks' idle scenario).
+    __slots__ = (
+        "addr", "conn", "handshake_timer", "holder", "idle_since", "lost", "paused_since", "peer", "session",
+        "transport", "waiters",
+    )
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        self.conn = Connection(Role.SERVER, max_frame_bytes)
+        self.transport: Transport | None = None
+        self.session = 0  # set at hello; 0 = not yet identified
+        self.addr = ""
+        self.peer = ""
+        #: Who this client is (user, short host, pid, display, session), set at hello.
+        self.holder: Holder | None = None
+        self.lost: list[LostSeat] = []
+        self.waiters: dict[int, int] = {}  # waiter_id -> request id
+        self.handshake_timer: Any = None
+        self.paused_since: float | None = None
+        self.idle_since: float | None = None  # monotonic time of the first heartbeat saying "idle"
+
+    def identify(self, session: int, user: str, host: str, pid: int, display: str) -> None:
+        """Record who this client is (at hello)."""
+        self.session = session
+        self.holder = Holder(user, host, pid, display, session)
+
+    @property
+    def user(self) -> str:
+        return self.holder.user if self.holder is not None else ""
+
+    @property
+    def host(self) -> str:
+        return self.holder.host if self.holder is not None else ""
+
+    @property
+    def pid(self) -> int:
+        return self.holder.pid if self.holder is not None else 0
+
+    @property
+    def display(self) -> str:
+        return self.holder.display if self.holder is not None else ""
+
+    def who(self) -> str:
+        return f"{self.user}@{self.host}" if self.user else self.peer
+
+
+class Daemon(Protocol):
+    """What the handlers need of the server shell."""
+
+    licensing: Licensing
+    closing: bool
+
+    def status(self) -> dict[str, Any]: ...
+
+
+class Handlers:
+    """The request handlers of every session (one instance per daemon)."""
+
+    def __init__(self, daemon: Daemon, leases: LeaseLifecycle, outbox: Outbox, sessions: dict[int, Session], *,
+                 heartbeat_interval: float, lease_timeout: float, max_frame_bytes: int,
+                 clock: Callable[[], float], wall: Callable[[], float], fail: Callable[..., None]) -> None:
+        self.daemon = daemon
+        self.leases = leases
+        self.ledger = leases.ledger
+        self.outbox = outbox
+        self.sessions = sessions
+        self.hb_interval = heartbeat_interval
+        self.lease_timeout = lease_timeout
+        self.max_frame_bytes = max_frame_bytes
+        self.clock = clock
+        self.wall = wall
+        self.fail = fail
+        self.next_session = 1
+        #: Set by the composition root (lmgrd.cli) to lmgrd.admin's handler; without it admin is refused.
+        self.admin: AdminHandler | None = None
+        #: Every message class the connection can hand over, and its handler.
+        self.routes: dict[type, Callable[[Session, Any], None]] = {
+            Heartbeat: self.heartbeat, Checkout: self.checkout, Checkin: self.checkin, Hello: self.hello,
+            Resume: self.resume, Status: self.status, Admin: self.admin_command, BadRequest: self.bad_request,
+        }
+
+    def dispatch(self, s: Session, req: Any) -> None:
+        """Run the handler of ``req``'s message class (one dict lookup: this is every request's path)."""
+        self.routes[type(req)](s, req)
+
+    def status(self, s: Session, req: Status) -> None:
+        self.outbox.reply(s, StatusReply, encode_frame(StatusReply(req.id, self.daemon.status()).to_wire()))
+
+    def bad_request(self, s: Session, req: BadRequest) -> None:
+        logger.info("bad request from %s: %s", s.who(), req.error.message)
+        self.error(s, req.id, req.error.code, req.error.message,
+                   req.error.hint or "see protocol/PROTOCOL.md for the message schema")
+
+    def error(self, s: Session, rid: int, code: ErrorCode, message: str, hint: str = "") -> None:
+        self.outbox.reply(s, ErrorReply, encode_frame(ErrorReply(rid, code, message, hint).to_wire()))
+
+    # -- hello -----------------------------------------------------------------------------------------------
+    def hello(self, s: Session, req: Hello) -> None:
+        if s.handshake_timer is not None:
+            s.handshake_timer.cancel()
+            s.handshake_timer = None
+        problem = hostname_problem(req.host)
+        if problem is not None:
+            logger.warning("refused client %s: %s", s.peer, problem)
+            self.fail(s, ProtocolError(ErrorCode.INVALID_HOSTNAME, problem, "rename the client PC, then try again"),
+                      req.id)
+            return
+        host = short_hostname(req.host)
+        s.identify(self.next_session, req.user, host, req.pid, "".join(req.display.split()) or host)
+        self.next_session += 1
+        self.sessions[s.session] = s
+        logger.debug("hello from %s (%s pid %d, client %s)", s.who(), s.peer, s.pid, req.client_version)
+        self.outbox.reply(s, Welcome, encode_frame(Welcome(
+            req.id, s.conn.proto, __version__, self.hb_interval, self.lease_timeout, self.max_frame_bytes,
+            s.session).to_wire()))
+
+    # -- checkout and checkin ----------------------------------------------------------------------------------
+    def checkout(self, s: Session, req: Checkout) -> None:
+        holder = s.holder
+        assert holder is not None  # the connection state machine admits checkout only after hello
+        now = self.clock()
+        wall = self.wall()
+        licensing = self.daemon.licensing
+        decision = licensing.candidates(req.product, req.version, s.addr, holder.user, holder.host,
+                                        datetime.fromtimestamp(wall, UTC), holder.display)
+        leases = self.leases
+        if decision.error is not None:
+            code, message, hint = decision.error
+            leases.deny(s, req.id, req.product, req.version, code, message, hint)
+            return
+        user, host = holder.user, holder.host
+        for lic in decision.licenses:
+            if leases.checkout(s, req.id, (lic.customer_id, req.product), share_key_for(lic.share, user, host),
+                               holder, req.version, now, wall):
+                return
+        first = decision.licenses[0]
+        reasons = {self.ledger.refusal((lic.customer_id, req.product), share_key_for(lic.share, user, host), user,
+                                       host) for lic in decision.licenses}
+        code, message, hint = seat_refusal(req.product, decision.licenses, reasons, licensing.policy, user, host)
+        if code is not ErrorCode.MAX_REACHED and req.wait > 0 and not self.daemon.closing:
+            leases.enqueue(s, req.id, req.product, req.version, (first.customer_id, req.product),
+                           share_key_for(first.share, user, host), holder, req.wait, now)
+            return
+        leases.deny(s, req.id, req.product, req.version, code, message, hint)
+
+    def checkin(self, s: Session, req: Checkin) -> None:
+        lease = self.leases.end(req.token, _CHECKIN, "", s)
+        self.outbox.reply(s, CheckedIn, CheckedIn.frame(req.id, lease is not None))
+
+    # -- heartbeat, idle and resume --------------------------------------------------------------------------
+    def heartbeat(self, s: Session, req: Heartbeat) -> None:
+        now = self.clock()
+        if req.idle:
+            if s.idle_since is None:
+                s.idle_since = now
+            if self.daemon.licensing.policy.active:
+                self.reclaim_idle(s, max(req.idle_for, now - s.idle_since))
+        elif s.idle_since is not None:
+            s.idle_since = None
+        renewed = self.ledger.renew_session(s.session, now)
+        lost = tuple(s.lost)
+        if lost:
+            s.lost.clear()
+        self.outbox.reply(s, HeartbeatAck, encode_frame(HeartbeatAck(req.id, renewed, lost).to_wire()))
+
+    def reclaim_idle(self, s: Session, idle_for: float) -> None:
+        """End this session's seats of products whose policy ``timeout`` its idle time has passed."""
+        policy = self.daemon.licensing.policy
+        for lease in self.ledger.session_leases(s.session):
+            pp = policy.get(lease.pool[1])
+            if pp is None or pp.timeout is None or idle_for < pp.timeout:
+                continue
+            self.leases.end(lease.token, EndReason.IDLE,
+                            f"{idle_for:.0f} s idle (the usage policy frees seats idle longer than {pp.timeout:g} s)")
+
+    def resume(self, s: Session, req: Resume) -> None:
+        now = self.clock()
+        resumed: list[str] = []
+        lost: list[LostSeat] = []
+        removed = self.leases.removed
+        for token in req.tokens:
+            before = self.ledger.get(token)
+            old_session = before.session if before is not None else None
+            lease = self.ledger.resume(token, s.session, now)
+            if lease is None:
+                if token in removed:
+                    lost.append(removed.pop(token))
+                    continue
+                lost.append(LostSeat(token, ErrorCode.LEASE_NOT_FOUND,
+                                     "this seat is no longer held: it lapsed, was checked in or was removed"))
+                continue
+            if old_session and old_session != s.session and old_session in self.sessions:
+                logger.info("lease %s moved from session %d to %d", token[:8], old_session, s.session)
+            resumed.append(token)
+        logger.info("RESUME %s: %d seat(s) resumed, %d lost", s.who(), len(resumed), len(lost))
+        self.outbox.reply(s, Resumed, encode_frame(Resumed(req.id, tuple(resumed), tuple(lost)).to_wire()))
+
+    # -- admin -------------------------------------------------------------------------------------------------
+    def admin_command(self, s: Session, req: Admin) -> None:
+        if self.admin is None:
+            self.error(s, req.id, ErrorCode.NOT_AUTHORIZED, "this server takes no admin commands",
+                       "start it with lmgrd, which enables lmutil")
+            return
+        try:
+            data = self.admin(s, req.command, req.args, req.auth)
+        except ProtocolError as exc:
+            self.error(s, req.id, exc.code, exc.message, exc.hint)
+        else:
+            self.outbox.reply(s, StatusReply, encode_frame(StatusReply(req.id, data).to_wire()))
+
+
+def refuse(s: Session, outbox: Outbox, exc: ProtocolError, request_id: int = 0) -> None:
+    """Answer with an error and close this one client (after the replies queued before it)."""
+    t = s.transport
+    if t is None or t.is_closing():
+        return
+    if exc.code not in (ErrorCode.HANDSHAKE_TIMEOUT, ErrorCode.TOO_MANY_CONNECTIONS, ErrorCode.SHUTTING_DOWN):
+        logger.warning("dropping client %s: %s", s.peer, exc)
+    outbox.reply(s, ErrorReply, error_frame(request_id, exc))
+    outbox.send(s, None)

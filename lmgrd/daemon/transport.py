@@ -1,0 +1,122 @@
+"""The asyncio side of one client connection: bytes in, requests to the handlers, flow control.
+
+Thin by design (uvicorn's ``H11Protocol``): ``data_received`` feeds the session's protocol connection and
+dispatches each request; a client that stops reading its replies is paused, and dropped if it stays
+stalled for a lease timeout; a client that sends no hello in time is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from time import perf_counter
+from typing import TYPE_CHECKING
+
+from lmgrd.daemon.session import Session
+from protocol import ErrorCode, ProtocolError, State
+from protocol.validation import normalize_ip
+
+if TYPE_CHECKING:
+    from lmgrd.daemon.server import Server
+
+__all__ = ["WRITE_HIGH_WATER", "ClientProtocol"]
+
+logger = logging.getLogger(__name__)
+
+#: Once the connection is refused or broke a rule, requests already read behind it are not served.
+_NOT_SERVING = frozenset({State.MUST_CLOSE, State.ERROR, State.CLOSED})
+
+#: A client that does not read its replies is paused above this much unsent data; if it stays stalled for
+#: a lease timeout it is dropped (its leases then lapse like any dropped client's).
+WRITE_HIGH_WATER = 64 * 1024
+
+
+class ClientProtocol(Session, asyncio.Protocol):
+    """One client connection: its session state plus the asyncio callbacks."""
+
+    __slots__ = ("server",)
+
+    def __init__(self, server: Server) -> None:
+        Session.__init__(self, server.cfg.max_frame_bytes)
+        self.server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        raw = str(peer[0]) if peer else "?"
+        try:
+            self.addr = str(normalize_ip(raw))
+        except ValueError:
+            self.addr = raw
+        self.peer = f"{self.addr}:{peer[1]}" if peer else self.addr
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        self.server.on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            requests = self.conn.receive_data(data)
+        except ProtocolError as exc:
+            self.server.fail(self, exc)
+            return
+        server = self.server
+        dispatch = server.handlers.dispatch
+        timer = server.request_timer
+        conn = self.conn
+        if timer is None:
+            for req in requests:
+                if conn.state in _NOT_SERVING:
+                    return
+                dispatch(self, req)
+            return
+        for req in requests:  # lmgrd_request_duration_seconds: observe only, no allocation
+            if conn.state in _NOT_SERVING:
+                return
+            t0 = perf_counter()
+            dispatch(self, req)
+            timer(type(req), perf_counter() - t0)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.close()
+        self.server.on_disconnect(self)
+
+    def pause_writing(self) -> None:
+        # The client is not reading its replies: stop reading its requests until it catches up.
+        t = self._asyncio_transport()
+        if t is not None:
+            t.pause_reading()
+        since = self.paused_since = time.monotonic()
+        logger.warning("client %s is not reading its replies; pausing its requests", self.peer)
+        self.server.loop.call_later(self.server.lease_timeout, self._stalled, since)
+
+    def _stalled(self, since: float) -> None:
+        t = self._asyncio_transport()
+        if self.paused_since == since and t is not None and not t.is_closing():
+            logger.warning("client %s read none of its replies for %g s (a lease timeout); dropping it",
+                           self.peer, self.server.lease_timeout)
+            t.abort()
+
+    def resume_writing(self) -> None:
+        t = self._asyncio_transport()
+        if t is not None and not t.is_closing():
+            t.resume_reading()
+        self.paused_since = None
+
+    def _asyncio_transport(self) -> asyncio.Transport | None:
+        return self.transport  # type: ignore[return-value]  # set by connection_made to an asyncio transport
+
+    def abort(self) -> None:
+        t = self._asyncio_transport()
+        if t is not None:
+            t.abort()
+
+    def handshake_expired(self) -> None:
+        self.handshake_timer = None
+        if self.conn.hello is None:
+            timeout = self.server.cfg.handshake_timeout
+            logger.info("client %s sent no hello within %.1f s; dropped", self.peer, timeout)
+            self.server.fail(self, ProtocolError(ErrorCode.HANDSHAKE_TIMEOUT, f"no hello within {timeout:g} seconds",
+                                                 "send hello right after connecting"))
