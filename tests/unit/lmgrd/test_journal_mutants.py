@@ -23,7 +23,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from lmgrd.core.ledger import LeaseInfo, Ledger, ShareMode, share_key_for
+from lmgrd.core.ledger import Holder, LeaseInfo, Ledger, ShareMode, share_key_for
 from lmgrd.storage.journal import (
     JOURNAL_NAME,
     LOCK_NAME,
@@ -33,7 +33,6 @@ from lmgrd.storage.journal import (
     JournalCorrupt,
     JournalStore,
     LeaseRecord,
-    MemoryStore,
     StoreError,
     StoreLocked,
     read_journal,
@@ -111,7 +110,7 @@ def test_a_lease_restored_from_a_real_journal_keeps_its_user_and_host(tmp_path: 
     pool = ("C1", "CADPRO")
     ledger.set_pool(pool, 2)
     key = share_key_for(ShareMode.USER_HOST, "carol", "ws042.corp.example")
-    lease = ledger.checkout(pool, key, "carol", "ws042.corp.example", 4242, "2.1", ":1", 7, 100.0, 1.7e9)
+    lease = ledger.checkout(pool, key, Holder("carol", "ws042.corp.example", 4242, ":1", 7), "2.1", 100.0, 1.7e9)
     assert lease is not None
     with JournalStore(tmp_path) as store:
         store.record_grant(lease.to_record())
@@ -387,12 +386,11 @@ def test_a_refused_open_closes_only_its_own_descriptors(tmp_path: Path) -> None:
 
 def test_a_grant_recorded_twice_is_refused_naming_the_lease(tmp_path: Path) -> None:
     r = rec(1, token="abcdefghijkl")
-    for store in (JournalStore(tmp_path), MemoryStore()):
+    with JournalStore(tmp_path) as store:
         store.record_grant(r)
         with pytest.raises(ValueError) as info:
             store.record_grant(r)
         assert str(info.value) == "lease abcdef... is already recorded as granted"
-        store.close()
 
 
 # -- compaction thresholds and retries -----------------------------------------------------------------------
@@ -512,20 +510,7 @@ def test_a_write_that_fails_halfway_is_cut_back_and_retried_whole(tmp_path: Path
     assert read_journal(path) == [rec(1), rec(2), *(rec(i, display="x" * 200) for i in range(3, 40))]
 
 
-# -- MemoryStore ----------------------------------------------------------------------------------------------
-
-
-def test_memory_store_counts_every_flush_and_sync_and_ignores_unknown_releases() -> None:
-    store = MemoryStore()
-    assert store.closed is False
-    store.record_release("never-granted")
-    store.flush()
-    store.flush()
-    store.sync()
-    store.sync()
-    assert (store.flushes, store.syncs, store.flushed()) == (2, 2, [])
-    store.close()
-    assert store.closed is True and store.flushes == 3
+# -- releases ----------------------------------------------------------------------------------------------
 
 
 def test_journal_store_ignores_unknown_releases_without_writing_them(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 
-from lmgrd.core.ledger import LeaseInfo, LeaseRecord, Ledger, PoolKey, ShareMode, Waiter, share_key_for
+from lmgrd.core.ledger import Holder, LeaseInfo, LeaseRecord, Ledger, PoolKey, ShareMode, Waiter, share_key_for
 from lmgrd.core.policy import ProductPolicy, Rule, Subject
 
 POOL: PoolKey = ("C1", "CADPRO")
@@ -33,7 +33,7 @@ def key(user: str, host: str) -> tuple[str, ...]:
 
 def co(ledger: Ledger, user: str, host: str = "pc1", *, session: int | None = 1, now: float = 0.0,
        pid: int = 100) -> LeaseInfo | None:
-    return ledger.checkout(POOL, key(user, host), user, host, pid, "2.1", ":0", session, now, WALL + now)
+    return ledger.checkout(POOL, key(user, host), Holder(user, host, pid, ":0", session), "2.1", now, WALL + now)
 
 
 def must(lease: LeaseInfo | None) -> LeaseInfo:
@@ -42,7 +42,7 @@ def must(lease: LeaseInfo | None) -> LeaseInfo:
 
 
 def waiter(wid: int, user: str, host: str = "pc9", session: int = 9) -> Waiter:
-    return Waiter(wid, POOL, key(user, host), user, host, 200 + wid, f"2.{wid}", f":{wid}", session, ctx=wid)
+    return Waiter(wid, POOL, key(user, host), Holder(user, host, 200 + wid, f":{wid}", session), f"2.{wid}", ctx=wid)
 
 
 def user(name: str) -> Subject:
@@ -315,7 +315,7 @@ def test_releasing_or_expiring_one_of_two_shared_leases_serves_nobody() -> None:
 def test_expire_takes_at_most_one_thousand_leases_by_default() -> None:
     ledger = make(2000)
     for i in range(1001):
-        must(ledger.checkout(POOL, (), "u", "h", i, "2.1", "", None, 0.0, WALL))
+        must(ledger.checkout(POOL, (), Holder("u", "h", i, "", None), "2.1", 0.0, WALL))
     expired, _ = ledger.expire(T, WALL)
     assert len(expired) == 1000 and len(ledger) == 1
     assert ledger.next_deadline() == T
@@ -353,9 +353,9 @@ def test_a_waiter_joins_a_seat_its_host_key_gained_while_it_waited() -> None:
     for lift_policy in (False, True):
         ledger = make(2 if lift_policy else 3, reserve(maxes=((1, user("alice")),)))
         hkey = ("h1",)
-        must(ledger.checkout(POOL, hkey, "alice", "h1", 1, "2.1", "", 1, 0.0, WALL))
-        ledger.enqueue(Waiter(1, POOL, ("h2",), "alice", "h2", 2, "2.1", "", 2))
-        must(ledger.checkout(POOL, ("h2",), "bob", "h2", 3, "2.1", "", 3, 0.0, WALL))
+        must(ledger.checkout(POOL, hkey, Holder("alice", "h1", 1, "", 1), "2.1", 0.0, WALL))
+        ledger.enqueue(Waiter(1, POOL, ("h2",), Holder("alice", "h2", 2, "", 2), "2.1"))
+        must(ledger.checkout(POOL, ("h2",), Holder("bob", "h2", 3, "", 3), "2.1", 0.0, WALL))
         assert ledger.in_use(POOL) == 2
         if lift_policy:
             ledger.set_policy(POOL, None)

@@ -40,10 +40,9 @@ from protocol.messages import (
     parse_reply,
     parse_request,
 )
+from protocol.validation import MAX_VERSION_LENGTH
 
-#: Checkout's version limit. Issue 8 makes protocol/validation.py's MAX_VERSION_LENGTH (64) the one
-#: limit; when messages.py takes it, this becomes that constant.
-CHECKOUT_VERSION_LIMIT = 32
+CHECKOUT_VERSION_LIMIT = MAX_VERSION_LENGTH  # 32, the one version limit (protocol/validation.py)
 TEN_YEARS = 10 * 365 * 86400.0
 
 
