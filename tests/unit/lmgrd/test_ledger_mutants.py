@@ -7,6 +7,7 @@ Written to kill the mutants ``make mutation`` found surviving in lmgrd/core/ledg
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import pytest
 
@@ -362,3 +363,104 @@ def test_a_waiter_joins_a_seat_its_host_key_gained_while_it_waited() -> None:
         [(w, lease)] = ledger.serve(POOL, 1.0, WALL + 1)
         assert w.waiter_id == 1 and lease.share_key == ("h2",) and lease.user == "alice"
         assert ledger.in_use(POOL) == 2 and ledger.queued(POOL) == 0
+
+
+# -- after the merge of main: share modes, seat handles, reservations ---------------------------------------------
+
+
+def test_an_unknown_share_mode_is_refused_listing_the_known_ones() -> None:
+    with pytest.raises(ValueError) as info:
+        share_key_for("per_user", "alice", "pc1")
+    assert str(info.value) == "unknown share mode 'per_user'; expected one of user_host, host, none"
+
+
+SPAN = 99_999_999 - 100 + 1
+
+
+def derived_handle(pool: PoolKey, share_key: tuple[str, ...]) -> int:
+    """A seat's handle as documented: from its identity (customer, product, share key), in 100..99_999_999."""
+    return 100 + zlib.crc32("\x1f".join((*pool, *share_key)).encode()) % SPAN
+
+
+def colliding_keys() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Two share keys of POOL whose derived handles are equal (found by search; crc32 is deterministic)."""
+    seen: dict[int, tuple[str, ...]] = {}
+    for i in itertools.count():
+        k = (f"u{i}", "pc1")
+        h = derived_handle(POOL, k)
+        if h in seen:
+            return seen[h], k
+        seen[h] = k
+    raise AssertionError("unreachable")
+
+
+def test_a_seat_handle_is_derived_from_the_seat_and_stays_across_a_restore() -> None:
+    ledger = make(3)
+    lease = must(co(ledger, "alice", "pc1"))
+    h = ledger.handle(POOL, lease.share_key)
+    assert h == derived_handle(POOL, ("alice", "pc1"))
+    assert ledger.seat_of(h) == (POOL, ("alice", "pc1"))
+    assert ledger.seat_of(h + 1) is None
+    again = make(3)
+    again.restore([lease.to_record()], 0.0)
+    assert again.handle(POOL, lease.share_key) == h
+    ledger.release(lease.token, 1.0, WALL)
+    assert ledger.seat_of(h) is None
+
+
+def test_a_handle_taken_by_another_seat_moves_to_the_next_free_one() -> None:
+    first, second = colliding_keys()
+    h = derived_handle(POOL, first)
+    ledger = make(3)
+    for k in (first, second):
+        must(ledger.checkout(POOL, k, Holder(k[0], "pc1", 1, "", 1), "2.1", 0.0, WALL))
+    assert ledger.handle(POOL, first) == h
+    assert ledger.handle(POOL, second) == (h - 100 + 1) % SPAN + 100
+    assert ledger.seat_of(ledger.handle(POOL, second)) == (POOL, second)
+
+
+def test_reservations_split_the_reserved_seats_by_rule_in_rule_order() -> None:
+    gina, lab = user("gina"), host("lab1")
+    ledger = make(5, reserve((2, gina), (1, lab)))
+    assert ledger.reservations(POOL) == [(gina, 2), (lab, 1)]
+    must(co(ledger, "gina", "pc1"))
+    assert ledger.reservations(POOL) == [(gina, 1), (lab, 1)]
+    for who in ("gina", "olga"):
+        must(co(ledger, who, "pc2"))
+    assert ledger.reservations(POOL) == [(gina, 0), (lab, 1)]  # gina's rule used up: 0, never negative
+    ledger.set_pool(POOL, 4)  # one free seat left: the reserved seats cannot exceed it
+    assert ledger.reservations(POOL) == [(gina, 0), (lab, 1)]
+    ledger.set_pool(POOL, 3)
+    assert ledger.reservations(POOL) == [(gina, 0), (lab, 0)]
+    two = make(6, reserve((2, gina), (2, lab)))
+    two.set_pool(POOL, 3)
+    assert two.reservations(POOL) == [(gina, 2), (lab, 1)]  # the free seats go to the first rules first
+    assert make(2).reservations(POOL) == []
+
+
+def test_serve_stamps_the_grants_with_the_wall_clock_it_is_given() -> None:
+    ledger = make(1)
+    must(co(ledger, "xena"))
+    ledger.enqueue(waiter(1, "alice"))
+    ledger.set_pool(POOL, 2)
+    [(_, lease)] = ledger.serve(POOL, 4.0, WALL + 4)
+    assert lease.granted_at == WALL + 4 and lease.deadline == 94.0
+
+
+def test_detaching_a_session_drops_every_one_of_its_waiters() -> None:
+    ledger = make(1)
+    must(co(ledger, "xena"))
+    ledger.enqueue(waiter(1, "alice", session=5))
+    ledger.enqueue(waiter(2, "bob", session=5))
+    ledger.enqueue(waiter(3, "carol", session=6))
+    ledger.detach_session(5, 1.0, 10.0)
+    assert [w.waiter_id for w in ledger.waiting(POOL)] == [3]
+
+
+def test_expiry_goes_past_a_released_leases_stale_entry() -> None:
+    ledger = make(2)
+    a = must(co(ledger, "alice"))
+    b = must(co(ledger, "bob"))
+    ledger.release(a.token, 1.0, WALL)
+    expired, _ = ledger.expire(T, WALL)
+    assert expired == [b]
