@@ -464,3 +464,13 @@ def test_expiry_goes_past_a_released_leases_stale_entry() -> None:
     ledger.release(a.token, 1.0, WALL)
     expired, _ = ledger.expire(T, WALL)
     assert expired == [b]
+
+
+def test_expiry_goes_past_a_renewed_leases_old_entry() -> None:
+    ledger = make(2)
+    must(co(ledger, "alice", session=1))
+    b = must(co(ledger, "bob", session=2))
+    assert ledger.renew_session(1, 60.0) == 1  # alice now lives until 150; her entry still says 90
+    expired, _ = ledger.expire(T, WALL)
+    assert expired == [b]
+    assert ledger.next_deadline() == 150.0
