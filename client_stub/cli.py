@@ -60,6 +60,7 @@ from client_stub.address import ENV_SERVER, config_path, parse_server_list, reso
 from client_stub.errors import LicenseError, LicenseLost, SeatDenied, ServerUnavailable
 from client_stub.files import write_atomic
 from client_stub.i18n import gettext_ as _
+from client_stub.i18n import language
 from client_stub.machine import this_fingerprint, this_machine
 from client_stub.nodelock import ENV_VENDOR_KEY, load_vendor_key, verify_for_this_pc
 from client_stub.sync import LicenseClient, Seat
@@ -143,6 +144,10 @@ def _host_warning() -> str | None:
     problem = hostname_problem(name)
     if problem is None:
         return None
+    bad = sorted({ch for ch in name if not (ch.isascii() and (ch.isalnum() or ch in "-."))})
+    if bad and language() != "en":
+        # The rule's English text repeats the rule the sentence already states; name the characters instead.
+        problem = _("characters that are not allowed: {chars}").format(chars=", ".join(map(repr, bad[:8])))
     return _("this host's name {name} cannot be licensed: {problem}. Host names must be ASCII letters, "
              "digits and hyphens; a host named with Japanese or other special characters must be renamed "
              "before it can use or serve a license").format(name=repr(name), problem=problem)
