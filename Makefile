@@ -33,7 +33,7 @@ tools: $(STAMP)
 I18N_DOMAINS := client_stub lmgrd
 i18n: $(STAMP)
 	for d in $(I18N_DOMAINS); do \
-	  $(VENV)/bin/pybabel -q extract -F babel.cfg -k gettext_ -k tr --no-location --sort-output \
+	  $(VENV)/bin/pybabel -q extract -F babel.cfg -k gettext_ -k tr -c TRANSLATORS: --no-location --sort-output \
 	    --project lmgrd --copyright-holder lmgrd -o $$d/locale/$$d.pot $$d && \
 	  if [ -f $$d/locale/ja/LC_MESSAGES/$$d.po ]; then \
 	    $(VENV)/bin/pybabel -q update --no-fuzzy-matching --ignore-obsolete \

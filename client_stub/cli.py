@@ -180,7 +180,8 @@ def _describe(seat: Seat) -> str:
     if seat.waited:
         details.append(_("waited {seconds} s").format(seconds=f"{seat.waited:.1f}"))
     return _("granted {product} {version} from {where} ({details})").format(
-        product=seat.product, version=seat.version, where=where, details=", ".join(details))
+        # TRANSLATORS: the separator between the details of a grant (Japanese uses its own comma).
+        product=seat.product, version=seat.version, where=where, details=_(", ").join(details))
 
 
 def cmd_checkout(ns: argparse.Namespace) -> int:

@@ -3,11 +3,15 @@
 Imports only the standard library; never ``client_stub`` (which has its own catalog, :mod:`client_stub.i18n`,
 for the same reason). The English text is the msgid in the source; the Japanese is in ``lmgrd/locale/ja/LC_MESSAGES/
 lmgrd.po``, compiled to the ``.mo`` beside it (``make i18n``; both are committed and shipped as package
-data). Only text a person reads goes through here: machine-read output (``--json``, logs, metrics) and the
-wire stay English.
+data). Only text a person reads goes through here: machine-read output (``--json``, lmstat's FlexNet layout,
+logs, metrics) and the wire stay English; the daemon itself never translates.
 
-The language is read at every call, not at import, so a product that changes its environment (or a test)
-gets the new language at once:
+Why a second catalog rather than one shared domain: ``lmgrd`` and ``client_stub`` may not import each other,
+and each ships on its own (a product embeds ``client_stub`` alone), so each package carries the catalog of its
+own strings. The language rule below is the same as :func:`client_stub.i18n.language`; a test checks both.
+
+The language is read at every call, not at import, so a change of the environment (a test) takes effect at
+once:
 
 1. ``LMGRD_LANG`` (``ja``, ``en``, ``ja_JP.UTF-8``, ...) wins;
 2. else the POSIX order ``LC_ALL``, then ``LC_MESSAGES``, then ``LANG`` (the first that is set and non-empty);

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[3]
 DOMAINS = {"client_stub": i18n.LOCALE_DIR, "lmgrd": lmgrd.i18n.LOCALE_DIR}
 #: The extraction keywords ``make i18n`` passes to Babel (the defaults plus these).
 KEYWORDS = ("gettext_", "tr")
-JAPANESE = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
+JAPANESE = re.compile(r"[\u3001-\u303f\u3040-\u30ff\u4e00-\u9fff]")  # CJK punctuation, kana, kanji
 
 
 def _po(domain: str) -> Catalog:
