@@ -1,6 +1,8 @@
 """``lmclient``: the client terminal utility (what a client PC's user or admin runs).
 
 Imports ``client_stub``, ``protocol``, the standard library, ``platformdirs`` and ``yaml``; never ``lmgrd``.
+What it prints for people is in the user's language (:mod:`client_stub.i18n`: ``LMGRD_LANG``, else the locale;
+English or Japanese); ``--json`` output stays English.
 
 Commands::
 
@@ -57,6 +59,8 @@ from client_stub import activation
 from client_stub.address import ENV_SERVER, config_path, parse_server_list, resolve_servers
 from client_stub.errors import LicenseError, LicenseLost, SeatDenied, ServerUnavailable
 from client_stub.files import write_atomic
+from client_stub.i18n import gettext_ as _
+from client_stub.i18n import language
 from client_stub.machine import this_fingerprint, this_machine
 from client_stub.nodelock import ENV_VENDOR_KEY, load_vendor_key, verify_for_this_pc
 from client_stub.sync import LicenseClient, Seat
@@ -81,9 +85,9 @@ _CONFIG_CODES = {ErrorCode.CLIENT_CONFIG_INVALID, ErrorCode.LICENSE_INVALID, Err
 
 
 def _say_error(exc: LicenseError) -> int:
-    print(f"lmclient: {exc.code}: {exc.message}", file=sys.stderr)
+    print(f"lmclient: {exc.code}: {exc.localized_message}", file=sys.stderr)
     if exc.hint:
-        print(f"lmclient: what to do: {exc.hint}", file=sys.stderr)
+        print(_("lmclient: what to do: {hint}").format(hint=exc.localized_hint), file=sys.stderr)
     if isinstance(exc, ServerUnavailable) or exc.code is ErrorCode.SERVER_UNAVAILABLE:
         return EXIT_UNREACHABLE
     if exc.code in _CONFIG_CODES:
@@ -112,11 +116,11 @@ def cmd_set_server(ns: argparse.Namespace) -> int:
     text = "# written by lmclient set-server; read by every product using client_stub\n" + yaml.safe_dump(
         doc, sort_keys=True)
     write_atomic(path, text.encode("utf-8"))
-    print(f"servers: {', '.join(doc['servers'])}")
-    print(f"written to {path}")
+    print(_("servers: {servers}").format(servers=", ".join(doc["servers"])))
+    print(_("written to {path}").format(path=path))
     if os.environ.get(ENV_SERVER, "").strip():
-        print(f"note: the environment variable {ENV_SERVER} is set and takes precedence over this file "
-              "(lmclient show)")
+        print(_("note: the environment variable {env} is set and takes precedence over this file "
+                "(lmclient show)").format(env=ENV_SERVER))
     return 0
 
 
@@ -127,9 +131,9 @@ def cmd_show(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(data, indent=2))
         return 0
-    print(f"servers: {', '.join(data['servers'])}")
-    print(f"from: {servers.source}")
-    print(f"(order: -c argument, then {ENV_SERVER}, then {data['config_file']})")
+    print(_("servers: {servers}").format(servers=", ".join(data["servers"])))
+    print(_("from: {source}").format(source=servers.source))
+    print(_("(order: -c argument, then {env}, then {file})").format(env=ENV_SERVER, file=data["config_file"]))
     return 0
 
 
@@ -140,9 +144,13 @@ def _host_warning() -> str | None:
     problem = hostname_problem(name)
     if problem is None:
         return None
-    return (f"this host's name {name!r} cannot be licensed: {problem}. Host names must be ASCII letters, "
-            "digits and hyphens; a host named with Japanese or other special characters must be renamed "
-            "before it can use or serve a license")
+    bad = sorted({ch for ch in name if not (ch.isascii() and (ch.isalnum() or ch in "-."))})
+    if bad and language() != "en":
+        # The rule's English text repeats the rule the sentence already states; name the characters instead.
+        problem = _("characters that are not allowed: {chars}").format(chars=", ".join(map(repr, bad[:8])))
+    return _("this host's name {name} cannot be licensed: {problem}. Host names must be ASCII letters, "
+             "digits and hyphens; a host named with Japanese or other special characters must be renamed "
+             "before it can use or serve a license").format(name=repr(name), problem=problem)
 
 
 def cmd_ping(ns: argparse.Namespace) -> int:
@@ -153,21 +161,27 @@ def cmd_ping(ns: argparse.Namespace) -> int:
         print(f"lmclient: {warning}", file=sys.stderr)
     with _client(ns) as lm:
         p = lm.ping()
-    print(f"license server {p.server}: lmgrd {p.server_version}, protocol {p.protocol}")
-    print(f"round trip: {p.round_trip * 1000:.2f} ms")
-    print(f"this host: {short_hostname(socket.gethostname())}" + (" (cannot be licensed; see above)" if warning
-                                                                 else ""))
+    print(_("license server {server}: lmgrd {version}, protocol {protocol}").format(
+        server=p.server, version=p.server_version, protocol=p.protocol))
+    print(_("round trip: {ms} ms").format(ms=f"{p.round_trip * 1000:.2f}"))
+    host = short_hostname(socket.gethostname())
+    print(_("this host: {host} (cannot be licensed; see above)").format(host=host) if warning
+          else _("this host: {host}").format(host=host))
     return 0
 
 
 def _describe(seat: Seat) -> str:
-    where = "single-user license " + seat.server if seat.nodelocked else f"license server {seat.server}"
-    out = f"granted {seat.product} {seat.version} from {where} (customer ID {seat.customer_id}"
+    where = (_("single-user license {file}") if seat.nodelocked else _("license server {server}")).format(
+        file=seat.server, server=seat.server)
+    details = [_("customer ID {customer_id}").format(customer_id=seat.customer_id)]
     if not seat.nodelocked:
-        out += f", lease token {seat.token[:8]}..., lease timeout {seat.lease_timeout:g} s"
+        details.append(_("lease token {token}..., lease timeout {seconds} s").format(
+            token=seat.token[:8], seconds=f"{seat.lease_timeout:g}"))
     if seat.waited:
-        out += f", waited {seat.waited:.1f} s"
-    return out + ")"
+        details.append(_("waited {seconds} s").format(seconds=f"{seat.waited:.1f}"))
+    return _("granted {product} {version} from {where} ({details})").format(
+        # TRANSLATORS: the separator between the details of a grant (Japanese uses its own comma).
+        product=seat.product, version=seat.version, where=where, details=_(", ").join(details))
 
 
 def cmd_checkout(ns: argparse.Namespace) -> int:
@@ -175,7 +189,7 @@ def cmd_checkout(ns: argparse.Namespace) -> int:
         seat = lm.checkout(ns.product, ns.version, ns.wait)
         print(_describe(seat))
         seat.checkin()
-        print("checked in")
+        print(_("checked in"))
     return 0
 
 
@@ -186,20 +200,23 @@ def cmd_status(ns: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2, sort_keys=True, default=str))
         return 0
     up = float(str(data.get("uptime_seconds", 0)))
-    print(f"license server: lmgrd {data.get('server_version', '?')}, up {up:.0f} s")
+    print(_("license server: lmgrd {version}, up {seconds} s").format(version=data.get("server_version", "?"),
+                                                                       seconds=f"{up:.0f}"))
     pools = data.get("pools")
     for pool in pools if isinstance(pools, list) else []:
         if isinstance(pool, dict):
-            print(f"  {pool.get('product')} {pool.get('version')}: {pool.get('in_use')} of {pool.get('count')} "
-                  f"in use, {pool.get('queued', 0)} queued (customer ID {pool.get('customer_id')})")
+            print("  " + _("{product} {version}: {in_use} of {count} in use, {queued} queued (customer ID "
+                           "{customer_id})").format(product=pool.get("product"), version=pool.get("version"),
+                                                   in_use=pool.get("in_use"), count=pool.get("count"),
+                                                   queued=pool.get("queued", 0), customer_id=pool.get("customer_id")))
     return 0
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
     command = list(ns.command)
     if not command:
-        print("lmclient run: give the command to run after '--', e.g. lmclient run CADPRO --version 2.1 -- "
-              "cadpro --batch job.dat", file=sys.stderr)
+        print(_("lmclient run: give the command to run after '--', e.g. lmclient run CADPRO --version 2.1 -- "
+                "cadpro --batch job.dat"), file=sys.stderr)
         return 2
     lost = threading.Event()
     child: list[subprocess.Popen[bytes]] = []
@@ -208,8 +225,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
     starting = threading.Lock()
 
     def on_lost(seat: Seat, error: LicenseLost) -> None:
-        print(f"lmclient: the seat of {seat.product} was lost: {error.code}: {error.message}; stopping "
-              f"{command[0]}", file=sys.stderr)
+        print(_("lmclient: the seat of {product} was lost: {code}: {message}; stopping {command}").format(
+            product=seat.product, code=error.code, message=error.localized_message, command=command[0]),
+            file=sys.stderr)
         with starting:
             lost.set()
             if child:
@@ -218,7 +236,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     with _client(ns, on_lost=on_lost) as lm:
         seat = lm.checkout(ns.product, ns.version, ns.wait)
         if not ns.quiet:
-            print(f"lmclient: {_describe(seat)}; running {command[0]}", file=sys.stderr)
+            print(_("lmclient: {grant}; running {command}").format(grant=_describe(seat), command=command[0]),
+                  file=sys.stderr)
         previous: dict[int, Any] = {}
         with starting:
             if lost.is_set():
@@ -226,11 +245,12 @@ def cmd_run(ns: argparse.Namespace) -> int:
             try:
                 proc = subprocess.Popen(command)
             except FileNotFoundError:
-                print(f"lmclient run: command not found: {command[0]}", file=sys.stderr)
+                print(_("lmclient run: command not found: {command}").format(command=command[0]), file=sys.stderr)
                 seat.checkin()
                 return 127
             except PermissionError:
-                print(f"lmclient run: cannot execute {command[0]}: permission denied", file=sys.stderr)
+                print(_("lmclient run: cannot execute {command}: permission denied").format(command=command[0]),
+                      file=sys.stderr)
                 seat.checkin()
                 return 126
             child.append(proc)
@@ -311,10 +331,10 @@ def cmd_hostid(ns: argparse.Namespace) -> int:
         print(f"hostname:    {data['short_hostname']}")
         print(f"addresses:   {', '.join(addresses) or 'none'}")
         print(f"fingerprint: {fp.digest}")
-        print("For a registration request: host: {hostname: " + str(data["short_hostname"]) + ", ip: <the address "
-              "the license server or PC is reached at on the LAN>}")
+        print(_("For a registration request: host: {{hostname: {hostname}, ip: <the address the license server "
+                "or PC is reached at on the LAN>}}").format(hostname=data["short_hostname"]))
     if problem is not None:
-        print(f"lmclient: warning: {_host_warning()}", file=sys.stderr)
+        print(_("lmclient: warning: {warning}").format(warning=_host_warning()), file=sys.stderr)
         return EXIT_CONFIG
     return 0
 
@@ -327,9 +347,10 @@ def cmd_activate(ns: argparse.Namespace) -> int:
     lic = verify_for_this_pc(path, key)
     now = datetime.now(UTC)
     rec = activation.activate(lic, now, hostname=socket.gethostname())
-    print(f"activated single-user license {lic.customer_id} ({lic.customer}) on this PC "
-          f"({short_hostname(socket.gethostname())}), fingerprint {rec.fingerprint.digest[:16]}")
-    print(f"recorded in {activation.activation_path()}")
+    print(_("activated single-user license {customer_id} ({customer}) on this PC ({host}), fingerprint "
+            "{fingerprint}").format(customer_id=lic.customer_id, customer=lic.customer,
+                                    host=short_hostname(socket.gethostname()), fingerprint=rec.fingerprint.digest[:16]))
+    print(_("recorded in {path}").format(path=activation.activation_path()))
     return 0
 
 

@@ -8,6 +8,10 @@ credential is found by itself when run on the license server by the daemon's OS 
 daemon writes in that user's runtime directory, keyed by port); from elsewhere pass ``--token-file``.
 
 Exit codes: 0 ok, 1 the server refused or reported a problem, 2 usage, 3 the server cannot be reached.
+
+Its error messages are in the user's language (:mod:`lmgrd.i18n`: ``LMGRD_LANG``, else the locale; English or
+Japanese); ``--json``, lmstat's FlexNet layout and ``--prometheus`` stay English. The server's refusals arrive
+in English: in Japanese they are shown as a Japanese sentence for their code, then the server's English text.
 """
 
 from __future__ import annotations
@@ -27,19 +31,44 @@ from typing import Any
 
 from lmgrd import __version__, lmstat_text
 from lmgrd.admin.token import token_path
-from protocol import Admin, Connection, ErrorReply, Hello, ProtocolError, Reply, Role, StatusReply, Welcome
+from lmgrd.i18n import N_, Text, gettext_, language, tr
+from protocol import Admin, Connection, ErrorCode, ErrorReply, Hello, ProtocolError, Reply, Role, StatusReply, Welcome
 
 DEFAULT_SERVER = "27000@localhost"
 
 
-class AdminError(Exception):
-    """What went wrong, the exit code it means, and (server unreachable) the socket error behind it."""
+#: What the server's refusal means, for the codes an admin command meets; lmutil says it in the user's language
+#: before the server's English message (the wire stays English). Other codes get the generic sentence.
+REFUSALS: dict[ErrorCode, str] = {
+    ErrorCode.NOT_AUTHORIZED: N_("The license server did not accept the admin credential."),
+    ErrorCode.BAD_REQUEST: N_("The license server did not accept the command's arguments."),
+    ErrorCode.LEASE_NOT_FOUND: N_("No such seat is held on the license server."),
+    ErrorCode.UNKNOWN_PRODUCT: N_("The license server does not serve this product."),
+    ErrorCode.LICENSE_MOVED: N_("The license was activated on another machine."),
+    ErrorCode.SHUTTING_DOWN: N_("The license server is shutting down."),
+    ErrorCode.TOO_MANY_CONNECTIONS: N_("There are too many connections from this computer to the license server."),
+    ErrorCode.INTERNAL_ERROR: N_("An internal error occurred in the license server."),
+}
 
-    def __init__(self, message: str, exit_code: int = 1, code: str = "", os_error: OSError | None = None) -> None:
-        super().__init__(message)
+
+class AdminError(Exception):
+    """What went wrong, the exit code it means, and (server unreachable) the socket error behind it.
+
+    ``str(error)`` is English (``--json``); ``localized`` is what a person's terminal shows.
+    """
+
+    def __init__(self, message: str | Text, exit_code: int = 1, code: str = "", os_error: OSError | None = None
+                 ) -> None:
+        self.text = message if isinstance(message, Text) else Text("{message}", {"message": message})
+        super().__init__(self.text.english())
         self.exit_code = exit_code
         self.code = code
         self.os_error = os_error
+
+    @property
+    def localized(self) -> str:
+        """The message in the user's language."""
+        return self.text.localized()
 
 
 def parse_server(spec: str) -> tuple[str, int]:
@@ -51,12 +80,13 @@ def parse_server(spec: str) -> tuple[str, int]:
     elif spec.count(":") == 1:
         host, port_s = spec.split(":", 1)
     else:
-        raise AdminError(f"cannot read server {spec!r}: use PORT@HOST, for example 27000@licsrv01", 2)
+        raise AdminError(tr("cannot read server {spec}: use PORT@HOST, for example 27000@licsrv01", spec=repr(spec)), 2)
     host = host.strip("[]") or "localhost"
     try:
         port = int(port_s)
     except ValueError:
-        raise AdminError(f"cannot read the port in {spec!r}: use PORT@HOST, for example 27000@licsrv01", 2) from None
+        raise AdminError(tr("cannot read the port in {spec}: use PORT@HOST, for example 27000@licsrv01",
+                            spec=repr(spec)), 2) from None
     return host, port
 
 
@@ -68,15 +98,15 @@ class AdminClient:
         try:
             self.sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
-            raise AdminError(f"cannot reach the license server at {port}@{host}: {exc.strerror or exc}; "
-                             "is lmgrd running there?", 3, os_error=exc) from None
+            raise AdminError(tr("cannot reach the license server at {port}@{host}: {error}; is lmgrd running there?",
+                                port=port, host=host, error=exc.strerror or exc), 3, os_error=exc) from None
         self.conn = Connection(Role.CLIENT)
         self.replies: list[Reply] = []
         self.next_id = 0
         reply = self.request(Hello(self._id(), (1,), socket.gethostname().split(".")[0] or "localhost",
                                    getpass.getuser(), os.getpid(), f"lmutil {__version__}", "lmutil"))
         if not isinstance(reply, Welcome):
-            raise AdminError(f"the server refused the connection: {_describe(reply)}", 1)
+            raise AdminError(tr("the server refused the connection: {reply}", reply=_describe(reply)), 1)
         self.welcome = reply
 
     def _id(self) -> int:
@@ -89,20 +119,21 @@ class AdminClient:
             while not self.replies:
                 data = self.sock.recv(65536)
                 if not data:
-                    raise AdminError("the license server closed the connection", 3,
+                    raise AdminError(tr("the license server closed the connection"), 3,
                                      os_error=ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET)))
                 self.replies.extend(self.conn.receive_data(data))
         except (OSError, ProtocolError) as exc:
-            raise AdminError(f"lost the connection to {self.port}@{self.host}: {exc}", 3,
+            raise AdminError(tr("lost the connection to {port}@{host}: {error}", port=self.port, host=self.host,
+                                error=exc), 3,
                              os_error=exc if isinstance(exc, OSError) else None) from None
         return self.replies.pop(0)
 
     def admin(self, command: str, args: dict[str, Any], auth: str) -> dict[str, Any]:
         reply = self.request(Admin(self._id(), command, args, auth))
         if isinstance(reply, ErrorReply):
-            raise AdminError(_describe(reply), 1, str(reply.code))
+            raise AdminError(_refusal(reply), 1, str(reply.code))
         if not isinstance(reply, StatusReply):
-            raise AdminError(f"unexpected reply {reply.OP!r} from the server", 1)
+            raise AdminError(tr("unexpected reply {op} from the server", op=repr(reply.OP)), 1)
         return reply.data
 
     def close(self) -> None:
@@ -115,13 +146,30 @@ def _describe(reply: Reply) -> str:
     return reply.OP
 
 
+def _refusal(reply: ErrorReply) -> Text:
+    """The server's refusal: in English exactly as the server worded it; in another language the code's
+    sentence first (:data:`REFUSALS`), then the server's English words."""
+    summary = REFUSALS.get(reply.code, N_("The license server refused the command."))
+    return _Refusal("{reply}", {"reply": _describe(reply), "summary": summary})
+
+
+class _Refusal(Text):
+    __slots__ = ()
+
+    def localized(self) -> str:
+        if language() == "en":
+            return self.english()  # the server's words as they are
+        return gettext_("{summary} (details: {reply})").format(summary=gettext_(str(self.params["summary"])),
+                                                              reply=self.params["reply"])
+
+
 def find_token(port: int, token_file: str | None) -> str:
     path = Path(token_file) if token_file else token_path(port)
     try:
         return path.read_text(encoding="utf-8").strip()
     except OSError:
         if token_file:
-            raise AdminError(f"cannot read the admin token file {path}", 2) from None
+            raise AdminError(tr("cannot read the admin token file {path}", path=path), 2) from None
         return ""  # the server answers NOT_AUTHORIZED with a hint
 
 
@@ -151,8 +199,9 @@ def cmd_lmstat(ns: argparse.Namespace, client: AdminClient, auth: str) -> int:
         sys.stdout.write(str(client.admin("metrics", {}, auth).get("text", "")))
         return 0
     if ns.S and ns.S.lower() != lmstat_text.VENDOR:
-        raise AdminError(f"this license server serves only the vendor daemon {lmstat_text.VENDOR!r}, not {ns.S!r}; "
-                         f"use -S {lmstat_text.VENDOR} or leave -S out", 1)
+        raise AdminError(tr("this license server serves only the vendor daemon {vendor}, not {asked}; use -S {name} "
+                            "or leave -S out", vendor=repr(lmstat_text.VENDOR), asked=repr(ns.S),
+                            name=lmstat_text.VENDOR), 1)
     args: dict[str, Any] = {"all": bool(ns.a or ns.S is not None or ns.f == "" or ns.extended)}
     if ns.f:
         args["product"] = ns.f
@@ -196,25 +245,26 @@ def cmd_activate(ns: argparse.Namespace, client: AdminClient, auth: str) -> int:
 def cmd_lmremove(ns: argparse.Namespace, client: AdminClient, auth: str) -> int:
     if ns.by_handle:  # FlexNet's lmremove -h FEATURE SERVER PORT HANDLE
         if ns.token is not None or len(ns.names) != 4:
-            raise AdminError("usage: lmutil lmremove -h FEATURE SERVER PORT HANDLE (the server/port and handle that "
-                             "lmstat -a prints in parentheses on the user's line)", 2)
+            raise AdminError(tr("usage: lmutil lmremove -h FEATURE SERVER PORT HANDLE (the server/port and handle that "
+                                "lmstat -a prints in parentheses on the user's line)"), 2)
         feature, _server, port_s, handle_s = ns.names
         if not (port_s.isdigit() and handle_s.isdigit()):
-            raise AdminError(f"lmremove -h: PORT and HANDLE must be numbers, got {port_s!r} and {handle_s!r} "
-                             "(copy them from lmstat -a: (server/PORT HANDLE))", 2)
+            raise AdminError(tr("lmremove -h: PORT and HANDLE must be numbers, got {port} and {handle} (copy them "
+                                "from lmstat -a: (server/PORT HANDLE))", port=repr(port_s), handle=repr(handle_s)), 2)
         if int(port_s) != client.port:
-            raise AdminError(f"lmremove -h: the handle is from the server on port {port_s}, but this is "
-                             f"{client.port}@{client.host}; give -c {port_s}@SERVER", 2)
+            raise AdminError(tr("lmremove -h: the handle is from the server on port {port}, but this is "
+                                "{this_port}@{this_host}; give -c {port}@SERVER", port=port_s, this_port=client.port,
+                                this_host=client.host), 2)
         args: dict[str, Any] = {"product": feature, "handle": int(handle_s)}
     elif ns.token is not None:
         if ns.names:
-            raise AdminError("give either PRODUCT USER HOST or --token TOKEN, not both", 2)
+            raise AdminError(tr("give either PRODUCT USER HOST or --token TOKEN, not both"), 2)
         args = {"token": ns.token}
     elif len(ns.names) in (3, 4):
         args = dict(zip(("product", "user", "host", "display"), ns.names, strict=False))
     else:
-        raise AdminError("usage: lmutil lmremove PRODUCT USER HOST [DISPLAY]  or  lmutil lmremove -h FEATURE SERVER "
-                         "PORT HANDLE  or  lmutil lmremove --token TOKEN (lmstat -a shows them)", 2)
+        raise AdminError(tr("usage: lmutil lmremove PRODUCT USER HOST [DISPLAY]  or  lmutil lmremove -h FEATURE "
+                            "SERVER PORT HANDLE  or  lmutil lmremove --token TOKEN (lmstat -a shows them)"), 2)
     data = client.admin("lmremove", args, auth)
     if ns.json:
         print(json.dumps(data, indent=2, sort_keys=True))
@@ -340,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"error": exc.code or "ERROR", "message": str(exc)}))
         elif ns.command == "lmstat" and exc.os_error is not None:
             _lmstat_unreachable(ns, exc)
-        print(f"lmutil {ns.command}: {exc}", file=sys.stderr)
+        print(f"lmutil {ns.command}: {exc.localized}", file=sys.stderr)
         return exc.exit_code
 
 

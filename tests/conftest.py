@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from harness import Daemon, RawClient, write_keys, write_license
 
 from lmgrd.storage.host import raise_nofile
+
+# The suite asserts English output unless a test asks for Japanese itself: a developer's LANG=ja_JP.UTF-8
+# (or LMGRD_LANG=ja) must not change what the daemon, lmutil and lmclient print under test.
+os.environ["LMGRD_LANG"] = "en"
 
 
 @pytest.fixture(autouse=True)

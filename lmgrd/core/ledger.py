@@ -44,7 +44,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from lmgrd import LmgrdError
 from lmgrd.core.policy import ProductPolicy, Subject
@@ -101,10 +101,26 @@ def share_key_for(mode: ShareMode | str, user: str, host: str) -> tuple[str, ...
     raise ValueError(f"unknown share mode {mode!r}; expected one of {', '.join(m.value for m in ShareMode)}")
 
 
+class HolderLike(Protocol):
+    """Who checks out, as the ledger reads it: the client's user, host (short form), pid, display and
+    connection (``session``; ``None`` for a lease not bound to a connection). The daemon passes its client
+    session itself (no second object per connection); :class:`Holder` is the plain value for everyone else."""
+
+    @property
+    def user(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def display(self) -> str: ...
+    @property
+    def session(self) -> int | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Holder:
-    """Who checks out: the client's user, host (short form), pid, display and connection (``session``;
-    ``None`` for a lease not bound to a connection). One per client connection, made at its hello."""
+    """A holder as a value (tests, tools): see :class:`HolderLike`."""
 
     user: str
     host: str
@@ -189,7 +205,7 @@ class Waiter:
     waiter_id: int
     pool: PoolKey
     share_key: tuple[str, ...]
-    holder: Holder
+    holder: HolderLike
     version: str
     ctx: object = None
 
@@ -267,8 +283,9 @@ class Ledger:
         # Min-heap of (deadline, seq, token). seq is unique, so tuples never compare tokens.
         self._heap: list[tuple[float, int, str]] = []
         self._seq = 0
-        # Seat handle -> its seat, for every live seat of every pool (handles are unique among them).
-        self._handles: dict[int, tuple[PoolKey, tuple[str, ...]]] = {}
+        # Seat handle -> its seat's share key, for every live seat of every pool (handles are unique among
+        # them). The key object is the seat's own (no allocation per seat); seat_of() finds the pool.
+        self._handles: dict[int, tuple[str, ...]] = {}
 
     # -- pools -------------------------------------------------------------------------------------------
 
@@ -334,7 +351,7 @@ class Ledger:
         self,
         pool: PoolKey,
         share_key: tuple[str, ...],
-        holder: Holder,
+        holder: HolderLike,
         version: str,
         now: float,
         wall: float,
@@ -453,7 +470,7 @@ class Ledger:
         p: _Pool,
         pool: PoolKey,
         share_key: tuple[str, ...],
-        holder: Holder,
+        holder: HolderLike,
         version: str,
         now: float,
         wall: float,
@@ -467,10 +484,8 @@ class Ledger:
         seats = p.seats
         held = seats.get(share_key, 0)
         seats[share_key] = held + 1
-        if not held:
-            p.handles[share_key] = self._new_handle(pool, share_key)
-            if p.policy is not None:
-                self._tag_seat(p, share_key, holder.user, holder.host)
+        if not held and p.policy is not None:
+            self._tag_seat(p, share_key, holder.user, holder.host)
         deadline = now + self.lease_timeout
         self._seq += 1
         session = holder.session
@@ -519,7 +534,9 @@ class Ledger:
             p.seats[key] = held
             return False
         del p.seats[key]
-        del self._handles[p.handles.pop(key)]
+        h = p.handles.pop(key, None)
+        if h is not None:
+            del self._handles[h]
         if p.policy is not None:
             self._untag_seat(p, key)
         return True
@@ -835,10 +852,7 @@ class Ledger:
             if p is None:
                 p = self._pools[pool] = _Pool(0)
             key = rec.share_key or (rec.token,)
-            held = p.seats.get(key, 0)
-            p.seats[key] = held + 1
-            if not held:
-                p.handles[key] = self._new_handle(pool, key)
+            p.seats[key] = p.seats.get(key, 0) + 1
             self._seq += 1
             lease = LeaseInfo(
                 rec.token, pool, key, rec.user, rec.host, rec.pid, rec.version, rec.display,
@@ -862,17 +876,37 @@ class Ledger:
         h = HANDLE_MIN + zlib.crc32("\x1f".join((pool[0], pool[1], *key)).encode()) % span
         while h in self._handles:
             h = HANDLE_MIN + (h - HANDLE_MIN + 1) % span
-        self._handles[h] = (pool, key)
+        self._handles[h] = key
         return h
 
     def handle(self, pool: PoolKey, share_key: tuple[str, ...]) -> int:
         """The decimal handle of a live seat (FlexNet's license handle in ``lmstat``): fixed for the seat's
-        life, unique among the live seats of every pool. Raises KeyError for a seat not held."""
-        return self._pool(pool).handles[share_key]
+        life, unique among the live seats of every pool. Raises KeyError for a seat not held.
+
+        Assigned the first time it is asked for (lmstat), not at the grant: a checkout pays nothing for it,
+        and a seat nobody looks at holds no handle."""
+        p = self._pool(pool)
+        h = p.handles.get(share_key)
+        if h is None:
+            if share_key not in p.seats:
+                raise KeyError(share_key)
+            h = p.handles[share_key] = self._new_handle(pool, share_key)
+        return h
 
     def seat_of(self, handle: int) -> tuple[PoolKey, tuple[str, ...]] | None:
-        """The live seat (pool, share key) with this handle, or None."""
-        return self._handles.get(handle)
+        """The live seat (pool, share key) with this handle, or None (an admin lookup: O(seats), as it first
+        gives every seat its handle, so a handle printed by any lmstat is found)."""
+        for pool, p in self._pools.items():
+            for seat in p.seats:
+                if seat not in p.handles:
+                    p.handles[seat] = self._new_handle(pool, seat)
+        key = self._handles.get(handle)
+        if key is None:
+            return None
+        for pool, p in self._pools.items():
+            if p.handles.get(key) == handle:
+                return pool, key
+        return None
 
     def reservations(self, pool: PoolKey) -> list[tuple[Subject, int]]:
         """The free seats held back by each ``reserve`` rule, in rule order; they add up to

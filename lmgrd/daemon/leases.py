@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lmgrd.core.ledger import Holder, LeaseInfo, Ledger, PoolKey, Waiter
+from lmgrd.core.ledger import HolderLike, LeaseInfo, Ledger, PoolKey, Waiter
 from lmgrd.daemon.events import ClientView, EndReason, Observers
 from lmgrd.daemon.outbox import Outbox, Writable
 from lmgrd.storage.journal import LeaseRecord, LeaseStore
@@ -127,7 +127,7 @@ class LeaseLifecycle:
         self.removed: dict[str, LostSeat] = {}
 
     # -- grants ------------------------------------------------------------------------------------------------
-    def checkout(self, client: Client, rid: int, pool: PoolKey, share_key: tuple[str, ...], holder: Holder,
+    def checkout(self, client: Client, rid: int, pool: PoolKey, share_key: tuple[str, ...], holder: HolderLike,
                  version: str, now: float, wall: float) -> bool:
         """Grant a seat of ``pool`` now if the ledger has one; False when it needs a new seat and none is free."""
         lease = self.ledger.checkout(pool, share_key, holder, version, now, wall)
@@ -152,7 +152,7 @@ class LeaseLifecycle:
 
     # -- the queue -----------------------------------------------------------------------------------------------
     def enqueue(self, client: Client, rid: int, product: str, version: str, pool: PoolKey,
-                share_key: tuple[str, ...], holder: Holder, wait: float, now: float) -> int:
+                share_key: tuple[str, ...], holder: HolderLike, wait: float, now: float) -> int:
         """Queue a checkout the ledger refused for up to ``wait`` seconds; returns its position."""
         waiter_id = self.next_waiter
         self.next_waiter += 1

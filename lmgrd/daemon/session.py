@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from lmgrd import __version__
-from lmgrd.core.ledger import Holder, share_key_for
+from lmgrd.core.ledger import share_key_for
 from lmgrd.core.licensing import Licensing, seat_refusal
 from lmgrd.daemon.events import EndReason
 from lmgrd.daemon.leases import LeaseLifecycle
@@ -62,8 +62,8 @@ class Session:
 
     # Kept small: one per connection, and a license server holds thousands (benchmarks' idle scenario).
     __slots__ = (
-        "addr", "conn", "handshake_timer", "holder", "idle_since", "lost", "paused_since", "peer", "session",
-        "transport", "waiters",
+        "addr", "conn", "display", "handshake_timer", "host", "idle_since", "lost", "paused_since", "peer", "pid",
+        "session", "transport", "user", "waiters",
     )
 
     def __init__(self, max_frame_bytes: int) -> None:
@@ -72,8 +72,11 @@ class Session:
         self.session = 0  # set at hello; 0 = not yet identified
         self.addr = ""
         self.peer = ""
-        #: Who this client is (user, short host, pid, display, session), set at hello.
-        self.holder: Holder | None = None
+        # Who this client is, set at hello: the session is the ledger's holder (lmgrd.core.ledger.HolderLike).
+        self.user = ""
+        self.host = ""
+        self.pid = 0
+        self.display = ""
         self.lost: list[LostSeat] = []
         self.waiters: dict[int, int] = {}  # waiter_id -> request id
         self.handshake_timer: Any = None
@@ -83,23 +86,10 @@ class Session:
     def identify(self, session: int, user: str, host: str, pid: int, display: str) -> None:
         """Record who this client is (at hello)."""
         self.session = session
-        self.holder = Holder(user, host, pid, display, session)
-
-    @property
-    def user(self) -> str:
-        return self.holder.user if self.holder is not None else ""
-
-    @property
-    def host(self) -> str:
-        return self.holder.host if self.holder is not None else ""
-
-    @property
-    def pid(self) -> int:
-        return self.holder.pid if self.holder is not None else 0
-
-    @property
-    def display(self) -> str:
-        return self.holder.display if self.holder is not None else ""
+        self.user = user
+        self.host = host
+        self.pid = pid
+        self.display = display
 
     def who(self) -> str:
         return f"{self.user}@{self.host}" if self.user else self.peer
@@ -177,8 +167,7 @@ class Handlers:
 
     # -- checkout and checkin ----------------------------------------------------------------------------------
     def checkout(self, s: Session, req: Checkout) -> None:
-        holder = s.holder
-        assert holder is not None  # the connection state machine admits checkout only after hello
+        holder = s  # the session is the holder; the connection state machine admits checkout only after hello
         now = self.clock()
         wall = self.wall()
         licensing = self.daemon.licensing

@@ -244,7 +244,7 @@ def test_seat_handles_stay_unique_and_fixed_through_collisions_releases_and_rest
     import itertools
     import zlib
 
-    from lmgrd.core.ledger import HANDLE_MAX, HANDLE_MIN, Holder, Ledger
+    from lmgrd.core.ledger import HANDLE_MAX, HANDLE_MIN, Holder, Ledger, share_key_for
 
     tokens = (f"tok{i}" for i in itertools.count())
     ledger = Ledger(30.0, lambda: next(tokens))
@@ -253,7 +253,7 @@ def test_seat_handles_stay_unique_and_fixed_through_collisions_releases_and_rest
     leases = []
     for i in range(20_000):
         h = Holder(f"user{i}", "pc", 1, "", 1)
-        lease = ledger.checkout(pool, h.share_key("user_host"), h, "1.0", 0.0, 0.0)
+        lease = ledger.checkout(pool, share_key_for("user_host", h.user, h.host), h, "1.0", 0.0, 0.0)
         assert lease is not None
         leases.append(lease)
     handles = {x.token: ledger.handle(pool, x.share_key) for x in leases}

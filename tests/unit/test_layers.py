@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "lmgrd.__main__": 4,
     "lmgrd.lmutil": 4,
     "lmgrd.lmstat_text": 4,  # lmutil's FlexNet lmstat text (pure formatting; imports only the standard library)
+    "lmgrd.i18n": 4,  # lmutil's gettext catalog (standard library only; the daemon never translates)
     "lmgrd.report": 4,
     "lmgrd.vendor": 4,
 }

@@ -1,0 +1,71 @@
+"""Which language the client stub and ``lmclient`` speak to people, and the gettext catalog behind it.
+
+Imports only the standard library; never ``lmgrd`` (which has its own catalog, :mod:`lmgrd.i18n`, for the same
+reason). The English text is the msgid in the source; the Japanese is in ``client_stub/locale/ja/LC_MESSAGES/
+client_stub.po``, compiled to the ``.mo`` beside it (``make i18n``; both are committed and shipped as package
+data). Only text a person reads goes through here: machine-read output (``--json``, logs, metrics) and the
+wire stay English.
+
+The language is read at every call, not at import, so a product that changes its environment (or a test)
+gets the new language at once:
+
+1. ``LMGRD_LANG`` (``ja``, ``en``, ``ja_JP.UTF-8``, ...) wins;
+2. else the POSIX order ``LC_ALL``, then ``LC_MESSAGES``, then ``LANG`` (the first that is set and non-empty);
+3. anything that is not Japanese is English.
+"""
+
+from __future__ import annotations
+
+import functools
+import gettext
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["DOMAIN", "LANGUAGES", "LOCALE_DIR", "N_", "catalog", "gettext_", "language"]
+
+DOMAIN = "client_stub"
+LOCALE_DIR = Path(__file__).resolve().parent / "locale"
+#: The languages with a catalog; English is the source text itself.
+LANGUAGES = ("en", "ja")
+ENV_LANG = "LMGRD_LANG"
+_LOCALE_VARS = ("LC_ALL", "LC_MESSAGES", "LANG")
+
+
+def language(environ: Mapping[str, str] | None = None) -> str:
+    """The language to speak: ``"ja"`` or ``"en"``.
+
+    Args:
+        environ: the environment to read (default: ``os.environ``).
+
+    Returns:
+        ``"ja"`` if ``LMGRD_LANG`` (or, without it, the locale) names Japanese, else ``"en"``.
+    """
+    env = os.environ if environ is None else environ
+    chosen = env.get(ENV_LANG, "").strip()
+    if not chosen:
+        chosen = next((env[v].strip() for v in _LOCALE_VARS if env.get(v, "").strip()), "")
+    return "ja" if chosen.lower().startswith("ja") else "en"
+
+
+@functools.cache
+def catalog(lang: str) -> gettext.NullTranslations:
+    """The compiled catalog for ``lang`` (a ``NullTranslations`` that returns the English for ``"en"``).
+
+    Raises:
+        FileNotFoundError: a language in :data:`LANGUAGES` other than English has no compiled ``.mo`` (a broken
+            install: run ``make i18n``).
+    """
+    if lang == "en":
+        return gettext.NullTranslations()
+    return gettext.translation(DOMAIN, LOCALE_DIR, languages=[lang])
+
+
+def gettext_(message: str) -> str:
+    """``message`` (an English msgid) in the current :func:`language`."""
+    return catalog(language()).gettext(message)
+
+
+def N_(message: str) -> str:
+    """Mark ``message`` for extraction without translating it now (it is translated where it is shown)."""
+    return message

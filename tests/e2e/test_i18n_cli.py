@@ -1,0 +1,123 @@
+"""lmclient and lmutil as a Japanese user runs them, against the real daemon: ``LMGRD_LANG=ja`` or
+``LANG=ja_JP.UTF-8`` gives Japanese messages (the server's English details kept), while ``--json`` and lmstat's
+FlexNet layout stay English, and ``LMGRD_LANG=en`` wins over a Japanese locale."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from harness import Daemon
+
+from client_stub.cli import EXIT_DENIED, EXIT_UNREACHABLE
+
+PY = sys.executable
+_LOCALE_VARS = ("LANG", "LANGUAGE", "LC_ALL", "LC_MESSAGES", "LMGRD_LANG")
+#: The two ways a Japanese user gets Japanese.
+JAPANESE_ENVS = {"LMGRD_LANG": {"LMGRD_LANG": "ja"}, "LANG": {"LANG": "ja_JP.UTF-8"}}
+
+
+def _env(base: dict[str, str], tmp_path: Path, **lang: str) -> dict[str, str]:
+    e = {k: v for k, v in base.items() if k not in (*_LOCALE_VARS, "LM_LICENSE_SERVER", "LM_VENDOR_KEY")}
+    e["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+    e["XDG_DATA_HOME"] = str(tmp_path / "data")
+    return {**e, **lang}
+
+
+def run(module: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", module, *args], capture_output=True, text=True, timeout=30, env=env)
+
+
+@pytest.mark.parametrize("lang", JAPANESE_ENVS)
+def test_lmclient_speaks_japanese_and_keeps_the_servers_detail(daemon_factory: Callable[..., Daemon],
+                                                               tmp_path: Path, lang: str) -> None:
+    d = daemon_factory((("CADPRO", "2.1", 1),))
+    env = _env(d.env(), tmp_path, **JAPANESE_ENVS[lang])
+    ok = run("client_stub.cli", env, "checkout", "CADPRO", "--version", "2.1", "-c", d.address)
+    assert ok.returncode == 0, ok.stderr
+    assert f"ライセンスサーバー {d.address} から CADPRO 2.1 のライセンスを取得しました（カスタマーID CID-" in ok.stdout
+    assert ok.stdout.splitlines()[-1] == "ライセンスを返却しました"
+
+    r = run("client_stub.cli", env, "checkout", "NOPE", "--version", "1.0", "-c", d.address)
+    assert r.returncode == EXIT_DENIED
+    first, hint = r.stderr.splitlines()[:2]
+    assert first.startswith("lmclient: UNKNOWN_PRODUCT: ライセンスにこの製品が含まれていません。（詳細: ")
+    assert "'NOPE'" in first  # the server's English detail names the product
+    assert hint == ("lmclient: 対処方法: この製品を含むライセンスを、ライセンス管理者またはベンダーに"
+                    "依頼してください。")
+    assert "What to do" not in r.stderr and "what to do" not in r.stderr
+
+
+def test_lmclient_json_stays_english_and_lmgrd_lang_wins(daemon_factory: Callable[..., Daemon],
+                                                         tmp_path: Path) -> None:
+    d = daemon_factory((("CADPRO", "2.1", 2),))
+    ja = _env(d.env(), tmp_path, LANG="ja_JP.UTF-8")
+    human = run("client_stub.cli", ja, "status", "-c", d.address)
+    assert human.returncode == 0, human.stderr
+    assert human.stdout.startswith("ライセンスサーバー: lmgrd ")
+    assert "CADPRO 2.1: 2 ライセンス中 0 使用中、0 待ち（カスタマーID CID-" in human.stdout
+    machine = run("client_stub.cli", ja, "status", "--json", "-c", d.address)
+    assert machine.returncode == 0 and not any("\u3040" <= ch <= "\u9fff" for ch in machine.stdout)
+    assert json.loads(machine.stdout)["pools"][0]["count"] == 2
+    shown = run("client_stub.cli", ja, "show", "--json", "-c", d.address)
+    assert json.loads(shown.stdout)["source"] == "argument"
+    # LMGRD_LANG wins over the locale
+    en = run("client_stub.cli", {**ja, "LMGRD_LANG": "en"}, "status", "-c", d.address)
+    assert en.stdout.startswith("license server: lmgrd ") and "CADPRO 2.1: 0 of 2 in use, 0 queued" in en.stdout
+
+
+@pytest.mark.parametrize("lang", JAPANESE_ENVS)
+def test_lmclient_unreachable_in_japanese(tmp_path: Path, lang: str) -> None:
+    env = _env(dict(os.environ), tmp_path, **JAPANESE_ENVS[lang])
+    r = run("client_stub.cli", env, "ping", "-c", "1@127.0.0.1")
+    assert r.returncode == EXIT_UNREACHABLE
+    assert r.stderr.startswith("lmclient: SERVER_UNAVAILABLE: ライセンスサーバーに接続できません。"
+                               "（詳細: cannot connect")
+    assert "lmclient: 対処方法: lmgrd が起動していて" in r.stderr
+
+
+@pytest.mark.parametrize("lang", JAPANESE_ENVS)
+def test_lmutil_refusal_in_japanese_json_in_english(daemon_factory: Callable[..., Daemon], tmp_path: Path,
+                                                    lang: str) -> None:
+    d = daemon_factory()
+    env = _env(d.env(), tmp_path, **JAPANESE_ENVS[lang])
+    env["LMGRD_RUNTIME_DIR"] = str(d.workdir / "elsewhere")  # no token here: the server refuses
+    r = run("lmgrd.lmutil", env, "lmdown", "-c", d.address)
+    assert r.returncode == 1
+    assert r.stderr.startswith("lmutil lmdown: ライセンスサーバーが管理者の認証情報を受け付けませんでした。（詳細: "
+                               "NOT_AUTHORIZED: ")
+    j = run("lmgrd.lmutil", env, "lmdown", "--json", "-c", d.address)
+    data = json.loads(j.stdout)
+    assert data["error"] == "NOT_AUTHORIZED" and data["message"].startswith("NOT_AUTHORIZED: ")
+    assert data["message"].isascii()
+    assert d.proc is not None and d.proc.poll() is None  # refused: still running
+
+
+def test_lmutil_usage_error_in_japanese(tmp_path: Path) -> None:
+    env = _env(dict(os.environ), tmp_path, LMGRD_LANG="ja")
+    r = run("lmgrd.lmutil", env, "lmremove", "-c", "nonsense")
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("lmutil lmremove: ライセンスサーバーの指定 'nonsense' を読み取れません。PORT@HOST の形 "
+                                "(例: 27000@licsrv01) で指定してください。")
+
+
+def test_lmstat_layout_and_its_down_line_stay_english(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    d = daemon_factory((("CADPRO", "2.1", 3),))
+    outs = {}
+    for name, lang in (("ja", {"LANG": "ja_JP.UTF-8", "LMGRD_LANG": "ja"}), ("en", {"LANG": "C.UTF-8"})):
+        r = run("lmgrd.lmutil", _env(d.env(), tmp_path, **lang), "lmstat", "-a", "-c", d.address)
+        assert r.returncode == 0, r.stderr
+        outs[name] = [ln for ln in r.stdout.splitlines() if "status on" not in ln]  # the minute may tick over
+    assert outs["ja"] == outs["en"] and any("Users of CADPRO:" in ln for ln in outs["ja"])
+    address = d.address
+    d.stop()
+    ja_env = _env(d.env(), tmp_path, LMGRD_LANG="ja")
+    down = run("lmgrd.lmutil", ja_env, "lmstat", "-a", "-c", address)
+    assert down.returncode == 3
+    assert "Error getting status: Cannot connect to license server system." in down.stdout  # FlexNet's, for checks
+    assert "ライセンスサーバー " in down.stderr and "に接続できません" in down.stderr
