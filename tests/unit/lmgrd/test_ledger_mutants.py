@@ -474,3 +474,17 @@ def test_expiry_goes_past_a_renewed_leases_old_entry() -> None:
     expired, _ = ledger.expire(T, WALL)
     assert expired == [b]
     assert ledger.next_deadline() == 150.0
+
+
+def test_handles_are_assigned_on_first_look_by_either_lookup_and_then_fixed() -> None:
+    ledger = make(3)
+    a = must(co(ledger, "alice", "pc1"))
+    must(co(ledger, "bob", "pc1"))
+    h = derived_handle(POOL, a.share_key)
+    assert ledger.seat_of(h) == (POOL, a.share_key)  # no handle was asked for yet: seat_of assigns them
+    assert ledger.handle(POOL, a.share_key) == h
+    assert ledger.handle(POOL, ("bob", "pc1")) == derived_handle(POOL, ("bob", "pc1"))
+    assert ledger.handle(POOL, a.share_key) == h  # asked again: the same handle
+    with pytest.raises(KeyError) as info:
+        ledger.handle(POOL, ("carol", "pc1"))
+    assert info.value.args == (("carol", "pc1"),)
