@@ -52,6 +52,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.events: list[tuple[str, Any]] = []
+        self.denials: list[tuple[str, str, ErrorCode, str | None, str | None]] = []
 
     def on_grant(self, lease: LeaseInfo, who: Any, waited: float) -> None:
         self.events.append(("grant", (lease.token, who.user, who.host, waited)))
@@ -61,6 +62,7 @@ class Recorder:
 
     def on_deny(self, product: str, version: str, code: ErrorCode, who: Any, customer_id: str | None) -> None:
         self.events.append(("deny", (product, code)))
+        self.denials.append((product, version, code, who.user if who is not None else None, customer_id))
 
 
 class Rig:
@@ -111,10 +113,15 @@ Body = Callable[[Rig], Awaitable[None]]
 def run(tmp_path: Path, vendor: tuple[Ed25519PrivateKey, Path], body: Body, *,
         products: Any = (("CADPRO", "2.1", 1),), share: str = "user_host", extra: dict[str, Any] | None = None,
         clock: Callable[[], float] | None = None,
-        reload: Callable[[DaemonConfig], tuple[Licensing, list[str]]] | None = None) -> None:
+        reload: Callable[[DaemonConfig], tuple[Licensing, list[str]]] | None = None,
+        keep_license: bytes | None = None) -> None:
+    """Run ``body`` against a fresh Server; ``keep_license`` serves that license file again instead of a new one."""
     key, pub = vendor
     lic = tmp_path / "site.lic"
-    write_license(lic, key, products, share=share)
+    if keep_license is not None:
+        lic.write_bytes(keep_license)
+    else:
+        write_license(lic, key, products, share=share)
     state = tmp_path / "state"
     state.mkdir(exist_ok=True)
     cfg = build_config(dict(extra or {}), {"licenses": [str(lic)], "vendor_key": str(pub), "port": 0,
