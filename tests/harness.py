@@ -6,6 +6,7 @@ port with its own state directory, and ``RawClient`` speaks the wire protocol ov
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -217,3 +218,15 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Holder:
+    """A ledger holder as a plain value, for tests that drive the ledger without a daemon session
+    (the daemon passes its sessions, which satisfy ``lmgrd.core.ledger.HolderLike``)."""
+
+    user: str
+    host: str
+    pid: int
+    display: str
+    session: int | None

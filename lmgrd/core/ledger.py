@@ -104,7 +104,7 @@ def share_key_for(mode: ShareMode | str, user: str, host: str) -> tuple[str, ...
 class HolderLike(Protocol):
     """Who checks out, as the ledger reads it: the client's user, host (short form), pid, display and
     connection (``session``; ``None`` for a lease not bound to a connection). The daemon passes its client
-    session itself (no second object per connection); :class:`Holder` is the plain value for everyone else."""
+    session itself (no second object per connection)."""
 
     @property
     def user(self) -> str: ...
@@ -116,17 +116,6 @@ class HolderLike(Protocol):
     def display(self) -> str: ...
     @property
     def session(self) -> int | None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Holder:
-    """A holder as a value (tests, tools): see :class:`HolderLike`."""
-
-    user: str
-    host: str
-    pid: int
-    display: str
-    session: int | None
 
 
 class UnknownPoolError(LmgrdError, LookupError):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from flexnet import GOLDEN, Rig, blocks, check_grammar, classify, compare, lmstat, lmutil, section
+from harness import Holder
 
 from lmgrd.lmstat_text import render_lmstat
 
@@ -244,7 +245,7 @@ def test_seat_handles_stay_unique_and_fixed_through_collisions_releases_and_rest
     import itertools
     import zlib
 
-    from lmgrd.core.ledger import HANDLE_MAX, HANDLE_MIN, Holder, Ledger, share_key_for
+    from lmgrd.core.ledger import HANDLE_MAX, HANDLE_MIN, Ledger, share_key_for
 
     tokens = (f"tok{i}" for i in itertools.count())
     ledger = Ledger(30.0, lambda: next(tokens))

@@ -22,8 +22,9 @@ from typing import Any
 
 import msgpack
 import pytest
+from harness import Holder
 
-from lmgrd.core.ledger import Holder, LeaseInfo, Ledger, ShareMode, share_key_for
+from lmgrd.core.ledger import LeaseInfo, Ledger, ShareMode, share_key_for
 from lmgrd.storage.journal import (
     JOURNAL_NAME,
     LOCK_NAME,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from harness import Holder
 
 from lmgrd.core.ledger import (
-    Holder,
     LeaseInfo,
     LeaseRecord,
     Ledger,

@@ -10,8 +10,9 @@ import itertools
 import zlib
 
 import pytest
+from harness import Holder
 
-from lmgrd.core.ledger import Holder, LeaseInfo, LeaseRecord, Ledger, PoolKey, ShareMode, Waiter, share_key_for
+from lmgrd.core.ledger import LeaseInfo, LeaseRecord, Ledger, PoolKey, ShareMode, Waiter, share_key_for
 from lmgrd.core.policy import ProductPolicy, Rule, Subject
 
 POOL: PoolKey = ("C1", "CADPRO")

@@ -15,11 +15,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
+from harness import Holder
 from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from lmgrd.core.ledger import Holder, LeaseInfo, Ledger, PoolKey, ShareMode, Waiter, share_key_for
+from lmgrd.core.ledger import LeaseInfo, Ledger, PoolKey, ShareMode, Waiter, share_key_for
 from lmgrd.storage.journal import JournalStore, read_journal
 
 T = 10.0  # lease timeout

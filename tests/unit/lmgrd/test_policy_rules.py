@@ -6,11 +6,12 @@ import itertools
 from typing import Any
 
 import pytest
+from harness import Holder
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from lmgrd.core.ledger import Holder, LeaseInfo, LeaseRecord, Ledger, PoolKey, ShareMode, Waiter, share_key_for
+from lmgrd.core.ledger import LeaseInfo, LeaseRecord, Ledger, PoolKey, ShareMode, Waiter, share_key_for
 from lmgrd.core.policy import MIN_IDLE_TIMEOUT, ProductPolicy, parse_policy
 
 POOL: PoolKey = ("C1", "CADPRO")
