@@ -42,6 +42,7 @@ CODE_MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.UNEXPECTED_MESSAGE: N_("The license client and the license server did not understand each other."),
     ErrorCode.HANDSHAKE_TIMEOUT: N_("The connection to the license server took too long to start."),
     ErrorCode.TOO_MANY_CONNECTIONS: N_("There are too many connections from this computer to the license server."),
+    ErrorCode.RATE_LIMITED: N_("The license client sent requests to the license server too quickly."),
     ErrorCode.LICENSE_INVALID: N_("The license file is not valid."),
     ErrorCode.LICENSE_REVOKED: N_("This license has been revoked by the vendor."),
     ErrorCode.HOST_NOT_LICENSED: N_("This license is not issued for this computer."),
@@ -61,8 +62,10 @@ CODE_MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.SEAT_REMOVED: N_("The license administrator freed this seat."),
     ErrorCode.NOT_AUTHORIZED: N_("This operation is not permitted."),
     ErrorCode.IDLE_TIMEOUT: N_("The seat was freed because the product was idle too long."),
+    ErrorCode.ACTIVATION_CONFLICT: N_("The license is already activated on another machine."),
     ErrorCode.SHUTTING_DOWN: N_("The license server is shutting down."),
     ErrorCode.SERVER_UNAVAILABLE: N_("The license server cannot be reached."),
+    ErrorCode.STORE_UNAVAILABLE: N_("The license server cannot record new seats right now."),
     ErrorCode.CLIENT_CONFIG_INVALID: N_("The license client's settings are not valid."),
     ErrorCode.INTERNAL_ERROR: N_("An internal error occurred in the license server."),
 }
@@ -80,6 +83,7 @@ DEFAULT_HINTS: dict[ErrorCode, str] = {
     ErrorCode.TOO_MANY_CONNECTIONS: N_(
         "too many connections from this address; close unused clients or ask the license administrator "
         "to raise --max-connections-per-address"),
+    ErrorCode.RATE_LIMITED: N_("wait a moment and try again; the product sent too many requests"),
     ErrorCode.LICENSE_INVALID: N_(
         "ask the vendor for a fresh copy of the license file and its vendor public key"),
     ErrorCode.LICENSE_REVOKED: N_("this license was revoked by the vendor; ask for its replacement"),
@@ -112,7 +116,13 @@ DEFAULT_HINTS: dict[ErrorCode, str] = {
     ErrorCode.SEAT_REMOVED: N_("the license administrator removed this seat; check out again or ask them why"),
     ErrorCode.NOT_AUTHORIZED: N_("contact your license administrator"),
     ErrorCode.IDLE_TIMEOUT: N_("check out again when you resume work"),
+    ErrorCode.ACTIVATION_CONFLICT: N_(
+        "a license can be active on one machine only; to move the license server, ask the vendor to reissue "
+        "the license for the new machine"),
     ErrorCode.SHUTTING_DOWN: N_("the license server is restarting; try again in a moment"),
+    ErrorCode.STORE_UNAVAILABLE: N_(
+        "seats already in use keep running; the license administrator should check the license server's "
+        "disk space or its HA store, then try again"),
     ErrorCode.SERVER_UNAVAILABLE: N_(
         "check that lmgrd is running and reachable from this computer (firewall, port), and that "
         "LM_LICENSE_SERVER or the client config file names it as PORT@HOST"),

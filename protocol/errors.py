@@ -21,6 +21,7 @@ class ErrorCode(enum.StrEnum):
     UNEXPECTED_MESSAGE = "UNEXPECTED_MESSAGE"
     HANDSHAKE_TIMEOUT = "HANDSHAKE_TIMEOUT"
     TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
+    RATE_LIMITED = "RATE_LIMITED"
     # 2xxx: licensing decisions, in the order the checks run
     LICENSE_INVALID = "LICENSE_INVALID"
     LICENSE_REVOKED = "LICENSE_REVOKED"
@@ -41,9 +42,11 @@ class ErrorCode(enum.StrEnum):
     SEAT_REMOVED = "SEAT_REMOVED"
     NOT_AUTHORIZED = "NOT_AUTHORIZED"
     IDLE_TIMEOUT = "IDLE_TIMEOUT"
+    ACTIVATION_CONFLICT = "ACTIVATION_CONFLICT"
     # 3xxx: the server's own state
     SHUTTING_DOWN = "SHUTTING_DOWN"
     SERVER_UNAVAILABLE = "SERVER_UNAVAILABLE"
+    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
     # 4xxx: the client's own configuration (raised by client_stub; never sent by the server)
     CLIENT_CONFIG_INVALID = "CLIENT_CONFIG_INVALID"
     # 9xxx
@@ -58,6 +61,7 @@ ERROR_NUMBERS: dict[ErrorCode, int] = {
     ErrorCode.UNEXPECTED_MESSAGE: 1003,
     ErrorCode.HANDSHAKE_TIMEOUT: 1004,
     ErrorCode.TOO_MANY_CONNECTIONS: 1005,
+    ErrorCode.RATE_LIMITED: 1006,
     ErrorCode.LICENSE_INVALID: 2000,
     ErrorCode.LICENSE_REVOKED: 2001,
     ErrorCode.HOST_NOT_LICENSED: 2002,
@@ -77,8 +81,10 @@ ERROR_NUMBERS: dict[ErrorCode, int] = {
     ErrorCode.SEAT_REMOVED: 2016,
     ErrorCode.NOT_AUTHORIZED: 2017,
     ErrorCode.IDLE_TIMEOUT: 2018,
+    ErrorCode.ACTIVATION_CONFLICT: 2019,
     ErrorCode.SHUTTING_DOWN: 3000,
     ErrorCode.SERVER_UNAVAILABLE: 3001,
+    ErrorCode.STORE_UNAVAILABLE: 3002,
     ErrorCode.CLIENT_CONFIG_INVALID: 4000,
     ErrorCode.INTERNAL_ERROR: 9000,
 }
