@@ -2,7 +2,8 @@
 # Packages the tests need beyond the Python venv: promtool (Debian prometheus) checks the /metrics scrape,
 # chromium renders the status page, check_flexlm (Debian monitoring-plugins-standard) and the lmstat parser
 # of license-manager-agent (PyPI, without its service dependencies, into .ci/parsers) read lmutil lmstat as
-# they read FlexNet's. Non-interactive and idempotent: installs only what is missing, apt-get update at most
+# they read FlexNet's; PostgreSQL's server binaries (Debian postgresql: initdb, pg_ctl) let the activation
+# service's tests start a throwaway cluster. Non-interactive and idempotent: installs only what is missing, apt-get update at most
 # once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,8 +18,10 @@ need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ -x /usr/lib/nagios/plugins/check_flexlm ] || need+=(monitoring-plugins-standard)
+have_initdb() { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1; }
+have_initdb || need+=(postgresql)
 if [ "${#need[@]}" -eq 0 ]; then
-  echo "install-deps: promtool, chromium and check_flexlm already present"
+  echo "install-deps: promtool, chromium, check_flexlm and PostgreSQL already present"
   exit 0
 fi
 
@@ -38,4 +41,9 @@ $SUDO apt-get install -y -q --no-install-recommends "${need[@]}" fonts-dejavu-co
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
   $SUDO systemctl stop prometheus || true
 fi
-command -v promtool >/dev/null && command -v chromium >/dev/null && [ -x /usr/lib/nagios/plugins/check_flexlm ]
+# Likewise postgresql's default cluster: the tests start their own on a free port.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet postgresql 2>/dev/null; then
+  $SUDO systemctl stop postgresql || true
+fi
+command -v promtool >/dev/null && command -v chromium >/dev/null && [ -x /usr/lib/nagios/plugins/check_flexlm ] \
+  && have_initdb
