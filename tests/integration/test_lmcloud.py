@@ -72,11 +72,12 @@ def tls(work: Path) -> TLS:
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, work: Path) -> str:
+    unique = os.urandom(4).hex()  # a fresh database each time the fixture is set up
     if request.param == "sqlite":
-        url = f"sqlite:///{work}/lmcloud-{os.getpid()}.sqlite3"
+        url = f"sqlite:///{work}/lmcloud-{unique}.sqlite3"
     else:
         cluster: PostgresCluster = request.getfixturevalue("postgres")
-        url = cluster.create_database(f"lmcloud_{os.getpid()}")
+        url = cluster.create_database(f"lmcloud_{unique}")
     done = lmcloud("db", "upgrade", "--db", url)
     assert done.returncode == 0, done.stderr
     return url
