@@ -34,9 +34,8 @@ from lmgrd.storage.journal import (
     JournalCorrupt,
     JournalStore,
     LeaseRecord,
-    StoreError,
-    StoreWriteError,
     StoreLocked,
+    StoreWriteError,
     read_journal,
 )
 from protocol import Checkout, Granted, Welcome
