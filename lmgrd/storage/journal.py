@@ -25,6 +25,13 @@ Journal format (``leases.journal``)
     ``[1, token, customer_id, product, [share key...], user, host, pid, version, display, granted_at]``
     for a grant and ``[2, token]`` for a release. Replaying the records in order gives the live set.
 
+Disk full, read-only, I/O error
+    A failed ``flush`` raises :class:`StoreWriteError` (the state directory, the OS error) after cutting the
+    file back to its last intact record, and keeps the batch buffered, in order; the next ``flush`` writes
+    it whole. If even the cut-back fails, it is retried before the next write, so a partial batch never
+    ends up in front of later records. The daemon (``lmgrd.daemon.outbox``) acknowledges nothing of a
+    failed batch and retries with backoff; see the README, "When the state directory is full or read-only".
+
 Recovery
     A damaged record with no intact record after it is a torn tail (a write cut short by a crash or a
     power loss): it is cut off and a warning says how many bytes went. A damaged record *followed* by
