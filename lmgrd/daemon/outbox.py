@@ -192,7 +192,7 @@ class Outbox:
 
     def retry(self) -> None:
         """Try the buffered records again; on success leave the degraded state, else back off and retry."""
-        self.retry_handle = None
+        self.cancel_retry()  # one retry chain, even when called early
         if self.store_error is None:
             return
         try:
