@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import HOSTNAME, Daemon, RawClient
+from harness import HOSTNAME, REPO, Daemon, RawClient
 
 from lmgrd.storage.journal import JOURNAL_NAME, read_journal
 from protocol import (
@@ -268,3 +268,19 @@ def test_read_only_state_directory_keeps_held_seats_and_stops_cleanly(
     # What the read-only journal still holds: both grants (the checkin could not be recorded). At the next
     # start on a writable directory the checked-in seat comes back unclaimed and lapses after a lease timeout.
     assert sorted(r.token for r in read_journal(state / JOURNAL_NAME)) == sorted(tokens)
+
+
+def test_a_read_only_state_directory_at_start_is_refused_with_the_directory_named(
+        daemon_factory: Factory, tmp_path: Path) -> None:
+    target = tmp_path / "ro"
+    _mount(["-t", "tmpfs", "-o", "size=64k,ro", "tmpfs"], target)
+    try:
+        d = daemon_factory(start=False, state_dir=target / "state", extra=["--metrics-port", "0"])
+        with open(d.log_path, "wb") as log:
+            rc = subprocess.run(d.args(), stdout=log, stderr=log, cwd=REPO, env=d.env(), timeout=60).returncode
+        assert rc == 1
+        out = d.log()
+        assert f"cannot open the state directory {target / 'state'}: Read-only file system" in out, out
+        assert "Traceback" not in out, out
+    finally:
+        _umount(target)
