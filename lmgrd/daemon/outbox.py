@@ -35,7 +35,7 @@ FLUSH_EARLY = 64
 
 #: Seconds before the first retry of a failed journal write; each failure doubles it, up to RETRY_MAX.
 RETRY_FIRST = 0.1
-RETRY_MAX = 5.0
+RETRY_MAX = 2.0
 
 
 class Transport(Protocol):
