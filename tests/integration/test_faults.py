@@ -481,7 +481,7 @@ def test_twenty_sigkills_at_random_points_during_churn(daemon_factory: Factory) 
     seed = int.from_bytes(os.urandom(4), "big")
     rng = random.Random(seed)
     count, users = 8, [f"churn{i}" for i in range(4)]
-    d = daemon_factory((("CADPRO", "2.1", count),), share="none", heartbeat=2.0, lease_timeout=4.0,
+    d = daemon_factory((("CADPRO", "2.1", count),), share="none", heartbeat=1.0, lease_timeout=3.0,
                        extra=NO_METRICS)
     held: dict[str, set[str]] = {u: set() for u in users}
     conns = {u: client(d, u) for u in users}
