@@ -40,7 +40,7 @@ from protocol.validation import (
     MIN_SECRET_LENGTH,
 )
 
-#: The first protocol version whose hello carries ``secret`` (and whose leases are bound to it).
+#: The protocol version whose hello carries ``secret`` (required when a hello offers it; leases bound to it).
 SECRET_SINCE_PROTOCOL = 2
 
 _T = TypeVar("_T")
@@ -146,16 +146,18 @@ class Hello:
         ):
             raise MalformedMessage(f"hello: field 'proto' must list 1 to {MAX_PROTOCOLS_OFFERED} positive integers, "
                                    f"got {protos!r:.60}")
-        secret = _text(d, "secret", "hello", default="", limit=MAX_SECRET_LENGTH)
-        if secret or max(protos) >= SECRET_SINCE_PROTOCOL:
-            # Never echo any of it: it is the client's proof of holding its leases.
-            if "secret" not in d:
-                raise MalformedMessage(f"hello: field 'secret' is required when offering protocol "
-                                       f"{SECRET_SINCE_PROTOCOL} or later (a random string of "
-                                       f"{MIN_SECRET_LENGTH} to {MAX_SECRET_LENGTH} characters)")
-            if len(secret) < MIN_SECRET_LENGTH:
-                raise MalformedMessage(f"hello: field 'secret' is {len(secret)} characters long; at least "
-                                       f"{MIN_SECRET_LENGTH} are required (128 random bits)")
+        # Required once protocol 2 is offered; never echoed in a message: it is the client's proof of holding
+        # its leases.
+        if SECRET_SINCE_PROTOCOL in protos:
+            secret = _text(d, "secret", "hello", limit=MAX_SECRET_LENGTH)
+        else:
+            secret = _text(d, "secret", "hello", default="", limit=MAX_SECRET_LENGTH)
+        if secret and len(secret) < MIN_SECRET_LENGTH:
+            raise MalformedMessage(f"hello: field 'secret' is {len(secret)} characters long; at least "
+                                   f"{MIN_SECRET_LENGTH} are required (128 random bits)")
+        if not secret and SECRET_SINCE_PROTOCOL in protos:
+            raise MalformedMessage(f"hello: field 'secret' is empty; protocol {SECRET_SINCE_PROTOCOL} needs a random "
+                                   f"string of {MIN_SECRET_LENGTH} to {MAX_SECRET_LENGTH} characters")
         return cls(_uint(d, "id", "hello"), tuple(protos), _text(d, "host", "hello"),
                    _text(d, "user", "hello"), _uint(d, "pid", "hello", MAX_PID),
                    _text(d, "client_version", "hello", default=""), _text(d, "display", "hello", default=""),

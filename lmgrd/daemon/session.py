@@ -236,7 +236,7 @@ class Handlers:
 
     def checkin(self, s: Session, req: Checkin) -> None:
         held = self.ledger.get(req.token)
-        if held is None or not s.holds(held):
+        if held is None or (held.session != s.session and not s.holds(held)):  # own connection's: no call
             # Someone else's seat, or none: nothing is freed, and the answer is the same either way (no
             # oracle for which tokens exist).
             self.token_refused(s, "checkin", req.token, held)
