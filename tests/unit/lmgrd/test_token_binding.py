@@ -214,3 +214,20 @@ def test_the_idle_timeout_and_rate_limit_settings_are_validated_and_have_flags(t
     ns = build_parser().parse_args(["--idle-connection-timeout", "0", "--max-requests-per-second", "50"])
     cfg = build_config({**base, "idle_connection_timeout": 60}, _overrides(ns), "test")
     assert (cfg.idle_connection_timeout, cfg.max_requests_per_second) == (0.0, 50.0)  # flags win over the file
+
+
+def test_the_daemons_log_formatter_keeps_every_message_on_one_line() -> None:
+    import sys
+
+    from lmgrd.cli import OneLineFormatter
+
+    f = OneLineFormatter("%(levelname)s %(name)s: %(message)s")
+    rec = logging.LogRecord("lmgrd.x", logging.INFO, __file__, 1, "OUT %s to %s", ("CADPRO", "eve\nFORGED\x1b[2J"),
+                            None)
+    assert f.format(rec) == "INFO lmgrd.x: OUT CADPRO to eve\\nFORGED\\x1b[2J"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = logging.LogRecord("lmgrd.x", logging.ERROR, __file__, 1, "failed:\n%s", ("x",), sys.exc_info())
+    out = f.format(rec)
+    assert out.startswith("ERROR lmgrd.x: failed:\\nx\nTraceback") and out.rstrip().endswith("ValueError: boom")
