@@ -77,7 +77,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, what: str =
 
 # --------------------------------------------------------------------------- tokens bound to their holder
 def test_another_users_token_never_frees_renews_or_takes_the_seat(daemon_factory: Factory) -> None:
-    d = daemon_factory((("CADPRO", "2.1", 1),), share="none", heartbeat=1.0, lease_timeout=4.0,
+    d = daemon_factory((("CADPRO", "2.1", 1),), share="none", heartbeat=1.0, lease_timeout=3.0,
                        extra=["--metrics-port", "auto"])
     lost: list[LicenseLost] = []
 
@@ -102,8 +102,8 @@ def test_another_users_token_never_frees_renews_or_takes_the_seat(daemon_factory
             assert await asyncio.to_thread(in_use, m) == 1
             # The seat is still alice's: it outlives several lease timeouts on her heartbeats alone, and
             # nobody else gets one.
-            for _ in range(3):
-                await asyncio.sleep(1.5)
+            for _ in range(2):  # longer than the lease timeout in all
+                await asyncio.sleep(1.6)
                 assert seat.held and not lost
             deny = await asyncio.to_thread(m.request, Checkout(m.id(), "CADPRO", "2.1"))
             assert isinstance(deny, ErrorReply) and deny.code is ErrorCode.NO_SEATS
@@ -200,8 +200,8 @@ def test_an_idle_connection_holding_no_seat_is_dropped_and_an_active_one_kept(da
     assert isinstance(holder.request(Checkout(holder.id(), "CADPRO", "2.1")), Granted)
     chatty = d.connect()
     assert isinstance(chatty.hello(user="chatty"), Welcome)
-    deadline = time.monotonic() + 4.0
-    while time.monotonic() < deadline:  # chatty talks every 0.3 s, holder heartbeats every second
+    deadline = time.monotonic() + 2.6
+    while time.monotonic() < deadline:  # chatty talks every 0.3 s (2.6 idle timeouts), holder heartbeats
         assert isinstance(chatty.request(Status(chatty.id())), StatusReply)
         if int(time.monotonic() * 10) % 10 < 3:
             assert isinstance(holder.request(Heartbeat(holder.id())), HeartbeatAck)
