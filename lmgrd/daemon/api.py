@@ -19,6 +19,7 @@ from lmgrd.daemon.events import ClientView, Observers
 from lmgrd.daemon.guard import RefusalCounts
 from lmgrd.daemon.leases import Counters, WaitCtx
 from lmgrd.daemon.session import AdminHandler
+from lmgrd.storage.journal import StoreError
 
 __all__ = ["ClientView", "DaemonView"]
 
@@ -54,6 +55,10 @@ class DaemonView(Protocol):
     def sessions(self) -> Mapping[int, ClientView]: ...
     @property
     def counters(self) -> Counters: ...
+    @property
+    def store_error(self) -> StoreError | None: ...
+    @property
+    def store_write_failures(self) -> int: ...
     @property
     def waits(self) -> Mapping[int, WaitCtx]: ...
 

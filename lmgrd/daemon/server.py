@@ -36,7 +36,7 @@ from lmgrd.daemon.leases import Counters, LeaseLifecycle, Timers, WaitCtx
 from lmgrd.daemon.outbox import Outbox
 from lmgrd.daemon.session import Handlers, Session, refuse
 from lmgrd.daemon.transport import ClientProtocol
-from lmgrd.storage.journal import LeaseStore
+from lmgrd.storage.journal import LeaseStore, StoreError
 from protocol import ErrorCode, ErrorReply, ProtocolError, error_frame
 
 __all__ = ["EXPIRE_BATCH", "Server", "install_signal_handlers"]
@@ -106,7 +106,7 @@ class Server:
         self.request_rate = cfg.max_requests_per_second
         self.request_burst = max(1.0, 2.0 * cfg.max_requests_per_second)
         self.idle_handle: asyncio.TimerHandle | None = None
-        self.outbox = Outbox(store, self.loop.call_soon)
+        self.outbox = Outbox(store, self.loop.call_soon, self.loop.call_later, self.clock)
         self.leases = LeaseLifecycle(
             self.ledger, store, self.outbox, self.observers, sessions=self.sessions,
             count_of=lambda pool: self.licensing.count(pool), timers=cast(Timers, self.loop), clock=self.clock,
@@ -151,6 +151,16 @@ class Server:
     def timer(self, handle: asyncio.TimerHandle | asyncio.Handle | None) -> None:
         self._timer = handle
         self.leases.timer_idle = handle is None
+
+    @property
+    def store_error(self) -> StoreError | None:
+        """Why the lease store cannot write now (new checkouts refused with STORE_UNAVAILABLE), or ``None``."""
+        return self.outbox.store_error
+
+    @property
+    def store_write_failures(self) -> int:
+        """Failed lease-store writes since start (the first failure and every failed retry)."""
+        return self.outbox.store_failures
 
     @property
     def counters(self) -> Counters:
@@ -243,9 +253,15 @@ class Server:
             s.abort()
         if left:
             logger.info("closed %d connection(s) that were still open", len(left))
-        self.store.flush()
-        self.store.sync()
-        self.store.close()
+        self.outbox.cancel_retry()
+        try:
+            self.store.close()  # flush, sync, close
+        except StoreError as exc:
+            logger.error("stopping with records not written: %s. Seats checked in since the state directory "
+                         "failed come back at the next start and lapse after a lease timeout if nobody resumes "
+                         "them; no grant was acknowledged without its record", exc)
+        except OSError as exc:
+            logger.error("could not sync the lease journal at shutdown: %s", exc)
         if self.timer is not None:
             self.timer.cancel()
         if self.sync_handle is not None:
@@ -414,6 +430,8 @@ class Server:
             "connections": len(self.sessions),
             "pools": pools,
             "refused_licenses": self.licensing.refusals(),
+            "store": {"writable": self.outbox.store_error is None,
+                      "error": str(self.outbox.store_error) if self.outbox.store_error is not None else None},
         }
 
 
