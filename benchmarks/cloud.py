@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -186,6 +187,7 @@ def main() -> int:
                         s.stop()
     finally:
         cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
     load_end = os.getloadavg()
 
     print(f"- command: `.venv/bin/python benchmarks/cloud.py --installations {args.installations} --seconds "
