@@ -25,6 +25,7 @@ are :mod:`lmgrd.daemon.cloud`'s. Never imports ``client_stub``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -118,10 +119,8 @@ def read_cloud_license(lic: License, stored: Mapping[str, Any], vendor_key: Ed25
     st.last_error = str(stored.get("last_error") or "")
     ref = stored.get("refusal")
     if isinstance(ref, list) and len(ref) == 3 and all(isinstance(x, str) for x in ref):
-        try:
+        with contextlib.suppress(ValueError):
             st.refusal = (ErrorCode(ref[0]), ref[1], ref[2])
-        except ValueError:
-            pass
     rev_json = stored.get("revocation")
     if rev_json is not None:
         try:
