@@ -17,8 +17,10 @@ need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ -x /usr/lib/nagios/plugins/check_flexlm ] || need+=(monitoring-plugins-standard)
+# tinyproxy: a real HTTP CONNECT proxy for the activation service's HTTPS_PROXY tests (issue 10).
+command -v tinyproxy >/dev/null 2>&1 || need+=(tinyproxy)
 if [ "${#need[@]}" -eq 0 ]; then
-  echo "install-deps: promtool, chromium and check_flexlm already present"
+  echo "install-deps: promtool, chromium, check_flexlm and tinyproxy already present"
   exit 0
 fi
 
@@ -34,8 +36,11 @@ echo "install-deps: installing ${need[*]}"
 $SUDO apt-get update -q
 # fonts-dejavu-core gives the headless browser a font for the status-page screenshot.
 $SUDO apt-get install -y -q --no-install-recommends "${need[@]}" fonts-dejavu-core
-# The prometheus package may start a server as a service; the tests need only promtool.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
-  $SUDO systemctl stop prometheus || true
-fi
-command -v promtool >/dev/null && command -v chromium >/dev/null && [ -x /usr/lib/nagios/plugins/check_flexlm ]
+# The prometheus and tinyproxy packages may start servers as services; the tests start their own.
+for svc in prometheus tinyproxy; do
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
+    $SUDO systemctl stop "$svc" || true
+  fi
+done
+command -v promtool >/dev/null && command -v chromium >/dev/null && [ -x /usr/lib/nagios/plugins/check_flexlm ] \
+  && command -v tinyproxy >/dev/null
