@@ -119,6 +119,10 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
+    # The activation service's HTTP client logs every request and socket step; the cloud agent logs what
+    # matters (lmgrd.daemon.cloud), so these stay at warnings even under --log-level debug.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 _CONFIG_SOURCE: tuple[Path | None, dict[str, Any]] = (None, {})

@@ -194,9 +194,10 @@ class CloudAgent:
             cert = st.certificate
             assert cert is not None
             level = logging.INFO if before == "active" else logging.WARNING
-            logger.log(level, "%s license %s: %s by the activation service %s (certificate %s, sequence %d, valid "
-                       "until %s)", "ACTIVATED" if before != "active" else "CHECKED IN", cid, cert.how, lic.cloud_url,
-                       what, cert.sequence, format_timestamp(cert.valid_until) if cert.valid_until else "expiry")
+            logger.log(level, "%s license %s: %s by the activation service %s (after its %s: certificate sequence "
+                       "%d, valid until %s)", "ACTIVATED" if before != "active" else "CHECKED IN", cid, cert.how,
+                       lic.cloud_url, what, cert.sequence,
+                       format_timestamp(cert.valid_until) if cert.valid_until else "the license expires")
         elif result == "pending":
             logger.info("license %s is pending at the activation service %s: it activates automatically at %s",
                         cid, lic.cloud_url, format_timestamp(st.activates_at) if st.activates_at else "?")
@@ -230,6 +231,9 @@ class CloudAgent:
             code, why, hint = cloud.revoked_error(st.revocation)
             for pool in [p for p in self.server.ledger.pools() if p[0] == cid]:
                 n = self.server.leases.end_pool(pool, EndReason.REVOKED, why, code, hint)
+                # The license stays loaded (lmstat shows it revoked); its pool stays, empty: the activation
+                # check refuses every checkout before the ledger is asked.
+                self.server.ledger.set_pool(pool, self.server.licensing.count(pool))
                 ended += n
                 if n:
                     logger.warning("REVOKED by the activation service: %s; %d held seat(s) of %s ended", why, n,

@@ -85,10 +85,18 @@ class CloudHttp:
     """One async httpx client for the daemon's calls to the service (connections reused between calls)."""
 
     def __init__(self, ca_file: Path | None, proxy: str | None) -> None:
-        self.client = httpx.AsyncClient(**client_settings(ca_file, proxy))
+        #: Why no request can be made at all (cloud_ca_file unreadable), or "".
+        self.broken = ""
+        try:
+            self.client = httpx.AsyncClient(**client_settings(ca_file, proxy))
+        except (OSError, ssl.SSLError) as exc:
+            self.broken = f"cloud_ca_file {ca_file} cannot be used: {getattr(exc, 'strerror', None) or exc}"
+            self.client = httpx.AsyncClient(timeout=httpx.Timeout(TIMEOUT_SECONDS))
 
     async def post(self, base_url: str, path: str, body: dict[str, Any]) -> Reached | Unreachable:
         url = base_url.rstrip("/") + path
+        if self.broken:
+            return Unreachable(f"{url}: {self.broken}")
         try:
             async with self.client.stream("POST", url, json=body,
                                           headers={"Accept": "application/json"}) as resp:
