@@ -1,40 +1,47 @@
-"""The vendor's activation service as the daemon and the client stub meet it in tests: the real ``lmcloud``
-as a subprocess (uvicorn on 127.0.0.1, HTTPS with a certificate from a CA made here with trustme, SQLite),
-a real HTTP CONNECT proxy (Debian tinyproxy), and licenses whose signed ``cloud_url`` names the service.
-Nothing is mocked; every process is stopped by its PID.
+"""The activation service as the tests and benchmarks run it: a throwaway PostgreSQL cluster, a CA and server
+certificate made with trustme, ``lmcloud serve`` as a real uvicorn subprocess on loopback, and a simulated
+installation (key pair, fingerprint, certificate) that makes the signed requests a daemon would.
+
+Every process started here is stopped by its PID (``stop()``); nothing is left running.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import copy
+import glob
 import os
-import re
+import pwd
+import select
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import time
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
+import trustme
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from lmgrd.vendor.signing import new_customer_id, sign_license
-from protocol.license import License, Product
-from tests.harness import HOSTNAME, REPO
+from protocol.cloud import (
+    ActivationCertificate,
+    ActivationRequest,
+    CheckInRequest,
+    OfflineRequest,
+    canonical_bytes,
+    installation_key_text,
+    nonce_text,
+    signed_json,
+)
+from protocol.fingerprint import Fingerprint
 
-LMCLOUD = [sys.executable, "-c", "import sys; from lmgrd.vendor.lmcloud.commands import main; sys.exit(main())"]
-_SNAP = os.environ.get("CLOUDCLI_SERVICE_SNAPSHOT", "")  # TEMPORARY (not to be committed)
-
-
-def _svc_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    e = dict(os.environ if env is None else env)
-    if _SNAP:
-        e["PYTHONPATH"] = _SNAP
-    return e
+BIN = Path(sys.executable).parent
+LMCLOUD = str(BIN / "lmcloud")
 
 
 def free_port() -> int:
@@ -43,160 +50,198 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_private_key(key: Ed25519PrivateKey, path: Path) -> Path:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    return path
-
-
-def cloud_license(path: Path, key: Ed25519PrivateKey, url: str, *, license_type: str = "multi",
-                  issued_at: datetime | None = None,
-                  products: tuple[tuple[str, str, int], ...] = (("CADPRO", "2.1", 3),),
-                  customer_id: str | None = None, expires: date | None = None) -> License:
-    """A license issued now (so the 24 hours have not passed) whose activation the service at ``url`` decides."""
-    lic = License(customer_id=customer_id or new_customer_id(os.urandom(10)),
-                  license_type=license_type,  # type: ignore[arg-type]
-                  customer="Test Customer", hostname=HOSTNAME, ip="127.0.0.1",
-                  products=tuple(Product(n, v, c) for n, v, c in products),
-                  issued_at=issued_at or datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5),
-                  expires=expires, site_networks=(), share="user_host", cloud_url=url)
-    path.write_text(sign_license(lic, key), encoding="utf-8")
-    return lic
+# --------------------------------------------------------------------------------------------------
+# TLS
 
 
 class TLS:
-    """A CA made for the test and a server certificate for 127.0.0.1 and localhost."""
+    """A CA made in the test and a server certificate for 127.0.0.1 and localhost, written to ``directory``."""
 
     def __init__(self, directory: Path) -> None:
-        import trustme
-
         directory.mkdir(parents=True, exist_ok=True)
         self.ca = trustme.CA()
-        cert = self.ca.issue_cert("127.0.0.1", "localhost")
+        cert = self.ca.issue_cert("127.0.0.1", "localhost", "::1")
         self.ca_file = directory / "ca.pem"
         self.cert_file = directory / "server.pem"
         self.key_file = directory / "server.key"
         self.ca.cert_pem.write_to_path(str(self.ca_file))
         cert.private_key_pem.write_to_path(str(self.key_file))
         with open(self.cert_file, "wb") as f:
-            for blob in cert.cert_chain_pems:
-                f.write(blob.bytes())
+            for pem in cert.cert_chain_pems:
+                f.write(pem.bytes())
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file))
 
 
-class Service:
-    """``lmcloud serve`` as a subprocess on 127.0.0.1 (a fixed port once chosen, so a restart keeps the URL)."""
-
-    def __init__(self, workdir: Path, vendor_key: Path, tls: TLS, db: str, *, valid_for: int = 60,
-                 clock_offset: float = 0.0, port: int = 0) -> None:
-        self.workdir, self.vendor_key, self.tls, self.db = workdir, vendor_key, tls, db
-        self.valid_for, self.clock_offset = valid_for, clock_offset
-        self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = workdir / f"lmcloud-{self.port}.log"
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-        if self.clock_offset:
-            env["LMCLOUD_CLOCK_OFFSET_SECONDS"] = str(self.clock_offset)
-        return env
-
-    def start(self, timeout: float = 30.0) -> Service:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*LMCLOUD, "serve", "--key", str(self.vendor_key), "--bind", "127.0.0.1", "--port", str(self.port),
-                 "--tls-cert", str(self.tls.cert_file), "--tls-key", str(self.tls.key_file),
-                 "--valid-for", str(self.valid_for), "--db", self.db, "--rate-limit-customer", "0",
-                 "--rate-limit-address", "0"],
-                stdout=log, stderr=log, cwd=_SNAP or REPO, env=_svc_env(self.env()))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if "lmcloud: serving" in self.log():
-                try:
-                    with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                        return self
-                except OSError:
-                    pass
-            if self.proc.poll() is not None:
-                raise AssertionError(f"lmcloud exited with {self.proc.returncode}:\n{self.log()}")
-            time.sleep(0.05)
-        raise AssertionError(f"lmcloud did not start within {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+# --------------------------------------------------------------------------------------------------
+# PostgreSQL
 
 
-def lmcloud(db: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run one ``lmcloud`` admin command (``register``, ``show``, ``supersede``, ...) against ``db``."""
-    return subprocess.run([*LMCLOUD, *args, "--db", db], capture_output=True, text=True, cwd=_SNAP or REPO,
-                          timeout=60, env=_svc_env(env))
+def postgres_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
 
 
-def show(db: str, customer_id: str) -> dict[str, Any]:
-    res = lmcloud(db, "show", customer_id, "--json")
-    assert res.returncode == 0, res.stderr
-    data: dict[str, Any] = json.loads(res.stdout)
-    return data
+class PostgresCluster:
+    """A throwaway cluster (initdb + pg_ctl) on a free loopback port in a temp dir, trust authentication.
 
+    As root, the server runs as ``nobody`` (PostgreSQL refuses root) in a directory it owns.
+    """
 
-class TinyProxy:
-    """Debian's tinyproxy on a free 127.0.0.1 port: a real HTTP CONNECT proxy, logging each connection."""
-
-    def __init__(self, workdir: Path, connect_ports: list[int]) -> None:
-        exe = shutil.which("tinyproxy")
-        if exe is None:
-            raise AssertionError("tinyproxy is not installed: run .ci/install-deps.sh")
-        self.exe = exe
+    def __init__(self, fsync: bool = False) -> None:
+        bindir = postgres_bin()
+        if bindir is None:
+            raise RuntimeError("PostgreSQL is not installed (run .ci/install-deps.sh: Debian package postgresql)")
+        self.bindir = bindir
+        self.root = Path(tempfile.mkdtemp(prefix="lmcloud-pg-"))
+        self.data = self.root / "data"
         self.port = free_port()
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = workdir / "tinyproxy.log"
-        self.conf = workdir / "tinyproxy.conf"
-        lines = [f"Port {self.port}", "Listen 127.0.0.1", "Timeout 30", f"LogFile \"{self.log_path}\"",
-                 "LogLevel Connect", "MaxClients 20", "Allow 127.0.0.1", "DisableViaHeader Yes",
-                 *(f"ConnectPort {p}" for p in connect_ports)]
-        self.conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.fsync = fsync
+        self.user: str | None = None
+        if os.geteuid() == 0:
+            self.user = "nobody"
+            os.chmod(self.root, 0o755)
+            pw = pwd.getpwnam("nobody")
+            os.chown(self.root, pw.pw_uid, pw.pw_gid)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def _run(self, *args: str) -> None:
+        subprocess.run([str(self.bindir / args[0]), *args[1:]], check=True, user=self.user, cwd=self.root,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
 
-    def start(self, timeout: float = 10.0) -> TinyProxy:
-        self.proc = subprocess.Popen([self.exe, "-d", "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return self
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"tinyproxy exited with {self.proc.returncode}") from None
-                time.sleep(0.05)
-        raise AssertionError("tinyproxy did not start")
+    def start(self) -> PostgresCluster:
+        self._run("initdb", "-D", str(self.data), "-U", "lmcloud", "--auth=trust", "-E", "UTF8", "--no-sync")
+        opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        if not self.fsync:
+            opts += " -c fsync=off -c synchronous_commit=off"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-o", opts, "-w", "-t", "60", "start")
+        return self
 
-    def connects(self) -> list[str]:
-        text = self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
-        return re.findall(r"CONNECT [^ ]+", text)
+    def create_database(self, name: str) -> str:
+        """A new database; returns its ``postgresql://`` URL."""
+        subprocess.run([str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "lmcloud", name],
+                       check=True, timeout=60, stderr=subprocess.PIPE)
+        return f"postgresql://lmcloud@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The service
+
+
+def lmcloud(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run an ``lmcloud`` command to completion."""
+    return subprocess.run([LMCLOUD, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+class CloudService:
+    """``lmcloud serve`` as a subprocess on 127.0.0.1 (port chosen by the OS, read from the ready line)."""
+
+    def __init__(self, db: str, key: Path, tls: TLS | None, *, valid_for: int = 3600, clock_offset: float = 0,
+                 rate_limit_customer: float = 0, rate_limit_address: float = 0, log: Path | None = None) -> None:
+        self.db, self.key, self.tls = db, key, tls
+        self.args = ["--valid-for", str(valid_for), "--rate-limit-customer", str(rate_limit_customer),
+                     "--rate-limit-address", str(rate_limit_address)]
+        self.env = {**os.environ}
+        if clock_offset:
+            self.env["LMCLOUD_CLOCK_OFFSET_SECONDS"] = str(clock_offset)
+        self.log = log
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 30) -> CloudService:
+        cmd = [LMCLOUD, "serve", "--db", self.db, "--key", str(self.key), "--bind", "127.0.0.1", "--port", "0",
+               *self.args]
+        if self.tls is not None:
+            cmd += ["--tls-cert", str(self.tls.cert_file), "--tls-key", str(self.tls.key_file)]
+        if self.log is not None:
+            with open(self.log, "w") as stderr:  # the child keeps its own copy of the descriptor
+                self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=self.env)
+        else:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                         env=self.env)
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = ""
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+            if ready:
+                line = self.proc.stdout.readline()
+                break
+        if not line.startswith("lmcloud: serving "):
+            self.stop()
+            detail = self.log.read_text() if self.log and self.log.exists() else ""
+            raise RuntimeError(f"lmcloud serve did not start: {line!r} {detail[-2000:]}")
+        self.url = line.split()[2]
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self.proc = None
+
+
+# --------------------------------------------------------------------------------------------------
+# A simulated installation (what the daemon keeps in its state directory)
+
+
+class Installation:
+    """One installation of a license server: its key pair, its machine's fingerprint, its latest certificate."""
+
+    def __init__(self, customer_id: str, hostname: str = "licsrv01", machine_id: str | None = None,
+                 macs: tuple[str, ...] = ("02:00:00:00:00:01", "02:00:00:00:00:02"),
+                 addresses: tuple[str, ...] = ("192.0.2.10",)) -> None:
+        self.customer_id = customer_id
+        self.hostname = hostname
+        self.addresses = addresses
+        self.key = Ed25519PrivateKey.generate()
+        self.fingerprint = Fingerprint.of(hostname, machine_id or nonce_text(os.urandom(16)), macs)
+        self.certificate: ActivationCertificate | None = None
+
+    @property
+    def key_text(self) -> str:
+        return installation_key_text(self.key.public_key())
+
+    def clone(self) -> Installation:
+        """A byte-for-byte copy (a cloned VM or disk): same key, same fingerprint, same certificate."""
+        twin = copy.copy(self)
+        return twin
+
+    def _sign(self, doc: Any) -> dict[str, Any]:
+        return signed_json(doc, self.key.sign(canonical_bytes(doc)))
+
+    def activation(self, mode: str = "manual", nonce: str | None = None, sent_at: datetime | None = None
+                   ) -> dict[str, Any]:
+        return self._sign(ActivationRequest(
+            self.customer_id, self.hostname, self.addresses, self.fingerprint, self.key_text,
+            nonce or nonce_text(os.urandom(16)), sent_at or datetime.now(UTC), mode))  # type: ignore[arg-type]
+
+    def check_in(self, token: str | None = None, sequence: int | None = None, nonce: str | None = None
+                 ) -> dict[str, Any]:
+        cert = self.certificate
+        assert cert is not None or token is not None
+        return self._sign(CheckInRequest(
+            self.customer_id, self.hostname, self.addresses, self.fingerprint, self.key_text,
+            token or (cert.token if cert else "") or "", sequence if sequence is not None else (
+                cert.sequence if cert else 0), nonce or nonce_text(os.urandom(16)), datetime.now(UTC)))
+
+    def offline_request(self) -> dict[str, Any]:
+        return self._sign(OfflineRequest(self.customer_id, self.hostname, self.addresses, self.fingerprint,
+                                         self.key_text, nonce_text(os.urandom(16)), datetime.now(UTC)))

@@ -22,7 +22,16 @@ from typing import Any
 import pytest
 
 from protocol import Checkout, ErrorReply, Granted, Heartbeat, HeartbeatAck
-from tests.cloud_harness import TLS, Service, TinyProxy, cloud_license, free_port, lmcloud, show, write_private_key
+from tests.cloud_client_harness import (
+    TLS,
+    Service,
+    TinyProxy,
+    cloud_license,
+    free_port,
+    lmcloud,
+    show,
+    write_private_key,
+)
 from tests.harness import REPO, Daemon, RawClient, write_keys
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs Linux (unshare, tinyproxy)")
