@@ -7,6 +7,8 @@ stopped by its PID.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -107,10 +109,16 @@ class Service:
                 self.proc.wait(5)
 
 
-def lmcloud(db: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run one ``lmcloud`` admin command (``register``, ``show``, ``supersede``, ...) against ``db``."""
-    return subprocess.run([LMCLOUD, *args, "--db", db], capture_output=True, text=True, cwd=REPO, timeout=60,
-                          env=env)
+def lmcloud(db: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run one ``lmcloud`` admin command (``register``, ``show``, ``supersede``, ``offline-response``, ...)
+    against the real database ``db``: its real ``main`` in this process (an interpreter start saved per call;
+    the service itself always runs as its own process)."""
+    from lmgrd.vendor.lmcloud.commands import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main([*args, "--db", db], out=out)
+    return subprocess.CompletedProcess(["lmcloud", *args], code, out.getvalue(), err.getvalue())
 
 
 def show(db: str, customer_id: str) -> dict[str, Any]:
