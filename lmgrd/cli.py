@@ -192,8 +192,15 @@ async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
     state = state_dir(cfg)
     state.mkdir(parents=True, exist_ok=True)
     store = open_store(state)
-    server = Server(cfg, licensing, store, reload=lambda: reload_licensing(cfg),
-                    wall=daemon_wall_clock(clock_offset()))
+
+    def reload() -> tuple[Licensing, list[str]]:
+        result = reload_licensing(cfg)
+        # Once the server has the reread licenses (this runs inside Server.reload): a license with a cloud_url
+        # that is new asks the activation service now, starting the agent if none ran.
+        server.loop.call_soon(start_cloud_agent, server, state)
+        return result
+
+    server = Server(cfg, licensing, store, reload=reload, wall=daemon_wall_clock(clock_offset()))
     install_signal_handlers(server)
     from lmgrd.admin.commands import enable_admin
     from lmgrd.monitoring.usage import attach_usage_log
@@ -206,14 +213,14 @@ async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
         raise LmgrdError(f"cannot listen on port {cfg.port}: {exc.strerror or exc}; is another lmgrd running? "
                          "choose another --port") from None
     enable_admin(server)  # the admin token file, and lmutil's commands
-    agent = start_cloud_agent(server, state)
+    start_cloud_agent(server, state)
     from lmgrd.monitoring.http import start_monitoring
 
     monitor = await start_monitoring(server, cfg)
     await server.stopped.wait()
     await monitor.close()
-    if agent is not None:
-        await agent.close()
+    if server.cloud is not None:
+        await server.cloud.close()
     return 0
 
 
@@ -230,9 +237,13 @@ def _host_for_cloud() -> tuple[str, list[str]]:
 
 
 def start_cloud_agent(server: Any, state: Path) -> Any:
-    """Start talking to the vendor's activation service if a served license has a ``cloud_url``."""
+    """Start talking to the vendor's activation service if a served license has a ``cloud_url`` (after a
+    reread: wake the running agent, so a newly added license is asked about at once)."""
+    if server.cloud is not None:
+        server.cloud.wake()
+        return server.cloud
     acts = server.licensing.activations
-    if acts is None or acts.cloud is None:
+    if acts is None or acts.cloud is None or server.closing:
         return None
     from lmgrd.daemon.cloud import CloudAgent
     from lmgrd.storage.cloud import installation_key
