@@ -259,3 +259,30 @@ def test_cloud_settings_defaults_and_flags() -> None:
     assert cfg.cloud_poll_interval == 2.0 and cfg.cloud_check_in_interval == 86400.0
     assert cfg.cloud_proxy == "http://proxy:3128" and str(cfg.cloud_ca_file) == "/etc/ca.pem"
     assert build_config({"licenses": ["a.lic"], "vendor_key": "v.pub"}, {}, "x").cloud_poll_interval == 900.0
+
+
+def test_lmstat_extended_shows_the_service_state_and_the_warning_but_flexnet_layout_does_not() -> None:
+    from lmgrd import lmstat_text
+
+    data = {"pools": [], "cloud": [{"customer_id": CID, "url": URL, "state": "active", "how": "manual",
+                                    "valid_until": "2026-03-31T12:00:00Z", "last_reached_at": "2026-03-01T12:00:00Z",
+                                    "last_error": "connection refused", "warning": "the service is unreachable"}]}
+    text = lmstat_text.render_extended(data, 0.0)
+    assert f"activation service {URL}: license {CID} active, certificate (manual) valid until 2026-03-31T12:00:00Z" \
+        in text and "last error: connection refused" in text and "WARNING: the service is unreachable" in text
+    flexnet = lmstat_text.render_lmstat({**data, "hostname": "licsrv01", "license_files": []}, port=27000,
+                                        now=NOW.replace(tzinfo=None), features=True, users=True)
+    assert URL not in flexnet and "WARNING" not in flexnet
+
+
+def test_cloud_check_picks_the_proxy_as_httpx_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmgrd.cloudcheck import proxy_for
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert proxy_for(URL, None) == (None, "no proxy set (HTTPS_PROXY unset)")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert proxy_for(URL, None) == ("http://proxy.example:3128", "HTTPS_PROXY")
+    monkeypatch.setenv("NO_PROXY", "activation.vendor.example")
+    assert proxy_for(URL, None)[0] is None
+    assert proxy_for(URL, "http://other:8080") == ("http://other:8080", "cloud_proxy")
