@@ -290,12 +290,14 @@ class CloudActivations:
         cert = st.certificate
         if cert is not None and cert.offline:
             return None
-        if cert is None or (st.refusal is not None and st.refusal[0] is ErrorCode.ACTIVATION_CONFLICT):
+        refused = st.refusal[0] if st.refusal is not None else None
+        if cert is None or refused in (ErrorCode.ACTIVATION_CONFLICT, ErrorCode.LICENSE_NOT_ACTIVATED):
             base = st.last_attempt_at
             wait = jittered(poll_interval, rand)
             when = base + timedelta(seconds=wait) if base is not None else datetime.min.replace(tzinfo=UTC)
-            if st.refusal is not None and st.refusal[0] is ErrorCode.ACTIVATION_CONFLICT and cert is not None:
-                return ("check_in", when)
+            if refused is ErrorCode.ACTIVATION_CONFLICT and cert is not None:
+                return ("check_in", when)  # a copy keeps presenting its token: the service records each attempt
+            # No certificate, or the service knows no activation for this installation any more: activate.
             return ("activate", when)
         # Active: check in every interval (or sooner if the service asks), retrying sooner after a failure.
         start = st.certified_at or cert.issued_at

@@ -286,3 +286,15 @@ def test_cloud_check_picks_the_proxy_as_httpx_does(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("NO_PROXY", "activation.vendor.example")
     assert proxy_for(URL, None)[0] is None
     assert proxy_for(URL, "http://other:8080") == ("http://other:8080", "cloud_proxy")
+
+
+def test_a_check_in_the_service_knows_nothing_about_leads_to_a_new_activation(state: Any) -> None:
+    cloud, key, _tmp = state
+    a, raw = answer(200, body("active", certificate=signed(cert(key))))
+    cloud.accept(CID, a, raw, NOW)
+    a, raw = answer(409, body("error", error={"code": "LICENSE_NOT_ACTIVATED", "message": "no activation for this "
+                                              "installation", "hint": "activate first"}))
+    assert cloud.accept(CID, a, raw, NOW) == "refused"
+    assert cloud.check(LIC, NOW) is None  # the certificate still serves until valid_until
+    assert cloud.due(CID, poll_interval=5, check_in_interval=86400, rand=0.0) == ("activate",
+                                                                                 NOW + timedelta(seconds=5))
