@@ -2,7 +2,8 @@
 # Packages the tests need beyond the Python venv: promtool (Debian prometheus) checks the /metrics scrape,
 # chromium renders the status page, check_flexlm (Debian monitoring-plugins-standard) and the lmstat parser
 # of license-manager-agent (PyPI, without its service dependencies, into .ci/parsers) read lmutil lmstat as
-# they read FlexNet's. Non-interactive and idempotent: installs only what is missing, apt-get update at most
+# they read FlexNet's; PostgreSQL's server binaries (Debian postgresql: initdb, pg_ctl) let the activation
+# service's tests start a throwaway cluster. Non-interactive and idempotent: installs only what is missing, apt-get update at most
 # once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,10 +18,12 @@ need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ -x /usr/lib/nagios/plugins/check_flexlm ] || need+=(monitoring-plugins-standard)
+have_initdb() { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1; }
+have_initdb || need+=(postgresql)
 # tinyproxy: a real HTTP CONNECT proxy for the activation service's HTTPS_PROXY tests (issue 10).
 command -v tinyproxy >/dev/null 2>&1 || need+=(tinyproxy)
 if [ "${#need[@]}" -eq 0 ]; then
-  echo "install-deps: promtool, chromium, check_flexlm and tinyproxy already present"
+  echo "install-deps: promtool, chromium, check_flexlm, PostgreSQL and tinyproxy already present"
   exit 0
 fi
 
@@ -36,11 +39,12 @@ echo "install-deps: installing ${need[*]}"
 $SUDO apt-get update -q
 # fonts-dejavu-core gives the headless browser a font for the status-page screenshot.
 $SUDO apt-get install -y -q --no-install-recommends "${need[@]}" fonts-dejavu-core
-# The prometheus and tinyproxy packages may start servers as services; the tests start their own.
-for svc in prometheus tinyproxy; do
+# The prometheus, postgresql and tinyproxy packages may start servers as services; the tests start their own
+# (PostgreSQL clusters on free ports, tinyproxy on a free port).
+for svc in prometheus postgresql tinyproxy; do
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
     $SUDO systemctl stop "$svc" || true
   fi
 done
 command -v promtool >/dev/null && command -v chromium >/dev/null && [ -x /usr/lib/nagios/plugins/check_flexlm ] \
-  && command -v tinyproxy >/dev/null
+  && have_initdb && command -v tinyproxy >/dev/null

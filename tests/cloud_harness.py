@@ -142,6 +142,35 @@ def lmcloud(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
                           env={**os.environ, **(env or {})})
 
 
+def lmcloud_here(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run an ``lmcloud`` command in this process (the same ``main``, without a new interpreter's start-up).
+
+    The tests use it for the many admin commands; ``lmcloud`` itself (console script, exit code, stderr) is
+    run as a subprocess where that is what is tested.
+    """
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from lmgrd.vendor.lmcloud.commands import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main(list(args), out)
+            except SystemExit as exc:  # argparse usage errors
+                code = int(exc.code or 0)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(["lmcloud", *args], code, out.getvalue(), err.getvalue())
+
+
 class CloudService:
     """``lmcloud serve`` as a subprocess on 127.0.0.1 (port chosen by the OS, read from the ready line)."""
 

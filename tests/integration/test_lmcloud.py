@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from cloud_harness import TLS, CloudService, Installation, PostgresCluster, lmcloud
+from cloud_harness import TLS, CloudService, Installation, PostgresCluster, lmcloud, lmcloud_here
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from lmgrd.vendor.signing import dump_private_key, new_customer_id, sign_license
@@ -104,7 +104,7 @@ class Site:
                 cid, path = self.license(issued_at=issued, expires=expires, register=False)
                 self.pool[kind].append(cid)
                 files.append(str(path))
-        done = lmcloud("register", *files, "--db", self.db)
+        done = lmcloud_here("register", *files, "--db", self.db)
         assert done.returncode == 0, done.stderr
 
     def service(self, **kw: Any) -> CloudService:
@@ -126,7 +126,7 @@ class Site:
         path = self.work / f"{lic.customer_id}.lic"
         path.write_text(sign_license(lic, self.vendor_key))
         if register:
-            done = lmcloud("register", str(path), "--db", self.db)
+            done = lmcloud_here("register", str(path), "--db", self.db)
             assert done.returncode == 0, done.stderr
         return lic.customer_id, path
 
@@ -157,7 +157,7 @@ class Site:
         return answer
 
     def show(self, cid: str) -> dict[str, Any]:
-        done = lmcloud("show", cid, "--json", "--db", self.db)
+        done = lmcloud_here("show", cid, "--json", "--db", self.db)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)  # type: ignore[no-any-return]
 
@@ -283,7 +283,7 @@ def test_supersede_and_revoke_answer_the_next_check_in_with_a_signed_revocation(
     old, new = site.registered(), site.registered()
     inst = Installation(old)
     assert site.activate(inst).status == "active"
-    done = lmcloud("supersede", old, new, "--db", site.db)
+    done = lmcloud_here("supersede", old, new, "--db", site.db)
     assert done.returncode == 0, done.stderr
     answer = site.check_in(inst)
     assert answer.status == "revoked" and answer.http_status == 410 and answer.code is ErrorCode.LICENSE_REVOKED
@@ -297,12 +297,12 @@ def test_supersede_and_revoke_answer_the_next_check_in_with_a_signed_revocation(
     cid = site.registered()
     inst = Installation(cid)
     assert site.activate(inst).status == "active"
-    assert lmcloud("revoke", cid, "--reason", "use at an unlicensed site", "--db", site.db).returncode == 0
+    assert lmcloud_here("revoke", cid, "--reason", "use at an unlicensed site", "--db", site.db).returncode == 0
     answer = site.check_in(inst)
     assert answer.revocation is not None and answer.revocation.replaced_by is None
     assert answer.revocation.reason == "use at an unlicensed site"
     assert site.show(cid)["state"] == "revoked"
-    again = lmcloud("revoke", cid, "--reason", "twice", "--db", site.db)
+    again = lmcloud_here("revoke", cid, "--reason", "twice", "--db", site.db)
     assert again.returncode == 1 and "already revoked" in again.stderr
 
 
@@ -312,7 +312,7 @@ def test_offline_request_and_response_round_trip(site: Site) -> None:
     request = site.work / f"{cid}.offline-request"
     request.write_text(dumps_document(inst.offline_request()))
     response = site.work / f"{cid}.offline-response"
-    done = lmcloud("offline-response", str(request), "--key", str(site.key_path), "--out", str(response),
+    done = lmcloud_here("offline-response", str(request), "--key", str(site.key_path), "--out", str(response),
                    "--db", site.db)
     assert done.returncode == 0, done.stderr
     cert = verify_certificate(json.loads(response.read_text()), site.vendor_key.public_key())
@@ -320,13 +320,13 @@ def test_offline_request_and_response_round_trip(site: Site) -> None:
     assert cert.valid_until == datetime(2030, 6, 30, 23, 59, 59, tzinfo=UTC)
     assert cert.fingerprint.matches(inst.fingerprint)
     assert site.show(cid)["activations"][0]["how"] == "offline"
-    replay = lmcloud("offline-response", str(request), "--key", str(site.key_path), "--out",
+    replay = lmcloud_here("offline-response", str(request), "--key", str(site.key_path), "--out",
                      str(response) + ".2", "--db", site.db)
     assert replay.returncode == 1 and "replayed" in replay.stderr
     other = Installation(cid, hostname="elsewhere")
     request2 = site.work / f"{cid}.offline-request-2"
     request2.write_text(dumps_document(other.offline_request()))
-    conflict = lmcloud("offline-response", str(request2), "--key", str(site.key_path), "--out",
+    conflict = lmcloud_here("offline-response", str(request2), "--key", str(site.key_path), "--out",
                        str(response) + ".3", "--db", site.db)
     assert conflict.returncode == 1 and "ACTIVATION_CONFLICT" in conflict.stderr
     assert not Path(str(response) + ".3").exists()
@@ -446,7 +446,7 @@ def test_two_instances_two_machines_racing_exactly_one_wins(site: Site) -> None:
         jobs += [(cid, a.activation("manual"), site.main), (cid, b.activation("manual"), second)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         results = list(pool.map(lambda job: (job[0], site.post("/v1/activations", job[1], job[2])), jobs))
-    listed = {r["customer_id"]: r for r in json.loads(lmcloud("list", "--json", "--db", site.db).stdout)}
+    listed = {r["customer_id"]: r for r in json.loads(lmcloud_here("list", "--json", "--db", site.db).stdout)}
     for cid in cids:
         statuses = sorted(r.status_code for c, r in results if c == cid)
         assert statuses == [200, 409], (cid, statuses)
@@ -469,9 +469,9 @@ def test_register_is_idempotent_and_refuses_another_license_under_the_same_id(si
     edited = path.read_text().replace("Test Customer", "Someone Else")
     other = site.work / "edited.lic"
     other.write_text(edited)
-    refused = lmcloud("register", str(other), "--db", site.db)
+    refused = lmcloud_here("register", str(other), "--db", site.db)
     assert refused.returncode == 1 and "different license" in refused.stderr
-    listed = json.loads(lmcloud("list", "--json", "--db", site.db).stdout)
+    listed = json.loads(lmcloud_here("list", "--json", "--db", site.db).stdout)
     assert [r["customer_id"] for r in listed].count(cid) == 1
 
 
@@ -479,16 +479,16 @@ def test_serve_refuses_a_database_without_the_schema(site: Site, tmp_path: Path)
     fresh = tmp_path / "fresh.sqlite3"
     done = lmcloud("serve", "--db", str(fresh), "--key", str(site.key_path), "--port", "0")
     assert done.returncode == 1 and "lmcloud db upgrade --db" in done.stderr
-    assert lmcloud("db", "upgrade", "--db", str(fresh)).returncode == 0
+    assert lmcloud_here("db", "upgrade", "--db", str(fresh)).returncode == 0
     with sqlite3.connect(fresh) as conn:
         conn.execute("UPDATE alembic_version SET version_num = '0000'")
-    done = lmcloud("serve", "--db", str(fresh), "--key", str(site.key_path), "--port", "0")
+    done = lmcloud_here("serve", "--db", str(fresh), "--key", str(site.key_path), "--port", "0")
     assert done.returncode == 1 and "revision 0000" in done.stderr and "lmcloud db upgrade" in done.stderr
-    bad = lmcloud("serve", "--db", str(fresh), "--key", str(site.key_path), "--valid-for", "59")
+    bad = lmcloud_here("serve", "--db", str(fresh), "--key", str(site.key_path), "--valid-for", "59")
     assert bad.returncode == 1 and "at least 60" in bad.stderr
-    negative = lmcloud("list", "--db", site.db, env={"LMCLOUD_CLOCK_OFFSET_SECONDS": "-5"})
+    negative = lmcloud_here("list", "--db", site.db, env={"LMCLOUD_CLOCK_OFFSET_SECONDS": "-5"})
     assert negative.returncode == 0  # list reads no clock
-    refused = lmcloud("revoke", "CID-AAAA-AAAA-AAAA-AAAA", "--reason", "x", "--db", site.db,
+    refused = lmcloud_here("revoke", "CID-AAAA-AAAA-AAAA-AAAA", "--reason", "x", "--db", site.db,
                       env={"LMCLOUD_CLOCK_OFFSET_SECONDS": "-5"})
     assert refused.returncode == 1 and "forward" in refused.stderr
 

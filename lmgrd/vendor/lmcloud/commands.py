@@ -309,8 +309,12 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     async def serve() -> None:
         try:
             engine = make_engine(args.db)
+        except DatabaseError as exc:
+            raise _Failure(str(exc)) from None
+        try:
             await check_schema(engine, args.db)
         except DatabaseError as exc:
+            await engine.dispose()
             raise _Failure(str(exc)) from None
         store = Store(engine, key, args.valid_for)
         app = build_app(store, clock, rate_per_customer=args.rate_limit_customer,

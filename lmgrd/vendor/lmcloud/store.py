@@ -18,11 +18,12 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any, Final, Literal
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from lmgrd.vendor.lmcloud.db import activations, customers, events, nonces
@@ -105,6 +106,11 @@ def _epoch(moment: datetime) -> int:
     return int(moment.timestamp())
 
 
+def _updated(row: Any, values: dict[str, Any]) -> Any:
+    """``row`` with ``values`` applied (what the UPDATE just wrote), without reading it back."""
+    return SimpleNamespace(**{**row._mapping, **values})
+
+
 def _fingerprint(row: Any) -> Fingerprint:
     return Fingerprint(row.fp_host, row.fp_machine, frozenset(json.loads(row.fp_macs)))
 
@@ -148,12 +154,11 @@ class Store:
         async with self.engine.begin() as conn:
             await self._event(conn, customer_id, now, kind, hostname, detail)
 
-    @staticmethod
-    async def _use_nonce(conn: AsyncConnection, nonce: str, customer_id: str, now: int) -> None:
-        try:
-            async with conn.begin_nested():
-                await conn.execute(nonces.insert().values(nonce=nonce, customer_id=customer_id, seen_at=now))
-        except IntegrityError:
+    async def _use_nonce(self, conn: AsyncConnection, nonce: str, customer_id: str, now: int) -> None:
+        # INSERT … ON CONFLICT DO NOTHING: a replay is told by the row count, with no savepoint round trips.
+        insert = (postgresql.insert(nonces) if self._postgres else sqlite.insert(nonces)).values(
+            nonce=nonce, customer_id=customer_id, seen_at=now).on_conflict_do_nothing(index_elements=["nonce"])
+        if (await conn.execute(insert)).rowcount != 1:
             raise Refusal(400, ErrorCode.BAD_REQUEST, f"replayed request: the nonce {nonce} was already used",
                           "send every request (retries too) with a fresh nonce") from None
 
@@ -324,12 +329,11 @@ class Store:
                     conflict = self._conflict(row, act, req.hostname)
                 elif act.installation_key == req.installation_key and act.how != "offline":
                     # The same installation asks again (it lost its certificate): a fresh one, the token rotates.
-                    terms = self._terms(row, now)
-                    await conn.execute(activations.update().where(activations.c.id == act.id).values(
-                        sequence=act.sequence + 1, prev_token=act.token, rotated_at=now, last_check_in=now,
-                        retried=False, retry_streak=0, request_nonce=req.nonce, **terms))
-                    return Outcome("active", "already_active",
-                                   certificate=self._certificate(await self._activation(conn, act.id)))
+                    values = {"sequence": act.sequence + 1, "prev_token": act.token, "rotated_at": now,
+                              "last_check_in": now, "retried": False, "retry_streak": 0, "request_nonce": req.nonce,
+                              **self._terms(row, now)}
+                    await conn.execute(activations.update().where(activations.c.id == act.id).values(**values))
+                    return Outcome("active", "already_active", certificate=self._certificate(_updated(act, values)))
                 else:  # the same machine, a new installation (reinstalled, or moving off an offline activation)
                     new = await self._activate(conn, row, req, req.mode, now)
                     return Outcome("active", "activated", certificate=self._certificate(new))
@@ -387,16 +391,16 @@ class Store:
                              "key: a copied state directory")
                 elif req.token == act.token and req.sequence == act.sequence:
                     fp = req.fingerprint  # keep the latest readings, so MAC drift never accumulates
-                    terms = self._terms(row, now)
-                    await conn.execute(activations.update().where(activations.c.id == act.id).values(
-                        sequence=act.sequence + 1, prev_token=act.token, rotated_at=now, last_check_in=now,
-                        retried=False, retry_streak=act.retry_streak + 1 if act.retried else 0,
-                        hostname=req.hostname, addresses=json.dumps(list(req.addresses)), fp_host=fp.host,
-                        fp_machine=fp.machine, fp_macs=json.dumps(sorted(fp.macs)), fingerprint=fp.digest, **terms))
+                    values = {"sequence": act.sequence + 1, "prev_token": act.token, "rotated_at": now,
+                              "last_check_in": now, "retried": False,
+                              "retry_streak": act.retry_streak + 1 if act.retried else 0, "hostname": req.hostname,
+                              "addresses": json.dumps(list(req.addresses)), "fp_host": fp.host,
+                              "fp_machine": fp.machine, "fp_macs": json.dumps(sorted(fp.macs)),
+                              "fingerprint": fp.digest, **self._terms(row, now)}
+                    await conn.execute(activations.update().where(activations.c.id == act.id).values(**values))
                     await self._event(conn, req.customer_id, now, "check_in", req.hostname,
                                       f"sequence {act.sequence} -> {act.sequence + 1}")
-                    return Outcome("active", "renewed",
-                                   certificate=self._certificate(await self._activation(conn, act.id)))
+                    return Outcome("active", "renewed", certificate=self._certificate(_updated(act, values)))
                 elif (req.token == act.prev_token and req.sequence == act.sequence - 1
                       and now - (act.rotated_at or 0) <= RETRY_GRACE_SECONDS and act.retry_streak < MAX_RETRY_STREAK):
                     # The reply to the last check-in was lost: the same certificate again, nothing rotates.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -10,6 +11,8 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmgrd.vendor.signing import check_request, sign_license
 from protocol.cloud import (
@@ -224,3 +227,26 @@ def test_registration_request_takes_cloud_url() -> None:
     spec, problems = check_request({**base, "cloud_url": "http://activation.vendor.example"}, date(2026, 1, 1))
     assert spec is None and [p.path for p in problems] == ["cloud_url"]
     assert "loopback" in problems[0].message
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+                     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children,
+                                                                                     max_size=6), max_leaves=20)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.one_of(_json, st.fixed_dictionaries({"document": _json, "signature": _json}),
+                 st.fixed_dictionaries({"document": st.fixed_dictionaries(
+                     {"format": st.just(1), "kind": st.just("activation_request")}, optional={
+                         k: _json for k in ("customer_id", "hostname", "addresses", "fingerprint", "installation_key",
+                                            "nonce", "sent_at", "mode")}), "signature": st.text(max_size=100)})))
+def test_any_json_is_a_document_or_a_cloud_document_error(data: object) -> None:
+    """What a client sends is either verified or refused with CloudDocumentError: nothing else escapes."""
+    for verify in (verify_activation_request, verify_offline_request,
+                   lambda d: verify_check_in_request(d, KEY),
+                   lambda d: verify_certificate(d, VENDOR.public_key()),
+                   lambda d: verify_cloud_revocation(d, VENDOR.public_key())):
+        with contextlib.suppress(CloudDocumentError):
+            verify(data)
+    with contextlib.suppress(CloudDocumentError):
+        parse_answer(400, json.dumps(data).encode(), VENDOR.public_key())
