@@ -55,8 +55,10 @@ logger = logging.getLogger(__name__)
 
 #: The longest the agent sleeps between looks at its schedule (a stepped wall clock is noticed within this).
 MAX_SLEEP_SECONDS = 60.0
-#: MAC digests put in an offline request: enough to match (one in common suffices), few enough for a QR code.
-OFFLINE_MAX_MACS = 8
+#: MAC digests and addresses put in an offline request: enough to match (one MAC in common suffices), few
+#: enough that the file stays under 1 KB (about 950 bytes at most: a QR code holds 2953).
+OFFLINE_MAX_MACS = 4
+OFFLINE_MAX_ADDRESSES = 4
 _MAX_ADDRESSES = 64
 
 
@@ -288,7 +290,7 @@ class CloudAgent:
                                 "cloud_url")
         hostname, addresses, fp = self._machine()
         fp = Fingerprint(fp.host, fp.machine, frozenset(sorted(fp.macs)[:OFFLINE_MAX_MACS]))
-        doc = OfflineRequest(customer_id, hostname, tuple(addresses[:8]), fp, self.key_text,
+        doc = OfflineRequest(customer_id, hostname, tuple(addresses[:OFFLINE_MAX_ADDRESSES]), fp, self.key_text,
                              nonce_text(secrets.token_bytes(16)), self._now())
         return {"customer_id": customer_id, "request": dumps_document(self._signed(doc))}
 
