@@ -476,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         host, port = parse_server(ns.server.split(",")[0])
         auth = find_token(port, ns.token_file)
-        client = AdminClient(host, port, timeout=getattr(ns, "t", 10.0))
+        # activate may wait on the vendor's activation service (one HTTPS request, at most 15 s): wait longer.
+        client = AdminClient(host, port, timeout=getattr(ns, "t", 30.0 if ns.command == "activate" else 10.0))
         try:
             return fn(ns, client, auth)
         finally:
