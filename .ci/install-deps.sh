@@ -22,8 +22,13 @@ have_initdb() { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || comm
 have_initdb || need+=(postgresql)
 # tinyproxy: a real HTTP CONNECT proxy for the activation service's HTTPS_PROXY tests (issue 10).
 command -v tinyproxy >/dev/null 2>&1 || need+=(tinyproxy)
+# The fault tests: libfaketime steps the daemon's wall clock; mkfs.ext4 and findmnt make and inspect the
+# small file systems the disk-full / read-only tests mount (they need root, else they skip).
+command -v faketime >/dev/null 2>&1 || need+=(faketime)
+command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
+command -v findmnt >/dev/null 2>&1 || need+=(util-linux)
 if [ "${#need[@]}" -eq 0 ]; then
-  echo "install-deps: promtool, chromium, check_flexlm, PostgreSQL and tinyproxy already present"
+  echo "install-deps: promtool, chromium, check_flexlm, PostgreSQL, tinyproxy, faketime, mkfs.ext4 and findmnt already present"
   exit 0
 fi
 
@@ -47,4 +52,4 @@ for svc in prometheus postgresql tinyproxy; do
   fi
 done
 command -v promtool >/dev/null && command -v chromium >/dev/null && [ -x /usr/lib/nagios/plugins/check_flexlm ] \
-  && have_initdb && command -v tinyproxy >/dev/null
+  && have_initdb && command -v tinyproxy >/dev/null && command -v faketime >/dev/null && command -v mkfs.ext4 >/dev/null
