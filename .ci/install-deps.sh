@@ -3,8 +3,8 @@
 # chromium renders the status page, check_flexlm (Debian monitoring-plugins-standard) and the lmstat parser
 # of license-manager-agent (PyPI, without its service dependencies, into .ci/parsers) read lmutil lmstat as
 # they read FlexNet's; PostgreSQL's server binaries (Debian postgresql: initdb, pg_ctl) let the activation
-# service's tests start a throwaway cluster. Non-interactive and idempotent: installs only what is missing, apt-get update at most
-# once.
+# service's tests start a throwaway cluster. Non-interactive and idempotent: installs only what is missing,
+# apt-get update at most once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,8 +18,6 @@ need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ -x /usr/lib/nagios/plugins/check_flexlm ] || need+=(monitoring-plugins-standard)
-have_initdb() { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1; }
-have_initdb || need+=(postgresql)
 # tinyproxy: a real HTTP CONNECT proxy for the activation service's HTTPS_PROXY tests (issue 10).
 command -v tinyproxy >/dev/null 2>&1 || need+=(tinyproxy)
 # The fault tests: libfaketime steps the daemon's wall clock; mkfs.ext4 and findmnt make and inspect the
@@ -27,8 +25,10 @@ command -v tinyproxy >/dev/null 2>&1 || need+=(tinyproxy)
 command -v faketime >/dev/null 2>&1 || need+=(faketime)
 command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v findmnt >/dev/null 2>&1 || need+=(util-linux)
+have_initdb() { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1; }
+have_initdb || need+=(postgresql)
 if [ "${#need[@]}" -eq 0 ]; then
-  echo "install-deps: promtool, chromium, check_flexlm, PostgreSQL, tinyproxy, faketime, mkfs.ext4 and findmnt already present"
+  echo "install-deps: promtool, chromium, check_flexlm, faketime, mkfs.ext4, findmnt, PostgreSQL and tinyproxy already present"
   exit 0
 fi
 

@@ -72,11 +72,12 @@ def tls(work: Path) -> TLS:
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, work: Path) -> str:
+    unique = os.urandom(4).hex()  # a fresh database each time the fixture is set up
     if request.param == "sqlite":
-        url = f"sqlite:///{work}/lmcloud-{os.getpid()}.sqlite3"
+        url = f"sqlite:///{work}/lmcloud-{unique}.sqlite3"
     else:
         cluster: PostgresCluster = request.getfixturevalue("postgres")
-        url = cluster.create_database(f"lmcloud_{os.getpid()}")
+        url = cluster.create_database(f"lmcloud_{unique}")
     done = lmcloud("db", "upgrade", "--db", url)
     assert done.returncode == 0, done.stderr
     return url
@@ -505,3 +506,34 @@ def test_lmissue_issue_register(site: Site, tmp_path: Path) -> None:
     cid = done.stdout.strip().splitlines()[-1]
     assert "registered " + cid in done.stdout
     assert site.show(cid)["state"] == "pending"
+
+
+def test_a_database_outage_is_503_store_unavailable_and_the_service_recovers(
+        site: Site, request: pytest.FixtureRequest) -> None:
+    if not site.db.startswith("postgresql"):
+        pytest.skip("the outage is made by closing the PostgreSQL database to connections under the running service")
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    cid = site.registered()
+    inst = Installation(cid)
+    assert site.activate(inst).status == "active"
+    name = site.db.rsplit("/", 1)[1]
+
+    def psql(sql: str) -> None:
+        subprocess.run([str(cluster.bindir / "psql"), "-h", "127.0.0.1", "-p", str(cluster.port), "-U", "lmcloud",
+                        "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-c", sql], check=True, timeout=60,
+                       capture_output=True)
+
+    psql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+    psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+    try:
+        response = site.post("/v1/check-ins", inst.check_in())
+        assert _status_and_code(response) == (503, "STORE_UNAVAILABLE"), response.text
+        health = site.http.get(site.main.url + "/healthz")
+        assert _status_and_code(health) == (503, "STORE_UNAVAILABLE")
+        outage = parse_answer(response.status_code, response.content, site.vendor_key.public_key())
+        assert not outage.service_said_no  # for the daemon: could not reach the service, keep serving
+    finally:
+        psql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+    renewed = site.check_in(inst)  # the same token: the failed check-in changed nothing
+    assert renewed.status == "active" and renewed.certificate is not None and renewed.certificate.sequence == 2
+    assert site.http.get(site.main.url + "/healthz").status_code == 200

@@ -2,7 +2,7 @@
 
   lmcloud db upgrade [--db URL]                       create or upgrade the schema (Alembic)
   lmcloud serve --key vendor.key [--bind ADDR] [--port N] [--tls-cert F --tls-key F] [--valid-for SECONDS]
-  lmcloud register FILE.lic                           record an issued customer ID (idempotent)
+  lmcloud register FILE.lic [FILE.lic ...]            record issued customer IDs (idempotent)
   lmcloud list [--json]  |  lmcloud show CUSTOMER_ID [--json]
   lmcloud supersede OLD_CID NEW_CID [--reason TEXT]   the old server's next check-in gets a revocation
   lmcloud revoke CUSTOMER_ID --reason TEXT
@@ -368,8 +368,9 @@ def _valid_for(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmcloud", description=__doc__.split("\n\n")[0] if __doc__ else None,
-                                     epilog=(__doc__ or "").split("\n\n", 1)[1] if __doc__ else None,
+    text = (__doc__ or "").replace("``", "")
+    parser = argparse.ArgumentParser(prog="lmcloud", description=text.split("\n\n")[0],
+                                     epilog=text.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     default_db = default_db_url()
