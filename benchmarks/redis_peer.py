@@ -49,7 +49,6 @@ if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
 end
 return 0
 """
-TTL_MS = 90_000  # the daemon's default lease timeout
 
 
 # --------------------------------------------------------------------------- the server
@@ -148,7 +147,7 @@ async def run_churn(ns: argparse.Namespace) -> dict[str, Any]:
                 return
             n += 1
             token = f"{pid}-{i}-{n}"
-            ok = await r.evalsha(sha, 1, key, now_ms(), TTL_MS, ns.limit, token)
+            ok = await r.evalsha(sha, 1, key, now_ms(), ns.ttl_ms, ns.limit, token)
             t2 = perf()
             measured = start <= t2 < stop
             if measured:
@@ -195,7 +194,7 @@ async def hold_all(ns: argparse.Namespace, key: str) -> tuple[list[Any], list[st
         async with sem:
             try:
                 r = clients[i] = await connect(ns)
-                ok = await r.evalsha(ns.sha, 1, key, now_ms(), TTL_MS, ns.limit, tokens[i])
+                ok = await r.evalsha(ns.sha, 1, key, now_ms(), ns.ttl_ms, ns.limit, tokens[i])
                 what = "granted" if ok else "NO_SEATS"
             except Exception as exc:  # counted as an outcome, named
                 what = type(exc).__name__
@@ -237,7 +236,7 @@ async def run_storm(ns: argparse.Namespace) -> dict[str, Any]:
         nxt = time.monotonic()
         while nxt < stop:
             t = time.monotonic()
-            changed = await r.zadd(key, {tokens[i]: now_ms() + TTL_MS}, xx=True, ch=True)
+            changed = await r.zadd(key, {tokens[i]: now_ms() + ns.ttl_ms}, xx=True, ch=True)
             if t >= start:
                 hist.add(time.monotonic() - t)
             if changed != 1:
@@ -294,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--ttl-ms", type=int, default=90_000, help="lease TTL (default: the daemon's 90 s)")
     p.add_argument("--server-pid", type=int, default=0)
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--out", type=Path, required=True, help="write the result (one JSON object) here")
