@@ -785,7 +785,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--targets: unknown {', '.join(sorted(unknown))}; known: {', '.join(TARGETS)}")
     ns.json = ns.json or HERE / ("results-quick.json" if q else "results.json")
     ns.md = ns.md or (None if q else HERE / "RESULTS.md")
-    if not 0 < ns.seats <= ns.clients:
+    if cmd == "bench" and not 0 < ns.seats <= ns.clients:
         p.error(f"--seats must be from 1 to --clients ({ns.clients}), got {ns.seats}")
     if not 1 <= ns.repeat <= 20:
         p.error("--repeat must be from 1 to 20")
