@@ -200,35 +200,35 @@ def write_md(res: dict[str, Any], path: Path, chart: Path) -> None:
     if "bench" in res:
         b = res["bench"]
         p = b["params"]
-        lines += ["## Churn, burst, idle (`make bench`)", ""] + meta_md(b["meta"]) + [
+        lines += ["## Churn, burst, idle (`make bench`)", "", *meta_md(b["meta"]),
             f"- churn: {p['duration']:g} s window after a {p['warmup']:g} s warm-up; repeats {p['repeat']} (medians); "
             f"Redis driven by {p['redis_procs']} processes", ""]
-        lines += bench_md(b) + [""]
+        lines += [*bench_md(b), ""]
         if chart.exists():
             lines += [f"![throughput and p99 against concurrency]({chart.name})", ""]
     if "storm" in res:
         s = res["storm"]
-        lines += ["## Heartbeat storm (`make bench-storm`)", ""] + meta_md(s["meta"]) + [
+        lines += ["## Heartbeat storm (`make bench-storm`)", "", *meta_md(s["meta"]),
             f"- {s['params']['clients']:,} clients each holding a seat, each heartbeating every second at its own "
             f"phase, for {s['params']['duration']:g} s; lmgrd runs with `--heartbeat-interval 1 --lease-timeout 3` "
             "(a 3 s stall anywhere loses leases); Redis renews with `ZADD XX CH` to a 3 s TTL; a lease is lost when "
             "an ack renews nothing or names it lost, or the final checkin (ZREM) releases nothing", ""]
-        lines += storm_md(s) + [""]
+        lines += [*storm_md(s), ""]
     if "restart" in res:
         r = res["restart"]
-        lines += ["## Restart (`make bench-restart`)", ""] + meta_md(r["meta"]) + [
+        lines += ["## Restart (`make bench-restart`)", "", *meta_md(r["meta"]),
             "- the daemon is SIGKILLed with every client holding a seat and started again at once on the same port "
             "and state directory; each client reconnects with client_stub's own backoff (capped exponential, full "
             "jitter, base 0.2 s) and resumes its token. The license has exactly as many seats as clients, so the "
             "extra checkout after the restart must be refused (NO_SEATS) when nothing was lost or doubled", ""]
-        lines += restart_md(r) + [""]
+        lines += [*restart_md(r), ""]
     if "scaling" in res:
         s = res["scaling"]
-        lines += ["## Scaling (`make bench-scaling`)", ""] + meta_md(s["meta"]) + [
+        lines += ["## Scaling (`make bench-scaling`)", "", *meta_md(s["meta"]),
             "- per point: a daemon serving the licenses (one per customer ID, each with the products), 100 "
             "connections holding the leases (spread over every pool), then churn on one more product at 100 "
             f"connections for {s['params']['duration']:g} s: per-request CPU and RSS per held lease", ""]
-        lines += scaling_md(s) + [""]
+        lines += [*scaling_md(s), ""]
     notes = HERE / "NOTES.md"
     if notes.exists():
         lines += [notes.read_text(encoding="utf-8").rstrip(), ""]

@@ -152,7 +152,8 @@ class Setup:
             path = d / f"c{k}.lic"
             # Issued two days ago: past the 24-hour self-activation, served from the first second.
             write_license(path, self.key, tuple((p, "1.0", n) for p, n in prods.items()), share="none",
-                          issued_at=datetime.now(UTC) - timedelta(days=2), customer_id=new_customer_id(k.to_bytes(10, "big")))
+                          issued_at=datetime.now(UTC) - timedelta(days=2),
+                          customer_id=new_customer_id(k.to_bytes(10, "big")))
             out.append(path)
         return out
 
@@ -474,7 +475,8 @@ def storm(setup: Setup, which: str, clients: int, duration: float, interval: flo
             beat_at = time.monotonic() + 5.0 + clients / 2000
             rl = RedisLoad(setup, srv, "storm", clients,
                            ["--product", "STORM", "--limit", str(clients + 100), "--duration", str(duration),
-                            "--interval", str(interval), "--beat-at", str(beat_at), "--ttl-ms", str(int(3000 * interval)),
+                            "--interval", str(interval), "--beat-at", str(beat_at),
+                            "--ttl-ms", str(int(3000 * interval)),
                             "--connect-concurrency",
                             "1000", "--timeout", "120"], lead=0.5)
             rl.ready(180)
@@ -644,7 +646,8 @@ def machine() -> dict[str, Any]:
     exe = redis_peer.redis_server_path()
     if exe:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            redis_version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+            redis_version = subprocess.run([exe, "--version"], capture_output=True, text=True,
+                                           timeout=10).stdout.strip()
     try:
         import hiredis
         import redis
@@ -688,7 +691,8 @@ def cmd_bench(setup: Setup, ns: argparse.Namespace) -> dict[str, Any]:
                     r = churn(setup, which, c, ns.duration, ns.warmup)
                     say(f"  {r.get('requests_per_second', 0):,.0f} req/s, p50 {r.get('p50_ms', 0):.2f} ms, "
                         f"p99 {r.get('p99_ms', 0):.2f} ms, p999 {r.get('p999_ms', 0):.2f} ms, server CPU "
-                        f"{r.get('server_cpu_percent', 0):.0f}%, load generator CPU {r.get('loadgen_cpu_percent', 0):.0f}%"
+                        f"{r.get('server_cpu_percent', 0):.0f}%, load generator CPU "
+                        f"{r.get('loadgen_cpu_percent', 0):.0f}%"
                         + ("" if r["ok"] else f", ERRORS {r.get('errors') or r.get('setup_failed')}"))
                     sc.setdefault(f"churn_{c}", {}).setdefault(which, []).append(r)
         if "idle" in ns.only:
