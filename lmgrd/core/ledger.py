@@ -218,11 +218,14 @@ class Waiter:
 class _Pool:
     """Seats, leases and waiters of one pool."""
 
-    __slots__ = ("bucket_used", "by_key", "count", "general_used", "handles", "leases", "max_used", "policy",
+    __slots__ = ("bucket_used", "by_key", "count", "general_used", "handles", "key", "leases", "max_used", "policy",
                  "queue", "seats", "tags", "waiting")
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, key: PoolKey) -> None:
         self.count = count
+        #: The pool's key, shared by every lease of the pool: a lease holds this tuple (and its product name)
+        #: rather than its own copy built from the request (about 110 bytes a lease less).
+        self.key = key
         # share key -> number of leases holding that seat; len(seats) is in_use.
         self.seats: dict[tuple[str, ...], int] = {}
         self.handles: dict[tuple[str, ...], int] = {}  # share key -> the seat's handle (same keys as seats)
@@ -287,7 +290,7 @@ class Ledger:
         _check_count(count)
         p = self._pools.get(pool)
         if p is None:
-            self._pools[pool] = _Pool(count)
+            self._pools[pool] = _Pool(count, pool)
         else:
             p.count = count
 
@@ -479,7 +482,7 @@ class Ledger:
         self._seq += 1
         session = holder.session
         lease = LeaseInfo(
-            token, pool, share_key, holder.user, holder.host, holder.pid, version, holder.display, wall, session,
+            token, p.key, share_key, holder.user, holder.host, holder.pid, version, holder.display, wall, session,
             deadline, self._seq, deadline,
         )  # fmt: skip
         heapq.heappush(self._heap, (deadline, self._seq, token))
@@ -839,12 +842,12 @@ class Ledger:
             pool = (rec.customer_id, rec.product)
             p = self._pools.get(pool)
             if p is None:
-                p = self._pools[pool] = _Pool(0)
+                p = self._pools[pool] = _Pool(0, pool)
             key = rec.share_key or (rec.token,)
             p.seats[key] = p.seats.get(key, 0) + 1
             self._seq += 1
             lease = LeaseInfo(
-                rec.token, pool, key, rec.user, rec.host, rec.pid, rec.version, rec.display,
+                rec.token, p.key, key, rec.user, rec.host, rec.pid, rec.version, rec.display,
                 rec.granted_at, None, deadline, self._seq, deadline,
             )  # fmt: skip
             heapq.heappush(self._heap, (deadline, self._seq, rec.token))
