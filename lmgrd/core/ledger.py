@@ -269,7 +269,10 @@ class Ledger:
         self._new_token = token_factory
         self._pools: dict[PoolKey, _Pool] = {}
         self._leases: dict[str, LeaseInfo] = {}
-        self._sessions: dict[int, set[str]] = {}  # session -> tokens of its bound leases
+        # session -> tokens of its bound leases: the token itself while there is one (the common case: a set
+        # costs 216 bytes a client), a set from the second on. Read through _session_tokens, changed by
+        # _bind and _unbind.
+        self._sessions: dict[int, str | set[str]] = {}
         self._waiters: dict[int, Waiter] = {}
         self._session_waiters: dict[int | None, set[int]] = {}
         # Min-heap of (deadline, seq, token). seq is unique, so tuples never compare tokens.
@@ -489,11 +492,7 @@ class Ledger:
         self._leases[token] = lease
         p.leases[token] = lease
         if session is not None:
-            tokens = self._sessions.get(session)
-            if tokens is None:
-                self._sessions[session] = {token}
-            else:
-                tokens.add(token)
+            self._bind(session, token)
         return lease
 
     def release(self, token: str, now: float, wall: float) -> tuple[LeaseInfo | None, list[tuple[Waiter, LeaseInfo]]]:
@@ -533,15 +532,39 @@ class Ledger:
             self._untag_seat(p, key)
         return True
 
+    def _bind(self, session: int, token: str) -> None:
+        tokens = self._sessions.get(session)
+        if tokens is None:
+            self._sessions[session] = token
+        elif isinstance(tokens, str):
+            self._sessions[session] = {tokens, token}
+        else:
+            tokens.add(token)
+
     def _unbind(self, lease: LeaseInfo) -> None:
         s = lease.session
         if s is None:
             return
         tokens = self._sessions.get(s)
-        if tokens is not None:
-            tokens.discard(lease.token)
-            if not tokens:
+        if tokens is None:
+            return
+        if isinstance(tokens, str):
+            if tokens == lease.token:
                 del self._sessions[s]
+            return
+        tokens.discard(lease.token)
+        if not tokens:
+            del self._sessions[s]
+
+    @staticmethod
+    def _as_tokens(tokens: str | set[str] | None) -> tuple[str, ...] | set[str]:
+        if tokens is None:
+            return ()
+        return (tokens,) if isinstance(tokens, str) else tokens
+
+    def _session_tokens(self, session: int) -> tuple[str, ...] | set[str]:
+        """The tokens of the leases bound to ``session`` (no copy: do not bind or unbind while iterating)."""
+        return self._as_tokens(self._sessions.get(session))
 
     # -- waiters ------------------------------------------------------------------------------------------
 
@@ -676,7 +699,7 @@ class Ledger:
         O(session's leases): the heap is not touched; an entry that pops before the real deadline is
         re-filed then. Returns the number of leases renewed.
         """
-        tokens = self._sessions.get(session)
+        tokens = self._session_tokens(session)
         if not tokens:
             return 0
         deadline = now + self.lease_timeout
@@ -696,7 +719,7 @@ class Ledger:
         if ids:
             for waiter_id in list(ids):
                 self._forget_waiter(self._waiters[waiter_id])
-        tokens = self._sessions.pop(session, None)
+        tokens = self._as_tokens(self._sessions.pop(session, None))
         if not tokens:
             return []
         limit = now + max(0.0, min(grace, self.lease_timeout))
@@ -724,17 +747,12 @@ class Ledger:
         if lease.session != session:
             self._unbind(lease)
             lease.session = session
-            tokens = self._sessions.get(session)
-            if tokens is None:
-                self._sessions[session] = {token}
-            else:
-                tokens.add(token)
+            self._bind(session, token)
         self._set_deadline(lease, now + self.lease_timeout)
         return lease
 
     def session_leases(self, session: int) -> list[LeaseInfo]:
-        tokens = self._sessions.get(session, ())
-        return [self._leases[t] for t in tokens]
+        return [self._leases[t] for t in self._session_tokens(session)]
 
     # -- expiry -------------------------------------------------------------------------------------------
 
