@@ -34,8 +34,10 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import sys
 import time
+from collections import deque
 from typing import Any
 
 import msgpack
@@ -452,7 +454,8 @@ class FillClient(BaseClient):
             self.gen.outcome("filled")
             return
         assert self.transport is not None
-        self.transport.write(self.frames[(self.i + self.sent) % len(self.frames)])
+        # seat k of connection i goes to product (i * n + k) mod P: every product gets the same share
+        self.transport.write(self.frames[(self.i * self.n + self.sent) % len(self.frames)])
         self.sent += 1
 
     def reply(self, msg: dict[str, Any]) -> None:
@@ -490,14 +493,17 @@ async def run_fill(ns: argparse.Namespace) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- heartbeat storm
 class StormClient(CheckoutOnce):
-    """Holds one seat and heartbeats it every ``interval`` seconds until ``stop``; then checks it in."""
+    """Holds one seat and heartbeats it every ``interval`` seconds from the moment it is granted (at its own
+    random phase) until ``stop``, as a real client would, whether or not the last ack is back; then checks
+    it in. A lease it loses at any point counts, during the setup as well."""
 
-    __slots__ = ("sent_at", "storm")
+    __slots__ = ("last_sent", "outstanding", "storm")
 
     def __init__(self, gen: Gen, i: int, checkout: bytes, storm: Storm) -> None:
         super().__init__(gen, i, checkout)
         self.storm = storm
-        self.sent_at = 0.0
+        self.outstanding: deque[float] = deque()
+        self.last_sent = 0.0
 
     def beat(self) -> None:
         st = self.storm
@@ -507,26 +513,30 @@ class StormClient(CheckoutOnce):
         now = perf()
         if now >= st.stop:
             return
-        self.state = "beating"
-        self.sent_at = now
+        if self.last_sent:
+            gap = now - self.last_sent  # the client's own lateness: a starved load generator shows here
+            if gap > st.max_gap:
+                st.max_gap = gap
+        self.last_sent = now
+        self.outstanding.append(now)
         st.sent += 1
         t.write(HEARTBEAT)
-        st.loop.call_later(st.interval, self.beat)
+        st.loop.call_at(st.loop.time() + st.interval, self.beat)
 
     def reply(self, msg: dict[str, Any]) -> None:
         st = self.storm
-        if self.state == "beating" and msg.get("op") == "heartbeat_ack":
+        op = msg.get("op")
+        if op == "heartbeat_ack" and self.state == "holding" and self.outstanding:
             now = perf()
-            if st.start <= self.sent_at < st.stop:
-                st.lat.append(now - self.sent_at)
+            sent_at = self.outstanding.popleft()
+            if st.start <= sent_at < st.stop:
+                st.lat.append(now - sent_at)
             st.acked += 1
             if msg.get("renewed", 0) < 1 or msg.get("lost"):
                 st.lost += 1
                 self.fail(f"heartbeat ack renewed {msg.get('renewed')} lost {msg.get('lost')!r:.120}")
-                return
-            self.state = "holding"
             return
-        if self.state == "checking_in" and msg.get("op") == "checked_in":
+        if self.state == "checking_in" and op == "checked_in":
             self.state = "finished"
             st.checked_in += 1
             if msg.get("released"):
@@ -536,11 +546,20 @@ class StormClient(CheckoutOnce):
             return
         if self.state == "checkout":
             super().reply(msg)
+            if self.state == "holding":
+                st.loop.call_later(st.rng.random() * st.interval, self.beat)
             return
         self.fail(f"unexpected reply {msg!r:.120} in state {self.state}")
 
+    def fail(self, why: str) -> None:
+        if self.state == "holding":  # already counted as granted: count the loss, not a second outcome
+            self.gen.error(f"client {self.i}: {why}")
+            self.state = "failed"
+            return
+        super().fail(why)
+
     def check_in(self) -> None:
-        if self.state in ("holding", "beating") and self.transport is not None and self.token:
+        if self.state == "holding" and self.transport is not None and self.token:
             self.state = "checking_in"
             self.transport.write(frame({"op": "checkin", "id": 9, "token": self.token}))
             self.storm.to_check_in += 1
@@ -562,12 +581,12 @@ class Storm:
         self.checked_in = 0
         self.to_check_in = 0
         self.released = 0
+        self.max_gap = 0.0
+        self.rng = random.Random(1)
         self.all_in: asyncio.Future[None] = loop.create_future()
 
 
 async def run_storm(ns: argparse.Namespace) -> dict[str, Any]:
-    import random
-
     loop = asyncio.get_running_loop()
     gen = Gen(loop, ns.clients)
     st = Storm(loop, ns.interval)
@@ -584,12 +603,9 @@ async def run_storm(ns: argparse.Namespace) -> dict[str, Any]:
     server = psutil.Process(ns.server_pid) if ns.server_pid else None
     me = psutil.Process()
     rss0 = server.memory_info().rss if server else 0
-    st.start = perf() + ns.interval  # the first round of beats is spread over one interval: measure after it
+    st.start = perf() + ns.interval  # every client is beating by now; the window opens after one more interval
     st.stop = st.start + ns.duration
-    rng = random.Random(1)
     clients = [c for c in gen.clients if isinstance(c, StormClient)]
-    for c in clients:
-        loop.call_later(rng.random() * ns.interval, c.beat)
     await asyncio.sleep(st.start - perf())
     cpu_s0, cpu_m0, t_a = cpu_seconds(server), cpu_seconds(me), perf()
     await asyncio.sleep(st.stop - perf())
@@ -597,7 +613,7 @@ async def run_storm(ns: argparse.Namespace) -> dict[str, Any]:
     rss1 = server.memory_info().rss if server else 0
     # the beats in flight come back; then every client checks its seat in: released must be true for all
     deadline = perf() + ns.timeout
-    while any(c.state == "beating" for c in clients) and perf() < deadline:
+    while any(c.outstanding for c in clients if c.state == "holding") and perf() < deadline:
         await asyncio.sleep(0.05)
     for c in clients:
         c.check_in()
@@ -618,7 +634,8 @@ async def run_storm(ns: argparse.Namespace) -> dict[str, Any]:
         "max_ms": lat[-1] * 1000 if lat else 0.0,
         "server_cores": (cpu_s1 - cpu_s0) / span, "loadgen_cores": (cpu_m1 - cpu_m0) / span,
         "server_rss_start": rss0, "server_rss_end": rss1,
-        "lost_in_acks": st.lost, "clients_failed": failed, "checked_in": st.checked_in,
+        "lost_in_acks": st.lost, "clients_failed": failed, "max_client_gap_seconds": st.max_gap,
+        "checked_in": st.checked_in,
         "released_at_end": st.released,
         "leases_lost": ns.clients - st.released,
         "errors": gen.errors,

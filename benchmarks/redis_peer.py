@@ -218,26 +218,36 @@ async def run_burst(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 async def run_storm(ns: argparse.Namespace) -> dict[str, Any]:
+    """Each client renews from the moment it holds its seat (at its own random phase), one ``ZADD XX CH`` every
+    ``interval`` after the last reply; the measured window opens at the instant read from stdin (sent by the
+    orchestrator once every process is ready) and lasts ``duration``."""
     key = KEY_PREFIX + ns.product
-    clients, tokens, outcomes, _ = await hold_all(ns, key)
-    if outcomes.get("granted", 0) != ns.clients:
-        return {"mode": "storm", "setup_failed": outcomes}
-    print(json.dumps({"event": "ready", "outcomes": outcomes}), flush=True)
+    pid = os.getpid()
+    tokens = [f"{pid}-{i}" for i in range(ns.clients)]
+    clients: list[Any] = [None] * ns.clients
+    outcomes: dict[str, int] = {}
+    window = {"start": float("inf"), "stop": float("inf")}
     hist = Hist()
     lost = 0
-    start = ns.beat_at
-    stop = start + ns.duration
-    rng = random.Random(os.getpid())
+    max_gap = 0.0
+    granted = 0
+    all_granted = asyncio.get_running_loop().create_future()
+    rng = random.Random(pid)
+    sem = asyncio.Semaphore(ns.connect_concurrency)
 
-    async def one(i: int) -> None:
-        nonlocal lost
-        await asyncio.sleep(max(0.0, start - ns.interval + rng.random() * ns.interval - time.monotonic()))
+    async def renew(i: int) -> None:
+        nonlocal lost, max_gap
         r = clients[i]
+        await asyncio.sleep(rng.random() * ns.interval)
+        last = 0.0
         nxt = time.monotonic()
-        while nxt < stop:
+        while nxt < window["stop"]:
             t = time.monotonic()
+            if last:
+                max_gap = max(max_gap, t - last)
+            last = t
             changed = await r.zadd(key, {tokens[i]: now_ms() + ns.ttl_ms}, xx=True, ch=True)
-            if t >= start:
+            if window["start"] <= t < window["stop"]:
                 hist.add(time.monotonic() - t)
             if changed != 1:
                 lost += 1
@@ -245,13 +255,38 @@ async def run_storm(ns: argparse.Namespace) -> dict[str, Any]:
             nxt += ns.interval
             await asyncio.sleep(max(0.0, nxt - time.monotonic()))
 
-    await asyncio.gather(*(one(i) for i in range(ns.clients)))
+    async def one(i: int) -> None:
+        nonlocal granted
+        async with sem:
+            try:
+                r = clients[i] = await connect(ns)
+                ok = await r.evalsha(ns.sha, 1, key, now_ms(), ns.ttl_ms, ns.limit, tokens[i])
+                what = "granted" if ok else "NO_SEATS"
+            except Exception as exc:  # counted as an outcome, named
+                ok, what = False, type(exc).__name__
+        outcomes[what] = outcomes.get(what, 0) + 1
+        if sum(outcomes.values()) >= ns.clients and not all_granted.done():
+            all_granted.set_result(None)
+        if ok:
+            granted += 1
+            await renew(i)
+
+    await asyncio.sleep(max(0.0, ns.start_at - time.monotonic()))
+    tasks = [asyncio.ensure_future(one(i)) for i in range(ns.clients)]
+    await asyncio.wait_for(all_granted, ns.timeout)
+    print(json.dumps({"event": "ready", "outcomes": outcomes}), flush=True)
+    loop = asyncio.get_running_loop()
+    line = await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), ns.timeout)
+    window["start"] = float(line)
+    window["stop"] = window["start"] + ns.duration
+    await asyncio.wait_for(asyncio.gather(*tasks), ns.duration + ns.timeout)
     released = 0
     for i, r in enumerate(clients):
-        released += await r.zrem(key, tokens[i])
-        await r.aclose()
+        if r is not None:
+            released += await r.zrem(key, tokens[i])
+            await r.aclose()
     return {"mode": "storm", "hist": hist.h, "lost_in_renewals": lost, "released_at_end": released,
-            "clients": ns.clients}
+            "clients": ns.clients, "outcomes": outcomes, "max_client_gap_seconds": max_gap}
 
 
 async def run_hold(ns: argparse.Namespace) -> dict[str, Any]:
@@ -289,7 +324,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=1000)
     p.add_argument("--connect-concurrency", type=int, default=10000)
     p.add_argument("--start-at", type=float, required=True, help="monotonic instant to start (shared)")
-    p.add_argument("--beat-at", type=float, default=0.0, help="storm: monotonic instant the window opens")
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--interval", type=float, default=1.0)

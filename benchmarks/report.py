@@ -132,6 +132,8 @@ def bench_md(b: dict[str, Any]) -> list[str]:
                        for t in present], *["" for _ in ratio_cols]])
         row("", "time to the last answer (s)", bu, "seconds_to_last_answer", 3)
         row("", "load generator: last connect made (s)", bu, "seconds_to_last_connect", 3, ratios=False)
+        if "redis" in bu:
+            rows[-1][2 + present.index("redis")] = "n/a"
     for key in sorted((k for k in b if k.startswith("idle_")), key=lambda k: int(k.split("_")[1])):
         row(f"idle {int(key.split('_')[1]):,} clients", "server RSS per client holding a seat (KiB)", b[key],
             "kib_per_client")
@@ -144,7 +146,9 @@ def storm_md(s: dict[str, Any]) -> list[str]:
     for metric, key, nd in (("heartbeats answered per second", "heartbeats_per_second", 0),
                             ("server CPU (cores)", "server_cores", 3), ("heartbeat p50 (ms)", "p50_ms", 2),
                             ("heartbeat p99 (ms)", "p99_ms", 2), ("heartbeat p99.9 (ms)", "p999_ms", 2),
-                            ("leases lost", "leases_lost", 0), ("load generator CPU (cores)", "loadgen_cores", 3)):
+                            ("leases lost", "leases_lost", 0), ("load generator CPU (cores)", "loadgen_cores", 3),
+                            ("load generator: longest gap between a client's heartbeats (s)",
+                             "max_client_gap_seconds", 2)):
         rows.append([metric, *[fmt(float(s[t].get(key) or 0), nd) for t in present]])
     rows.append(["server RSS at the end (MiB)", *[fmt(s[t].get("server_rss_end", 0) / 2**20, 1) for t in present]])
     return table(["metric", *[LABEL[t] for t in present]], rows)
