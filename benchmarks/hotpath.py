@@ -84,7 +84,9 @@ class Sink:
 async def measure(ns: argparse.Namespace, workdir: Path) -> list[float]:
     key, pub = write_keys(workdir / "keys")
     lic = workdir / "bench.lic"
-    write_license(lic, key, (("CHURN", "1.0", 1_000_000),), share="none",
+    fillers = [f"P{i:04d}" for i in range(ns.products)]
+    per = -(-ns.held // max(1, ns.products)) + 1
+    write_license(lic, key, (("CHURN", "1.0", 1_000_000), *((f, "1.0", per) for f in fillers)), share="none",
                   issued_at=datetime.now(UTC) - timedelta(days=2))
     state = workdir / "state"
     state.mkdir()
@@ -108,6 +110,23 @@ async def measure(ns: argparse.Namespace, workdir: Path) -> list[float]:
                                "pid": 1000 + i, "client_version": "bench", "display": ""}))
         conns.append((p, t))
     await asyncio.sleep(0)
+    # --held leases on --products other products, held by 100 more connections (the scaling question)
+    holders = []
+    for i in range(100 if ns.held else 0):
+        p = ClientProtocol(server)
+        t = Sink()
+        p.connection_made(t)  # type: ignore[arg-type]
+        p.data_received(frame({"op": "hello", "id": 1, "proto": [1], "host": "bench-client", "user": f"h{i}",
+                               "pid": 5000 + i, "client_version": "bench", "display": ""}))
+        holders.append(p)
+    await asyncio.sleep(0)
+    for k in range(ns.held):
+        holders[k % 100].data_received(frame({"op": "checkout", "id": 2, "product": fillers[k % len(fillers)],
+                                               "version": "1.0", "wait": 0.0}))
+        if k % 1000 == 999:
+            await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert sum(server.ledger.in_use(pool) for pool in server.licensing.pools()) == ns.held, "fill failed"
     checkout = frame({"op": "checkout", "id": 2, "product": "CHURN", "version": "1.0", "wait": 0.0})
     unpackb = msgpack.unpackb
     results = []
@@ -145,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=100)
     p.add_argument("--rounds", type=int, default=200)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--held", type=int, default=0, help="leases held by other connections during the run")
+    p.add_argument("--products", type=int, default=1, help="other products the held leases spread over")
     p.add_argument("--target", choices=("lmgrd", "ceiling"), default="lmgrd",
                    help="ceiling: the same driver against benchmarks/ceiling.py's protocol")
     ns = p.parse_args(argv)
@@ -153,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lmgrd-hotpath-") as tmp, \
             asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         res = runner.run(measure(ns, Path(tmp)))
-    print(f"{ns.target} CPU per request (checkout or checkin), {ns.connections} connections: best "
+    print(f"{ns.target} CPU per request (checkout or checkin), {ns.connections} connections, {ns.held} other "
+          f"leases held on {ns.products} products: best "
           f"{min(res):.2f} us, median {statistics.median(res):.2f} us over {ns.repeat} x {ns.rounds} rounds")
     return 0
 
