@@ -131,6 +131,7 @@ class Setup:
     pub: Path
     daemon_loop: str
     redis_procs: int
+    warm: bool = True  # --quick skips the warm-up cycles (a smoke run measures nothing)
     started: list[subprocess.Popen[Any]] = field(default_factory=list)
     runs: int = 0
 
@@ -367,9 +368,9 @@ def loadgen_cpu_cores(r: dict[str, Any]) -> float:
 
 
 # --------------------------------------------------------------------------- scenarios: bench
-def warm_up(srv: Server) -> None:
+def warm_up(srv: Server, warm: bool = True) -> None:
     """A few checkout/checkin cycles so first-use costs (lazy imports, caches) are not measured."""
-    if srv.name == "redis":
+    if srv.name == "redis" or not warm:
         return
     load(["churn", "--port", str(srv.port), "--product", "CHURN", "--connections", "10", "--duration", "0.3",
           "--warmup", "0.1", "--timeout", "20"], 60)
@@ -410,7 +411,7 @@ def churn(setup: Setup, which: str, connections: int, duration: float, warmup: f
 def burst(setup: Setup, which: str, clients: int, seats: int) -> dict[str, Any]:
     products = {"BURST": seats, "CHURN": 1000}
     with server(setup, which, products) as srv:
-        warm_up(srv)
+        warm_up(srv, setup.warm)
         if which == "redis":
             rl = RedisLoad(setup, srv, "burst", clients, ["--product", "BURST", "--limit", str(seats)], lead=1.0)
             rs = rl.results(180)
@@ -438,7 +439,7 @@ def burst(setup: Setup, which: str, clients: int, seats: int) -> dict[str, Any]:
 def idle(setup: Setup, which: str, clients: int) -> dict[str, Any]:
     products = {"IDLE": clients + 100, "CHURN": 1000}
     with server(setup, which, products) as srv:
-        warm_up(srv)
+        warm_up(srv, setup.warm)
         time.sleep(0.5)
         before = srv.rss()
         if which == "redis":
@@ -481,7 +482,7 @@ def storm(setup: Setup, which: str, clients: int, duration: float, interval: flo
     # lmgrd accepts): a stall of 3 s anywhere would lose leases and show.
     extra = ["--heartbeat-interval", str(interval), "--lease-timeout", str(max(3.0, 3 * interval))]
     with server(setup, which, products, extra) as srv:
-        warm_up(srv)
+        warm_up(srv, setup.warm)
         if which == "redis":
             rl = RedisLoad(setup, srv, "storm", clients,
                            ["--product", "STORM", "--limit", str(clients + 100), "--duration", str(duration),
@@ -551,7 +552,7 @@ def restart(setup: Setup, clients: int) -> dict[str, Any]:
     gen = None
     srv2 = None
     try:
-        warm_up(srv)
+        warm_up(srv, setup.warm)
         gen = spawn_hold(["restart", "--port", str(port), "--product", "RESTART", "--clients", str(clients),
                           "--timeout", "120"])
         ready = json.loads(read_line(gen, 180.0, "load generator (restart)"))
@@ -609,7 +610,7 @@ def scaling_point(setup: Setup, products: int, customers: int, leases: int, dura
     srv = start_daemon(setup, lics)
     fill = None
     try:
-        warm_up(srv)
+        warm_up(srv, setup.warm)
         time.sleep(0.3)
         rss0 = srv.rss()
         conns = min(100, leases)
@@ -853,7 +854,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     workdir = Path(tempfile.mkdtemp(prefix="lmgrd-bench-"))
     key, pub = write_keys(workdir / "keys")
-    setup = Setup(workdir, key, pub, ns.daemon_loop, ns.redis_procs)
+    setup = Setup(workdir, key, pub, ns.daemon_loop, ns.redis_procs, warm=not ns.quick)
     t0 = time.monotonic()
     meta = {"command": command.strip(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": machine(), "uptime_start": uptime(), "daemon_loop": ns.daemon_loop}
