@@ -129,6 +129,10 @@ async def run_churn(ns: argparse.Namespace) -> dict[str, Any]:
     key = KEY_PREFIX + ns.product
     sha = ns.sha
     clients = [await connect(ns) for _ in range(ns.connections)]  # sequential: connects are not measured
+    # every process connected: the orchestrator then sends the shared monotonic instant the load starts
+    print(json.dumps({"event": "ready", "connections": len(clients)}), flush=True)
+    loop = asyncio.get_running_loop()
+    ns.start_at = float(await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), ns.timeout))
     hist = Hist()
     counts = {"requests": 0, "cycles": 0, "denied": 0}
     start = ns.start_at + ns.warmup

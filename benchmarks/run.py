@@ -382,8 +382,10 @@ def churn(setup: Setup, which: str, connections: int, duration: float, warmup: f
         if which == "redis":
             rl = RedisLoad(setup, srv, "churn", connections,
                            ["--product", "CHURN", "--limit", str(products["CHURN"]), "--duration", str(duration),
-                            "--warmup", str(warmup)], lead=1.0 + connections / 1500)
-            rs = rl.results(duration + warmup + 180 + connections / 100)
+                            "--warmup", str(warmup), "--timeout", "300"], lead=0.0)
+            rl.ready(300)
+            rl.send(f"{time.monotonic() + 0.5!r}\n")
+            rs = rl.results(duration + warmup + 180)
             items = hist_merge(rs)
             span = rs[0]["span"]
             req = sum(r["requests"] for r in rs)
