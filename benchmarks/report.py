@@ -1,8 +1,9 @@
 """Tables, targets, RESULTS.md and the chart, from ``results.json`` (written by ``run.py``; nothing is run here).
 
 Each section of the results file (``bench``, ``storm``, ``restart``, ``scaling``) is rendered if present, so
-each command rewrites RESULTS.md whole while changing only its own numbers. ``benchmarks/CHANGES.md`` (the
-hot-path changes and what each gained, written by hand) is appended as it is.
+each command rewrites RESULTS.md while changing only its own numbers. ``benchmarks/NOTES.md`` (how to read
+the numbers, the hot-path changes and what each gained; written by hand) is appended as it is, and whatever
+follows ``KEEP_MARKER`` in the existing RESULTS.md is kept.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+#: RESULTS.md from this line on is written by hand (or by other benchmarks) and kept by every rewrite.
+KEEP_MARKER = "<!-- Below this line: sections written by hand or by other benchmarks; run.py keeps them. -->"
 ORDER = ("lmgrd", "ceiling", "ceiling_protocol", "redis")
 LABEL = {"lmgrd": "lmgrd", "ceiling": "ceiling (minimal)", "ceiling_protocol": "ceiling (protocol/)",
          "redis": "Redis semaphore"}
@@ -236,6 +239,13 @@ def write_md(res: dict[str, Any], path: Path, chart: Path) -> None:
     notes = HERE / "NOTES.md"
     if notes.exists():
         lines += [notes.read_text(encoding="utf-8").rstrip(), ""]
+    # Sections other benchmarks write by hand (slowloris, ...) live below the marker and are kept as they are.
+    kept = ""
+    if path.exists():
+        old = path.read_text(encoding="utf-8")
+        if KEEP_MARKER in old:
+            kept = old[old.index(KEEP_MARKER):].rstrip() + "\n"
+    lines += [kept or KEEP_MARKER + "\n"]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
