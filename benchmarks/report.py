@@ -117,6 +117,9 @@ def bench_md(b: dict[str, Any]) -> list[str]:
     for c in conns:
         d = b[f"churn_{c}"]
         row(f"churn {c:,} connections", "round trips/s (checkout or checkin)", d, "requests_per_second", 0)
+        for t in present:
+            if t in d and not all(r["ok"] for r in d[t]):
+                rows[-1][2 + present.index(t)] += " (FAILED: see results.json)"
         row("", "p50 latency (ms)", d, "p50_ms")
         row("", "p99 latency (ms)", d, "p99_ms")
         row("", "p99.9 latency (ms)", d, "p999_ms")
@@ -264,7 +267,7 @@ def chart(res: dict[str, Any], out: Path) -> bool:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     style = {"lmgrd": "o-", "ceiling": "s-", "ceiling_protocol": "s--", "redis": "^-"}
     for t in ORDER:
-        xs = [c for c in conns if t in b[f"churn_{c}"]]
+        xs = [c for c in conns if t in b[f"churn_{c}"] and all(r["ok"] for r in b[f"churn_{c}"][t])]  # no failed run
         if not xs:
             continue
         ax1.plot(xs, [med(b[f"churn_{c}"][t], "requests_per_second") for c in xs], style[t], label=LABEL[t])
