@@ -73,8 +73,8 @@ def targets(res: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
             add("bench", f"idle {key.split('_')[1]}: KiB per client holding a seat", kib, "<= 3", ok)
     st = res.get("storm", {}).get("lmgrd")
     if st:
-        add("storm", "storm: daemon CPU (cores)", st.get("server_cores", 0.0), "< 0.5",
-            st.get("server_cores", 9.0) < 0.5 and st["ok"])
+        cores = st.get("server_cores", 9.0)
+        add("storm", "storm: daemon CPU (cores)", cores, "< 0.5", cores < 0.5)
         add("storm", "storm: leases lost", float(st.get("leases_lost", -1)), "= 0", st.get("leases_lost") == 0)
     rs = res.get("restart", {}).get("runs", [])
     if rs:
