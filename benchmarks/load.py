@@ -59,9 +59,15 @@ def frame(msg: dict[str, Any]) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
+#: Each client's hello secret (128 bits, 32 hex digits), the same on every connection it opens, as client_stub
+#: does: a daemon that binds leases to (user, host, secret) lets only that client resume them after a restart.
+#: A daemon that does not know the field ignores it (unknown fields are ignored).
+SECRET_BASE = os.urandom(8).hex()
+
+
 def hello_frame(i: int) -> bytes:
     return frame({"op": "hello", "id": 1, "proto": [1], "host": CLIENT_HOST, "user": f"bench{i}",
-                  "pid": 1000 + i, "client_version": "bench", "display": ""})
+                  "pid": 1000 + i, "client_version": "bench", "display": "", "secret": f"{SECRET_BASE}{i:016x}"})
 
 
 class Gen:
