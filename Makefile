@@ -46,7 +46,7 @@ i18n: $(STAMP)
 # rewrites benchmarks/RESULTS.md and churn.png. They need the bench extra (redis-py + hiredis, matplotlib,
 # py-spy) and Debian's redis-server for the Redis peer, installed here when missing (root, or sudo).
 bench-deps: $(STAMP)
-	$(PY) -m pip install -qq -e '.[dev,report,bench]'
+	$(PY) -m pip install -qq -e '.[dev,report,cloud,bench]'
 	@command -v redis-server >/dev/null 2>&1 || test -x /usr/sbin/redis-server || { \
 	  echo "installing redis-server (the benchmarks' Redis peer)"; \
 	  { apt-get install -y -q --no-install-recommends redis-server >/dev/null 2>&1 || \
