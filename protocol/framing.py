@@ -87,6 +87,16 @@ class FrameDecoder:
         if self._failed is not None:
             raise self._failed
         buf = self._buf
+        if not buf and len(data) > HEADER_SIZE:
+            # The common case on a request/reply connection: the read holds exactly one whole frame. Decode it
+            # from ``data`` itself, without copying it into the buffer and out again; the same checks apply.
+            (size,) = HEADER.unpack_from(data)
+            if size == len(data) - HEADER_SIZE and size <= self.max_frame_bytes:
+                try:
+                    return [decode_body(data[HEADER_SIZE:])]
+                except MalformedMessage as exc:
+                    self._failed = exc
+                    raise
         buf += data
         out: list[dict[str, Any]] = []
         pos = 0
