@@ -64,6 +64,16 @@ class DaemonConfig:
     metrics_bind: str | None = None  # None = the same address as ``bind``
     metrics_textfile: Path | None = None  # write the metrics dump here for node_exporter's textfile collector
     metrics_textfile_interval: float = 15.0
+    # The monitoring port's limits (lmgrd.monitoring.http.HTTPLimits): connections open at once (at the cap the
+    # one idle or slow the longest is evicted), seconds to deliver a request head and a whole request (from its
+    # first byte), seconds a kept-alive connection may sit idle (0 = close after every answer), and the largest
+    # request head and body in bytes.
+    metrics_max_connections: int = 512
+    metrics_header_timeout: float = 5.0
+    metrics_request_timeout: float = 10.0
+    metrics_keepalive_timeout: float = 5.0
+    metrics_max_header_bytes: int = 8 * 1024
+    metrics_max_body_bytes: int = 64 * 1024
     # Usage log (lmgrd.monitoring.usage): JSON lines for lmutil report, rotated at max_bytes into usage_log.1 .. .N.
     usage_log: Path | None = None
     usage_log_max_bytes: int = 10 * 1024 * 1024
@@ -163,6 +173,12 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
         "shutdown_timeout": (0, 60, False),
         "usage_log_max_bytes": (0, 2**40, True),  # 0 = never rotate
         "usage_log_backups": (0, 1000, True),
+        "metrics_max_connections": (1, 1_000_000, True),
+        "metrics_header_timeout": (0.1, 600, False),
+        "metrics_request_timeout": (0.1, 3600, False),
+        "metrics_keepalive_timeout": (0, 3600, False),
+        "metrics_max_header_bytes": (1024, 1024 * 1024, True),
+        "metrics_max_body_bytes": (0, 16 * 1024 * 1024, True),
     }
     for key, (lo, hi, integer) in ranges.items():
         if key in merged:
