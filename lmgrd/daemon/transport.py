@@ -116,6 +116,7 @@ class ClientProtocol(Session, asyncio.Protocol):
     def handshake_expired(self) -> None:
         self.handshake_timer = None
         if self.conn.hello is None:
+            self.server.counters.handshake_timeouts += 1
             timeout = self.server.cfg.handshake_timeout
             logger.info("client %s sent no hello within %.1f s; dropped", self.peer, timeout)
             self.server.fail(self, ProtocolError(ErrorCode.HANDSHAKE_TIMEOUT, f"no hello within {timeout:g} seconds",
