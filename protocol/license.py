@@ -398,7 +398,7 @@ def _parse_records(
             raise records.fail(f"unparsable line: it contains the control character U+{ord(bad):04X}", lineno)
         match = _LINE_RE.fullmatch(line)
         if match is None:
-            raise records.fail(f"unparsable line {line[:60]!r}: expected 'key  value'", lineno)
+            raise records.fail(f"unparsable line {shown(line)}: expected 'key  value'", lineno)
         key, value = match.group(1), (match.group(2) or "").strip()
         if key not in known:
             near = difflib.get_close_matches(key, known, n=1)
@@ -634,7 +634,8 @@ def split_revocation_list(text: str) -> list[RevocationEntry]:
         line = raw.rstrip("\r").strip(" \t")
         if not line or line.startswith("#"):
             continue
-        key = line.split(None, 1)[0]
+        words = line.split(None, 1)  # empty for a line of other whitespace (U+000B, U+3000): it has no key
+        key = words[0] if words else ""
         if start is not None and key == "format" and has_format:  # a new entry, the last one unsigned
             entries.append(RevocationEntry(len(entries) + 1, start + 1, "\n" * begin + "\n".join(lines[begin:i])))
             start, begin, has_format = None, i, False

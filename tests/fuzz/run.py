@@ -1,0 +1,81 @@
+"""``make fuzz``: coverage-guided fuzzing (atheris, libFuzzer) of every target in tests/fuzz/targets.py.
+
+Each target runs in its own process for ``--runs`` inputs (default 120,000; nine targets make more than a
+million), starting from the committed seed corpus (tests/fuzz/corpus/TARGET, read only) and keeping what it
+learns in a scratch corpus (``--work``, default a temporary directory). A target that lets anything but the
+project's own error escape stops its run: libFuzzer writes the input to ``--work``/crash-*, this script prints
+the path and exits 1. At the end a JSON summary: inputs and seconds per target and in all.
+
+    .venv/bin/python tests/fuzz/run.py [--runs N] [--targets frame_decoder,config_file] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+
+def fuzz_one(name: str, runs: int, max_len: int, work: Path) -> None:
+    """Run inside the child process: instrument the project and fuzz one target."""
+    import atheris
+
+    with atheris.instrument_imports(include=["protocol", "lmgrd"]):
+        from tests.fuzz.targets import CORPUS, TARGETS
+    out = work / name
+    out.mkdir(parents=True, exist_ok=True)
+    args = [sys.argv[0], f"-runs={runs}", f"-max_len={max_len}", "-timeout=20", "-rss_limit_mb=2048",
+            f"-artifact_prefix={out}/", "-print_final_stats=1", str(out), str(CORPUS / name)]
+    atheris.Setup(args, TARGETS[name])
+    atheris.Fuzz()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=120_000, help="inputs per target (default 120000)")
+    p.add_argument("--targets", default="", help="comma-separated target names (default: all)")
+    p.add_argument("--max-len", type=int, default=4096, help="largest input in bytes (default 4096)")
+    p.add_argument("--work", type=Path, help="scratch corpus and crash files (default: a temporary directory)")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    ns = p.parse_args()
+    work = ns.work or Path(tempfile.mkdtemp(prefix="lmgrd-fuzz-"))
+    if ns.one:
+        fuzz_one(ns.one, ns.runs, ns.max_len, work)
+        return 0
+    from tests.fuzz.targets import TARGETS
+
+    names = [n for n in ns.targets.split(",") if n] or list(TARGETS)
+    summary: dict[str, dict[str, float]] = {}
+    failed: list[str] = []
+    start = time.monotonic()
+    for name in names:
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--runs", str(ns.runs), "--max-len",
+                               str(ns.max_len), "--work", str(work)], capture_output=True, text=True, cwd=REPO)
+        took = time.monotonic() - t0
+        log = proc.stderr + proc.stdout
+        done = re.search(r"Done (\d+) runs in (\d+) second", log)
+        execs = int(done.group(1)) if done else 0
+        summary[name] = {"inputs": execs, "seconds": round(took, 1)}
+        print(f"{name}: {execs} inputs in {took:.1f} s, exit {proc.returncode}", flush=True)
+        if proc.returncode != 0 or not done:
+            failed.append(name)
+            crash = re.findall(r"Test unit written to (\S+)", log)
+            print(log[-4000:], file=sys.stderr)
+            print(f"{name}: FAILED; input: {', '.join(crash) or '(none written)'}", file=sys.stderr)
+    total = sum(int(v["inputs"]) for v in summary.values())
+    print(json.dumps({"targets": summary, "inputs": total, "seconds": round(time.monotonic() - start, 1),
+                      "work": str(work), "failed": failed}, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
