@@ -58,7 +58,7 @@ def main() -> int:
     p.add_argument("--runs", type=int, help="inputs per target (default: each target's share of 1,000,000)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every target's share (default 1)")
     p.add_argument("--targets", default="", help="comma-separated target names (default: all)")
-    p.add_argument("--max-len", type=int, default=4096, help="largest input in bytes (default 4096)")
+    p.add_argument("--max-len", type=int, default=1500, help="largest input in bytes (default 1500)")
     p.add_argument("--work", type=Path, help="scratch corpus and crash files (default: a temporary directory)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     ns = p.parse_args()

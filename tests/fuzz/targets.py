@@ -83,7 +83,7 @@ def frame_decoder(data: bytes) -> None:
     """Whole, split at input-chosen points, and a byte at a time: the same messages and the same error."""
     max_frame = 1024
     whole = _decode_all([data], max_frame)
-    for pieces in (_cuts(data), [data[i:i + 1] for i in range(len(data))] if len(data) <= 512 else []):
+    for pieces in (_cuts(data), [data[i:i + 1] for i in range(len(data))] if len(data) <= 96 else []):
         if not pieces:
             continue
         split = _decode_all(pieces, max_frame)
