@@ -7,9 +7,9 @@ One command, JSON on stdout:
 Starts ``lmgrd`` (its default handshake and monitoring timeouts, no per-address cap) on a fresh license with
 ``--honest`` seats, then for each port:
 
-- license port (after one warm-up run of the honest clients, not reported): ``--honest`` clients each hello, check out, heartbeat 3 times and check in (6 round trips), first
-  alone (unloaded), then while ``--slow`` silent and ``--slow`` trickling connections (a hello a byte every 0.5 s)
-  are held open (loaded);
+- license port: ``--honest`` clients each hello, check out, heartbeat 3 times and check in (6 round trips),
+  first alone (unloaded, after one warm-up run that is not reported), then while ``--slow`` silent and ``--slow``
+  trickling connections (a hello a byte every 0.5 s) are held open (loaded);
 - monitoring port: the same clients GET /healthz 3 times each, unloaded, then against ``--slow`` + ``--slow``
   slow HTTP connections.
 

@@ -207,7 +207,8 @@ def _from_config(path: Path) -> tuple[Endpoint, ...] | None:
         raise _invalid(f"the client config file {path} is larger than {_CONFIG_MAX_BYTES} bytes")
     try:
         doc: Any = yaml.safe_load(data)
-    except (yaml.YAMLError, RecursionError) as exc:  # PyYAML composes recursively: 5,000 nested "[" recurse
+    # PyYAML composes recursively (5,000 nested "[" recurse) and raises ValueError for a date like 2099-12-62.
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:
         raise _invalid(f"the client config file {path} is not valid YAML: {exc}") from None
     if doc is None:
         return None

@@ -21,11 +21,15 @@ from yaml.nodes import Node
 
 from protocol.validation import MAX_NESTING_DEPTH, nesting_depth_exceeds
 
-__all__ = ["JSONTooDeep", "YAMLTooDeep", "load_json", "load_yaml"]
+__all__ = ["JSONTooDeep", "YAMLTooDeep", "YAMLValueInvalid", "load_json", "load_yaml"]
 
 
 class YAMLTooDeep(yaml.MarkedYAMLError):
     """A YAML document nests sequences and mappings more than ``MAX_NESTING_DEPTH`` levels deep."""
+
+
+class YAMLValueInvalid(yaml.MarkedYAMLError):
+    """A YAML scalar that its type cannot hold: a timestamp like 2099-12-62, an integer of 5,000 digits."""
 
 
 class JSONTooDeep(ValueError):
@@ -53,6 +57,14 @@ class _BoundedSafeLoader(yaml.SafeLoader):
             if collection:
                 self._collections -= 1
 
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        # PyYAML's constructors raise plain ValueError for a value that looks like a date but is none
+        # (2099-12-62) or an integer past Python's 4,300-digit limit: a YAMLError with the place instead.
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:
+            raise YAMLValueInvalid(None, None, f"cannot read this value: {exc}", node.start_mark) from None
+
 
 def load_yaml(text: str | bytes, name: str | None = None) -> Any:
     """``yaml.safe_load`` with nesting bounded to ``MAX_NESTING_DEPTH`` levels.
@@ -62,7 +74,8 @@ def load_yaml(text: str | bytes, name: str | None = None) -> Any:
         name: the file it came from, named in the error's position (``in "NAME", line 3, column 5``).
 
     Raises:
-        yaml.YAMLError: not valid YAML, or nested too deep (:class:`YAMLTooDeep`, with the line).
+        yaml.YAMLError: not valid YAML, nested too deep (:class:`YAMLTooDeep`), or a value its type cannot hold
+            (:class:`YAMLValueInvalid`), each with the line.
     """
     loader = _BoundedSafeLoader(text)
     if name is not None:

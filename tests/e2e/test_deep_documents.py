@@ -100,3 +100,19 @@ def test_deep_client_config_is_client_config_invalid(tmp_path: Path) -> None:
     with pytest.raises(LicenseError) as caught:
         _from_config(path)
     assert caught.value.code is ErrorCode.CLIENT_CONFIG_INVALID and str(path) in str(caught.value)
+
+
+# Found by make fuzz: PyYAML raises a plain ValueError (not a YAMLError) for a scalar that looks like a date but is
+# none, and for an integer past Python's 4,300-digit limit; lmissue and lmgrd --check ended in a traceback.
+@pytest.mark.parametrize("value", ["2099-12-62", "9" * 5000], ids=["bad-date", "huge-int"])
+def test_a_value_yaml_cannot_hold_names_the_file_and_line(tmp_path: Path, value: str) -> None:
+    cfg = tmp_path / "lmgrd.yaml"
+    cfg.write_text(f"port: 27000\nnote: {value}\n", encoding="utf-8")
+    r = run("lmgrd", "--check", "-c", cfg, cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert str(cfg) in r.stderr and "cannot read this value" in r.stderr and "line 2" in r.stderr, r.stderr[-2000:]
+    req = tmp_path / "request.yaml"
+    req.write_text(f"license_type: multi\ncustomer: Example\nexpires: {value}\n", encoding="utf-8")
+    r = run("lmissue", "issue", req, "--key", tmp_path / "none.key", "--out", tmp_path / "x.lic", cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert str(req) in r.stderr and "line 3" in r.stderr, r.stderr[-2000:]
