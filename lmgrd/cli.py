@@ -185,11 +185,16 @@ def run_check(cfg: DaemonConfig) -> int:
 
 async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
     from lmgrd.daemon.server import Server, install_signal_handlers
-    from lmgrd.storage.journal import open_store
+    from lmgrd.storage.journal import StoreError, open_store
 
     state = state_dir(cfg)
-    state.mkdir(parents=True, exist_ok=True)
-    store = open_store(state)
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        store = open_store(state)
+    except OSError as exc:  # read-only, full, or not ours: say where and what, never a traceback
+        raise StoreError(f"cannot open the state directory {state}: {exc.strerror or exc}"
+                         f"{f' ({exc.filename})' if exc.filename else ''}; make it writable by this user, free "
+                         "space in it, or give lmgrd another --state-dir") from None
     server = Server(cfg, licensing, store, reload=lambda: reload_licensing(cfg),
                     wall=daemon_wall_clock(clock_offset()))
     install_signal_handlers(server)

@@ -18,6 +18,7 @@ from lmgrd.core.licensing import Licensing
 from lmgrd.daemon.events import ClientView, Observers
 from lmgrd.daemon.leases import Counters, WaitCtx
 from lmgrd.daemon.session import AdminHandler
+from lmgrd.storage.journal import StoreError
 
 __all__ = ["ClientView", "DaemonView"]
 
@@ -52,6 +53,10 @@ class DaemonView(Protocol):
     def sessions(self) -> Mapping[int, ClientView]: ...
     @property
     def counters(self) -> Counters: ...
+    @property
+    def store_error(self) -> StoreError | None: ...
+    @property
+    def store_write_failures(self) -> int: ...
     @property
     def waits(self) -> Mapping[int, WaitCtx]: ...
 

@@ -35,7 +35,7 @@ from lmgrd.daemon.leases import Counters, LeaseLifecycle, Timers, WaitCtx
 from lmgrd.daemon.outbox import Outbox
 from lmgrd.daemon.session import Handlers, Session, refuse
 from lmgrd.daemon.transport import ClientProtocol
-from lmgrd.storage.journal import LeaseStore
+from lmgrd.storage.journal import LeaseStore, StoreError
 from protocol import ErrorCode, ErrorReply, ProtocolError, error_frame
 
 __all__ = ["EXPIRE_BATCH", "Server", "install_signal_handlers"]
@@ -98,7 +98,7 @@ class Server:
         self.ledger = Ledger(cfg.lease_timeout, new_token)
         self.sessions: dict[int, ClientProtocol] = {}
         self.per_address: dict[str, int] = {}
-        self.outbox = Outbox(store, self.loop.call_soon)
+        self.outbox = Outbox(store, self.loop.call_soon, self.loop.call_later, self.clock)
         self.leases = LeaseLifecycle(
             self.ledger, store, self.outbox, self.observers, sessions=self.sessions,
             count_of=lambda pool: self.licensing.count(pool), timers=cast(Timers, self.loop), clock=self.clock,
@@ -142,6 +142,16 @@ class Server:
     def timer(self, handle: asyncio.TimerHandle | asyncio.Handle | None) -> None:
         self._timer = handle
         self.leases.timer_idle = handle is None
+
+    @property
+    def store_error(self) -> StoreError | None:
+        """Why the lease store cannot write now (new checkouts refused with STORE_UNAVAILABLE), or ``None``."""
+        return self.outbox.store_error
+
+    @property
+    def store_write_failures(self) -> int:
+        """Failed lease-store writes since start (the first failure and every failed retry)."""
+        return self.outbox.store_failures
 
     @property
     def counters(self) -> Counters:
@@ -205,9 +215,15 @@ class Server:
             s.abort()
         if left:
             logger.info("closed %d connection(s) that were still open", len(left))
-        self.store.flush()
-        self.store.sync()
-        self.store.close()
+        self.outbox.cancel_retry()
+        try:
+            self.store.close()  # flush, sync, close
+        except StoreError as exc:
+            logger.error("stopping with records not written: %s. Seats checked in since the state directory "
+                         "failed come back at the next start and lapse after a lease timeout if nobody resumes "
+                         "them; no grant was acknowledged without its record", exc)
+        except OSError as exc:
+            logger.error("could not sync the lease journal at shutdown: %s", exc)
         if self.timer is not None:
             self.timer.cancel()
         if self.sync_handle is not None:
@@ -369,6 +385,8 @@ class Server:
             "connections": len(self.sessions),
             "pools": pools,
             "refused_licenses": self.licensing.refusals(),
+            "store": {"writable": self.outbox.store_error is None,
+                      "error": str(self.outbox.store_error) if self.outbox.store_error is not None else None},
         }
 
 

@@ -178,6 +178,8 @@ class Handlers:
             code, message, hint = decision.error
             leases.deny(s, req.id, req.product, req.version, code, message, hint)
             return
+        if leases.outbox.store_error is not None and leases.store_refusal(s, req.id, req.product, req.version):
+            return
         user, host = holder.user, holder.host
         for lic in decision.licenses:
             if leases.checkout(s, req.id, (lic.customer_id, req.product), share_key_for(lic.share, user, host),

@@ -270,6 +270,11 @@ class StateCollector(Collector):
         yield served
         yield GaugeMetricFamily("lmgrd_up", "1 while serving licenses, 0 once shutting down",
                                 value=0 if server.closing else 1)
+        yield GaugeMetricFamily("lmgrd_store_writable", "1 while the lease journal can be written, 0 while the "
+                                "state directory is full or read-only (new checkouts refused, retried by itself)",
+                                value=1 if server.store_error is None else 0)
+        yield CounterMetricFamily("lmgrd_store_write_failures", "Failed lease journal writes (the first failure "
+                                  "and every failed retry)", value=server.store_write_failures)
         yield GaugeMetricFamily("lmgrd_start_time_seconds", "When this daemon started (Unix time)",
                                 value=server.started_wall)
         info = GaugeMetricFamily("lmgrd_build_info", "lmgrd version and Python version; always 1",

@@ -34,8 +34,8 @@ from lmgrd.storage.journal import (
     JournalCorrupt,
     JournalStore,
     LeaseRecord,
-    StoreError,
     StoreLocked,
+    StoreWriteError,
     read_journal,
 )
 from protocol import Checkout, Granted, Welcome
@@ -492,14 +492,16 @@ def test_a_write_that_fails_halfway_is_cut_back_and_retried_whole(tmp_path: Path
             store.record_grant(rec(i, display="x" * 200))
         file_size_limit(size + 1000)  # the first write(2) stops at the limit, the second fails
         try:
-            with pytest.raises(StoreError) as info:
+            with pytest.raises(StoreWriteError) as info:
                 store.flush()
         finally:
             file_size_limit(resource.RLIM_INFINITY)
         assert str(info.value) == (
-            f"could not write the lease journal {path}: File too large; the last 37 grants and releases are not "
-            f"durable. Free disk space or repair the state directory, then restart lmgrd"
+            f"cannot write the lease journal {path}: File too large; 37 grant/release record(s) wait in memory. "
+            f"Free space in {tmp_path} or make it writable again: lmgrd retries by itself and grants new seats "
+            f"again as soon as the write succeeds"
         )
+        assert (info.value.state_dir, info.value.reason, info.value.records) == (tmp_path, "File too large", 37)
         assert isinstance(info.value.__cause__, OSError)
         assert path.stat().st_size == size  # cut back to the last intact record
         assert read_journal(path) == [rec(1), rec(2)]
