@@ -543,12 +543,18 @@ class MonitorHTTP:
             return 503, _TEXT, b"internal error rendering this page; see the lmgrd log\n"
         return 404, _TEXT, b"not found; try /metrics, /healthz or /\n"
 
-    async def start(self, bind: str, port: int) -> bool:
-        """Listen; on failure log why and return False (licenses keep being served either way)."""
+    async def start(self, bind: str, port: int, backlog: int | None = None) -> bool:
+        """Listen; on failure log why and return False (licenses keep being served either way).
+
+        ``backlog`` is the listen queue (default: the daemon's ``backlog`` setting). asyncio's own default of 100
+        is too short for a flood of connections: once it is full the kernel drops handshakes, and honest scrapers
+        wait for SYN retransmits (a second or more) however fast the connections ahead of them are shed.
+        """
         loop = asyncio.get_running_loop()
         try:
             self.listener = await loop.create_server(lambda: HTTPProtocol(self), host=bind or None, port=port,
-                                                     reuse_address=True)
+                                                     reuse_address=True,
+                                                     backlog=backlog if backlog is not None else DaemonConfig().backlog)
         except OSError as exc:
             logger.error("cannot serve metrics and the status page on %s port %d: %s; licenses are still served. "
                          "Choose another --metrics-port (0 turns it off) or --metrics-bind",
@@ -616,7 +622,7 @@ async def start_monitoring(server: Server, cfg: DaemonConfig) -> Monitor:
         http = MonitorHTTP(server, metrics, HTTPLimits.from_config(cfg))
         bind = cfg.metrics_bind if cfg.metrics_bind is not None else cfg.bind
         port = 0 if cfg.metrics_port == "auto" else cfg.metrics_port
-        if not await http.start(bind, port):
+        if not await http.start(bind, port, cfg.backlog):
             http = None
     else:
         logger.info("metrics port off (metrics_port 0); lmutil lmstat --prometheus still prints the metrics")
