@@ -19,7 +19,9 @@ from typing import Any
 
 from lmgrd import LmgrdError, __version__
 from lmgrd.config import (
+    DEFAULT_IDLE_CONNECTION_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+    DEFAULT_MAX_REQUESTS_PER_SECOND,
     DEFAULT_PORT,
     ConfigInvalid,
     DaemonConfig,
@@ -27,6 +29,7 @@ from lmgrd.config import (
     load_config_file,
 )
 from lmgrd.core.licensing import Licensing
+from lmgrd.core.logtext import printable
 from lmgrd.storage.files import load_licensing, state_dir
 from lmgrd.storage.host import clock_offset, daemon_wall_clock, raise_nofile
 from protocol.activation import auto_activation_at
@@ -70,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                    f"may hold (default {DEFAULT_MAX_CONNECTIONS_PER_ADDRESS}; 0 = no limit)")
     p.add_argument("--handshake-timeout", type=float, metavar="S", help="seconds a new connection has to send "
                    "hello (default 10)")
+    p.add_argument("--idle-connection-timeout", type=float, metavar="S", help="seconds a connection that holds no "
+                   f"seat may send nothing before it is closed (default {DEFAULT_IDLE_CONNECTION_TIMEOUT:g}; "
+                   "0 = never)")
+    p.add_argument("--max-requests-per-second", type=float, metavar="N", help="requests one connection may send "
+                   f"per second, in bursts of two seconds' worth; the rest are answered RATE_LIMITED (default "
+                   f"{DEFAULT_MAX_REQUESTS_PER_SECOND:g}; 0 = no limit)")
     p.add_argument("--max-frame-bytes", type=int, metavar="N", help="largest message accepted (default 65536)")
     p.add_argument("--metrics-port", type=_metrics_port, metavar="N", help="HTTP port for /metrics (Prometheus), "
                    "/healthz and the status page (default 27001; 0 = off; 'auto' picks a free port and logs it)")
@@ -100,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     keys = ("licenses", "vendor_key", "port", "bind", "state_dir", "heartbeat_interval", "lease_timeout",
-            "reconnect_grace", "max_connections_per_address", "handshake_timeout", "max_frame_bytes", "log_level",
+            "reconnect_grace", "max_connections_per_address", "handshake_timeout", "idle_connection_timeout",
+            "max_requests_per_second", "max_frame_bytes", "log_level",
             "admin_token_file", "metrics_port", "metrics_bind", "revocations", "usage_log", "metrics_max_connections",
             "metrics_header_timeout", "metrics_request_timeout", "metrics_keepalive_timeout",
             "metrics_max_header_bytes", "metrics_max_body_bytes")
@@ -116,9 +126,19 @@ def _metrics_port(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a port number (0 = off) or 'auto', got {value!r}") from None
 
 
+class OneLineFormatter(logging.Formatter):
+    """The daemon's log format, with every message escaped onto one line (lmgrd.core.logtext.printable): a
+    newline or terminal escape in anything a client sent (its user name, display, product or version) cannot
+    forge a log line, whichever log call wrote it. Tracebacks keep their lines (they are ours)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
+    handler.setFormatter(OneLineFormatter("%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
                                            "%Y-%m-%dT%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -16,6 +16,7 @@ from lmgrd.config import DaemonConfig
 from lmgrd.core.ledger import LeaseInfo, Ledger, PoolKey
 from lmgrd.core.licensing import Licensing
 from lmgrd.daemon.events import ClientView, Observers
+from lmgrd.daemon.guard import RefusalCounts
 from lmgrd.daemon.leases import Counters, WaitCtx
 from lmgrd.daemon.session import AdminHandler
 from lmgrd.storage.journal import StoreError
@@ -46,6 +47,7 @@ class DaemonView(Protocol):
     admin_token: str
     admin_token_path: Path | None
     stopped: asyncio.Event
+    refusals: RefusalCounts
 
     @property
     def handlers(self) -> Handlers: ...

@@ -145,8 +145,9 @@ class LeaseLifecycle:
         self.counters = Counters()
         self.waits: dict[int, WaitCtx] = {}
         self.next_waiter = 1
-        #: Tokens freed by lmremove, so a later resume says SEAT_REMOVED rather than LEASE_NOT_FOUND (bounded).
-        self.removed: dict[str, LostSeat] = {}
+        #: Tokens freed by lmremove, so a later resume by their holder (the lease's owner) says SEAT_REMOVED
+        #: rather than LEASE_NOT_FOUND (bounded).
+        self.removed: dict[str, tuple[str, LostSeat]] = {}
         outbox.undo = self.undo_grants
 
     # -- grants ------------------------------------------------------------------------------------------------
@@ -390,6 +391,6 @@ class LeaseLifecycle:
             holder.lost.append(lost)
         if reason is EndReason.REMOVAL:
             # Kept even when told at a heartbeat: the client may drop before that and come back with a resume.
-            self.removed[lease.token] = lost
+            self.removed[lease.token] = (lease.owner, lost)
             while len(self.removed) > REMOVED_MEMORY:
                 del self.removed[next(iter(self.removed))]
