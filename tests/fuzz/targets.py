@@ -17,9 +17,11 @@ registration requests, and the activation records file.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import random
+import shutil
 import tempfile
 from collections.abc import Callable
 from datetime import date
@@ -171,7 +173,8 @@ def registration_request(data: bytes) -> None:
     assert (spec is None) == bool(problems)
 
 
-_STATE = Path(tempfile.mkdtemp(prefix="lmgrd-fuzz-"))
+_STATE = Path(tempfile.mkdtemp(prefix="lmgrd-fuzz-state-"))
+atexit.register(shutil.rmtree, _STATE, True)
 
 
 def activation_records(data: bytes) -> None:
