@@ -84,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "/healthz and the status page (default 27001; 0 = off; 'auto' picks a free port and logs it)")
     p.add_argument("--metrics-bind", metavar="ADDR", help="address for the metrics port (default: the --bind "
                    "address)")
+    p.add_argument("--metrics-max-connections", type=int, metavar="N", help="connections the metrics port keeps "
+                   "open at once; past it the one idle or slow the longest is dropped (default 512)")
+    p.add_argument("--metrics-header-timeout", type=float, metavar="S", help="seconds a metrics request has to "
+                   "send its head, from its first byte (default 5)")
+    p.add_argument("--metrics-request-timeout", type=float, metavar="S", help="seconds a metrics request has to "
+                   "send everything and take its answer (default 10)")
+    p.add_argument("--metrics-keepalive-timeout", type=float, metavar="S", help="seconds an idle kept-alive "
+                   "metrics connection stays open (default 5; 0 closes after every answer)")
+    p.add_argument("--metrics-max-header-bytes", type=int, metavar="N", help="largest metrics request head "
+                   "(default 8192)")
+    p.add_argument("--metrics-max-body-bytes", type=int, metavar="N", help="largest metrics request body "
+                   "(default 65536)")
     p.add_argument("--usage-log", metavar="PATH", help="append a JSON-lines usage log here (checkouts, checkins, "
                    "expiries, removals, denials) for 'lmutil report'; rotated by size (usage_log_max_bytes)")
     p.add_argument("--admin-token-file", metavar="PATH", help="where to write the admin token lmutil uses "
@@ -108,7 +120,9 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     keys = ("licenses", "vendor_key", "port", "bind", "state_dir", "heartbeat_interval", "lease_timeout",
             "reconnect_grace", "max_connections_per_address", "handshake_timeout", "idle_connection_timeout",
             "max_requests_per_second", "max_frame_bytes", "log_level",
-            "admin_token_file", "metrics_port", "metrics_bind", "revocations", "usage_log",
+            "admin_token_file", "metrics_port", "metrics_bind", "revocations", "usage_log", "metrics_max_connections",
+            "metrics_header_timeout", "metrics_request_timeout", "metrics_keepalive_timeout",
+            "metrics_max_header_bytes", "metrics_max_body_bytes",
             "cloud_poll_interval", "cloud_check_in_interval", "cloud_ca_file", "cloud_proxy")
     return {k: getattr(ns, k) for k in keys}
 

@@ -295,6 +295,9 @@ class StateCollector(Collector):
         yield denials
         yield CounterMetricFamily("lmgrd_lease_expirations", "Leases reclaimed because their client stopped "
                                   "heartbeating", value=m.expirations)
+        yield CounterMetricFamily("lmgrd_handshake_timeouts", "Connections dropped because they sent no complete "
+                                  "hello within handshake_timeout (silent or slow clients)",
+                                  value=server.counters.handshake_timeouts)
         yield from refusal_families(server)
 
 
