@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -35,6 +36,7 @@ from lmgrd.daemon.leases import Counters, LeaseLifecycle, Timers, WaitCtx
 from lmgrd.daemon.outbox import Outbox
 from lmgrd.daemon.session import Handlers, Session, refuse
 from lmgrd.daemon.transport import ClientProtocol
+from lmgrd.storage.etcd import EtcdSeats, StoreUnavailable
 from lmgrd.storage.journal import LeaseStore
 from protocol import ErrorCode, ErrorReply, ProtocolError, error_frame
 
@@ -80,6 +82,7 @@ class Server:
         clock: Callable[[], float] | None = None,
         wall: Callable[[], float] = time.time,
         reload: Callable[[], tuple[Licensing, list[str]]] | None = None,
+        cluster: EtcdSeats | None = None,
     ) -> None:
         self.cfg = cfg
         self.reload_fn = reload
@@ -103,7 +106,10 @@ class Server:
             self.ledger, store, self.outbox, self.observers, sessions=self.sessions,
             count_of=lambda pool: self.licensing.count(pool), timers=cast(Timers, self.loop), clock=self.clock,
             wall=wall, lease_timeout=cfg.lease_timeout, heartbeat_interval=cfg.heartbeat_interval,
-            arm=self.arm)
+            arm=self.arm, cluster=cluster)
+        #: The cluster-wide seat store (HA, ``store: etcd``), or None.
+        self.cluster = cluster
+        self._cluster_tasks: list[asyncio.Task[None]] = []
         self.handlers = Handlers(
             self, self.leases, self.outbox, cast(dict[int, Session], self.sessions),
             heartbeat_interval=cfg.heartbeat_interval, lease_timeout=cfg.lease_timeout,
@@ -165,6 +171,40 @@ class Server:
         logger.info("lmgrd %s listening on %s (heartbeat %g s, lease timeout %g s, reconnect grace %g s)",
                     __version__, addrs, self.hb_interval, self.lease_timeout, self.cfg.grace)
         self.sync_handle = self.loop.call_later(self.cfg.sync_interval, self._sync_tick)
+        if self.cluster is not None:
+            node_info = {"node": self.cluster.node, "host": socket.gethostname(), "port": self.ports[0] if self.ports
+                         else self.cfg.port, "bind": self.cfg.bind, "pid": os.getpid(), "version": __version__,
+                         "started": self.started_wall}
+            await self.cluster.connect(node_info)
+            self._cluster_tasks = [self.loop.create_task(self._keepalive_loop()),
+                                   self.loop.create_task(self._view_loop())]
+
+    # -- the cluster store (HA) -------------------------------------------------------------------------------
+    async def _keepalive_loop(self) -> None:
+        """Keep alive the etcd leases of every seat this node serves (TTL/3); end seats etcd no longer has."""
+        cluster = self.cluster
+        assert cluster is not None
+        period = cluster.ttl / 3
+        while not self.closing:
+            await asyncio.sleep(period)
+            lost = await cluster.maintain()
+            if lost:
+                n = self.leases.store_lost(lost)
+                if n:
+                    logger.warning("%d seat(s) ended: the shared seat store no longer holds them", n)
+
+    async def _view_loop(self) -> None:
+        """Read the cluster's seats and nodes twice a second: lmstat, metrics and the cluster-wide queue."""
+        cluster = self.cluster
+        assert cluster is not None
+        while not self.closing:
+            try:
+                await cluster.refresh_view()
+            except StoreUnavailable:
+                pass
+            else:
+                self.leases.serve_cluster()
+            await asyncio.sleep(0.5)
 
     def request_shutdown(self, why: str) -> None:
         """Stop in stages: no new connections, clients told, wait up to ``shutdown_timeout`` for them to
@@ -208,6 +248,11 @@ class Server:
         self.store.flush()
         self.store.sync()
         self.store.close()
+        for task in self._cluster_tasks:
+            task.cancel()
+        if self.cluster is not None:
+            # The seats stay in etcd, on their clients' etcd leases: the clients resume them on another node.
+            await self.cluster.close()
         if self.timer is not None:
             self.timer.cancel()
         if self.sync_handle is not None:
@@ -263,6 +308,8 @@ class Server:
         self.leases.drop_waits(proto)
         if proto.session:
             self.sessions.pop(proto.session, None)
+            if self.cluster is not None:
+                self.cluster.forget_session(proto.session)
             detached = self.ledger.detach_session(proto.session, self.clock(), self.cfg.grace)
             if detached:
                 logger.info("client %s disconnected holding %d seat(s); kept %.0f s for a reconnect",

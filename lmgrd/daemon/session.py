@@ -181,7 +181,7 @@ class Handlers:
         user, host = holder.user, holder.host
         for lic in decision.licenses:
             if leases.checkout(s, req.id, (lic.customer_id, req.product), share_key_for(lic.share, user, host),
-                               holder, req.version, now, wall):
+                               holder, req.version, now, wall, req.wait if not self.daemon.closing else 0.0):
                 return
         first = decision.licenses[0]
         reasons = {self.ledger.refusal((lic.customer_id, req.product), share_key_for(lic.share, user, host), user,
@@ -228,6 +228,8 @@ class Handlers:
         resumed: list[str] = []
         lost: list[LostSeat] = []
         removed = self.leases.removed
+        unknown: list[str] = []  # HA: tokens another node granted (its client moved here): adopted from etcd
+        cluster = self.leases.cluster is not None
         for token in req.tokens:
             before = self.ledger.get(token)
             old_session = before.session if before is not None else None
@@ -236,12 +238,18 @@ class Handlers:
                 if token in removed:
                     lost.append(removed.pop(token))
                     continue
+                if cluster:
+                    unknown.append(token)
+                    continue
                 lost.append(LostSeat(token, ErrorCode.LEASE_NOT_FOUND,
                                      "this seat is no longer held: it lapsed, was checked in or was removed"))
                 continue
             if old_session and old_session != s.session and old_session in self.sessions:
                 logger.info("lease %s moved from session %d to %d", token[:8], old_session, s.session)
             resumed.append(token)
+        if unknown:
+            self.leases.adopt(s, req.id, resumed, lost, unknown)  # answers once etcd has
+            return
         logger.info("RESUME %s: %d seat(s) resumed, %d lost", s.who(), len(resumed), len(lost))
         self.outbox.reply(s, Resumed, encode_frame(Resumed(req.id, tuple(resumed), tuple(lost)).to_wire()))
 
