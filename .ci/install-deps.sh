@@ -17,8 +17,11 @@ need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ -x /usr/lib/nagios/plugins/check_flexlm ] || need+=(monitoring-plugins-standard)
+# The HA tests (tests/integration/test_ha.py) start real etcd members on loopback (Debian's 3.4).
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 if [ "${#need[@]}" -eq 0 ]; then
-  echo "install-deps: promtool, chromium and check_flexlm already present"
+  echo "install-deps: promtool, chromium, check_flexlm and etcd already present"
   exit 0
 fi
 
@@ -34,8 +37,11 @@ echo "install-deps: installing ${need[*]}"
 $SUDO apt-get update -q
 # fonts-dejavu-core gives the headless browser a font for the status-page screenshot.
 $SUDO apt-get install -y -q --no-install-recommends "${need[@]}" fonts-dejavu-core
-# The prometheus package may start a server as a service; the tests need only promtool.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
-  $SUDO systemctl stop prometheus || true
-fi
-command -v promtool >/dev/null && command -v chromium >/dev/null && [ -x /usr/lib/nagios/plugins/check_flexlm ]
+# The prometheus package may start a server as a service; the tests need only promtool. Likewise etcd's unit
+# (on 127.0.0.1:2379): the tests start their own members on free ports.
+for unit in prometheus etcd; do
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$unit" 2>/dev/null; then
+    $SUDO systemctl stop "$unit" || true
+  fi
+done
+command -v promtool >/dev/null && command -v chromium >/dev/null && [ -x /usr/lib/nagios/plugins/check_flexlm ] && command -v etcd >/dev/null && command -v etcdctl >/dev/null

@@ -7,6 +7,7 @@ documents.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -141,3 +142,152 @@ class EtcdCluster:
     def stop(self) -> None:
         for m in self.members:
             m.kill(signal.SIGKILL)
+
+
+class SeatOracle:
+    """A watch on the seat keys from revision 1 (``etcdctl watch --rev 1 -w json``), replayed in revision order.
+
+    ``check(count)`` asserts the live seat set of every pool never exceeded ``count`` at any revision, and no
+    token ever held two live seats; returns the replay (max live per pool, every token granted, deletes).
+    """
+
+    def __init__(self, cluster: EtcdCluster, prefix: str = "/lmgrd/c/") -> None:
+        self.cluster = cluster
+        self.prefix = prefix
+        self.out = cluster.workdir / f"watch-{time.monotonic_ns()}.jsonl"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> SeatOracle:
+        with open(self.out, "wb") as f:
+            self.proc = subprocess.Popen([ETCDCTL, "--endpoints", self.cluster.endpoints, "watch", "--prefix",
+                                          self.prefix, "--rev", "1", "-w", "json"], stdout=f,
+                                         stderr=subprocess.DEVNULL)
+        return self
+
+    def stop(self, settle: float = 1.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            time.sleep(settle)  # let the watch deliver what happened up to now
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def events(self) -> list[tuple[int, str, str, dict[str, object] | None]]:
+        """(revision, PUT/DELETE, key, value) for every seat-key event, in revision order."""
+        import base64
+
+        evs: list[tuple[int, str, str, dict[str, object] | None]] = []
+        for line in self.out.read_text().splitlines():
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            resp = json.loads(line)
+            for ev in resp.get("Events") or ():
+                kv = ev["kv"]
+                key = base64.b64decode(kv["key"]).decode()
+                if "/seats/" not in key:
+                    continue
+                kind = "DELETE" if ev.get("type") == 1 else "PUT"
+                value = json.loads(base64.b64decode(kv["value"])) if kind == "PUT" and kv.get("value") else None
+                evs.append((int(kv["mod_revision"]), kind, key, value))
+        evs.sort(key=lambda e: e[0])
+        return evs
+
+    def check(self, count: int) -> dict[str, object]:
+        live: dict[str, str] = {}  # slot key -> token
+        max_live: dict[str, int] = {}
+        granted: set[str] = set()
+        deletes: list[tuple[int, str, str]] = []
+        for rev, kind, key, value in self.events():
+            pool = key.rsplit("/", 1)[0]
+            if kind == "PUT":
+                assert value is not None
+                token = str(value["token"])
+                if key not in live:  # a new seat (a PUT on a live key is an adoption: same seat, new node)
+                    assert token not in live.values(), f"token {token[:8]} holds two seats at revision {rev}"
+                else:
+                    assert live[key] == token, f"slot {key} changed holder without a delete at revision {rev}"
+                live[key] = token
+                granted.add(token)
+                n = sum(1 for k in live if k.rsplit("/", 1)[0] == pool)
+                max_live[pool] = max(max_live.get(pool, 0), n)
+                assert n <= count, f"{n} live seats in {pool} at revision {rev}, count {count}"
+            else:
+                deletes.append((rev, key, live.pop(key, "")))
+        return {"max_live": max_live, "granted": granted, "deletes": deletes, "live": dict(live)}
+
+
+class BlackholeProxy:
+    """A loopback TCP forwarder to one etcd member that can be cut (``cut()``: open connections stop
+    passing bytes and new ones hang, like a partition; ``heal()``). Runs its own asyncio loop in a thread."""
+
+    def __init__(self, target_port: int) -> None:
+        import asyncio
+        import threading
+
+        self.target_port = target_port
+        self.port = free_ports(1)[0]
+        self.blocked = False
+        self.loop = asyncio.new_event_loop()
+        self.writers: set[asyncio.StreamWriter] = set()
+        ready = threading.Event()
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    data = await r.read(65536)
+                    if not data:
+                        break
+                    while self.blocked:
+                        await asyncio.sleep(0.05)
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                w.close()
+
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            while self.blocked:
+                await asyncio.sleep(0.05)
+            try:
+                ur, uw = await asyncio.open_connection("127.0.0.1", self.target_port)
+            except OSError:
+                w.close()
+                return
+            self.writers.update((w, uw))
+            await asyncio.gather(pipe(r, uw), pipe(ur, w))
+
+        async def main() -> None:
+            self.server = await asyncio.start_server(handle, "127.0.0.1", self.port)
+            ready.set()
+            await self.server.serve_forever()
+
+        def run() -> None:
+            with contextlib.suppress(asyncio.CancelledError):
+                self.loop.run_until_complete(main())
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(5)
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def cut(self) -> None:
+        self.blocked = True
+
+    def heal(self) -> None:
+        self.blocked = False
+
+    def close(self) -> None:
+        def stop() -> None:
+            self.server.close()
+            for w in self.writers:
+                w.close()
+            for t in __import__("asyncio").all_tasks(self.loop):
+                t.cancel()
+
+        self.loop.call_soon_threadsafe(stop)
+        self.thread.join(5)
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.close()

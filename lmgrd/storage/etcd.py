@@ -114,6 +114,7 @@ class EtcdSeats:
         self.observe = observe
         self.up = False
         self.last_ok = time.monotonic()
+        self.keepalive_ok = time.monotonic()
         self.claims: dict[SeatKey, Claim] = {}
         self.token_seat: dict[str, SeatKey] = {}
         self.token_lease: dict[str, int] = {}
@@ -154,6 +155,8 @@ class EtcdSeats:
             self._channel = grpc.aio.secure_channel(target, creds, options=options)
         else:
             self._channel = grpc.aio.insecure_channel(target, options=options)
+        with contextlib.suppress(TimeoutError):  # the first call should not pay the connection set-up
+            await asyncio.wait_for(self._channel.channel_ready(), max(5.0, self.timeout))
         self._kv = rpc.KVStub(self._channel)
         self._lease = rpc.LeaseStub(self._channel)
         if s.user:
@@ -463,8 +466,8 @@ class EtcdSeats:
     async def maintain(self) -> list[str]:
         """Refresh every etcd lease this node keeps alive; returns the tokens whose seat is gone from etcd.
 
-        Also retries queued releases and re-registers the node. When etcd has not answered for the TTL, every
-        local token is returned: the cluster may have freed those seats.
+        Also retries queued releases and re-registers the node. When no keepalive has succeeded for 2/3 of the
+        TTL, every local token is returned: before etcd can free those seats, this node ends them.
         """
         leases: dict[int, list[str]] = {}
         for token, lease in self.token_lease.items():
@@ -483,9 +486,13 @@ class EtcdSeats:
                     await self._register()
             else:
                 await self._register()
+            started = time.monotonic()
             alive = await self._keepalive(list(leases))
+            self.keepalive_ok = started
         except StoreUnavailable:
-            if time.monotonic() - self.last_ok >= self.ttl:
+            # etcd frees our seats TTL after the last refresh it saw (never earlier): end them here first, so
+            # no client believes it holds a seat that another node may already have granted.
+            if time.monotonic() - self.keepalive_ok >= self.ttl * 2 / 3:
                 return list(self.token_seat)
             return []
         for lease, ok in alive.items():
@@ -503,7 +510,7 @@ class EtcdSeats:
         out: dict[int, bool] = {}
 
         async def run() -> None:
-            call = self._lease.LeaseKeepAlive(timeout=self.timeout, metadata=self._metadata)
+            call = self._lease.LeaseKeepAlive(timeout=min(self.timeout, self.ttl / 3), metadata=self._metadata)
             for i in ids:
                 await call.write(rpc.LeaseKeepAliveRequest(ID=i))
             await call.done_writing()
@@ -513,7 +520,8 @@ class EtcdSeats:
                     break
                 out[int(resp.ID)] = resp.TTL > 0
 
-        await self._call("keepalive", asyncio.wait_for(run(), self.timeout))
+        # Bounded by a third of the TTL too: the caller must be able to end seats before etcd could free them.
+        await self._call("keepalive", asyncio.wait_for(run(), min(self.timeout, self.ttl / 3)))
         return out
 
     async def refresh_view(self) -> None:

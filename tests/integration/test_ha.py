@@ -1,0 +1,310 @@
+"""High availability on etcd (issue 11): real etcd members and real lmgrd nodes, all on 127.0.0.1.
+
+Every test replays the seat keys with a watch from revision 1 (``SeatOracle``) and asserts the live set of a
+pool never exceeded its count at any revision. etcd members and lmgrd nodes are subprocesses stopped by PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client_stub.aio import AsyncLicenseClient, AsyncSeat
+from client_stub.errors import LicenseError
+from tests.etcd_cluster import BlackholeProxy, EtcdCluster, SeatOracle
+from tests.harness import Daemon, write_keys, write_license
+
+pytestmark = pytest.mark.timeout(120)
+
+PRODUCT, VERSION = "CADPRO", "2.1"
+
+
+class HA:
+    """One license served by several lmgrd nodes (``--store etcd``) on one etcd cluster."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.key, self.pub = write_keys(tmp / "vendor")
+        self.clusters: list[EtcdCluster] = []
+        self.nodes: list[Daemon] = []
+        self.proxies: list[BlackholeProxy] = []
+        self.lic = tmp / "site.lic"
+
+    def license(self, count: int) -> None:
+        self.customer = write_license(self.lic, self.key, ((PRODUCT, VERSION, count),)).customer_id
+
+    def etcd(self, n: int) -> EtcdCluster:
+        c = EtcdCluster(self.tmp / f"etcd{len(self.clusters)}", n).start()
+        self.clusters.append(c)
+        return c
+
+    def node(self, name: str, endpoints: str, *, lease_timeout: float = 3.0) -> Daemon:
+        work = self.tmp / f"node-{name}"
+        work.mkdir()
+        d = Daemon(work, [self.lic], self.pub, lease_timeout=lease_timeout,
+                   extra=["--store", "etcd", "--etcd-endpoints", endpoints, "--node-name", name,
+                          "--etcd-timeout", "1", "--metrics-port", "0"])
+        self.nodes.append(d)
+        return d.start()
+
+    def proxy(self, port: int) -> BlackholeProxy:
+        p = BlackholeProxy(port)
+        self.proxies.append(p)
+        return p
+
+    def close(self) -> None:
+        for d in self.nodes:
+            if d.proc is not None and d.proc.poll() is None:
+                d.kill()
+        for p in self.proxies:
+            p.close()
+        for c in self.clusters:
+            c.stop()
+
+
+@pytest.fixture
+def ha(tmp_path: Path) -> Iterator[HA]:
+    h = HA(tmp_path)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def client(server: str, user: str, **kw: Any) -> AsyncLicenseClient:
+    return AsyncLicenseClient(server, user=user, connect_timeout=2.0, request_timeout=5.0, **kw)
+
+
+async def try_checkout(cl: AsyncLicenseClient, wait: float = 0.0) -> AsyncSeat | LicenseError:
+    try:
+        return await cl.checkout(PRODUCT, VERSION, wait)
+    except LicenseError as exc:
+        return exc
+
+
+def test_two_nodes_race_for_the_last_seats_never_over_allocate(ha: HA) -> None:
+    count = 5
+    ha.license(count)
+    etcd = ha.etcd(3)
+    oracle = SeatOracle(etcd).start()
+    a = ha.node("a", etcd.endpoints)
+    b = ha.node("b", etcd.endpoints)
+
+    async def run() -> list[str]:
+        clients = [client((a, b)[i % 2].address, f"user{i}") for i in range(20)]
+        tokens: list[str] = []
+        try:
+            for rnd in range(4):
+                results = await asyncio.gather(*(try_checkout(cl) for cl in clients))
+                seats = [r for r in results if isinstance(r, AsyncSeat)]
+                refused = [r for r in results if not isinstance(r, AsyncSeat)]
+                assert all(getattr(r, "code", None) == "NO_SEATS" for r in refused), refused
+                if rnd == 0:
+                    assert len(seats) == count  # all free at first: exactly count of the 20 get one
+                assert len(seats) <= count
+                tokens += [s.token for s in seats]
+                await asyncio.gather(*(s.checkin() for s in seats))
+        finally:
+            await asyncio.gather(*(cl.close() for cl in clients))
+        return tokens
+
+    tokens = asyncio.run(run())
+    oracle.stop()
+    rep = oracle.check(count)
+    assert rep["max_live"] == {f"/lmgrd/c/{ha.customer}/seats/{PRODUCT}": count}
+    assert set(tokens) <= rep["granted"]  # every seat a client got was a seat in etcd
+    # Each grant's node is in the seat record; both nodes granted some.
+    nodes = {ev[3]["node"] for ev in oracle.events() if ev[1] == "PUT" and ev[3] is not None}
+    assert nodes == {"a", "b"}
+    time.sleep(0.5)
+    assert "/seats/" not in etcd.ctl("get", "--prefix", "/lmgrd/c/", "--keys-only")  # every checkin freed its seat
+
+
+def test_sigkill_of_a_node_the_client_resumes_its_seat_on_the_other(ha: HA) -> None:
+    ha.license(1)
+    etcd = ha.etcd(1)
+    oracle = SeatOracle(etcd).start()
+    a = ha.node("a", etcd.endpoints)
+    b = ha.node("b", etcd.endpoints)
+
+    async def run() -> None:
+        lost: list[Any] = []
+        holder = client(f"{a.address},{b.address}", "holder", on_lost=lambda s, e: lost.append(e))
+        rival = client(b.address, "rival")
+        seat = await holder.checkout(PRODUCT, VERSION)
+        a.kill()  # SIGKILL
+        # While the holder moves to b, the rival keeps asking b for the only seat: never granted.
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and "ADOPTED" not in b.log():
+            r = await try_checkout(rival)
+            assert not isinstance(r, AsyncSeat), "the rival got the seat of a client that was failing over"
+            await asyncio.sleep(0.05)
+        assert "ADOPTED" in b.log()
+        await asyncio.sleep(3.5)  # longer than the lease timeout: the seat is kept alive by b now
+        assert seat.held and not lost
+        r = await try_checkout(rival)
+        assert not isinstance(r, AsyncSeat)
+        await seat.checkin()
+        for _ in range(40):  # the checkin's etcd delete is asynchronous: bounded retries
+            r = await try_checkout(rival)
+            if isinstance(r, AsyncSeat):
+                break
+            await asyncio.sleep(0.05)
+        assert isinstance(r, AsyncSeat)
+        await r.checkin()
+        await holder.close()
+        await rival.close()
+
+    asyncio.run(run())
+    oracle.stop()
+    rep = oracle.check(1)
+    # The holder's slot was deleted once only: by its checkin (no lapse during the failover).
+    assert len(rep["deletes"]) == 2
+
+
+def test_sigkill_of_the_etcd_leader_under_churn_loses_and_doubles_nothing(ha: HA) -> None:
+    count = 4
+    ha.license(count)
+    etcd = ha.etcd(3)
+    oracle = SeatOracle(etcd).start()
+    a = ha.node("a", etcd.endpoints)
+    b = ha.node("b", etcd.endpoints)
+    done: list[float] = []
+    errors: list[str] = []
+
+    async def worker(i: int, stop: float) -> None:
+        lost: list[Any] = []
+        cl = client(f"{(a, b)[i % 2].address}", f"w{i}", on_lost=lambda s, e: lost.append(e))
+        try:
+            while time.monotonic() < stop:
+                r = await try_checkout(cl)
+                if isinstance(r, AsyncSeat):
+                    await r.checkin()
+                    done.append(time.monotonic())
+                else:
+                    if r.code not in ("NO_SEATS", "STORE_UNAVAILABLE"):
+                        errors.append(f"{r.code}: {r}")
+                    await asyncio.sleep(0.02)
+        finally:
+            await cl.close()
+        errors.extend(str(e) for e in lost)
+
+    async def run() -> float:
+        t0 = time.monotonic()
+        tasks = [asyncio.create_task(worker(i, t0 + 9)) for i in range(8)]
+        await asyncio.sleep(3)
+        killed = time.monotonic()
+        await asyncio.to_thread(etcd.leader().kill)
+        await asyncio.gather(*tasks)
+        return killed
+
+    killed = asyncio.run(run())
+    oracle.stop()
+    oracle.check(count)
+    assert not errors
+    before = [t for t in done if t < killed]
+    after = [t for t in done if t > killed]
+    assert before and after, "churn did not resume after the leader was killed"
+    gap = max(y - x for x, y in zip(sorted(done), sorted(done)[1:], strict=False))
+    print(f"churn: {len(done)} cycles, longest pause {gap:.2f} s around the leader kill")
+    time.sleep(0.5)
+    assert "/seats/" not in etcd.ctl("get", "--prefix", "/lmgrd/c/", "--keys-only")  # nothing leaked
+
+
+def test_quorum_loss_refuses_fast_with_store_unavailable_then_resumes(ha: HA) -> None:
+    ha.license(3)
+    etcd = ha.etcd(3)
+    oracle = SeatOracle(etcd).start()
+    a = ha.node("a", etcd.endpoints)
+
+    async def run() -> None:
+        lost: list[Any] = []
+        keeper = client(a.address, "keeper", on_lost=lambda s, e: lost.append(e))
+        seat = await keeper.checkout(PRODUCT, VERSION)
+        cl = client(a.address, "newcomer")
+        leader = etcd.leader()
+        down = [next(m for m in etcd.members if m is not leader), leader]
+        for m in down:
+            await asyncio.to_thread(m.kill)
+        # New checkouts: refused with STORE_UNAVAILABLE, each well inside the client's request timeout.
+        codes = []
+        for _ in range(5):
+            r = await try_checkout(cl)
+            assert not isinstance(r, AsyncSeat)
+            codes.append(r.code)
+        assert set(codes) == {"STORE_UNAVAILABLE"}
+        # The held seat keeps its heartbeats for at most the lease timeout (3 s here), then it is ended.
+        for _ in range(100):
+            if lost:
+                break
+            await asyncio.sleep(0.1)
+        assert lost and lost[0].code == "STORE_UNAVAILABLE" and not seat.held
+        # One member back: quorum (2 of 3) again, and service resumes by itself.
+        down[0].start()
+        got = None
+        for _ in range(100):
+            r = await try_checkout(cl)
+            if isinstance(r, AsyncSeat):
+                got = r
+                break
+            await asyncio.sleep(0.2)
+        assert got is not None
+        await got.checkin()
+        await keeper.close()
+        await cl.close()
+
+    asyncio.run(run())
+    oracle.stop()
+    oracle.check(3)
+
+
+def test_a_node_cut_off_from_etcd_stops_granting_the_other_goes_on(ha: HA) -> None:
+    count = 3
+    ha.license(count)
+    etcd = ha.etcd(1)
+    oracle = SeatOracle(etcd).start()
+    proxy = ha.proxy(etcd.members[0].client_port)
+    a = ha.node("a", proxy.endpoint)  # a reaches etcd only through the proxy
+    b = ha.node("b", etcd.endpoints)
+
+    async def run() -> None:
+        lost: list[Any] = []
+        ca = client(a.address, "on-a", on_lost=lambda s, e: lost.append(e))
+        held_a = [await ca.checkout(PRODUCT, VERSION)]
+        proxy.cut()
+        cb = [client(b.address, f"on-b{i}") for i in range(count)]
+        # a refuses new checkouts (its etcd calls time out: STORE_UNAVAILABLE), b goes on granting.
+        newcomer = client(a.address, "new-on-a")
+        r = await try_checkout(newcomer)
+        assert not isinstance(r, AsyncSeat) and r.code == "STORE_UNAVAILABLE"
+        await newcomer.close()
+        got = [await try_checkout(c) for c in cb[:count - 1]]
+        assert all(isinstance(s, AsyncSeat) for s in got)
+        # The last seat is a's client's until a has been cut off long enough to end it (2/3 of the TTL) and
+        # etcd lets it lapse (TTL): only then does b grant it.
+        r = await try_checkout(cb[-1])
+        assert not isinstance(r, AsyncSeat)
+        last = None
+        for _ in range(100):
+            r = await try_checkout(cb[-1])
+            if isinstance(r, AsyncSeat):
+                last = r
+                break
+            await asyncio.sleep(0.1)
+        assert last is not None
+        assert lost and lost[0].code == "STORE_UNAVAILABLE" and not held_a[0].held
+        proxy.heal()
+        for s in [*got, last]:
+            assert isinstance(s, AsyncSeat)
+            await s.checkin()
+        for c in [ca, *cb]:
+            await c.close()
+
+    asyncio.run(run())
+    oracle.stop()
+    oracle.check(count)
