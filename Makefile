@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench mutation clean tools i18n
+.PHONY: demo test lint bench bench-ha mutation clean tools i18n
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=/path/to/python3.11+)"; exit 1; }
@@ -44,6 +44,10 @@ i18n: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+
+# HA (issue 11): journal vs 1- and 3-member etcd, same load; failover of 1,000 clients. Needs etcd (install-deps).
+bench-ha: $(STAMP)
+	$(PY) benchmarks/ha.py
 
 # Mutation testing of the core paths (not part of `make test`): score per module, survivors listed,
 # fails below 85 % killed. MUTATION_WORKERS=2 by default; see tests/mutation/run.py.

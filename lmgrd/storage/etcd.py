@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 MAX_CANDIDATES = 32
 #: Attempts of one acquire when the pool is larger than MAX_CANDIDATES and the candidates were all taken.
 _ATTEMPTS = 4
+#: Candidates per transaction in a pool larger than MAX_CANDIDATES, picked at random from the slots last seen free.
+WIDE_CANDIDATES = 4
 
 
 class StoreUnavailable(LmgrdError):
@@ -134,6 +136,7 @@ class EtcdSeats:
         self._rpc: Any = None
         self._free_hint: dict[PoolKey, set[int]] = {}
         self._inflight: dict[SeatKey, asyncio.Future[None]] = {}
+        self._releasing: set[asyncio.Task[bool]] = set()
 
     # -- connection ------------------------------------------------------------------------------------------
     async def connect(self, node_info: dict[str, Any]) -> None:
@@ -333,22 +336,23 @@ class EtcdSeats:
             return cands
         hint = self._free_hint.get(pool)
         if hint:
-            return random.sample(sorted(hint), min(MAX_CANDIDATES, len(hint)))
-        return random.sample(range(count), MAX_CANDIDATES)
+            return random.sample(sorted(hint), min(WIDE_CANDIDATES, len(hint)))
+        return random.sample(range(count), WIDE_CANDIDATES)
 
     def _acquire_txn(self, rec: LeaseRecord, prefix: bytes, cands: list[int], lease: int, token_key: bytes) -> Any:
         rpc = self._rpc
         inner = rpc.TxnRequest(success=[rpc.RequestOp(request_range=rpc.RangeRequest(
             key=prefix, range_end=_range_end(prefix), keys_only=True))])
+        seat_value = self._seat_value(rec)
+        record = json.dumps(list(rec)).encode()
         for i in reversed(cands):
             slot = prefix + b"%05d" % i
             inner = rpc.TxnRequest(
                 compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=slot,
                                      create_revision=0)],
-                success=[rpc.RequestOp(request_put=rpc.PutRequest(key=slot, value=self._seat_value(rec),
-                                                                  lease=lease)),
-                         rpc.RequestOp(request_put=rpc.PutRequest(key=token_key,
-                                                                  value=self._token_value(rec, slot), lease=lease))],
+                success=[rpc.RequestOp(request_put=rpc.PutRequest(key=slot, value=seat_value, lease=lease)),
+                         rpc.RequestOp(request_put=rpc.PutRequest(key=token_key, value=b'{"slot":"' + slot
+                                                                  + b'","record":' + record + b"}", lease=lease))],
                 failure=[rpc.RequestOp(request_txn=inner)])
         return inner
 
@@ -370,7 +374,7 @@ class EtcdSeats:
                            "share_key": list(rec.share_key), "granted_at": rec.granted_at}).encode()
 
     def _token_value(self, rec: LeaseRecord, slot: bytes) -> bytes:
-        return json.dumps({"slot": slot.decode(), "node": self.node, "record": list(rec)}).encode()
+        return json.dumps({"slot": slot.decode(), "record": list(rec)}).encode()
 
     # -- ends ------------------------------------------------------------------------------------------------
     def release(self, token: str, customer: str) -> None:
@@ -381,37 +385,42 @@ class EtcdSeats:
         if sk is None:
             return
         claim = self.claims.get(sk)
-        if claim is None:
-            self.pending.append((None, 0, token_key))
-        else:
+        item: tuple[bytes | None, int, bytes] = (None, 0, token_key)
+        if claim is not None:
             claim.tokens.discard(token)
-            if claim.tokens:
-                self.pending.append((None, 0, token_key))
-            else:
+            if not claim.tokens:
                 del self.claims[sk]
-                self.pending.append((claim.slot, claim.rev, token_key))
-        if len(self.pending) == 1:
-            asyncio.get_running_loop().create_task(self.flush_releases())
+                item = (claim.slot, claim.rev, token_key)
+        task = asyncio.get_running_loop().create_task(self._release_one(item))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release_one(self, item: tuple[bytes | None, int, bytes]) -> bool:
+        """One release: delete our slot only if it is still our write, and the token; False (queued) if
+        etcd did not answer."""
+        rpc = self._rpc
+        slot, rev, token_key = item
+        delete_token = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=token_key))
+        if slot is None:
+            req = rpc.TxnRequest(success=[delete_token])
+        else:
+            req = rpc.TxnRequest(
+                compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=slot, mod_revision=rev)],
+                success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=slot)), delete_token],
+                failure=[delete_token])
+        try:
+            await self._call("release", self._kv.Txn(req, timeout=self.timeout, metadata=self._metadata))
+        except StoreUnavailable:
+            self.pending.append(item)
+            return False
+        return True
 
     async def flush_releases(self) -> None:
-        """Send the queued releases (each: delete our slot only if it is still our write; delete the token)."""
-        rpc = self._rpc
+        """Retry the releases etcd did not confirm (stops at the first that fails again)."""
         while self.pending:
-            slot, rev, token_key = self.pending[0]
-            delete_token = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=token_key))
-            if slot is None:
-                req = rpc.TxnRequest(success=[delete_token])
-            else:
-                req = rpc.TxnRequest(
-                    compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=slot,
-                                         mod_revision=rev)],
-                    success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=slot)), delete_token],
-                    failure=[delete_token])
-            try:
-                await self._call("release", self._kv.Txn(req, timeout=self.timeout, metadata=self._metadata))
-            except StoreUnavailable:
-                return  # maintain() retries
-            self.pending.pop(0)
+            item = self.pending.pop(0)
+            if not await self._release_one(item):
+                return
 
     # -- resume on another node ------------------------------------------------------------------------------
     async def adopt(self, token: str) -> LeaseRecord | None:
