@@ -191,7 +191,8 @@ def machine() -> dict[str, Any]:
 
 
 def write_md(res: dict[str, Any]) -> str:
-    rows = ["| target | cycles/s | round trips/s | p50 ms | p99 ms | server CPU % | errors |", "|---|---|---|---|---|---|---|"]
+    rows = ["| target | cycles/s | round trips/s | p50 ms | p99 ms | server CPU % | errors |",
+            "|---|---|---|---|---|---|---|"]
     for r in res["churn"]:
         rows.append(f"| lmgrd, {r['target'] if r['target'] == 'journal' else r['target'] + ' etcd'} | "
                     f"{r['cycles_per_second']:,.0f} | {r['requests_per_second']:,.0f} | {r['p50_ms']:.2f} | "
