@@ -18,6 +18,7 @@ from lmgrd.core.licensing import Licensing
 from lmgrd.daemon.events import ClientView, Observers
 from lmgrd.daemon.leases import Counters, WaitCtx
 from lmgrd.daemon.session import AdminHandler
+from lmgrd.storage.etcd import EtcdSeats
 
 __all__ = ["ClientView", "DaemonView"]
 
@@ -45,6 +46,8 @@ class DaemonView(Protocol):
     admin_token: str
     admin_token_path: Path | None
     stopped: asyncio.Event
+    #: HA (``store: etcd``): the cluster-wide seat store; None with the embedded journal.
+    cluster: EtcdSeats | None
 
     @property
     def handlers(self) -> Handlers: ...

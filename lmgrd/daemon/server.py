@@ -396,7 +396,7 @@ class Server:
         return self.ledger.reserved(pool)
 
     def status(self) -> dict[str, Any]:
-        pools = []
+        pools: list[dict[str, Any]] = []
         for pool, count in sorted(self.licensing.pools().items()):
             lic = self.licensing.license_for(pool)
             prod = lic.product(pool[1]) if lic else None
@@ -408,7 +408,16 @@ class Server:
                 "share": lic.share if lic else "",
                 "activation": self.licensing.activation_state(pool[0], datetime.fromtimestamp(self.wall(), UTC)),
             })
+        cluster = self.cluster
+        if cluster is not None:  # HA: seat counts are the cluster's; in_use_here is this node's share
+            for entry in pools:
+                here = int(entry["in_use"])
+                entry["in_use_here"] = here
+                entry["in_use"] = max(cluster.held((str(entry["customer_id"]), str(entry["product"]))), here)
         return {
+            **({"cluster": {"node": cluster.node, "store": "etcd", "store_up": cluster.up,
+                            "endpoints": list(cluster.settings.endpoints), "nodes": cluster.node_lines(),
+                            "view_at": cluster.view_at}} if cluster is not None else {}),
             "server_version": __version__,
             "uptime_seconds": round(self.clock() - self.started, 3),
             "heartbeat_interval": self.hb_interval,

@@ -128,6 +128,8 @@ class EtcdSeats:
         #: The cluster's seats as last read (every node's): pool -> list of seat values.
         self.view: dict[PoolKey, list[dict[str, Any]]] = {}
         self.nodes: dict[str, dict[str, Any]] = {}
+        #: Every node seen up since start (and those the license names): lmstat shows the ones not up as down.
+        self.known_nodes: set[str] = {node}
         self.view_at = 0.0
         self._channel: Any = None
         self._kv: Any = None
@@ -552,7 +554,18 @@ class EtcdSeats:
                 view.setdefault((unquote(parts[1]), unquote(parts[3])), []).append(seat)
         self.view = view
         self.nodes = nodes
+        self.known_nodes.update(nodes)
         self.view_at = time.time()
+
+    def node_lines(self) -> list[dict[str, Any]]:
+        """Every known node, this one first: name, host, port, and whether it is up (registered in etcd)."""
+        out = []
+        for name in sorted(self.known_nodes, key=lambda n: (n != self.node, n)):
+            info = self.nodes.get(name) or (self.node_info if name == self.node else {})
+            up = name in self.nodes or (name == self.node and self.up)
+            out.append({"node": name, "host": info.get("host", name), "port": info.get("port"), "up": up,
+                        "this": name == self.node})
+        return out
 
     def held(self, pool: PoolKey) -> int:
         """Seats of ``pool`` held cluster-wide, as last read."""

@@ -48,7 +48,7 @@ class HA:
         work.mkdir()
         d = Daemon(work, [self.lic], self.pub, lease_timeout=lease_timeout,
                    extra=["--store", "etcd", "--etcd-endpoints", endpoints, "--node-name", name,
-                          "--etcd-timeout", "1", "--metrics-port", "0"])
+                          "--etcd-timeout", "1", "--metrics-port", "auto"])
         self.nodes.append(d)
         return d.start()
 
@@ -308,3 +308,71 @@ def test_a_node_cut_off_from_etcd_stops_granting_the_other_goes_on(ha: HA) -> No
     asyncio.run(run())
     oracle.stop()
     oracle.check(count)
+
+
+def lmutil(d: Daemon, *args: str) -> str:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "lmgrd.lmutil", *args, "-c", d.address], capture_output=True,
+                       text=True, timeout=30, env=d.env())
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def http_get(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_lmstat_metrics_and_healthz_show_the_cluster(ha: HA) -> None:
+    ha.license(5)
+    etcd = ha.etcd(1)
+    a = ha.node("a", etcd.endpoints)
+    b = ha.node("b", etcd.endpoints)
+    url = a.metrics_url()
+
+    async def run() -> None:
+        ca, cb = client(a.address, "alice"), client(b.address, "bob")
+        sa, sb = await ca.checkout(PRODUCT, VERSION), await cb.checkout(PRODUCT, VERSION)
+        await asyncio.sleep(1.0)  # a reads the cluster view twice a second
+        out = await asyncio.to_thread(lmutil, a, "lmstat", "-a")
+        assert f"{a.port}@a,{b.port}@b" in out
+        assert "  a: license server UP (MASTER)" in out and "  b: license server UP " in out
+        assert "Total of 2 licenses in use" in out  # cluster-wide, not a's 1
+        assert any(line.startswith("    alice ") and f"(a/{a.port} " in line for line in out.splitlines())
+        assert any(line.startswith("    bob ") and f"(b/{a.port} " in line for line in out.splitlines())
+        status, text = await asyncio.to_thread(http_get, url + "metrics")
+        assert status == 200
+        assert f'lmgrd_seats{{customer_id="{ha.customer}",product="{PRODUCT}",state="in_use"}} 2.0' in text
+        assert f'lmgrd_cluster_seats{{customer_id="{ha.customer}",node="b",product="{PRODUCT}"}} 1.0' in text
+        assert "lmgrd_store_up 1.0" in text
+        assert 'lmgrd_store_request_duration_seconds_count{op="acquire"} 1.0' in text
+        assert (await asyncio.to_thread(http_get, url + "healthz"))[0] == 200
+        await sb.checkin()
+        await cb.close()
+        b.kill()  # its node key lapses with its etcd lease (TTL 3 s): then b is DOWN
+        for _ in range(60):
+            out = await asyncio.to_thread(lmutil, a, "lmstat")
+            if "  b: license server DOWN" in out:
+                break
+            await asyncio.sleep(0.2)
+        assert "  b: license server DOWN" in out
+        etcd.stop()
+        for _ in range(60):
+            status, text = await asyncio.to_thread(http_get, url + "healthz")
+            if status == 503:
+                break
+            await asyncio.sleep(0.2)
+        assert status == 503 and "degraded" in text
+        assert "lmgrd_store_up 0.0" in (await asyncio.to_thread(http_get, url + "metrics"))[1]
+        await sa.checkin()
+        await ca.close()
+
+    asyncio.run(run())
