@@ -72,6 +72,7 @@ from protocol.validation import (
 __all__ = [
     "CUSTOMER_ID_RE",
     "DATE_RE",
+    "HA_SERVERS",
     "LICENSE_FORMAT",
     "LICENSE_SIGNING_DOMAIN",
     "LICENSE_TYPES",
@@ -99,6 +100,7 @@ __all__ = [
     "load_public_key",
     "parse_license",
     "parse_revocation",
+    "servers_problem",
     "split_revocation_list",
     "verify_license",
     "verify_revocation",
@@ -207,6 +209,9 @@ class License:
     expires: date | None
     site_networks: tuple[str, ...]
     share: ShareMode
+    #: An HA license (served by 2 or 3 lmgrd nodes on one etcd cluster, like a FlexNet triad's SERVER lines):
+    #: every server's ``(hostname, ip)``; the first is also ``hostname``/``ip``. Empty for one server.
+    servers: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         problem = customer_id_problem(self.customer_id)
@@ -238,6 +243,11 @@ class License:
             raise ValueError("site_networks must be a tuple of network strings")
         for net in self.site_networks:
             ipaddress.ip_network(net, strict=True)  # raises ValueError naming the network
+        problem = servers_problem(self.servers, self.license_type)
+        if problem:
+            raise ValueError(problem)
+        if self.servers and (self.hostname, self.ip) != self.servers[0]:
+            raise ValueError("an HA license's hostname and ip are those of its first server")
         if self.share not in SHARE_MODES:
             raise ValueError(f"share mode {self.share!r} is not one of {', '.join(SHARE_MODES)}")
 
@@ -278,6 +288,35 @@ class Revocation:
         object.__setattr__(self, "revoked_at", self.revoked_at.astimezone(UTC).replace(microsecond=0))
 
 
+#: How many servers an HA license may name (FlexNet's triad has three; two nodes are the smallest HA pair).
+HA_SERVERS = (2, 3)
+
+
+def servers_problem(servers: object, license_type: str = "multi") -> str | None:
+    """Why ``servers`` is not a valid HA server list (``()``, or 2-3 distinct ``(hostname, ip)``), or None."""
+    if not isinstance(servers, tuple):
+        return "servers must be a tuple of (hostname, ip) pairs"
+    if not servers:
+        return None
+    if license_type == "single":
+        return "a single-user (node-locked) license has no servers"
+    if len(servers) not in HA_SERVERS:
+        return f"an HA license names 2 or 3 servers, got {len(servers)}"
+    names: set[str] = set()
+    for entry in servers:
+        if not isinstance(entry, tuple) or len(entry) != 2:
+            return f"each server is a (hostname, ip) pair, got {entry!r}"
+        name, ip = entry
+        problem = hostname_problem(name) if isinstance(name, str) else f"hostname must be text, got {name!r}"
+        if problem:
+            return problem
+        normalize_ip(ip)
+        if short_hostname(name) in names:
+            return f"server {short_hostname(name)!r} is listed twice"
+        names.add(short_hostname(name))
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
 # Canonical encoding and signatures
 
@@ -293,10 +332,15 @@ def _pack(domain: bytes, fields: dict[str, object]) -> bytes:
 
 
 def canonical_license_bytes(lic: License) -> bytes:
-    """The exact bytes a license signature covers: every field, keys sorted, products in file order."""
+    """The exact bytes a license signature covers: every field, keys sorted, products in file order.
+
+    ``servers`` is covered only when the license names any (an HA license), so every license issued before
+    HA existed keeps its signature."""
+    extra: dict[str, object] = {"servers": [list(x) for x in lic.servers]} if lic.servers else {}
     return _pack(
         LICENSE_SIGNING_DOMAIN,
         {
+            **extra,
             "format": LICENSE_FORMAT,
             "kind": "license",
             "customer_id": lic.customer_id,
@@ -344,7 +388,7 @@ _LICENSE_SINGLE_KEYS = (
     "expires",
     "share",
 )
-_LICENSE_MULTI_KEYS = ("site_network", "product")
+_LICENSE_MULTI_KEYS = ("site_network", "product", "server")
 _REVOCATION_SINGLE_KEYS = ("format", "kind", "customer_id", "revoked_at", "replaced_by", "reason")
 _LINE_RE = re.compile(r"([a-z_]+)(?:[ \t]+(.*))?")
 
@@ -523,6 +567,19 @@ def parse_license(text: str, source: str) -> tuple[License, bytes]:
         normalize_ip(ip)
     except ValueError as exc:
         raise records.fail(f"unparsable line: {exc}", lineno) from None
+    servers: list[tuple[str, str]] = []
+    for lineno, value in records.multi.get("server", []):
+        parts = value.split()
+        if len(parts) != 2:
+            raise records.fail(f"unparsable line: server {value!r}: expected 'server HOSTNAME IP'", lineno)
+        problem = hostname_problem(parts[0])
+        if problem:
+            raise records.fail(f"unparsable line: server: {problem}", lineno)
+        try:
+            normalize_ip(parts[1])
+        except ValueError as exc:
+            raise records.fail(f"unparsable line: server: {exc}", lineno) from None
+        servers.append((parts[0], parts[1]))
     try:
         lic = License(
             customer_id=records.get("customer_id")[1],
@@ -535,6 +592,7 @@ def parse_license(text: str, source: str) -> tuple[License, bytes]:
             expires=expires,
             site_networks=tuple(networks),
             share=cast(ShareMode, records.get("share")[1]),
+            servers=tuple(servers),
         )
     except ValueError as exc:
         raise records.fail(str(exc)) from None
@@ -779,9 +837,20 @@ def host_mismatch(lic: License, hostname: str, addresses: Iterable[str]) -> list
     Hostnames compare by short form, case-insensitively; the registered IP must be one of
     ``addresses`` (after normalisation: IPv4-mapped IPv6 counts as IPv4, zones are ignored).
 
+    An HA license (``servers``) belongs on each of its servers: here if this machine is one of them.
+
     Returns:
         ``[]`` if the license belongs here, else one message per differing item naming both sides.
     """
+    if lic.servers:
+        addresses = list(addresses)
+        for name, server_ip in lic.servers:
+            one = dataclasses.replace(lic, hostname=name, ip=server_ip, servers=())
+            if not host_mismatch(one, hostname, addresses):
+                return []
+        listed = ", ".join(f"{short_hostname(n)} ({a})" for n, a in lic.servers)
+        return [f"license {lic.customer_id} is an HA license for the servers {listed}; this machine "
+                f"({short_hostname(hostname)}, {', '.join(addresses) or 'no addresses'}) is not one of them"]
     problems: list[str] = []
     if short_hostname(lic.hostname) != short_hostname(hostname):
         problems.append(

@@ -175,6 +175,8 @@ class Server:
             node_info = {"node": self.cluster.node, "host": socket.gethostname(), "port": self.ports[0] if self.ports
                          else self.cfg.port, "bind": self.cfg.bind, "pid": os.getpid(), "version": __version__,
                          "started": self.started_wall}
+            for _path, lic in self.licensing.served:  # an HA license's servers are the cluster's nodes (lmstat)
+                self.cluster.known_nodes.update(name.split(".")[0] for name, _ip in lic.servers)
             await self.cluster.connect(node_info)
             self._cluster_tasks = [self.loop.create_task(self._keepalive_loop()),
                                    self.loop.create_task(self._view_loop())]
