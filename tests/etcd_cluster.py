@@ -45,6 +45,8 @@ class Member:
     cluster: str
     proc: subprocess.Popen[bytes] | None = None
     fast: bool = True
+    #: Further addresses to serve clients on (the host ends of network-namespace veth pairs).
+    also_listen: tuple[str, ...] = ()
 
     @property
     def endpoint(self) -> str:
@@ -52,7 +54,8 @@ class Member:
 
     def args(self) -> list[str]:
         a = [ETCD, "--name", self.name, "--data-dir", str(self.data_dir),
-             "--listen-client-urls", f"http://127.0.0.1:{self.client_port}",
+             "--listen-client-urls", ",".join(f"http://{ip}:{self.client_port}"
+                                              for ip in ("127.0.0.1", *self.also_listen)),
              "--advertise-client-urls", f"http://127.0.0.1:{self.client_port}",
              "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
              "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
@@ -86,6 +89,7 @@ class EtcdCluster:
     workdir: Path
     n: int = 1
     fast: bool = True
+    also_listen: tuple[str, ...] = ()
     members: list[Member] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -94,7 +98,8 @@ class EtcdCluster:
         names = [f"m{i + 1}" for i in range(self.n)]
         cluster = ",".join(f"{nm}=http://127.0.0.1:{ports[self.n + i]}" for i, nm in enumerate(names))
         self.members = [Member(nm, ports[i], ports[self.n + i], self.workdir / f"{nm}.data",
-                               self.workdir / f"{nm}.log", cluster, fast=self.fast) for i, nm in enumerate(names)]
+                               self.workdir / f"{nm}.log", cluster, fast=self.fast, also_listen=self.also_listen)
+                        for i, nm in enumerate(names)]
 
     @property
     def endpoints(self) -> str:
@@ -291,3 +296,40 @@ class BlackholeProxy:
         self.thread.join(5)
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
+
+
+class NetNamespace:
+    """A network namespace joined to this one by a veth pair: ``host_ip`` here, ``ip`` inside (a /30 of
+    10.213.0.0/16 picked from the PID so parallel runs do not collide). Needs root; removed by ``close()``."""
+
+    def __init__(self, index: int) -> None:
+        n = (os.getpid() * 4 + index) % 16000
+        self.name = f"lmha{os.getpid()}x{index}"
+        self.host_if, self.ns_if = f"lmh{os.getpid() % 100000}{index}", f"lmn{os.getpid() % 100000}{index}"
+        base = 4 * n
+        self.host_ip = f"10.213.{base // 256}.{base % 256 + 1}"
+        self.ip = f"10.213.{base // 256}.{base % 256 + 2}"
+        cmds = [
+            ["ip", "netns", "add", self.name],
+            ["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if],
+            ["ip", "link", "set", self.ns_if, "netns", self.name],
+            ["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if],
+            ["ip", "link", "set", self.host_if, "up"],
+            ["ip", "netns", "exec", self.name, "ip", "addr", "add", f"{self.ip}/30", "dev", self.ns_if],
+            ["ip", "netns", "exec", self.name, "ip", "link", "set", self.ns_if, "up"],
+            ["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"],
+        ]
+        for c in cmds:
+            r = subprocess.run(c, capture_output=True, text=True, timeout=10)
+            if r.returncode != 0:
+                self.close()
+                raise AssertionError(f"{' '.join(c)}: {r.stderr}")
+
+    def prefix(self, hostname: str) -> list[str]:
+        """Run a command in this namespace with its own hostname (a UTS namespace of its own)."""
+        return ["ip", "netns", "exec", self.name, "unshare", "--uts", "sh", "-c",
+                f'hostname {hostname} && exec "$@"', "sh"]
+
+    def close(self) -> None:
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, timeout=10)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=10)

@@ -16,7 +16,7 @@ import pytest
 
 from client_stub.aio import AsyncLicenseClient, AsyncSeat
 from client_stub.errors import LicenseError
-from tests.etcd_cluster import BlackholeProxy, EtcdCluster, SeatOracle
+from tests.etcd_cluster import BlackholeProxy, EtcdCluster, NetNamespace, SeatOracle
 from tests.harness import Daemon, write_keys, write_license
 
 pytestmark = pytest.mark.timeout(120)
@@ -376,3 +376,79 @@ def test_lmstat_metrics_and_healthz_show_the_cluster(ha: HA) -> None:
         await ca.close()
 
     asyncio.run(run())
+
+
+class NsDaemon(Daemon):
+    """lmgrd in its own network namespace with its own hostname: a separate host, as far as it can tell."""
+
+    def __init__(self, ns: NetNamespace, hostname: str, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.ns = ns
+        self.hostname = hostname
+
+    def args(self) -> list[str]:
+        a = super().args()
+        a[a.index("--bind") + 1] = self.ns.ip
+        return self.ns.prefix(self.hostname) + a
+
+    @property
+    def address(self) -> str:
+        return f"{self.port}@{self.ns.ip}"
+
+
+def test_nodes_on_separate_hosts_serve_an_ha_license_only_where_it_names_them(ha: HA) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from lmgrd.vendor.signing import sign_license
+    from protocol.license import License, Product
+
+    nss: list[NetNamespace] = []
+    try:
+        nss = [NetNamespace(i) for i in range(3)]
+        etcd = EtcdCluster(ha.tmp / "etcd-ns", 1, also_listen=tuple(ns.host_ip for ns in nss)).start()
+        ha.clusters.append(etcd)
+        servers = (("lmnode1", nss[0].ip), ("lmnode2", nss[1].ip))
+        lic = License(customer_id="CID-HAHA-HAHA-HAHA-HAHA", license_type="multi", customer="HA Test",
+                      hostname=servers[0][0], ip=servers[0][1], products=((Product(PRODUCT, VERSION, 1)),),
+                      issued_at=datetime.now(UTC) - timedelta(hours=25), expires=None, site_networks=(),
+                      share="user_host", servers=servers)
+        ha.lic.write_text(sign_license(lic, ha.key))
+        nodes = []
+        for i, host in enumerate(("lmnode1", "lmnode2", "intruder")):
+            work = ha.tmp / f"ns-{host}"
+            work.mkdir()
+            d = NsDaemon(nss[i], host, work, [ha.lic], ha.pub, extra=[
+                "--store", "etcd", "--etcd-endpoints", f"{nss[i].host_ip}:{etcd.members[0].client_port}",
+                "--etcd-timeout", "1", "--metrics-port", "0"])
+            ha.nodes.append(d)
+            nodes.append(d.start())
+        one, two, intruder = nodes
+        intruder.wait_for_log(r"HA license for the servers lmnode1 \(\S+\), lmnode2 \(\S+\); this machine "
+                              r"\(intruder")
+        assert "is not one of them" not in one.log() + two.log()
+
+        async def run() -> None:
+            lost: list[Any] = []
+            holder = client(f"{one.address},{two.address}", "holder", on_lost=lambda s, e: lost.append(e))
+            seat = await holder.checkout(PRODUCT, VERSION)
+            rogue = client(intruder.address, "rogue")
+            r = await try_checkout(rogue)
+            assert not isinstance(r, AsyncSeat)  # the intruder serves nothing: the license is not its own
+            one.kill()
+            for _ in range(100):
+                if "ADOPTED" in two.log():
+                    break
+                await asyncio.sleep(0.1)
+            assert "ADOPTED" in two.log() and seat.held and not lost
+            rival = client(two.address, "rival")
+            r = await try_checkout(rival)
+            assert not isinstance(r, AsyncSeat) and r.code == "NO_SEATS"
+            await seat.checkin()
+            for c in (holder, rogue, rival):
+                await c.close()
+
+        asyncio.run(run())
+    finally:
+        ha.close()
+        for ns in nss:
+            ns.close()
