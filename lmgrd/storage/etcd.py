@@ -347,6 +347,7 @@ class EtcdSeats:
             key=prefix, range_end=_range_end(prefix), keys_only=True))])
         seat_value = self._seat_value(rec)
         record = json.dumps(list(rec)).encode()
+        node = json.dumps(self.node).encode()
         for i in reversed(cands):
             slot = prefix + b"%05d" % i
             inner = rpc.TxnRequest(
@@ -354,7 +355,8 @@ class EtcdSeats:
                                      create_revision=0)],
                 success=[rpc.RequestOp(request_put=rpc.PutRequest(key=slot, value=seat_value, lease=lease)),
                          rpc.RequestOp(request_put=rpc.PutRequest(key=token_key, value=b'{"slot":"' + slot
-                                                                  + b'","record":' + record + b"}", lease=lease))],
+                                                                  + b'","node":' + node + b',"record":' + record
+                                                                  + b"}", lease=lease))],
                 failure=[rpc.RequestOp(request_txn=inner)])
         return inner
 
@@ -370,13 +372,13 @@ class EtcdSeats:
         except grpc.aio.AioRpcError:  # pragma: no cover - _call converts every one
             raise
 
-    def _seat_value(self, rec: LeaseRecord) -> bytes:
-        return json.dumps({"node": self.node, "token": rec.token, "user": rec.user, "host": rec.host,
-                           "pid": rec.pid, "display": rec.display, "version": rec.version,
+    def _seat_value(self, rec: LeaseRecord, node: str | None = None) -> bytes:
+        return json.dumps({"node": self.node if node is None else node, "token": rec.token, "user": rec.user,
+                           "host": rec.host, "pid": rec.pid, "display": rec.display, "version": rec.version,
                            "share_key": list(rec.share_key), "granted_at": rec.granted_at}).encode()
 
     def _token_value(self, rec: LeaseRecord, slot: bytes) -> bytes:
-        return json.dumps({"slot": slot.decode(), "record": list(rec)}).encode()
+        return json.dumps({"slot": slot.decode(), "node": self.node, "record": list(rec)}).encode()
 
     # -- ends ------------------------------------------------------------------------------------------------
     def release(self, token: str, customer: str) -> None:
@@ -442,27 +444,51 @@ class EtcdSeats:
             sk: SeatKey = (rec.customer_id, rec.product, rec.share_key)
             claim = self.claims.get(sk)
             if claim is None:
-                g = await self._call("get", self._kv.Range(rpc.RangeRequest(key=slot), timeout=self.timeout,
-                                                           metadata=self._metadata))
-                if not g.kvs:
-                    return None  # the seat lapsed
-                kv = g.kvs[0]
-                seat = json.loads(kv.value)
-                seat["node"] = self.node
-                t = await self._call("adopt", self._kv.Txn(rpc.TxnRequest(
-                    compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=slot,
-                                         mod_revision=kv.mod_revision)],
-                    success=[rpc.RequestOp(request_put=rpc.PutRequest(key=slot, value=json.dumps(seat).encode(),
-                                                                      lease=kv.lease))],
-                    failure=[]), timeout=self.timeout, metadata=self._metadata))
-                if not t.succeeded:
+                claim = await self._take_over(rec, slot, str(info.get("node", "")), token_lease)
+                if claim is None:
                     return None
-                claim = self.claims[sk] = Claim(slot, t.header.revision, int(kv.lease))
+                self.claims[sk] = claim
             claim.tokens.add(token)
             self.token_seat[token] = sk
             self.token_lease[token] = token_lease
             return rec
         return None
+
+    async def _take_over(self, rec: LeaseRecord, slot: bytes, granted_by: str, token_lease: int) -> Claim | None:
+        """Rewrite ``slot`` with this node as holder (same etcd lease), if it is still ``rec``'s seat.
+
+        One round trip when the slot is exactly as its grant wrote it (compared by value); otherwise (it
+        moved before, or the token joined another's seat) read it and compare its revision.
+        """
+        rpc = self._rpc
+        mine = self._seat_value(rec)
+        if rec.share_key == (rec.token,) and granted_by:
+            t = await self._call("adopt", self._kv.Txn(rpc.TxnRequest(
+                compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.VALUE, key=slot,
+                                     value=self._seat_value(rec, granted_by))],
+                success=[rpc.RequestOp(request_put=rpc.PutRequest(key=slot, value=mine, lease=token_lease))],
+                failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=slot))]),
+                timeout=self.timeout, metadata=self._metadata))
+            if t.succeeded:
+                return Claim(slot, t.header.revision, token_lease)
+            kvs = t.responses[0].response_range.kvs
+        else:
+            kvs = (await self._call("get", self._kv.Range(rpc.RangeRequest(key=slot), timeout=self.timeout,
+                                                          metadata=self._metadata))).kvs
+        if not kvs:
+            return None  # the seat lapsed
+        kv = kvs[0]
+        seat = json.loads(kv.value)
+        if seat.get("share_key") != list(rec.share_key):
+            return None  # the seat lapsed and its slot was granted to someone else
+        seat["node"] = self.node
+        t = await self._call("adopt", self._kv.Txn(rpc.TxnRequest(
+            compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=slot,
+                                 mod_revision=kv.mod_revision)],
+            success=[rpc.RequestOp(request_put=rpc.PutRequest(key=slot, value=json.dumps(seat).encode(),
+                                                              lease=kv.lease))],
+            failure=[]), timeout=self.timeout, metadata=self._metadata))
+        return Claim(slot, t.header.revision, int(kv.lease)) if t.succeeded else None
 
     def drop_local(self, token: str) -> None:
         """Forget ``token`` here without touching etcd (its seat lapsed in etcd, or another node took it)."""
