@@ -123,8 +123,9 @@ class EtcdSeats:
         self.session_lease: dict[int, int] = {}
         self.node_lease = 0
         self.node_info: dict[str, Any] = {}
-        #: Releases etcd did not confirm yet (retried by the keepalive loop): (slot, rev or 0, token key).
-        self.pending: list[tuple[bytes | None, int, bytes]] = []
+        #: Releases etcd did not confirm yet (retried by the keepalive loop): (slot, our revision, last token of
+        #: the seat, token key).
+        self.pending: list[tuple[bytes, int, bool, bytes]] = []
         #: The cluster's seats as last read (every node's): pool -> list of seat values.
         self.view: dict[PoolKey, list[dict[str, Any]]] = {}
         self.nodes: dict[str, dict[str, Any]] = {}
@@ -294,14 +295,20 @@ class EtcdSeats:
         token_key = self._token_key(rec.token)
         if claim is not None:  # the seat exists on this node: a join takes no slot
             value = self._token_value(rec, claim.slot)
-            await self._txn_checked("join", rpc.TxnRequest(
+            joined = await self._txn_checked("join", rpc.TxnRequest(
                 compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=claim.slot,
                                      mod_revision=claim.rev)],
                 success=[rpc.RequestOp(request_put=rpc.PutRequest(key=token_key, value=value, lease=lease))],
                 failure=[]))
-            claim.tokens.add(rec.token)
-            self.token_seat[rec.token] = sk
-            return True
+            if joined.succeeded:
+                claim.tokens.add(rec.token)
+                self.token_seat[rec.token] = sk
+                return True
+            # The seat is no longer this node's in etcd (it lapsed, or its holder resumed elsewhere): the local
+            # holders keep it until told; this lease needs a seat of its own.
+            logger.warning("seat %s of %s is no longer held by this node in etcd", claim.slot.decode(), sk[1])
+            del self.claims[sk]
+            claim = None
         if count <= 0:
             return False
         pool = (rec.customer_id, rec.product)
@@ -389,29 +396,29 @@ class EtcdSeats:
         if sk is None:
             return
         claim = self.claims.get(sk)
-        item: tuple[bytes | None, int, bytes] = (None, 0, token_key)
-        if claim is not None:
-            claim.tokens.discard(token)
-            if not claim.tokens:
-                del self.claims[sk]
-                item = (claim.slot, claim.rev, token_key)
+        if claim is None:
+            return
+        claim.tokens.discard(token)
+        last = not claim.tokens
+        if last:
+            del self.claims[sk]
+        item = (claim.slot, claim.rev, last, token_key)
         task = asyncio.get_running_loop().create_task(self._release_one(item))
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
-    async def _release_one(self, item: tuple[bytes | None, int, bytes]) -> bool:
-        """One release: delete our slot only if it is still our write, and the token; False (queued) if
-        etcd did not answer."""
+    async def _release_one(self, item: tuple[bytes, int, bool, bytes]) -> bool:
+        """One release, only if the slot still holds this node's write: delete the token's key and, for the
+        seat's last token, the slot. A seat another node has taken over (its client resumed there) or that
+        lapsed is left alone. False (queued for a retry) if etcd did not answer."""
         rpc = self._rpc
-        slot, rev, token_key = item
-        delete_token = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=token_key))
-        if slot is None:
-            req = rpc.TxnRequest(success=[delete_token])
-        else:
-            req = rpc.TxnRequest(
-                compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=slot, mod_revision=rev)],
-                success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=slot)), delete_token],
-                failure=[delete_token])
+        slot, rev, last, token_key = item
+        ops = [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=token_key))]
+        if last:
+            ops.append(rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=slot)))
+        req = rpc.TxnRequest(
+            compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=slot, mod_revision=rev)],
+            success=ops, failure=[])
         try:
             await self._call("release", self._kv.Txn(req, timeout=self.timeout, metadata=self._metadata))
         except StoreUnavailable:

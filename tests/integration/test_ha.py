@@ -452,3 +452,39 @@ def test_nodes_on_separate_hosts_serve_an_ha_license_only_where_it_names_them(ha
         ha.close()
         for ns in nss:
             ns.close()
+
+
+def test_a_late_release_by_the_old_node_never_frees_the_seat_its_client_moved(ha: HA) -> None:
+    from protocol import CheckedIn, Checkin, Checkout, Granted, Heartbeat, HeartbeatAck, Resume, Resumed
+
+    ha.license(1)
+    etcd = ha.etcd(1)
+    oracle = SeatOracle(etcd).start()
+    a = ha.node("a", etcd.endpoints)
+    b = ha.node("b", etcd.endpoints)
+    one = a.connect()
+    one.hello(user="mover")
+    granted = one.request(Checkout(one.id(), PRODUCT, VERSION, 0))
+    assert isinstance(granted, Granted)
+    one.close()  # a keeps the seat for the reconnect grace (2 s), then ends it: its release is late
+    two = b.connect()
+    two.hello(user="mover")
+    resumed = two.request(Resume(two.id(), (granted.token,)))
+    assert isinstance(resumed, Resumed) and resumed.resumed == (granted.token,)
+    rival = b.connect()
+    rival.hello(user="rival")
+    deadline = time.monotonic() + 6  # longer than a's grace and lease timeout
+    while time.monotonic() < deadline:
+        ack = two.request(Heartbeat(two.id()))
+        assert isinstance(ack, HeartbeatAck) and ack.renewed == 1 and not ack.lost
+        assert not isinstance(rival.request(Checkout(rival.id(), PRODUCT, VERSION, 0)), Granted)
+        time.sleep(0.3)
+    a.wait_for_log(r"EXPIRED CADPRO 2\.1 of mover@")  # a did end its copy (and released in etcd: guarded)
+    assert "/seats/" in etcd.ctl("get", "--prefix", "/lmgrd/c/", "--keys-only")
+    done = two.request(Checkin(two.id(), granted.token))
+    assert isinstance(done, CheckedIn) and done.released
+    oracle.stop()
+    rep = oracle.check(1)
+    assert len(rep["deletes"]) == 1  # the slot was deleted once: by the checkin on b
+    for c in (two, rival):
+        c.close()
