@@ -189,7 +189,12 @@ class Server:
         period = cluster.ttl / 3
         while not self.closing:
             await asyncio.sleep(period)
-            lost = await cluster.maintain()
+            try:  # bounded: ending seats in time must not wait for a slow etcd
+                lost = await asyncio.wait_for(cluster.maintain(), max(0.05, cluster.time_left()))
+            except TimeoutError:
+                lost = []
+            if not lost and cluster.overdue():
+                lost = list(cluster.token_seat)
             if lost:
                 n = self.leases.store_lost(lost)
                 if n:

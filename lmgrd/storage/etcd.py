@@ -407,7 +407,7 @@ class EtcdSeats:
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
-    async def _release_one(self, item: tuple[bytes, int, bool, bytes]) -> bool:
+    async def _release_one(self, item: tuple[bytes, int, bool, bytes], queue: bool = True) -> bool:
         """One release, only if the slot still holds this node's write: delete the token's key and, for the
         seat's last token, the slot. A seat another node has taken over (its client resumed there) or that
         lapsed is left alone. False (queued for a retry) if etcd did not answer."""
@@ -422,16 +422,18 @@ class EtcdSeats:
         try:
             await self._call("release", self._kv.Txn(req, timeout=self.timeout, metadata=self._metadata))
         except StoreUnavailable:
-            self.pending.append(item)
+            if queue:
+                self.pending.append(item)
             return False
         return True
 
     async def flush_releases(self) -> None:
         """Retry the releases etcd did not confirm (stops at the first that fails again)."""
         while self.pending:
-            item = self.pending.pop(0)
-            if not await self._release_one(item):
+            item = self.pending[0]  # removed only once etcd confirmed it (a cancelled retry keeps it queued)
+            if not await self._release_one(item, queue=False):
                 return
+            self.pending.remove(item)
 
     # -- resume on another node ------------------------------------------------------------------------------
     async def adopt(self, token: str) -> LeaseRecord | None:
@@ -536,9 +538,7 @@ class EtcdSeats:
         except StoreUnavailable:
             # etcd frees our seats TTL after the last refresh it saw (never earlier): end them here first, so
             # no client believes it holds a seat that another node may already have granted.
-            if time.monotonic() - self.keepalive_ok >= self.ttl * 2 / 3:
-                return list(self.token_seat)
-            return []
+            return list(self.token_seat) if self.overdue() else []
         for lease, ok in alive.items():
             if not ok:
                 lost.update(leases.get(lease, ()))
@@ -546,6 +546,14 @@ class EtcdSeats:
                     if sl == lease:
                         del self.session_lease[session]
         return sorted(lost)
+
+    def time_left(self) -> float:
+        """Seconds until :meth:`overdue` (<= 0: it is)."""
+        return self.keepalive_ok + self.ttl * 2 / 3 - time.monotonic()
+
+    def overdue(self) -> bool:
+        """True once no keepalive has reached etcd for 2/3 of the TTL: this node's seats must end now."""
+        return self.time_left() <= 0
 
     async def _keepalive(self, ids: list[int]) -> dict[int, bool]:
         if not ids:

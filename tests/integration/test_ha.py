@@ -48,7 +48,7 @@ class HA:
         work.mkdir()
         d = Daemon(work, [self.lic], self.pub, lease_timeout=lease_timeout,
                    extra=["--store", "etcd", "--etcd-endpoints", endpoints, "--node-name", name,
-                          "--etcd-timeout", "1", "--metrics-port", "auto"])
+                          "--etcd-timeout", "2", "--metrics-port", "auto"])
         self.nodes.append(d)
         return d.start()
 
@@ -419,7 +419,7 @@ def test_nodes_on_separate_hosts_serve_an_ha_license_only_where_it_names_them(ha
             work.mkdir()
             d = NsDaemon(nss[i], host, work, [ha.lic], ha.pub, extra=[
                 "--store", "etcd", "--etcd-endpoints", f"{nss[i].host_ip}:{etcd.members[0].client_port}",
-                "--etcd-timeout", "1", "--metrics-port", "0"])
+                "--etcd-timeout", "2", "--metrics-port", "0"])
             ha.nodes.append(d)
             nodes.append(d.start())
         one, two, intruder = nodes
