@@ -184,9 +184,15 @@ class LeaseLifecycle:
         if self.ledger.get(lease.token) is not lease:  # ended while etcd decided (pool removed, lmremove)
             if ok:
                 cluster.release(lease.token, lease.pool[0])
-            self.deny(client, rid, lease.pool[1], lease.version, ErrorCode.NO_SEATS,
-                      f"the seat of {lease.pool[1]} ended before it could be granted (the licenses were reloaded "
-                      "or the seat was removed)", "check out again", customer_id=lease.pool[0])
+            if error:
+                self.deny(client, rid, lease.pool[1], lease.version, ErrorCode.STORE_UNAVAILABLE,
+                          "the license servers' shared seat store (etcd) cannot be reached",
+                          "try again shortly; if it persists, ask the administrator to check the etcd cluster",
+                          log=f"store unavailable: {error}", customer_id=lease.pool[0])
+            else:
+                self.deny(client, rid, lease.pool[1], lease.version, ErrorCode.NO_SEATS,
+                          f"the seat of {lease.pool[1]} ended before it could be granted (the licenses were "
+                          "reloaded or the seat was removed)", "check out again", customer_id=lease.pool[0])
             return
         t = client.transport
         if ok and (t is None or t.is_closing()):

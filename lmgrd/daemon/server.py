@@ -160,6 +160,14 @@ class Server:
     # -- start-up and shutdown -----------------------------------------------------------------------------
     async def start(self) -> None:
         host = self.cfg.bind or None
+        cluster = self.cluster
+        if cluster is not None:  # HA: reach etcd before taking clients (a first checkout must not find it unknown)
+            node_info = {"node": cluster.node, "host": socket.gethostname(), "port": self.cfg.port,
+                         "bind": self.cfg.bind, "pid": os.getpid(), "version": __version__,
+                         "started": self.started_wall}
+            for _path, lic in self.licensing.served:  # an HA license's servers are the cluster's nodes (lmstat)
+                cluster.known_nodes.update(name.split(".")[0] for name, _ip in lic.servers)
+            await cluster.connect(node_info)
         srv = await self.loop.create_server(
             lambda: ClientProtocol(self), host=host, port=self.cfg.port, backlog=self.cfg.backlog,
             reuse_address=True,
@@ -171,13 +179,9 @@ class Server:
         logger.info("lmgrd %s listening on %s (heartbeat %g s, lease timeout %g s, reconnect grace %g s)",
                     __version__, addrs, self.hb_interval, self.lease_timeout, self.cfg.grace)
         self.sync_handle = self.loop.call_later(self.cfg.sync_interval, self._sync_tick)
-        if self.cluster is not None:
-            node_info = {"node": self.cluster.node, "host": socket.gethostname(), "port": self.ports[0] if self.ports
-                         else self.cfg.port, "bind": self.cfg.bind, "pid": os.getpid(), "version": __version__,
-                         "started": self.started_wall}
-            for _path, lic in self.licensing.served:  # an HA license's servers are the cluster's nodes (lmstat)
-                self.cluster.known_nodes.update(name.split(".")[0] for name, _ip in lic.servers)
-            await self.cluster.connect(node_info)
+        if cluster is not None:
+            if self.ports and self.ports[0] != self.cfg.port:  # port 0: announce the one the kernel picked
+                await cluster.announce({"port": self.ports[0]})
             self._cluster_tasks = [self.loop.create_task(self._keepalive_loop()),
                                    self.loop.create_task(self._view_loop())]
 

@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 MAX_CANDIDATES = 32
 #: Attempts of one acquire when the pool is larger than MAX_CANDIDATES and the candidates were all taken.
 _ATTEMPTS = 4
+#: Pause before the one retry of an idempotent call (a leader change, an overloaded member).
+_RETRY_PAUSE = 0.2
 #: Candidates per transaction in a pool larger than MAX_CANDIDATES, picked at random from the slots last seen free.
 WIDE_CANDIDATES = 4
 
@@ -189,6 +191,18 @@ class EtcdSeats:
                                                             lease=self.node_lease),
                                              timeout=self.timeout, metadata=self._metadata))
 
+    async def announce(self, changes: dict[str, Any]) -> None:
+        """Update this node's registration (its port once listening); a failure is retried by :meth:`maintain`."""
+        self.node_info.update(changes)
+        rpc = self._rpc
+        try:
+            await self._call("put", self._kv.Put(rpc.PutRequest(key=self._node_key(self.node),
+                                                                value=json.dumps(self.node_info).encode(),
+                                                                lease=self.node_lease),
+                                                 timeout=self.timeout, metadata=self._metadata))
+        except StoreUnavailable:
+            self.node_lease = 0  # re-registered by maintain()
+
     async def close(self) -> None:
         """Deregister this node (best effort) and close the channel."""
         if self._channel is None:
@@ -244,9 +258,15 @@ class EtcdSeats:
         if lease:
             return lease
         rpc = self._rpc
-        grant = await self._call("lease_grant", self._lease.LeaseGrant(rpc.LeaseGrantRequest(TTL=self.ttl),
-                                                                        timeout=self.timeout,
-                                                                        metadata=self._metadata))
+        try:
+            grant = await self._call("lease_grant", self._lease.LeaseGrant(
+                rpc.LeaseGrantRequest(TTL=self.ttl), timeout=self.timeout, metadata=self._metadata))
+        except StoreUnavailable as exc:  # a fast failure: once more (a lease granted twice only lapses unused)
+            if "DEADLINE_EXCEEDED" in str(exc):
+                raise
+            await asyncio.sleep(_RETRY_PAUSE)
+            grant = await self._call("lease_grant", self._lease.LeaseGrant(
+                rpc.LeaseGrantRequest(TTL=self.ttl), timeout=self.timeout, metadata=self._metadata))
         self.session_lease[session] = grant.ID
         return int(grant.ID)
 
@@ -295,7 +315,7 @@ class EtcdSeats:
         token_key = self._token_key(rec.token)
         if claim is not None:  # the seat exists on this node: a join takes no slot
             value = self._token_value(rec, claim.slot)
-            joined = await self._txn_checked("join", rpc.TxnRequest(
+            joined = await self._txn_checked("join", retry=True, req=rpc.TxnRequest(
                 compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=claim.slot,
                                      mod_revision=claim.rev)],
                 success=[rpc.RequestOp(request_put=rpc.PutRequest(key=token_key, value=value, lease=lease))],
@@ -317,9 +337,21 @@ class EtcdSeats:
             cands = self._candidates(pool, count)
             if not cands:
                 return False
-            req = self._acquire_txn(rec, prefix, cands, lease, token_key)
-            resp = await self._txn_checked("acquire", req)
-            node = resp
+            # Guarded by "our token key does not exist yet", so a retry after an answer lost in transit (a
+            # leader change) finds the first attempt's seat instead of taking a second one.
+            req = rpc.TxnRequest(
+                compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=token_key,
+                                     create_revision=0)],
+                success=[rpc.RequestOp(request_txn=self._acquire_txn(rec, prefix, cands, lease, token_key))],
+                failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=token_key))])
+            resp = await self._txn_checked("acquire", req, retry=True)
+            if not resp.succeeded:  # an earlier attempt of this very grant committed
+                kv = resp.responses[0].response_range.kvs[0]
+                slot = json.loads(kv.value)["slot"].encode()
+                self.claims[sk] = Claim(slot, kv.mod_revision, int(kv.lease), {rec.token})
+                self.token_seat[rec.token] = sk
+                return True
+            node = resp.responses[0].response_txn
             for i in cands:
                 if node.succeeded:
                     slot = prefix + b"%05d" % i
@@ -367,17 +399,18 @@ class EtcdSeats:
                 failure=[rpc.RequestOp(request_txn=inner)])
         return inner
 
-    async def _txn_checked(self, op: str, req: Any) -> Any:
-        import grpc
-
-        try:
-            return await self._call(op, self._kv.Txn(req, timeout=self.timeout, metadata=self._metadata))
-        except StoreUnavailable as exc:
-            if "lease not found" in str(exc):
-                raise _LeaseGone from None
-            raise
-        except grpc.aio.AioRpcError:  # pragma: no cover - _call converts every one
-            raise
+    async def _txn_checked(self, op: str, req: Any, retry: bool = False) -> Any:
+        """A transaction; ``retry``: once more after a short pause if etcd failed (an idempotent one only)."""
+        for attempt in range(2 if retry else 1):
+            try:
+                return await self._call(op, self._kv.Txn(req, timeout=self.timeout, metadata=self._metadata))
+            except StoreUnavailable as exc:
+                if "lease not found" in str(exc):
+                    raise _LeaseGone from None
+                if attempt or not retry or "DEADLINE_EXCEEDED" in str(exc):  # a whole deadline spent: no more
+                    raise
+                await asyncio.sleep(_RETRY_PAUSE)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _seat_value(self, rec: LeaseRecord, node: str | None = None) -> bytes:
         return json.dumps({"node": self.node if node is None else node, "token": rec.token, "user": rec.user,

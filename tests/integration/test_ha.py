@@ -43,7 +43,7 @@ class HA:
         self.clusters.append(c)
         return c
 
-    def node(self, name: str, endpoints: str, *, lease_timeout: float = 3.0) -> Daemon:
+    def node(self, name: str, endpoints: str, *, lease_timeout: float = 6.0) -> Daemon:
         work = self.tmp / f"node-{name}"
         work.mkdir()
         d = Daemon(work, [self.lic], self.pub, lease_timeout=lease_timeout,
@@ -74,6 +74,16 @@ def ha(tmp_path: Path) -> Iterator[HA]:
         yield h
     finally:
         h.close()
+
+
+def no_seats_left(etcd: EtcdCluster, within: float = 5.0) -> bool:
+    """True once etcd holds no seat key (releases are sent right after the checkin reply), polled boundedly."""
+    deadline = time.monotonic() + within
+    while "/seats/" in etcd.ctl("get", "--prefix", "/lmgrd/c/", "--keys-only"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def client(server: str, user: str, **kw: Any) -> AsyncLicenseClient:
@@ -121,8 +131,7 @@ def test_two_nodes_race_for_the_last_seats_never_over_allocate(ha: HA) -> None:
     # Each grant's node is in the seat record; both nodes granted some.
     nodes = {ev[3]["node"] for ev in oracle.events() if ev[1] == "PUT" and ev[3] is not None}
     assert nodes == {"a", "b"}
-    time.sleep(0.5)
-    assert "/seats/" not in etcd.ctl("get", "--prefix", "/lmgrd/c/", "--keys-only")  # every checkin freed its seat
+    assert no_seats_left(etcd)  # every checkin freed its seat
 
 
 def test_sigkill_of_a_node_the_client_resumes_its_seat_on_the_other(ha: HA) -> None:
@@ -145,7 +154,7 @@ def test_sigkill_of_a_node_the_client_resumes_its_seat_on_the_other(ha: HA) -> N
             assert not isinstance(r, AsyncSeat), "the rival got the seat of a client that was failing over"
             await asyncio.sleep(0.05)
         assert "ADOPTED" in b.log()
-        await asyncio.sleep(3.5)  # longer than the lease timeout: the seat is kept alive by b now
+        await asyncio.sleep(b.lease_timeout + 0.5)  # longer than the lease timeout: b keeps the seat alive now
         assert seat.held and not lost
         r = await try_checkout(rival)
         assert not isinstance(r, AsyncSeat)
@@ -172,6 +181,8 @@ def test_sigkill_of_the_etcd_leader_under_churn_loses_and_doubles_nothing(ha: HA
     ha.license(count)
     etcd = ha.etcd(3)
     oracle = SeatOracle(etcd).start()
+    # The lease timeout (6 s): held seats survive an election that a loaded machine may stretch to 2-3 s
+    # (a node ends its seats after 2/3 of the lease timeout without a keepalive).
     a = ha.node("a", etcd.endpoints)
     b = ha.node("b", etcd.endpoints)
     done: list[float] = []
@@ -212,8 +223,7 @@ def test_sigkill_of_the_etcd_leader_under_churn_loses_and_doubles_nothing(ha: HA
     assert before and after, "churn did not resume after the leader was killed"
     gap = max(y - x for x, y in zip(sorted(done), sorted(done)[1:], strict=False))
     print(f"churn: {len(done)} cycles, longest pause {gap:.2f} s around the leader kill")
-    time.sleep(0.5)
-    assert "/seats/" not in etcd.ctl("get", "--prefix", "/lmgrd/c/", "--keys-only")  # nothing leaked
+    assert no_seats_left(etcd)  # nothing leaked
 
 
 def test_quorum_loss_refuses_fast_with_store_unavailable_then_resumes(ha: HA) -> None:
@@ -238,7 +248,7 @@ def test_quorum_loss_refuses_fast_with_store_unavailable_then_resumes(ha: HA) ->
             assert not isinstance(r, AsyncSeat)
             codes.append(r.code)
         assert set(codes) == {"STORE_UNAVAILABLE"}
-        # The held seat keeps its heartbeats for at most the lease timeout (3 s here), then it is ended.
+        # The held seat keeps its heartbeats for at most the lease timeout (6 s here), then it is ended.
         for _ in range(100):
             if lost:
                 break
@@ -290,7 +300,7 @@ def test_a_node_cut_off_from_etcd_stops_granting_the_other_goes_on(ha: HA) -> No
         r = await try_checkout(cb[-1])
         assert not isinstance(r, AsyncSeat)
         last = None
-        for _ in range(100):
+        for _ in range(200):
             r = await try_checkout(cb[-1])
             if isinstance(r, AsyncSeat):
                 last = r
@@ -357,7 +367,7 @@ def test_lmstat_metrics_and_healthz_show_the_cluster(ha: HA) -> None:
         assert (await asyncio.to_thread(http_get, url + "healthz"))[0] == 200
         await sb.checkin()
         await cb.close()
-        b.kill()  # its node key lapses with its etcd lease (TTL 3 s): then b is DOWN
+        b.kill()  # its node key lapses with its etcd lease (TTL 6 s): then b is DOWN
         for _ in range(60):
             out = await asyncio.to_thread(lmutil, a, "lmstat")
             if "  b: license server DOWN" in out:
