@@ -173,7 +173,11 @@ class SeatOracle:
         if self.proc is not None and self.proc.poll() is None:
             time.sleep(settle)  # let the watch deliver what happened up to now
             self.proc.terminate()
-            self.proc.wait(10)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
 
     def events(self) -> list[tuple[int, str, str, dict[str, object] | None]]:
         """(revision, PUT/DELETE, key, value) for every seat-key event, in revision order."""

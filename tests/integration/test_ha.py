@@ -33,6 +33,7 @@ class HA:
         self.clusters: list[EtcdCluster] = []
         self.nodes: list[Daemon] = []
         self.proxies: list[BlackholeProxy] = []
+        self.oracles: list[SeatOracle] = []
         self.lic = tmp / "site.lic"
 
     def license(self, count: int) -> None:
@@ -42,6 +43,11 @@ class HA:
         c = EtcdCluster(self.tmp / f"etcd{len(self.clusters)}", n).start()
         self.clusters.append(c)
         return c
+
+    def oracle(self, etcd: EtcdCluster) -> SeatOracle:
+        o = SeatOracle(etcd).start()
+        self.oracles.append(o)
+        return o
 
     def node(self, name: str, endpoints: str, *, lease_timeout: float = 6.0) -> Daemon:
         work = self.tmp / f"node-{name}"
@@ -58,6 +64,8 @@ class HA:
         return p
 
     def close(self) -> None:
+        for o in self.oracles:  # stopped by the test when it passes; here when it failed early
+            o.stop(settle=0)
         for d in self.nodes:
             if d.proc is not None and d.proc.poll() is None:
                 d.kill()
@@ -101,7 +109,7 @@ def test_two_nodes_race_for_the_last_seats_never_over_allocate(ha: HA) -> None:
     count = 5
     ha.license(count)
     etcd = ha.etcd(3)
-    oracle = SeatOracle(etcd).start()
+    oracle = ha.oracle(etcd)
     a = ha.node("a", etcd.endpoints)
     b = ha.node("b", etcd.endpoints)
 
@@ -137,7 +145,7 @@ def test_two_nodes_race_for_the_last_seats_never_over_allocate(ha: HA) -> None:
 def test_sigkill_of_a_node_the_client_resumes_its_seat_on_the_other(ha: HA) -> None:
     ha.license(1)
     etcd = ha.etcd(1)
-    oracle = SeatOracle(etcd).start()
+    oracle = ha.oracle(etcd)
     a = ha.node("a", etcd.endpoints)
     b = ha.node("b", etcd.endpoints)
 
@@ -180,7 +188,7 @@ def test_sigkill_of_the_etcd_leader_under_churn_loses_and_doubles_nothing(ha: HA
     count = 4
     ha.license(count)
     etcd = ha.etcd(3)
-    oracle = SeatOracle(etcd).start()
+    oracle = ha.oracle(etcd)
     # The lease timeout (6 s): held seats survive an election that a loaded machine may stretch to 2-3 s
     # (a node ends its seats after 2/3 of the lease timeout without a keepalive).
     a = ha.node("a", etcd.endpoints)
@@ -229,7 +237,7 @@ def test_sigkill_of_the_etcd_leader_under_churn_loses_and_doubles_nothing(ha: HA
 def test_quorum_loss_refuses_fast_with_store_unavailable_then_resumes(ha: HA) -> None:
     ha.license(3)
     etcd = ha.etcd(3)
-    oracle = SeatOracle(etcd).start()
+    oracle = ha.oracle(etcd)
     a = ha.node("a", etcd.endpoints)
 
     async def run() -> None:
@@ -277,7 +285,7 @@ def test_a_node_cut_off_from_etcd_stops_granting_the_other_goes_on(ha: HA) -> No
     count = 3
     ha.license(count)
     etcd = ha.etcd(1)
-    oracle = SeatOracle(etcd).start()
+    oracle = ha.oracle(etcd)
     proxy = ha.proxy(etcd.members[0].client_port)
     a = ha.node("a", proxy.endpoint)  # a reaches etcd only through the proxy
     b = ha.node("b", etcd.endpoints)
@@ -469,7 +477,7 @@ def test_a_late_release_by_the_old_node_never_frees_the_seat_its_client_moved(ha
 
     ha.license(1)
     etcd = ha.etcd(1)
-    oracle = SeatOracle(etcd).start()
+    oracle = ha.oracle(etcd)
     a = ha.node("a", etcd.endpoints)
     b = ha.node("b", etcd.endpoints)
     one = a.connect()
