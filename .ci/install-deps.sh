@@ -17,11 +17,16 @@ need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ -x /usr/lib/nagios/plugins/check_flexlm ] || need+=(monitoring-plugins-standard)
+# The fault tests: libfaketime steps the daemon's wall clock; mkfs.ext4 and findmnt make and inspect the
+# small file systems the disk-full / read-only tests mount (they need root, else they skip).
+command -v faketime >/dev/null 2>&1 || need+=(faketime)
+command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
+command -v findmnt >/dev/null 2>&1 || need+=(util-linux)
 # The HA tests (tests/integration/test_ha.py) start real etcd members on loopback (Debian's 3.4).
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 if [ "${#need[@]}" -eq 0 ]; then
-  echo "install-deps: promtool, chromium, check_flexlm and etcd already present"
+  echo "install-deps: promtool, chromium, check_flexlm, faketime, mkfs.ext4, findmnt and etcd already present"
   exit 0
 fi
 
@@ -44,4 +49,6 @@ for unit in prometheus etcd; do
     $SUDO systemctl stop "$unit" || true
   fi
 done
-command -v promtool >/dev/null && command -v chromium >/dev/null && [ -x /usr/lib/nagios/plugins/check_flexlm ] && command -v etcd >/dev/null && command -v etcdctl >/dev/null
+command -v promtool >/dev/null && command -v chromium >/dev/null && [ -x /usr/lib/nagios/plugins/check_flexlm ] \
+  && command -v faketime >/dev/null && command -v mkfs.ext4 >/dev/null && command -v etcd >/dev/null \
+  && command -v etcdctl >/dev/null

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from lmgrd import LmgrdError, __version__
 from lmgrd.config import (
+    DEFAULT_IDLE_CONNECTION_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+    DEFAULT_MAX_REQUESTS_PER_SECOND,
     DEFAULT_PORT,
     ConfigInvalid,
     DaemonConfig,
@@ -28,6 +30,7 @@ from lmgrd.config import (
     load_config_file,
 )
 from lmgrd.core.licensing import Licensing
+from lmgrd.core.logtext import printable
 from lmgrd.storage.files import load_licensing, state_dir
 from lmgrd.storage.host import clock_offset, daemon_wall_clock, raise_nofile
 from protocol.activation import auto_activation_at
@@ -75,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                    f"may hold (default {DEFAULT_MAX_CONNECTIONS_PER_ADDRESS}; 0 = no limit)")
     p.add_argument("--handshake-timeout", type=float, metavar="S", help="seconds a new connection has to send "
                    "hello (default 10)")
+    p.add_argument("--idle-connection-timeout", type=float, metavar="S", help="seconds a connection that holds no "
+                   f"seat may send nothing before it is closed (default {DEFAULT_IDLE_CONNECTION_TIMEOUT:g}; "
+                   "0 = never)")
+    p.add_argument("--max-requests-per-second", type=float, metavar="N", help="requests one connection may send "
+                   f"per second, in bursts of two seconds' worth; the rest are answered RATE_LIMITED (default "
+                   f"{DEFAULT_MAX_REQUESTS_PER_SECOND:g}; 0 = no limit)")
     p.add_argument("--max-frame-bytes", type=int, metavar="N", help="largest message accepted (default 65536)")
     p.add_argument("--metrics-port", type=_metrics_port, metavar="N", help="HTTP port for /metrics (Prometheus), "
                    "/healthz and the status page (default 27001; 0 = off; 'auto' picks a free port and logs it)")
@@ -106,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     keys = ("licenses", "vendor_key", "port", "bind", "state_dir", "heartbeat_interval", "lease_timeout",
-            "reconnect_grace", "max_connections_per_address", "handshake_timeout", "max_frame_bytes", "log_level",
+            "reconnect_grace", "max_connections_per_address", "handshake_timeout", "idle_connection_timeout",
+            "max_requests_per_second", "max_frame_bytes", "log_level",
             "admin_token_file", "metrics_port", "metrics_bind", "revocations", "usage_log", "store", "etcd_endpoints",
             "etcd_prefix", "etcd_timeout", "etcd_cacert", "etcd_cert", "etcd_key", "etcd_user", "etcd_password_file",
             "node_name")
@@ -122,9 +132,19 @@ def _metrics_port(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a port number (0 = off) or 'auto', got {value!r}") from None
 
 
+class OneLineFormatter(logging.Formatter):
+    """The daemon's log format, with every message escaped onto one line (lmgrd.core.logtext.printable): a
+    newline or terminal escape in anything a client sent (its user name, display, product or version) cannot
+    forge a log line, whichever log call wrote it. Tracebacks keep their lines (they are ours)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
+    handler.setFormatter(OneLineFormatter("%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
                                            "%Y-%m-%dT%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -213,10 +233,10 @@ def etcd_settings(cfg: DaemonConfig) -> EtcdSettings:
 
 async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
     from lmgrd.daemon.server import Server, install_signal_handlers
-    from lmgrd.storage.journal import open_store
+    from lmgrd.storage.journal import StoreError, open_store
 
     cluster = None
-    if cfg.store == "etcd":
+    if cfg.store == "etcd":  # seats in etcd; the state directory keeps only this node's activation record
         from lmgrd.storage.etcd import EtcdSeats, NullStore
 
         store: LeaseStore = NullStore()
@@ -224,8 +244,13 @@ async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
                             cfg.lease_timeout)
     else:
         state = state_dir(cfg)
-        state.mkdir(parents=True, exist_ok=True)
-        store = open_store(state)
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+            store = open_store(state)
+        except OSError as exc:  # read-only, full, or not ours: say where and what, never a traceback
+            raise StoreError(f"cannot open the state directory {state}: {exc.strerror or exc}"
+                             f"{f' ({exc.filename})' if exc.filename else ''}; make it writable by this user, free "
+                             "space in it, or give lmgrd another --state-dir") from None
     server = Server(cfg, licensing, store, reload=lambda: reload_licensing(cfg),
                     wall=daemon_wall_clock(clock_offset()), cluster=cluster)
     install_signal_handlers(server)

@@ -16,9 +16,11 @@ from lmgrd.config import DaemonConfig
 from lmgrd.core.ledger import LeaseInfo, Ledger, PoolKey
 from lmgrd.core.licensing import Licensing
 from lmgrd.daemon.events import ClientView, Observers
+from lmgrd.daemon.guard import RefusalCounts
 from lmgrd.daemon.leases import Counters, WaitCtx
 from lmgrd.daemon.session import AdminHandler
 from lmgrd.storage.etcd import EtcdSeats
+from lmgrd.storage.journal import StoreError
 
 __all__ = ["ClientView", "DaemonView"]
 
@@ -48,6 +50,7 @@ class DaemonView(Protocol):
     stopped: asyncio.Event
     #: HA (``store: etcd``): the cluster-wide seat store; None with the embedded journal.
     cluster: EtcdSeats | None
+    refusals: RefusalCounts
 
     @property
     def handlers(self) -> Handlers: ...
@@ -55,6 +58,10 @@ class DaemonView(Protocol):
     def sessions(self) -> Mapping[int, ClientView]: ...
     @property
     def counters(self) -> Counters: ...
+    @property
+    def store_error(self) -> StoreError | None: ...
+    @property
+    def store_write_failures(self) -> int: ...
     @property
     def waits(self) -> Mapping[int, WaitCtx]: ...
 

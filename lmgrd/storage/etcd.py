@@ -469,8 +469,10 @@ class EtcdSeats:
             self.pending.remove(item)
 
     # -- resume on another node ------------------------------------------------------------------------------
-    async def adopt(self, token: str) -> LeaseRecord | None:
-        """Take over a seat another node granted (its client resumed here); None if etcd has no such seat."""
+    async def adopt(self, token: str, holds: Callable[[LeaseRecord], bool] = lambda rec: True
+                    ) -> LeaseRecord | None:
+        """Take over a seat another node granted (its client resumed here); None if etcd has no such seat or
+        ``holds`` says the resuming client is not its holder (nothing is written then)."""
         rpc = self._rpc
         for token_key in (self._token_key(token),):
             r = await self._call("get", self._kv.Range(rpc.RangeRequest(key=token_key), timeout=self.timeout,
@@ -481,6 +483,9 @@ class EtcdSeats:
             f = info["record"]
             f[3] = tuple(f[3])
             rec = LeaseRecord(*f)
+            if not holds(rec):
+                logger.warning("refused to adopt lease %s: the resuming client is not its holder", token[:8])
+                return None
             token_lease = int(r.kvs[0].lease)
             slot = info["slot"].encode()
             sk: SeatKey = (rec.customer_id, rec.product, rec.share_key)
