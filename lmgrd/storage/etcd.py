@@ -168,17 +168,27 @@ class EtcdSeats:
         self._kv = rpc.KVStub(self._channel)
         self._lease = rpc.LeaseStub(self._channel)
         if s.user:
-            auth = rpc.AuthStub(self._channel)
-            resp = await self._call("auth", auth.Authenticate(rpc.AuthenticateRequest(name=s.user,
-                                                                                        password=s.password or ""),
-                                                               timeout=self.timeout))
-            self._metadata = (("hasleader", "true"), ("token", resp.token))
+            try:
+                await self._authenticate()
+            except StoreUnavailable as exc:
+                logger.error("etcd authentication as %s failed: %s", s.user, exc)
         self.node_info = node_info
         try:
             await self._register()
         except StoreUnavailable as exc:
             logger.error("etcd (%s) cannot be reached: %s; new checkouts are refused (STORE_UNAVAILABLE) until "
                          "it answers", ",".join(s.endpoints), exc)
+
+    async def _authenticate(self) -> None:
+        """Get an etcd auth token for ``user`` (sent as metadata with every call). Simple tokens expire
+        (etcd ``--auth-token-ttl``, 300 s by default): a call refused for its token gets a new one."""
+        rpc = self._rpc
+        s = self.settings
+        auth = rpc.AuthStub(self._channel)
+        resp = await self._call("auth", auth.Authenticate(rpc.AuthenticateRequest(name=s.user or "",
+                                                                                    password=s.password or ""),
+                                                           timeout=self.timeout, metadata=(("hasleader", "true"),)))
+        self._metadata = (("hasleader", "true"), ("token", resp.token))
 
     async def _register(self) -> None:
         rpc = self._rpc
@@ -222,8 +232,13 @@ class EtcdSeats:
         try:
             result = await awaitable
         except grpc.aio.AioRpcError as exc:
+            details = exc.details() or ""
+            if self.settings.user and op != "auth" and "auth token" in details:
+                with contextlib.suppress(StoreUnavailable):  # expired token: a new one for the next call
+                    await self._authenticate()
+                raise StoreUnavailable(f"etcd {op} failed: {exc.code().name}: {details}") from None
             self._mark_down()
-            raise StoreUnavailable(f"etcd {op} failed: {exc.code().name}: {exc.details()}") from None
+            raise StoreUnavailable(f"etcd {op} failed: {exc.code().name}: {details}") from None
         except (TimeoutError, OSError) as exc:
             self._mark_down()
             raise StoreUnavailable(f"etcd {op} failed: {exc}") from None

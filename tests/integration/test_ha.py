@@ -506,3 +506,100 @@ def test_a_late_release_by_the_old_node_never_frees_the_seat_its_client_moved(ha
     assert len(rep["deletes"]) == 1  # the slot was deleted once: by the checkin on b
     for c in (two, rival):
         c.close()
+
+
+def test_tls_client_certificates_and_etcd_authentication(ha: HA) -> None:
+    """etcd with TLS (client certificates required) and authentication on: the store connects with the CA,
+    its certificate and the user's password; a wrong password is refused by etcd (the store is down)."""
+    import datetime as dt
+    import ipaddress
+    import subprocess
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from lmgrd.cli import etcd_settings
+    from lmgrd.config import build_config
+    from lmgrd.core.ledger import LeaseRecord
+    from lmgrd.storage.etcd import EtcdSeats, StoreUnavailable
+    from tests.etcd_cluster import ETCDCTL, free_ports
+
+    d = ha.tmp / "tls"
+    d.mkdir()
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lmgrd test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+
+    def leaf(name: str, usage: x509.ObjectIdentifier, ip: str | None) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+             .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+        if ip:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+        (d / f"{name}.pem").write_bytes(b.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        (d / f"{name}-key.pem").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+    (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    leaf("server", ExtendedKeyUsageOID.SERVER_AUTH, "127.0.0.1")
+    leaf("root", ExtendedKeyUsageOID.CLIENT_AUTH, None)  # etcdctl as root, to set up users
+    leaf("lmgrd-node", ExtendedKeyUsageOID.CLIENT_AUTH, None)  # no etcd user of that name: the password counts
+    cport, pport = free_ports(2)
+    with open(d / "etcd.log", "wb") as log:
+        proc = subprocess.Popen([
+            "etcd", "--name", "tls", "--data-dir", str(d / "data"), "--listen-client-urls", f"https://127.0.0.1:{cport}",
+            "--advertise-client-urls", f"https://127.0.0.1:{cport}", "--listen-peer-urls", f"http://127.0.0.1:{pport}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{pport}", "--initial-cluster",
+            f"tls=http://127.0.0.1:{pport}", "--cert-file", str(d / "server.pem"), "--key-file",
+            str(d / "server-key.pem"), "--trusted-ca-file", str(d / "ca.pem"), "--client-cert-auth",
+            "--auto-compaction-mode", "revision", "--auto-compaction-retention", "10000"], stdout=log, stderr=log)
+    try:
+        ctl = [ETCDCTL, "--endpoints", f"127.0.0.1:{cport}", "--cacert", str(d / "ca.pem"), "--cert",
+               str(d / "root.pem"), "--key", str(d / "root-key.pem"), "--command-timeout=3s"]
+        for _ in range(100):
+            if subprocess.run([*ctl, "endpoint", "health"], capture_output=True, timeout=10).returncode == 0:
+                break
+            time.sleep(0.1)
+        for cmd in (["user", "add", "root:rootpw"], ["user", "add", "lmgrd:s3cret"], ["role", "add", "lmgrd"],
+                    ["role", "grant-permission", "lmgrd", "--prefix=true", "readwrite", "/lmgrd/"],
+                    ["user", "grant-role", "lmgrd", "lmgrd"], ["auth", "enable"]):
+            r = subprocess.run([*ctl, *cmd], capture_output=True, text=True, timeout=10)
+            assert r.returncode == 0, r.stderr
+        (d / "password").write_text("s3cret\n")
+        (d / "wrong").write_text("guess\n")
+
+        def settings(password_file: str) -> Any:
+            return etcd_settings(build_config({
+                "licenses": ["x.lic"], "vendor_key": "v.pub", "store": "etcd", "etcd_endpoints": [f"127.0.0.1:{cport}"],
+                "etcd_cacert": str(d / "ca.pem"), "etcd_cert": str(d / "lmgrd-node.pem"),
+                "etcd_key": str(d / "lmgrd-node-key.pem"), "etcd_user": "lmgrd", "etcd_password_file": password_file,
+            }, {}, "test"))
+
+        async def run() -> None:
+            good = EtcdSeats(settings(str(d / "password")), "n1", 10)
+            await good.connect({"node": "n1"})
+            assert good.up
+            rec = LeaseRecord("t" * 32, "CID", "P", ("t" * 32,), "u", "h", 1, "1.0", "d", time.time())
+            assert await good.acquire(rec, 2, 1, rec.share_key)
+            await good.refresh_view()
+            assert good.held(("CID", "P")) == 1
+            bad = EtcdSeats(settings(str(d / "wrong")), "n2", 10)
+            await bad.connect({"node": "n2"})
+            assert not bad.up
+            rec2 = LeaseRecord("s" * 32, "CID", "P", ("s" * 32,), "u", "h", 1, "1.0", "d", time.time())
+            with pytest.raises(StoreUnavailable):
+                await bad.acquire(rec2, 2, 1, rec2.share_key)
+            await good.close()
+            await bad.close()
+
+        asyncio.run(run())
+    finally:
+        proc.kill()
+        proc.wait(10)
