@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,9 @@ DEFAULT_IDLE_CONNECTION_TIMEOUT = 300.0
 DEFAULT_MAX_REQUESTS_PER_SECOND = 1000.0
 #: listen() backlog; the kernel caps it at net.core.somaxconn (4096 on current Linux).
 DEFAULT_BACKLOG = 8192
+#: Activation requests of a pending cloud license: every 15 minutes; check-ins of an active one: daily.
+DEFAULT_CLOUD_POLL_INTERVAL = 15 * 60.0
+DEFAULT_CLOUD_CHECK_IN_INTERVAL = 24 * 3600.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -86,6 +90,16 @@ class DaemonConfig:
     options_problems: tuple[str, ...] = ()
     #: Lines of the options file that lmgrd does not support (FlexNet keywords it does not implement).
     options_unsupported: tuple[str, ...] = ()
+    # The vendor's activation service (licenses whose signed ``cloud_url`` names it; lmgrd.daemon.cloud).
+    #: Seconds between activation requests while a cloud license is pending (jittered by up to 10 %).
+    cloud_poll_interval: float = DEFAULT_CLOUD_POLL_INTERVAL
+    #: Seconds between check-ins of an active cloud license (jittered by up to 10 %).
+    cloud_check_in_interval: float = DEFAULT_CLOUD_CHECK_IN_INTERVAL
+    #: Extra CA certificates (PEM) to trust for the service, e.g. a TLS-inspecting proxy's; every answer is
+    #: Ed25519-signed by the vendor, so trusting a proxy's CA cannot forge an activation.
+    cloud_ca_file: Path | None = None
+    #: An HTTP(S) proxy for the service (``http://proxy:3128``); without it HTTPS_PROXY / NO_PROXY apply.
+    cloud_proxy: str | None = None
     #: Where seats live: ``journal`` (this node's state directory, the default) or ``etcd`` (HA: several nodes
     #: share one etcd cluster; needs the ``lmgrd[ha]`` extra).
     store: Literal["journal", "etcd"] = "journal"
@@ -159,8 +173,8 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
         problems.append(f"licenses: expected a path or a list of paths, got {lic!r}")
     else:
         out["licenses"] = tuple(Path(x).expanduser() for x in lic)
-    for key in ("vendor_key", "state_dir", "admin_token_file", "usage_log", "options", "etcd_cacert", "etcd_cert",
-                "etcd_key", "etcd_password_file"):
+    for key in ("vendor_key", "state_dir", "admin_token_file", "usage_log", "options", "cloud_ca_file", "etcd_cacert",
+                "etcd_cert", "etcd_key", "etcd_password_file"):
         if key in merged:
             if not isinstance(merged[key], str):
                 problems.append(f"{key}: expected a path, got {merged[key]!r}")
@@ -187,6 +201,8 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
         "usage_log_max_bytes": (0, 2**40, True),  # 0 = never rotate
         "usage_log_backups": (0, 1000, True),
         "etcd_timeout": (0.05, 60, False),
+        "cloud_poll_interval": (1, 30 * 86400, False),
+        "cloud_check_in_interval": (1, 365 * 86400, False),
     }
     for key, (lo, hi, integer) in ranges.items():
         if key in merged:
@@ -194,6 +210,12 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
             if v is not None:
                 out[key] = int(v) if integer else float(v)
     _metrics_settings(merged, out, problems)
+    if "cloud_proxy" in merged:
+        v = merged["cloud_proxy"]
+        if not isinstance(v, str) or not re.fullmatch(r"(?i)(https?|socks5h?)://[^\s/]+(:[0-9]{1,5})?/?", v):
+            problems.append(f"cloud_proxy: expected a proxy URL such as http://proxy.example:3128, got {v!r}")
+        else:
+            out["cloud_proxy"] = v
     _store_settings(merged, out, problems)
     if "log_level" in merged:
         lvl = merged["log_level"]

@@ -38,6 +38,7 @@ from protocol.license import (
     VendorKeyError,
     canonical_license_bytes,
     canonical_revocation_bytes,
+    cloud_url_problem,
     format_timestamp,
 )
 from protocol.validation import (
@@ -130,6 +131,8 @@ def format_license(lic: License, signature: bytes) -> str:
         _line("share", lic.share),
     ]
     out += [_line("server", f"{name} {ip}") for name, ip in lic.servers]
+    if lic.cloud_url is not None:
+        out.append(_line("cloud_url", lic.cloud_url))
     out += [_line("site_network", net) for net in lic.site_networks]
     out += [_line("product", f"{p.name} version={p.version} count={p.count}") for p in lic.products]
     out.append(_signature_line(signature))
@@ -233,6 +236,7 @@ class RequestSpec:
     site_networks: tuple[str, ...]
     share: ShareMode
     servers: tuple[tuple[str, str], ...] = ()  # an HA license's servers (the request's ``hosts:``)
+    cloud_url: str | None = None
 
     def to_license(self, customer_id: str, issued_at: datetime) -> License:
         """The license this request becomes under ``customer_id``, issued at ``issued_at`` (aware)."""
@@ -248,10 +252,12 @@ class RequestSpec:
             site_networks=self.site_networks,
             share=self.share,
             servers=self.servers,
+            cloud_url=self.cloud_url,
         )
 
 
-_REQUEST_KEYS = ("license_type", "customer", "host", "hosts", "products", "expires", "site_networks", "share")
+_REQUEST_KEYS = ("license_type", "customer", "host", "hosts", "products", "expires", "site_networks", "share",
+                 "cloud_url")
 _HOST_KEYS = ("hostname", "ip")
 _PRODUCT_KEYS = ("name", "version", "count")
 _MISSING = object()
@@ -520,7 +526,7 @@ def check_request(data: object, today: date) -> tuple[RequestSpec | None, list[F
             FieldProblem(
                 "request",
                 "must be a YAML mapping with the keys license_type, customer, host, products "
-                f"(and optionally expires, site_networks, share); got {type(data).__name__}",
+                f"(and optionally expires, site_networks, share, cloud_url); got {type(data).__name__}",
             )
         )
         return None, problems
@@ -575,6 +581,12 @@ def check_request(data: object, today: date) -> tuple[RequestSpec | None, list[F
             )
         )
 
+    cloud_url = data.get("cloud_url")
+    if cloud_url is not None:
+        problem = cloud_url_problem(cloud_url)
+        if problem:
+            problems.append(FieldProblem("cloud_url", problem))
+
     if problems or host is None or products is None or networks is None or not expires_ok:
         return None, problems
     spec = RequestSpec(
@@ -587,5 +599,6 @@ def check_request(data: object, today: date) -> tuple[RequestSpec | None, list[F
         site_networks=networks,
         share=cast(ShareMode, share),
         servers=servers,
+        cloud_url=cast("str | None", cloud_url),
     )
     return spec, problems
