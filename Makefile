@@ -4,13 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-storm bench-restart bench-scaling bench-deps mutation fuzz soak clean tools i18n
+.PHONY: demo test lint bench bench-storm bench-restart bench-scaling bench-deps bench-ha mutation fuzz soak clean tools i18n
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=/path/to/python3.11+)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
-	$(PY) -m pip install -qq -e '.[dev,report,cloud]'
+	$(PY) -m pip install -qq -e '.[dev,report,cloud,ha]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -64,6 +64,10 @@ bench-restart: bench-deps    # SIGKILL with 5,000 seats held, restart, every cli
 
 bench-scaling: bench-deps    # products x customer IDs x held leases, 1 -> 1,000 and 100 -> 100,000 (~4 min)
 	$(PY) benchmarks/run.py scaling
+
+# HA (issue 11): journal vs 1- and 3-member etcd, same load; failover of 1,000 clients. Needs etcd (install-deps).
+bench-ha: $(STAMP)
+	$(PY) benchmarks/ha.py
 
 # Mutation testing of the core paths (not part of `make test`): score per module, survivors listed,
 # fails below 85 % killed. MUTATION_WORKERS=2 by default; see tests/mutation/run.py.

@@ -112,6 +112,19 @@ class DaemonConfig:
     cloud_ca_file: Path | None = None
     #: An HTTP(S) proxy for the service (``http://proxy:3128``); without it HTTPS_PROXY / NO_PROXY apply.
     cloud_proxy: str | None = None
+    #: Where seats live: ``journal`` (this node's state directory, the default) or ``etcd`` (HA: several nodes
+    #: share one etcd cluster; needs the ``lmgrd[ha]`` extra).
+    store: Literal["journal", "etcd"] = "journal"
+    etcd_endpoints: tuple[str, ...] = ()  # host:port of each etcd member
+    etcd_prefix: str = "/lmgrd"
+    etcd_timeout: float = 2.0  # the deadline of every etcd call
+    etcd_cacert: Path | None = None  # TLS: the CA that signed etcd's certificates (https endpoints)
+    etcd_cert: Path | None = None  # TLS client certificate (etcd --client-cert-auth)
+    etcd_key: Path | None = None
+    etcd_user: str | None = None  # etcd authentication (etcdctl user add)
+    etcd_password_file: Path | None = None  # the user's password, on the file's first line
+    #: This node's name in the cluster (lmstat's server lines, which node holds each client); default: hostname.
+    node_name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # the raw sections: policy, revocations, site_networks
 
     @property
@@ -174,7 +187,8 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
         problems.append(f"licenses: expected a path or a list of paths, got {shown(lic)}")
     else:
         out["licenses"] = tuple(Path(x).expanduser() for x in lic)
-    for key in ("vendor_key", "state_dir", "admin_token_file", "usage_log", "options", "cloud_ca_file"):
+    for key in ("vendor_key", "state_dir", "admin_token_file", "usage_log", "options", "cloud_ca_file", "etcd_cacert",
+                "etcd_cert", "etcd_key", "etcd_password_file"):
         if key in merged:
             if not isinstance(merged[key], str):
                 problems.append(f"{key}: expected a path, got {shown(merged[key])}")
@@ -206,6 +220,7 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
         "metrics_keepalive_timeout": (0, 3600, False),
         "metrics_max_header_bytes": (1024, 1024 * 1024, True),
         "metrics_max_body_bytes": (0, 16 * 1024 * 1024, True),
+        "etcd_timeout": (0.05, 60, False),
         "cloud_poll_interval": (1, 30 * 86400, False),
         "cloud_check_in_interval": (1, 365 * 86400, False),
     }
@@ -221,6 +236,7 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
             problems.append(f"cloud_proxy: expected a proxy URL such as http://proxy.example:3128, got {v!r}")
         else:
             out["cloud_proxy"] = v
+    _store_settings(merged, out, problems)
     if "log_level" in merged:
         lvl = merged["log_level"]
         if not isinstance(lvl, str) or lvl.lower() not in LOG_LEVELS:
@@ -258,6 +274,48 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
     if problems:
         raise ConfigInvalid(source, problems)
     return cfg
+
+
+def _store_settings(merged: dict[str, Any], out: dict[str, Any], problems: list[str]) -> None:
+    store = merged.get("store", "journal")
+    if store not in ("journal", "etcd"):
+        problems.append(f"store: expected 'journal' (the default) or 'etcd', got {store!r}")
+        return
+    out["store"] = store
+    eps = merged.get("etcd_endpoints", [])
+    if isinstance(eps, str):
+        eps = [e for e in (x.strip() for x in eps.split(",")) if e]
+    if not isinstance(eps, list) or not all(isinstance(e, str) for e in eps):
+        problems.append(f"etcd_endpoints: expected host:port[,host:port...], got {eps!r}")
+        eps = []
+    clean = []
+    for e in eps:
+        e = e.removeprefix("http://").removeprefix("https://")
+        host, _, port = e.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            problems.append(f"etcd_endpoints: {e!r} is not host:port (for example 127.0.0.1:2379)")
+        else:
+            clean.append(e)
+    out["etcd_endpoints"] = tuple(clean)
+    if store == "etcd" and not eps:
+        problems.append("etcd_endpoints: store: etcd needs the etcd members (--etcd-endpoints "
+                        "10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379)")
+    for key in ("etcd_prefix", "etcd_user", "node_name"):
+        if key in merged and merged[key] is not None:
+            v = merged[key]
+            if not isinstance(v, str) or not v or any(c.isspace() for c in v):
+                problems.append(f"{key}: expected a non-empty name without spaces, got {v!r}")
+            else:
+                out[key] = v
+    if "etcd_prefix" in out and not out["etcd_prefix"].startswith("/"):
+        problems.append(f"etcd_prefix: expected a key prefix starting with '/', got {out['etcd_prefix']!r}")
+    if ("etcd_cert" in merged) != ("etcd_key" in merged):
+        problems.append("etcd_cert, etcd_key: a TLS client certificate needs both the certificate and its key")
+    if "etcd_cert" in merged and "etcd_cacert" not in merged:
+        problems.append("etcd_cacert: a TLS client certificate needs the CA of etcd's server certificate too")
+    if ("etcd_user" in merged) != ("etcd_password_file" in merged):
+        problems.append("etcd_user, etcd_password_file: etcd authentication needs both the user and the file "
+                        "holding its password")
 
 
 def _read_options(path: Path, yaml_policy: Policy, problems: list[str]

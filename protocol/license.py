@@ -79,6 +79,7 @@ from protocol.validation import (
 __all__ = [
     "CUSTOMER_ID_RE",
     "DATE_RE",
+    "HA_SERVERS",
     "LICENSE_FORMAT",
     "LICENSE_SIGNING_DOMAIN",
     "LICENSE_TYPES",
@@ -108,6 +109,7 @@ __all__ = [
     "parse_license",
     "parse_revocation",
     "parse_timestamp",
+    "servers_problem",
     "split_revocation_list",
     "verify_license",
     "verify_revocation",
@@ -260,6 +262,9 @@ class License:
     share: ShareMode
     #: The vendor's activation service deciding this license's activation (``None``: the local 24-hour rule).
     cloud_url: str | None = None
+    #: An HA license (served by 2 or 3 lmgrd nodes on one etcd cluster, like a FlexNet triad's SERVER lines):
+    #: every server's ``(hostname, ip)``; the first is also ``hostname``/``ip``. Empty for one server.
+    servers: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         problem = customer_id_problem(self.customer_id)
@@ -291,6 +296,11 @@ class License:
             raise ValueError("site_networks must be a tuple of network strings")
         for net in self.site_networks:
             ipaddress.ip_network(net, strict=True)  # raises ValueError naming the network
+        problem = servers_problem(self.servers, self.license_type)
+        if problem:
+            raise ValueError(problem)
+        if self.servers and (self.hostname, self.ip) != self.servers[0]:
+            raise ValueError("an HA license's hostname and ip are those of its first server")
         if self.share not in SHARE_MODES:
             raise ValueError(f"share mode {self.share!r} is not one of {', '.join(SHARE_MODES)}")
         if self.cloud_url is not None:
@@ -335,6 +345,35 @@ class Revocation:
         object.__setattr__(self, "revoked_at", self.revoked_at.astimezone(UTC).replace(microsecond=0))
 
 
+#: How many servers an HA license may name (FlexNet's triad has three; two nodes are the smallest HA pair).
+HA_SERVERS = (2, 3)
+
+
+def servers_problem(servers: object, license_type: str = "multi") -> str | None:
+    """Why ``servers`` is not a valid HA server list (``()``, or 2-3 distinct ``(hostname, ip)``), or None."""
+    if not isinstance(servers, tuple):
+        return "servers must be a tuple of (hostname, ip) pairs"
+    if not servers:
+        return None
+    if license_type == "single":
+        return "a single-user (node-locked) license has no servers"
+    if len(servers) not in HA_SERVERS:
+        return f"an HA license names 2 or 3 servers, got {len(servers)}"
+    names: set[str] = set()
+    for entry in servers:
+        if not isinstance(entry, tuple) or len(entry) != 2:
+            return f"each server is a (hostname, ip) pair, got {entry!r}"
+        name, ip = entry
+        problem = hostname_problem(name) if isinstance(name, str) else f"hostname must be text, got {name!r}"
+        if problem:
+            return problem
+        normalize_ip(ip)
+        if short_hostname(name) in names:
+            return f"server {short_hostname(name)!r} is listed twice"
+        names.add(short_hostname(name))
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
 # Canonical encoding and signatures
 
@@ -364,8 +403,8 @@ def parse_timestamp(text: str) -> datetime | None:
 def canonical_license_bytes(lic: License) -> bytes:
     """The exact bytes a license signature covers: every field, keys sorted, products in file order.
 
-    ``cloud_url`` is included only when the license has one, so a license without it has the bytes it
-    always had.
+    ``cloud_url`` and ``servers`` (an HA license) are included only when the license has them, so a license
+    without them has the bytes it always had.
     """
     fields: dict[str, object] = {
         "format": LICENSE_FORMAT,
@@ -383,6 +422,8 @@ def canonical_license_bytes(lic: License) -> bytes:
     }
     if lic.cloud_url is not None:
         fields["cloud_url"] = lic.cloud_url
+    if lic.servers:  # an HA license: covered only when present, like cloud_url
+        fields["servers"] = [list(x) for x in lic.servers]
     return _pack(LICENSE_SIGNING_DOMAIN, fields)
 
 
@@ -418,7 +459,7 @@ _LICENSE_SINGLE_KEYS = (
     "share",
     "cloud_url",
 )
-_LICENSE_MULTI_KEYS = ("site_network", "product")
+_LICENSE_MULTI_KEYS = ("site_network", "product", "server")
 _REVOCATION_SINGLE_KEYS = ("format", "kind", "customer_id", "revoked_at", "replaced_by", "reason")
 _LINE_RE = re.compile(r"([a-z_]+)(?:[ \t]+(.*))?")
 
@@ -593,6 +634,19 @@ def parse_license(text: str, source: str) -> tuple[License, bytes]:
         normalize_ip(ip)
     except ValueError as exc:
         raise records.fail(f"unparsable line: {exc}", lineno) from None
+    servers: list[tuple[str, str]] = []
+    for lineno, value in records.multi.get("server", []):
+        parts = value.split()
+        if len(parts) != 2:
+            raise records.fail(f"unparsable line: server {value!r}: expected 'server HOSTNAME IP'", lineno)
+        problem = hostname_problem(parts[0])
+        if problem:
+            raise records.fail(f"unparsable line: server: {problem}", lineno)
+        try:
+            normalize_ip(parts[1])
+        except ValueError as exc:
+            raise records.fail(f"unparsable line: server: {exc}", lineno) from None
+        servers.append((parts[0], parts[1]))
     cloud_url: str | None = None
     if "cloud_url" in records.single:
         lineno, cloud_url = records.single["cloud_url"]
@@ -611,6 +665,7 @@ def parse_license(text: str, source: str) -> tuple[License, bytes]:
             expires=expires,
             site_networks=tuple(networks),
             share=cast(ShareMode, records.get("share")[1]),
+            servers=tuple(servers),
             cloud_url=cloud_url,
         )
     except ValueError as exc:
@@ -857,9 +912,20 @@ def host_mismatch(lic: License, hostname: str, addresses: Iterable[str]) -> list
     Hostnames compare by short form, case-insensitively; the registered IP must be one of
     ``addresses`` (after normalisation: IPv4-mapped IPv6 counts as IPv4, zones are ignored).
 
+    An HA license (``servers``) belongs on each of its servers: here if this machine is one of them.
+
     Returns:
         ``[]`` if the license belongs here, else one message per differing item naming both sides.
     """
+    if lic.servers:
+        addresses = list(addresses)
+        for name, server_ip in lic.servers:
+            one = dataclasses.replace(lic, hostname=name, ip=server_ip, servers=())
+            if not host_mismatch(one, hostname, addresses):
+                return []
+        listed = ", ".join(f"{short_hostname(n)} ({a})" for n, a in lic.servers)
+        return [f"license {lic.customer_id} is an HA license for the servers {listed}; this machine "
+                f"({short_hostname(hostname)}, {', '.join(addresses) or 'no addresses'}) is not one of them"]
     problems: list[str] = []
     if short_hostname(lic.hostname) != short_hostname(hostname):
         problems.append(

@@ -68,6 +68,11 @@ def health(server: Server) -> tuple[bool, str]:
     """
     if server.closing:
         return False, "shutting down"
+    cluster = server.cluster
+    if cluster is not None and not cluster.up:
+        return False, (f"degraded: the shared seat store (etcd {','.join(cluster.settings.endpoints)}) is unreachable "
+                       "or has no quorum; new checkouts are refused with STORE_UNAVAILABLE, held seats are kept for "
+                       "at most the lease timeout")
     if server.store_error is not None:
         return False, f"degraded, new checkouts refused (STORE_UNAVAILABLE): {server.store_error}"
     now = datetime.now(UTC)
