@@ -169,8 +169,10 @@ class RawClient:
 
     opened: ClassVar[list[RawClient]] = []  # closed by the conftest after each test
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0, source: str | None = None) -> None:
+        # source: the local address to connect from (any 127.0.0.0/8 address works on Linux loopback).
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         RawClient.opened.append(self)
         self.conn = Connection(Role.CLIENT)
         self.replies: list[Reply] = []
@@ -199,8 +201,8 @@ class RawClient:
         self.next_id += 1
         return self.next_id
 
-    def hello(self, host: str = HOSTNAME, user: str = "alice", pid: int | None = None) -> Reply:
-        return self.request(Hello(self.id(), (1,), host, user, pid or os.getpid(), "test", ""))
+    def hello(self, host: str = HOSTNAME, user: str = "alice", pid: int | None = None, display: str = "") -> Reply:
+        return self.request(Hello(self.id(), (1,), host, user, pid or os.getpid(), "test", display))
 
     def closed(self, timeout: float = 5.0) -> bool:
         """True once the server has closed the connection (reads EOF)."""
@@ -230,3 +232,4 @@ class Holder:
     pid: int
     display: str
     session: int | None
+    addr: str = ""

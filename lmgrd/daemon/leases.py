@@ -73,6 +73,7 @@ class WaitCtx:
     started: float
     pool: PoolKey
     share_key: tuple[str, ...]
+    holder: HolderLike
     timer: Cancellable | None = None
 
 
@@ -130,10 +131,15 @@ class LeaseLifecycle:
     def checkout(self, client: Client, rid: int, pool: PoolKey, share_key: tuple[str, ...], holder: HolderLike,
                  version: str, now: float, wall: float) -> bool:
         """Grant a seat of ``pool`` now if the ledger has one; False when it needs a new seat and none is free."""
-        lease = self.ledger.checkout(pool, share_key, holder, version, now, wall)
+        ledger = self.ledger
+        lease = ledger.checkout(pool, share_key, holder, version, now, wall)
         if lease is None:
             return False
         self._granted(client, rid, lease, 0.0)
+        if ledger.queued(pool):
+            # Waiters whose share key this seat has join it now (under a usage policy a checkout may pass the
+            # queue, and under host sharing its seat can be a waiter's: invariant 3 of the ledger).
+            self._serve(ledger.serve(pool, now, wall))
         return True
 
     def _granted(self, client: Client, rid: int, lease: LeaseInfo, waited: float) -> None:
@@ -156,7 +162,7 @@ class LeaseLifecycle:
         """Queue a checkout the ledger refused for up to ``wait`` seconds; returns its position."""
         waiter_id = self.next_waiter
         self.next_waiter += 1
-        ctx = WaitCtx(client, rid, product, version, now, pool, share_key)
+        ctx = WaitCtx(client, rid, product, version, now, pool, share_key, holder)
         position = self.ledger.enqueue(Waiter(waiter_id, pool, share_key, holder, version, ctx))
         ctx.timer = self.timers.call_later(wait, self._wait_expired, waiter_id)
         self.waits[waiter_id] = ctx
@@ -172,7 +178,8 @@ class LeaseLifecycle:
         self.ledger.cancel_wait(waiter_id)
         waited = self.clock() - ctx.started
         # Why it is still refused, from the pool it waited in (the ledger knows; no license check again).
-        why = self.ledger.refusal(ctx.pool, ctx.share_key, ctx.client.user, ctx.client.host)
+        h = ctx.holder
+        why = self.ledger.refusal(ctx.pool, ctx.share_key, h.user, h.host, h.addr, h.display)
         code = {"max": ErrorCode.MAX_REACHED, "reserved": ErrorCode.RESERVED}.get(why or "", ErrorCode.NO_SEATS)
         what = "no seat" if code is ErrorCode.NO_SEATS else "no seat the usage policy allows you"
         self.deny(ctx.client, ctx.request_id, ctx.product, ctx.version, code,

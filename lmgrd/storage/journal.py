@@ -22,8 +22,9 @@ What can be lost
 Journal format (``leases.journal``)
     The 8-byte magic ``b"LMGRDJ\\x00\\x01"``, then records, each ``length`` (4 bytes, big-endian),
     ``crc32(payload)`` (4 bytes, big-endian), ``payload`` (msgpack). A payload is
-    ``[1, token, customer_id, product, [share key...], user, host, pid, version, display, granted_at]``
-    for a grant and ``[2, token]`` for a release. Replaying the records in order gives the live set.
+    ``[1, token, customer_id, product, [share key...], user, host, pid, version, display, granted_at, addr]``
+    for a grant and ``[2, token]`` for a release. A grant written before ``addr`` was kept has 11 fields and
+    reads with ``addr = ""``. Replaying the records in order gives the live set.
 
 Recovery
     A damaged record with no intact record after it is a torn tail (a write cut short by a crash or a
@@ -150,7 +151,7 @@ def _frame(payload: bytes) -> bytes:
 def _grant_payload(rec: LeaseRecord) -> list[object]:
     return [
         _GRANT, rec.token, rec.customer_id, rec.product, list(rec.share_key), rec.user, rec.host, rec.pid,
-        rec.version, rec.display, rec.granted_at,
+        rec.version, rec.display, rec.granted_at, rec.addr,
     ]  # fmt: skip
 
 
@@ -164,10 +165,12 @@ def _decode(payload: bytes) -> LeaseRecord | str | None:
         return None
     if obj[0] == _RELEASE and len(obj) == 2 and type(obj[1]) is str:
         return obj[1]
-    if obj[0] != _GRANT or len(obj) != 11:
+    if obj[0] != _GRANT or len(obj) not in (11, 12):
         return None
-    _, token, customer_id, product, share_key, user, host, pid, version, display, granted_at = obj
-    strings = (token, customer_id, product, user, host, version, display)
+    if len(obj) == 11:
+        obj.append("")  # written before the client's address was kept
+    _, token, customer_id, product, share_key, user, host, pid, version, display, granted_at, addr = obj
+    strings = (token, customer_id, product, user, host, version, display, addr)
     if not all(type(s) is str for s in strings) or type(share_key) is not list:
         return None
     if not all(type(s) is str for s in share_key) or type(pid) is not int:
@@ -175,7 +178,7 @@ def _decode(payload: bytes) -> LeaseRecord | str | None:
     if type(granted_at) not in (int, float):
         return None
     return LeaseRecord(
-        token, customer_id, product, tuple(share_key), user, host, pid, version, display, float(granted_at)
+        token, customer_id, product, tuple(share_key), user, host, pid, version, display, float(granted_at), addr
     )
 
 

@@ -248,3 +248,23 @@ def test_restore_keeps_the_licensed_and_counts_each_one_freed(tmp_path: Path, ve
     lic = (tmp_path / "site.lic").read_bytes()
     run(tmp_path, vendor, licensed, products=(("CADPRO", "2.1", 2),), keep_license=lic)
     run(tmp_path, vendor, unlicensed, products=(("CADPRO", "2.1", 2),))
+
+
+def test_a_waiter_joins_at_once_the_seat_another_users_checkout_gave_its_host(tmp_path: Path, vendor: Vendor) -> None:
+    # Host sharing + a usage policy: alice@h2 waits (the free seat is carol's); carol@h2 takes it, so the
+    # seat keyed ("h2",) exists and alice joins it at once, in a full pool, with no seat taken.
+    async def body(rig: Rig) -> None:
+        bob, alice, carol = rig.connect("bob", "h1"), rig.connect("alice", "h2"), rig.connect("carol", "h2")
+        assert rig.checkout(bob)["op"] == "granted"  # the one unreserved seat
+        rid = rig.rid()
+        assert rig.send(alice, Checkout(rid, "CADPRO", "2.1", 60)) == []  # queued
+        assert rig.checkout(carol)["op"] == "granted"
+        (granted,) = rig.replies(alice)
+        assert (granted["op"], granted["id"]) == ("granted", rid)
+        pool = _pool(rig)
+        assert rig.server.ledger.in_use(pool) == 2 and rig.server.ledger.queued(pool) == 0
+        assert rig.server.leases.waits == {} and alice.waiters == {}
+        assert sorted(r.user for r in rig.journal().values()) == ["alice", "bob", "carol"]
+
+    run(tmp_path, vendor, body, products=(("CADPRO", "2.1", 2),), share="host",
+        extra={"policy": {"CADPRO": {"reserve": [{"seats": 1, "user": "carol"}]}}})
