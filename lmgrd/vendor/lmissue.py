@@ -387,6 +387,36 @@ def _existing_revocations(path: Path, public: Ed25519PublicKey) -> tuple[str, li
     return text, revs
 
 
+def _add_revocation(path: Path, rev: Revocation, private: Ed25519PrivateKey) -> tuple[int, str | None]:
+    """Add ``rev``, signed, to the revocation list at ``path`` (created if missing), atomically and under a lock:
+    earlier entries are kept byte for byte, and a customer ID already revoked there is not added again.
+
+    Returns:
+        The number of revocations the file holds now, and ``None`` if ``rev`` was added, else the line saying
+        which entry already revokes its customer ID.
+    """
+    with _locked(path):
+        if path.exists():
+            text, revs = _existing_revocations(path, private.public_key())
+            same = next((i for i, r in enumerate(revs, start=1) if r.customer_id == rev.customer_id), None)
+            if same is not None:
+                return len(revs), (f"{path}: {rev.customer_id} is already revoked there (entry {same} of "
+                                   f"{len(revs)}, revoked at {revs[same - 1].revoked_at:%Y-%m-%d %H:%M:%S} UTC); "
+                                   "nothing was written")
+            # Earlier entries are kept byte for byte: each carries its own signature.
+            new_text = text + ("" if text.endswith("\n") else "\n") + "\n" + sign_revocation(rev, private)
+            count = len(revs) + 1
+        else:
+            new_text, count = sign_revocation(rev, private), 1
+        try:
+            write_atomic(path, new_text.encode("utf-8"), replace=count > 1)
+        except FileExistsError:
+            raise _Failure(f"{path}: appeared while writing; run the command again to add to it") from None
+        except OSError as exc:
+            raise _Failure(f"{path}: cannot write: {exc.strerror or exc}") from None
+    return count, None
+
+
 def _cmd_revoke(args: argparse.Namespace, out: TextIO) -> int:
     problem = customer_id_problem(args.customer_id)
     if problem:
@@ -397,25 +427,10 @@ def _cmd_revoke(args: argparse.Namespace, out: TextIO) -> int:
     if args.force:
         print("lmissue: --force no longer replaces a revocation list (that would un-revoke every earlier entry); "
               "the revocation is added to it", file=sys.stderr)
-    with _locked(out_path):
-        if out_path.exists():
-            text, revs = _existing_revocations(out_path, private.public_key())
-            same = next((i for i, r in enumerate(revs, start=1) if r.customer_id == rev.customer_id), None)
-            if same is not None:
-                print(f"{out_path}: {rev.customer_id} is already revoked there (entry {same} of {len(revs)}, "
-                      f"revoked at {revs[same - 1].revoked_at:%Y-%m-%d %H:%M:%S} UTC); nothing was written", file=out)
-                return 0
-            # Earlier entries are kept byte for byte: each carries its own signature.
-            new_text = text + ("" if text.endswith("\n") else "\n") + "\n" + sign_revocation(rev, private)
-            count = len(revs) + 1
-        else:
-            new_text, count = sign_revocation(rev, private), 1
-        try:
-            write_atomic(out_path, new_text.encode("utf-8"), replace=count > 1)
-        except FileExistsError:
-            raise _Failure(f"{out_path}: appeared while writing; run the command again to add to it") from None
-        except OSError as exc:
-            raise _Failure(f"{out_path}: cannot write: {exc.strerror or exc}") from None
+    count, same = _add_revocation(out_path, rev, private)
+    if same is not None:
+        print(same, file=out)
+        return 0
     print(f"{'added to' if count > 1 else 'wrote'} {out_path} ({count} revocation{'s' if count > 1 else ''} in it)",
           file=out)
     for line in _revocation_summary(rev):
@@ -438,16 +453,20 @@ def _cmd_reissue(args: argparse.Namespace, out: TextIO) -> int:
         raise _Failure(_explain(exc)) from None
     spec = _spec_from_request(args.request)
     out_path = Path(args.out)
-    revoked_path = _revoked_path(out_path)
-    _refuse_existing([out_path, revoked_path], args.force)
+    revoked_path = Path(args.revocations) if args.revocations else _revoked_path(out_path)
+    _refuse_existing([out_path], args.force)  # the revocation list is added to, never replaced
     now = datetime.now(UTC)
     lic, text = _issue(spec, private, now)
     reason = args.reason or f"reissued as {lic.customer_id}"
     rev = _revocation(old.customer_id, reason, lic.customer_id, now)
     # The revocation first: a new license without the revocation of the old one would leave both live.
-    _write_text(revoked_path, sign_revocation(rev, private), args.force)
+    count, same = _add_revocation(revoked_path, rev, private)
     _write_text(out_path, text, args.force)
-    print(f"wrote {revoked_path}  (revokes {old.customer_id}; give it to the license server)", file=out)
+    if same is not None:
+        print(same, file=out)
+    else:
+        print(f"{'added to' if count > 1 else 'wrote'} {revoked_path}  (revokes {old.customer_id}; "
+              f"{count} revocation{'s' if count > 1 else ''} in it; give it to the license server)", file=out)
     print(f"wrote {out_path}", file=out)
     for line in _license_summary(lic):
         print(line, file=out)
@@ -514,8 +533,10 @@ def _parser() -> argparse.ArgumentParser:
         "reissue",
         help="replace a license (type or server change): new license plus revocation of the old",
         description="Verify OLD.lic (it must be signed with this --key), issue a new license with a new\n"
-        "customer ID from REQUEST.yaml to NEW.lic, and write a signed revocation of the old customer ID\n"
-        "beside it as NEW.revoked (NEW.lic -> NEW.revoked). Give both files to the license server.\n"
+        "customer ID from REQUEST.yaml to NEW.lic, and add a signed revocation of the old customer ID\n"
+        "to the revocation list beside it, NEW.revoked (NEW.lic -> NEW.revoked), or to --revocations FILE:\n"
+        "created if missing, added to if it exists (earlier entries are kept; an ID already revoked there\n"
+        "is not added twice). Give both files to the license server.\n"
         "Use it when the license type or the license server changes.",
         epilog=_REQUEST_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -525,7 +546,10 @@ def _parser() -> argparse.ArgumentParser:
     reissue.add_argument("--key", required=True, metavar="vendor.key", help="the vendor private key")
     reissue.add_argument("--out", required=True, metavar="NEW.lic", help="where to write the new license")
     reissue.add_argument("--reason", default=None, help="reason recorded in the revocation")
-    reissue.add_argument("--force", action="store_true", help="replace NEW.lic and NEW.revoked if they exist")
+    reissue.add_argument("--revocations", default=None, metavar="FILE",
+                         help="the revocation list to add the revocation to (default: NEW.revoked)")
+    reissue.add_argument("--force", action="store_true",
+                         help="replace NEW.lic if it exists (the revocation list is always added to)")
     reissue.set_defaults(func=_cmd_reissue)
     return parser
 
