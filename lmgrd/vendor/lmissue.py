@@ -20,6 +20,7 @@ from typing import TextIO
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from lmgrd.i18n import N_, argparse_in_language, gettext_
 from lmgrd.storage.atomic import write_atomic
 from lmgrd.storage.files import read_public_key_file
 from lmgrd.vendor.signing import (
@@ -53,7 +54,7 @@ __all__ = ["main"]
 _MAX_REQUEST_BYTES = 1_000_000
 _MAX_KEY_BYTES = 64 * 1024
 
-_DESCRIPTION = """\
+_DESCRIPTION = N_("""\
 Issue signed licenses for lmgrd (the vendor's tool).
 
   lmissue keygen --out keys/                        make the vendor key pair (once)
@@ -64,9 +65,9 @@ Issue signed licenses for lmgrd (the vendor's tool).
 
 Keep vendor.key secret: whoever has it can issue licenses. Give vendor.pub to the license server
 (lmgrd --vendor-key) and ship it with your products.
-"""
+""")
 
-_REQUEST_HELP = """\
+_REQUEST_HELP = N_("""\
 The registration request is YAML:
 
   license_type: multi            # multi (floating, license server) | single (node-locked PC)
@@ -80,7 +81,7 @@ The registration request is YAML:
 
 Quote versions ("2.10"): unquoted, YAML reads 2.10 as the number 2.1. Every problem in the request
 is listed at once, one line per field; nothing is written unless the request is correct.
-"""
+""")
 
 
 class _Failure(Exception):
@@ -475,88 +476,91 @@ def _cmd_reissue(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The parser, its help in the vendor's language (:mod:`lmgrd.i18n`: LMGRD_LANG, else the locale)."""
+    _ = gettext_
     parser = argparse.ArgumentParser(
-        prog="lmissue", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="lmissue", description=_(_DESCRIPTION), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     keygen = sub.add_parser(
         "keygen",
-        help="create the vendor key pair (vendor.key, vendor.pub)",
-        description="Create DIR/vendor.key (Ed25519 private key, PEM PKCS8, mode 0600) and DIR/vendor.pub "
-        "(public key, PEM). Existing key files are never overwritten.",
+        help=_("create the vendor key pair (vendor.key, vendor.pub)"),
+        description=_("Create DIR/vendor.key (Ed25519 private key, PEM PKCS8, mode 0600) and DIR/vendor.pub "
+                      "(public key, PEM). Existing key files are never overwritten."),
     )
-    keygen.add_argument("--out", required=True, metavar="DIR", help="directory for vendor.key and vendor.pub")
+    keygen.add_argument("--out", required=True, metavar="DIR", help=_("directory for vendor.key and vendor.pub"))
     keygen.set_defaults(func=_cmd_keygen)
 
     issue = sub.add_parser(
         "issue",
-        help="turn a registration request into a signed license",
-        description="Check REQUEST.yaml, then write a signed license with a new customer ID.\n"
-        "The customer ID is printed alone on the last line of the output (scripts read it there).",
-        epilog=_REQUEST_HELP,
+        help=_("turn a registration request into a signed license"),
+        description=_("Check REQUEST.yaml, then write a signed license with a new customer ID.\n"
+                      "The customer ID is printed alone on the last line of the output (scripts read it there)."),
+        epilog=_(_REQUEST_HELP),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    issue.add_argument("request", metavar="REQUEST.yaml", help="the registration request (YAML)")
-    issue.add_argument("--key", required=True, metavar="vendor.key", help="the vendor private key")
-    issue.add_argument("--out", required=True, metavar="FILE.lic", help="where to write the license")
-    issue.add_argument("--force", action="store_true", help="replace --out if it exists")
+    issue.add_argument("request", metavar="REQUEST.yaml", help=_("the registration request (YAML)"))
+    issue.add_argument("--key", required=True, metavar="vendor.key", help=_("the vendor private key"))
+    issue.add_argument("--out", required=True, metavar="FILE.lic", help=_("where to write the license"))
+    issue.add_argument("--force", action="store_true", help=_("replace --out if it exists"))
     issue.set_defaults(func=_cmd_issue)
 
     show = sub.add_parser(
         "show",
-        help="print a license (or revocation) and whether its signature verifies",
-        description="Print a readable summary of a license or revocation file. With --vendor-key (or "
-        "LM_VENDOR_KEY) also verify its signature; exit 1 if it does not verify.",
+        help=_("print a license (or revocation) and whether its signature verifies"),
+        description=_("Print a readable summary of a license or revocation file. With --vendor-key (or "
+                      "LM_VENDOR_KEY) also verify its signature; exit 1 if it does not verify."),
     )
-    show.add_argument("file", metavar="FILE", help="a .lic license or .revoked revocation file (every "
-                      "revocation in it is listed)")
-    show.add_argument("--vendor-key", metavar="vendor.pub", help="the vendor public key (default: $LM_VENDOR_KEY)")
+    show.add_argument("file", metavar="FILE", help=_("a .lic license or .revoked revocation file (every "
+                                                    "revocation in it is listed)"))
+    show.add_argument("--vendor-key", metavar="vendor.pub", help=_("the vendor public key (default: $LM_VENDOR_KEY)"))
     show.set_defaults(func=_cmd_show)
 
     revoke = sub.add_parser(
         "revoke",
-        help="add a signed revocation of a customer ID to a revocation list",
-        description="Add a signed revocation to FILE (created if missing): a license server given this file "
-        "stops serving CUSTOMER_ID. FILE may hold many revocations, each signed on its own; earlier ones are "
-        "never dropped, and a customer ID already in FILE is not added twice.",
+        help=_("add a signed revocation of a customer ID to a revocation list"),
+        description=_("Add a signed revocation to FILE (created if missing): a license server given this file "
+                      "stops serving CUSTOMER_ID. FILE may hold many revocations, each signed on its own; earlier "
+                      "ones are never dropped, and a customer ID already in FILE is not added twice."),
     )
-    revoke.add_argument("customer_id", metavar="CUSTOMER_ID", help="the customer ID to revoke (CID-XXXX-...)")
-    revoke.add_argument("--key", required=True, metavar="vendor.key", help="the vendor private key")
-    revoke.add_argument("--out", required=True, metavar="FILE", help="the revocation list to add to (created "
-                        "if missing)")
-    revoke.add_argument("--reason", default="revoked by the vendor", help="one line kept in the file")
+    revoke.add_argument("customer_id", metavar="CUSTOMER_ID", help=_("the customer ID to revoke (CID-XXXX-...)"))
+    revoke.add_argument("--key", required=True, metavar="vendor.key", help=_("the vendor private key"))
+    revoke.add_argument("--out", required=True, metavar="FILE", help=_("the revocation list to add to (created "
+                                                                       "if missing)"))
+    revoke.add_argument("--reason", default="revoked by the vendor", help=_("one line kept in the file"))
     revoke.add_argument("--force", action="store_true", help=argparse.SUPPRESS)  # accepted; never replaces
     revoke.set_defaults(func=_cmd_revoke)
 
     reissue = sub.add_parser(
         "reissue",
-        help="replace a license (type or server change): new license plus revocation of the old",
-        description="Verify OLD.lic (it must be signed with this --key), issue a new license with a new\n"
-        "customer ID from REQUEST.yaml to NEW.lic, and add a signed revocation of the old customer ID\n"
-        "to the revocation list beside it, NEW.revoked (NEW.lic -> NEW.revoked), or to --revocations FILE:\n"
-        "created if missing, added to if it exists (earlier entries are kept; an ID already revoked there\n"
-        "is not added twice). Give both files to the license server.\n"
-        "Use it when the license type or the license server changes.",
-        epilog=_REQUEST_HELP,
+        help=_("replace a license (type or server change): new license plus revocation of the old"),
+        description=_("Verify OLD.lic (it must be signed with this --key), issue a new license with a new\n"
+                      "customer ID from REQUEST.yaml to NEW.lic, and add a signed revocation of the old customer\n"
+                      "ID to the revocation list beside it, NEW.revoked (NEW.lic -> NEW.revoked), or to\n"
+                      "--revocations FILE: created if missing, added to if it exists (earlier entries are kept;\n"
+                      "an ID already revoked there is not added twice). Give both files to the license server.\n"
+                      "Use it when the license type or the license server changes."),
+        epilog=_(_REQUEST_HELP),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    reissue.add_argument("old", metavar="OLD.lic", help="the license being replaced")
-    reissue.add_argument("request", metavar="REQUEST.yaml", help="the registration request for the new license")
-    reissue.add_argument("--key", required=True, metavar="vendor.key", help="the vendor private key")
-    reissue.add_argument("--out", required=True, metavar="NEW.lic", help="where to write the new license")
-    reissue.add_argument("--reason", default=None, help="reason recorded in the revocation")
+    reissue.add_argument("old", metavar="OLD.lic", help=_("the license being replaced"))
+    reissue.add_argument("request", metavar="REQUEST.yaml", help=_("the registration request for the new license"))
+    reissue.add_argument("--key", required=True, metavar="vendor.key", help=_("the vendor private key"))
+    reissue.add_argument("--out", required=True, metavar="NEW.lic", help=_("where to write the new license"))
+    reissue.add_argument("--reason", default=None, help=_("reason recorded in the revocation"))
     reissue.add_argument("--revocations", default=None, metavar="FILE",
-                         help="the revocation list to add the revocation to (default: NEW.revoked)")
+                         help=_("the revocation list to add the revocation to (default: NEW.revoked)"))
     reissue.add_argument("--force", action="store_true",
-                         help="replace NEW.lic if it exists (the revocation list is always added to)")
+                         help=_("replace NEW.lic if it exists (the revocation list is always added to)"))
     reissue.set_defaults(func=_cmd_reissue)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``lmissue``; returns the exit code (0 ok, 1 problem, 2 usage)."""
-    args = _parser().parse_args(argv)
+    with argparse_in_language():
+        args = _parser().parse_args(argv)
     try:
         return int(args.func(args, sys.stdout))
     except _Failure as exc:
@@ -566,3 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmissue: interrupted", file=sys.stderr)
         return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
