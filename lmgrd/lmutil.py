@@ -31,8 +31,10 @@ from typing import Any
 
 from lmgrd import __version__, lmstat_text
 from lmgrd.admin.token import token_path
+from lmgrd.config import DEFAULT_PORT
 from lmgrd.i18n import N_, Text, argparse_in_language, gettext_, language, tr
 from protocol import Admin, Connection, ErrorCode, ErrorReply, Hello, ProtocolError, Reply, Role, StatusReply, Welcome
+from protocol.license import parse_license
 
 DEFAULT_SERVER = "27000@localhost"
 
@@ -88,6 +90,23 @@ def parse_server(spec: str) -> tuple[str, int]:
         raise AdminError(tr("cannot read the port in {spec}: use PORT@HOST, for example 27000@licsrv01",
                             spec=repr(spec)), 2) from None
     return host, port
+
+
+def server_of(spec: str) -> tuple[str, int]:
+    """Where ``-c`` points, with FlexNet's meanings: ``PORT@HOST`` (or ``@HOST``, ``HOST:PORT``), or the path of a
+    license file, whose registered license server (``hostname``) is dialled on the default port 27000 (an lmgrd
+    license names its server but not a port). Of a comma-separated list the first is used."""
+    first = spec.split(",")[0].strip()
+    path = Path(first)
+    if "@" not in first and path.is_file():
+        try:
+            text = path.read_text("utf-8-sig")
+            lic, _sig = parse_license(text, first)  # unverified: it only says where to connect
+        except (OSError, UnicodeDecodeError, ProtocolError) as exc:
+            raise AdminError(tr("-c {path}: not a license server (PORT@HOST) nor a readable license file: "
+                                "{error}", path=first, error=getattr(exc, "message", None) or exc), 2) from None
+        return lic.hostname, DEFAULT_PORT
+    return parse_server(first)
 
 
 class AdminClient:
@@ -324,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     _ = gettext_
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", dest="server", metavar="PORT@HOST", default=os.environ.get("LM_LICENSE_SERVER_ADMIN",
-                        DEFAULT_SERVER), help=_("license server (default {server})").format(server=DEFAULT_SERVER))
+                        DEFAULT_SERVER), help=_("license server, or a license file naming it (default {server})")
+                        .format(server=DEFAULT_SERVER))
     common.add_argument("--json", action="store_true", help=_("print machine-readable JSON"))
     common.add_argument("--token-file", metavar="PATH", help=_("admin token file (needed when not run on the "
                                                                "license server as the daemon's user)"))
@@ -409,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     fn = COMMANDS[ns.command][0]
     try:
-        host, port = parse_server(ns.server.split(",")[0])
+        host, port = server_of(ns.server)
         auth = find_token(port, ns.token_file)
         client = AdminClient(host, port, timeout=getattr(ns, "t", 10.0))
         try:
