@@ -292,18 +292,23 @@ def test_two_queued_checkouts_of_one_user_share_the_seat_the_first_gets(tmp_path
     run(tmp_path, vendor, body)
 
 
-def test_a_wait_runs_out_as_max_reached_when_the_host_filled_its_max_meanwhile(tmp_path: Path, vendor: Vendor) -> None:
-    # dave@lab1 waits (the free seat is erin's); erin@lab1 takes it, which fills the lab host's max: dave's wait
-    # runs out as MAX_REACHED, judged by his host (the rule is by host, not by user).
+@pytest.mark.parametrize("rule", [{"host": "lab1"}, {"internet": "127.0.0.*"}, {"display": "lab1:0"}],
+                         ids=["host", "internet", "display"])
+def test_a_wait_runs_out_as_max_reached_when_its_max_filled_meanwhile(tmp_path: Path, vendor: Vendor,
+                                                                      rule: dict[str, str]) -> None:
+    # dave@lab1 waits (the free seat is erin's); erin@lab1 takes it, which fills the max rule dave falls under too
+    # (by host, by the address both connect from, or by their display): dave's wait runs out as MAX_REACHED,
+    # judged by his own host, address and display.
     now = [1000.0]
 
     async def body(rig: Rig) -> None:
-        alice, bob, dave = rig.connect("alice", "pc1"), rig.connect("bob", "pc2"), rig.connect("dave", "lab1")
+        alice, bob = rig.connect("alice", "pc1"), rig.connect("bob", "pc2", display="pc2:0")
+        dave = rig.connect("dave", "lab1", display="lab1:0")
         assert rig.checkout(alice)["op"] == rig.checkout(bob)["op"] == "granted"
         rid = rig.rid()
         rig.server.handlers.dispatch(dave, Checkout(rid, "CADPRO", "2.1", 0.2))
         assert rig.server.ledger.queued(_pool(rig)) == 1
-        assert rig.checkout(rig.connect("erin", "lab1"))["op"] == "granted"
+        assert rig.checkout(rig.connect("erin", "lab1", display="lab1:0"))["op"] == "granted"
         now[0] += 2.0
         await asyncio.sleep(0.4)
         rig.server.outbox.flush()
@@ -312,9 +317,11 @@ def test_a_wait_runs_out_as_max_reached_when_the_host_filled_its_max_meanwhile(t
         assert reply["message"] == "no seat the usage policy allows you of CADPRO became free within 2 s"
         assert rig.server.counters.denied == {ErrorCode.MAX_REACHED: 1}
 
+    # The internet rule matches alice and bob too (every rig client is 127.0.0.1): max 3 lets them in first.
+    seats = 3 if "internet" in rule else 1
     run(tmp_path, vendor, body, products=(("CADPRO", "2.1", 3),), clock=lambda: now[0],
         extra={"policy": {"CADPRO": {"reserve": [{"seats": 1, "user": "erin"}],
-                                     "max": [{"seats": 1, "host": "lab1"}]}}})
+                                     "max": [{"seats": seats, **rule}]}}})
 
 
 def test_a_removal_reaches_the_journal_without_any_reply_to_carry_it(tmp_path: Path, vendor: Vendor) -> None:
