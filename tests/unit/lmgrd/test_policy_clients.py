@@ -296,3 +296,57 @@ class AddressPolicyMachine(RuleBasedStateMachine):
 TestAddressPolicyMachine = AddressPolicyMachine.TestCase
 TestAddressPolicyMachine.settings = settings(max_examples=80, stateful_step_count=40, deadline=None,
                                              suppress_health_check=[HealthCheck.too_slow])
+
+
+# -- the ledger edges mutation testing found untested (tests/mutation/survivors.txt) ------------------------------
+
+
+def test_refusal_and_enqueue_judge_a_reserve_by_the_clients_address() -> None:
+    ledger = make(2, options("RESERVE 1 CADPRO INTERNET 192.0.2.*\n"))
+    assert co(ledger, holder("out1", addr="198.51.100.1")) is not None
+    assert ledger.refusal(POOL, ("lab1", "pc1"), "lab1", "pc1", "192.0.2.5") is None  # the reserved seat is hers
+    assert ledger.refusal(POOL, ("out2", "pc1"), "out2", "pc1", "198.51.100.2") == "reserved"
+    with pytest.raises(ValueError, match="can be granted now"):
+        ledger.enqueue(Waiter(1, POOL, ("lab1", "pc1"), holder("lab1", addr="192.0.2.5"), "2.1"))
+
+
+def test_a_display_reserve_is_counted_as_reserved_when_taken_and_when_retagged() -> None:
+    pp = options("RESERVE 1 CADPRO DISPLAY kiosk:0\n")
+    ledger = make(2, pp)
+    desk = co(ledger, holder("alice", display="desk:0"))
+    kiosk = co(ledger, holder("kim", host="kiosk", display="kiosk:0"))
+    assert desk is not None and kiosk is not None and ledger.reserved(POOL) == 0
+    ledger.release(desk.token, 1.0, WALL)
+    assert co(ledger, holder("carol", display="desk:0")) is not None  # the kiosk's seat took none of the others'
+    # A policy set (or a restore) over existing seats tags them by their display too.
+    again = make(2, None)
+    again.restore([kiosk.to_record()], 0.0)
+    again.set_policy(POOL, pp)
+    assert again.reserved(POOL) == 0
+    assert co(again, holder("carol", display="desk:0")) is not None
+
+
+def test_a_release_that_fills_the_pool_still_joins_a_waiter_whose_seat_exists() -> None:
+    # A caller that did not serve() after a checkout (the ledger's own contract asks it to): the next serve, here
+    # a release's, joins the waiter to the seat its key has, even when an earlier waiter took the last free seat.
+    ledger = make(3, options("RESERVE 1 CADPRO USER bob\nMAX 1 CADPRO USER alice\n"))
+    alice = co(ledger, holder("alice", host="h1"), ShareMode.HOST)
+    dan = co(ledger, holder("dan", host="h4"), ShareMode.HOST)
+    assert alice is not None and dan is not None
+    ledger.enqueue(Waiter(1, POOL, ("h3",), holder("carol", host="h3"), "2.1"))  # the free seat is bob's
+    ledger.enqueue(Waiter(2, POOL, ("h2",), holder("alice", host="h2"), "2.1"))  # her max is full
+    assert co(ledger, holder("bob", host="h2"), ShareMode.HOST) is not None  # the seat ("h2",); pool full
+    _, grants = ledger.release(dan.token, 1.0, WALL)
+    assert [(w.waiter_id, lease.share_key) for w, lease in grants] == [(1, ("h3",)), (2, ("h2",))]
+    assert ledger.in_use(POOL) == 3 and ledger.queued(POOL) == 0
+
+
+def test_a_waiter_is_served_by_its_display() -> None:
+    ledger = make(2, options("RESERVE 1 CADPRO DISPLAY kiosk:0\n"))
+    assert co(ledger, holder("out1", display="desk:0")) is not None
+    kim = co(ledger, holder("kim", host="kiosk", display="kiosk:0"))
+    assert kim is not None
+    ledger.enqueue(Waiter(1, POOL, ("out2", "pc1"), holder("out2", display="desk:0", session=3), "2.1"))
+    ledger.enqueue(Waiter(2, POOL, ("kay", "kiosk"), holder("kay", host="kiosk", display="kiosk:0", session=4), "2.1"))
+    _, grants = ledger.release(kim.token, 1.0, WALL)
+    assert [(w.waiter_id, lease.display) for w, lease in grants] == [(2, "kiosk:0")]
