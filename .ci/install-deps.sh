@@ -17,8 +17,13 @@ need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ -x /usr/lib/nagios/plugins/check_flexlm ] || need+=(monitoring-plugins-standard)
+# The fault tests: libfaketime steps the daemon's wall clock; mkfs.ext4 and findmnt make and inspect the
+# small file systems the disk-full / read-only tests mount (they need root, else they skip).
+command -v faketime >/dev/null 2>&1 || need+=(faketime)
+command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
+command -v findmnt >/dev/null 2>&1 || need+=(util-linux)
 if [ "${#need[@]}" -eq 0 ]; then
-  echo "install-deps: promtool, chromium and check_flexlm already present"
+  echo "install-deps: promtool, chromium, check_flexlm, faketime, mkfs.ext4 and findmnt already present"
   exit 0
 fi
 
@@ -38,4 +43,5 @@ $SUDO apt-get install -y -q --no-install-recommends "${need[@]}" fonts-dejavu-co
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
   $SUDO systemctl stop prometheus || true
 fi
-command -v promtool >/dev/null && command -v chromium >/dev/null && [ -x /usr/lib/nagios/plugins/check_flexlm ]
+command -v promtool >/dev/null && command -v chromium >/dev/null && [ -x /usr/lib/nagios/plugins/check_flexlm ] \
+  && command -v faketime >/dev/null && command -v mkfs.ext4 >/dev/null

@@ -430,6 +430,9 @@ class AsyncLicenseClient:
         self._vendor_key_arg = vendor_key
         self._on_lost = on_lost
         self._ids = itertools.count(1)
+        # This client's proof that it holds its seats (protocol 2): sent in every hello, the same on every
+        # connection, so a resume after a reconnect is recognised and one by anybody else is refused.
+        self._secret = secrets.token_hex(16)
         self._conn: _Connection | None = None
         self._connect_lock = asyncio.Lock()
         self._keeper = LeaseKeeper(self, backoff or Backoff(0.2, 10.0))
@@ -532,7 +535,7 @@ class AsyncLicenseClient:
         try:
             ident = self.identity
             reply = await conn.request(Hello(self.next_id(), SUPPORTED_VERSIONS, ident.host, ident.user, ident.pid,
-                                             self._client_version, ident.display))
+                                             self._client_version, ident.display, self._secret))
             if isinstance(reply, ErrorReply):
                 raise error_for(reply.code, f"{address} refused the connection: {reply.message}", reply.hint)
             if not isinstance(reply, Welcome):

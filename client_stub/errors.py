@@ -63,6 +63,7 @@ CODE_MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.NOT_AUTHORIZED: N_("This operation is not permitted."),
     ErrorCode.IDLE_TIMEOUT: N_("The seat was freed because the product was idle too long."),
     ErrorCode.ACTIVATION_CONFLICT: N_("The license is already activated on another machine."),
+    ErrorCode.SEAT_MOVED: N_("The seat moved to another connection of this license client."),
     ErrorCode.SHUTTING_DOWN: N_("The license server is shutting down."),
     ErrorCode.SERVER_UNAVAILABLE: N_("The license server cannot be reached."),
     ErrorCode.STORE_UNAVAILABLE: N_("The license server cannot record new seats right now."),
@@ -116,6 +117,7 @@ DEFAULT_HINTS: dict[ErrorCode, str] = {
     ErrorCode.SEAT_REMOVED: N_("the license administrator removed this seat; check out again or ask them why"),
     ErrorCode.NOT_AUTHORIZED: N_("contact your license administrator"),
     ErrorCode.IDLE_TIMEOUT: N_("check out again when you resume work"),
+    ErrorCode.SEAT_MOVED: N_("nothing to do if this program reconnected; otherwise check out again"),
     ErrorCode.ACTIVATION_CONFLICT: N_(
         "a license can be active on one machine only; to move the license server, ask the vendor to reissue "
         "the license for the new machine"),

@@ -227,46 +227,68 @@ class LeaseKeeper:
         loop = asyncio.get_running_loop()
         tokens = tuple(self._seats)
         if tokens:
-            sent = loop.time()
-            async with asyncio.timeout(self._link.request_timeout):
-                reply = await conn.request(Resume(self._link.next_id(), tokens))
-            if isinstance(reply, ErrorReply):
-                err = error_for(reply.code, reply.message, reply.hint, decision=LicenseLost)
-                if not isinstance(err, LicenseLost):
-                    raise err
-                self.lose_all(err, server_knows=True)
-            elif isinstance(reply, Resumed):
-                self._lose_reported(reply.lost)
-                lease_timeout = conn.welcome.lease_timeout
-                answered = set(reply.resumed) | {x.token for x in reply.lost}
-                for token in reply.resumed:
-                    if token in self._seats:
-                        self._deadlines[token] = max(self._deadlines[token], sent + lease_timeout)
-                    else:
-                        self._release.add(token)  # given up locally while the resume was in flight
-                for token in tokens:
-                    if token in self._seats and token not in answered:
-                        self._lose(token, LicenseLost(ErrorCode.LEASE_NOT_FOUND,
-                                                      "the license server did not resume this seat"),
-                                   server_knows=True)
-                self._arm()
-                logger.info("resumed %d seat(s) on %s, %d lost", len(reply.resumed), conn.address,
-                            len(reply.lost))
-            else:
-                raise ProtocolMismatch(ErrorCode.UNEXPECTED_MESSAGE,
-                                       f"the license server answered resume with '{reply.OP}'")
+            await self._resume_tokens(conn, tokens)
         for token in list(self._release):
             if token not in self._seats:
                 conn.send_nowait(Checkin(self._link.next_id(), token))
         self._release.clear()
         self._next_beat = loop.time() + self._interval(conn)
 
-    def apply_ack(self, ack: HeartbeatAck, sent: float, lease_timeout: float) -> None:
-        """A heartbeat sent at ``sent`` (loop time) was acknowledged: renew deadlines, drop lost seats."""
+    async def _resume_tokens(self, conn: Connection, tokens: tuple[str, ...]) -> None:
+        """Resume ``tokens`` on ``conn``: those the server names as resumed are renewed, the others lost."""
+        sent = asyncio.get_running_loop().time()
+        async with asyncio.timeout(self._link.request_timeout):
+            reply = await conn.request(Resume(self._link.next_id(), tokens))
+        if isinstance(reply, ErrorReply):
+            err = error_for(reply.code, reply.message, reply.hint, decision=LicenseLost)
+            if not isinstance(err, LicenseLost):
+                raise err
+            self.lose_all(err, server_knows=True)
+        elif isinstance(reply, Resumed):
+            self._lose_reported(reply.lost)
+            lease_timeout = conn.welcome.lease_timeout
+            answered = set(reply.resumed) | {x.token for x in reply.lost}
+            for token in reply.resumed:
+                if token in self._seats:
+                    self._deadlines[token] = max(self._deadlines[token], sent + lease_timeout)
+                else:
+                    self._release.add(token)  # given up locally while the resume was in flight
+            for token in tokens:
+                if token in self._seats and token not in answered:
+                    self._lose(token, LicenseLost(ErrorCode.LEASE_NOT_FOUND,
+                                                  "the license server did not resume this seat"),
+                               server_knows=True)
+            self._arm()
+            logger.info("resumed %d seat(s) on %s, %d lost", len(reply.resumed), conn.address,
+                        len(reply.lost))
+        else:
+            raise ProtocolMismatch(ErrorCode.UNEXPECTED_MESSAGE,
+                                   f"the license server answered resume with '{reply.OP}'")
+
+    def apply_ack(self, ack: HeartbeatAck, sent: float, lease_timeout: float,
+                  held: frozenset[str] | None = None) -> tuple[str, ...]:
+        """A heartbeat sent at ``sent`` (loop time) was acknowledged: drop lost seats, renew deadlines.
+
+        ``held`` is the tokens held when the heartbeat was sent. The server renewed ``ack.renewed`` leases of
+        this connection; if that is fewer than the seats held then and now (less those it reports lost), some
+        seat is no longer this connection's without the server saying which (an older server, or a seat
+        taken over elsewhere): nothing is renewed then, and the tokens to check are returned (the caller
+        resumes them on this connection, which answers exactly which are still held).
+
+        Returns:
+            The tokens to check, or ``()`` when the ack accounts for every seat.
+        """
         self._lose_reported(ack.lost)
+        if held is not None:
+            expected = tuple(t for t in held if t in self._seats)
+            if ack.renewed < len(expected):
+                logger.warning("the license server renewed %d lease(s) of this connection, %d seat(s) are held; "
+                               "checking which are still held", ack.renewed, len(expected))
+                return expected
         for token in self._seats:
             self._deadlines[token] = max(self._deadlines[token], sent + lease_timeout)
         self._arm()
+        return ()
 
     # ------------------------------------------------------------------ the task
     def _interval(self, conn: Connection) -> float:
@@ -341,6 +363,7 @@ class LeaseKeeper:
         # Long enough for a busy server, short enough to reconnect well before the local deadline.
         ack_timeout = min(self._link.request_timeout, max(interval, lease_timeout / 2.0))
         sent = loop.time()
+        held = frozenset(self._seats)
         try:
             async with asyncio.timeout(ack_timeout):
                 reply = await conn.request(self.heartbeat())
@@ -353,8 +376,20 @@ class LeaseKeeper:
         except LicenseError:
             return  # the connection closed; the loop reconnects
         if isinstance(reply, HeartbeatAck):
-            self.apply_ack(reply, sent, lease_timeout)
+            unaccounted = self.apply_ack(reply, sent, lease_timeout, held)
+            if unaccounted:
+                try:
+                    await self._resume_tokens(conn, unaccounted)
+                except TimeoutError:
+                    conn.abort(ServerUnavailable(f"the license server {conn.address} did not answer resume "
+                                                 f"within {self._link.request_timeout:g} s"))
+                except LicenseError as exc:
+                    conn.abort(exc)
         elif isinstance(reply, ErrorReply):
+            if reply.code is ErrorCode.RATE_LIMITED:
+                # Not run, not a loss: like a heartbeat that did not arrive; the next one renews the seats.
+                logger.warning("license server %s refused a heartbeat: %s", conn.address, reply.message)
+                return
             err = error_for(reply.code, reply.message, reply.hint, decision=LicenseLost)
             if isinstance(err, LicenseLost):
                 self.lose_all(err, server_knows=True)

@@ -19,7 +19,9 @@ from typing import Any
 
 from lmgrd import LmgrdError, __version__
 from lmgrd.config import (
+    DEFAULT_IDLE_CONNECTION_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+    DEFAULT_MAX_REQUESTS_PER_SECOND,
     DEFAULT_PORT,
     ConfigInvalid,
     DaemonConfig,
@@ -27,6 +29,7 @@ from lmgrd.config import (
     load_config_file,
 )
 from lmgrd.core.licensing import Licensing
+from lmgrd.core.logtext import printable
 from lmgrd.i18n import N_, argparse_in_language, gettext_
 from lmgrd.storage.files import load_licensing, state_dir
 from lmgrd.storage.host import clock_offset, daemon_wall_clock, raise_nofile
@@ -77,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         n=DEFAULT_MAX_CONNECTIONS_PER_ADDRESS))
     p.add_argument("--handshake-timeout", type=float, metavar="S", help=_("seconds a new connection has to send "
                                                                           "hello (default 10)"))
+    p.add_argument("--idle-connection-timeout", type=float, metavar="S", help=_(
+        "seconds a connection that holds no seat may send nothing before it is closed (default {default}; "
+        "0 = never)").format(default=f"{DEFAULT_IDLE_CONNECTION_TIMEOUT:g}"))
+    p.add_argument("--max-requests-per-second", type=float, metavar="N", help=_(
+        "requests one connection may send per second, in bursts of two seconds' worth; the rest are answered "
+        "RATE_LIMITED (default {default}; 0 = no limit)").format(default=f"{DEFAULT_MAX_REQUESTS_PER_SECOND:g}"))
     p.add_argument("--max-frame-bytes", type=int, metavar="N", help=_("largest message accepted (default 65536)"))
     p.add_argument("--metrics-port", type=_metrics_port, metavar="N", help=_(
         "HTTP port for /metrics (Prometheus), /healthz and the status page (default 27001; 0 = off; 'auto' picks "
@@ -98,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     keys = ("licenses", "vendor_key", "port", "bind", "state_dir", "heartbeat_interval", "lease_timeout",
-            "reconnect_grace", "max_connections_per_address", "handshake_timeout", "max_frame_bytes", "log_level",
+            "reconnect_grace", "max_connections_per_address", "handshake_timeout", "idle_connection_timeout",
+            "max_requests_per_second", "max_frame_bytes", "log_level",
             "admin_token_file", "metrics_port", "metrics_bind", "revocations", "usage_log")
     return {k: getattr(ns, k) for k in keys}
 
@@ -112,9 +122,19 @@ def _metrics_port(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a port number (0 = off) or 'auto', got {value!r}") from None
 
 
+class OneLineFormatter(logging.Formatter):
+    """The daemon's log format, with every message escaped onto one line (lmgrd.core.logtext.printable): a
+    newline or terminal escape in anything a client sent (its user name, display, product or version) cannot
+    forge a log line, whichever log call wrote it. Tracebacks keep their lines (they are ours)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
+    handler.setFormatter(OneLineFormatter("%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
                                            "%Y-%m-%dT%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -181,11 +201,16 @@ def run_check(cfg: DaemonConfig) -> int:
 
 async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
     from lmgrd.daemon.server import Server, install_signal_handlers
-    from lmgrd.storage.journal import open_store
+    from lmgrd.storage.journal import StoreError, open_store
 
     state = state_dir(cfg)
-    state.mkdir(parents=True, exist_ok=True)
-    store = open_store(state)
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        store = open_store(state)
+    except OSError as exc:  # read-only, full, or not ours: say where and what, never a traceback
+        raise StoreError(f"cannot open the state directory {state}: {exc.strerror or exc}"
+                         f"{f' ({exc.filename})' if exc.filename else ''}; make it writable by this user, free "
+                         "space in it, or give lmgrd another --state-dir") from None
     server = Server(cfg, licensing, store, reload=lambda: reload_licensing(cfg),
                     wall=daemon_wall_clock(clock_offset()))
     install_signal_handlers(server)

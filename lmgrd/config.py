@@ -23,6 +23,12 @@ DEFAULT_METRICS_PORT = 27001
 #: Connections one client address may hold open at once. Generous enough for a terminal server with a few
 #: hundred users each running a product, small enough that one runaway host cannot take every descriptor.
 DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 1000
+#: Seconds a connection holding no seat may stay silent. A client between checkouts reconnects on its next
+#: request; an idle one cannot hold a descriptor for ever.
+DEFAULT_IDLE_CONNECTION_TIMEOUT = 300.0
+#: Requests per second one connection may send. An honest license client sends a few (a heartbeat every
+#: heartbeat_interval, a checkout and a checkin now and then); this bounds what one flooding connection costs.
+DEFAULT_MAX_REQUESTS_PER_SECOND = 1000.0
 #: listen() backlog; the kernel caps it at net.core.somaxconn (4096 on current Linux).
 DEFAULT_BACKLOG = 8192
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -51,6 +57,11 @@ class DaemonConfig:
     reconnect_grace: float | None = None  # None = min(lease_timeout, 2 * heartbeat_interval)
     max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS
     handshake_timeout: float = 10.0
+    #: A connection that holds no seat, waits for none and sends nothing this long is closed (0: never).
+    idle_connection_timeout: float = DEFAULT_IDLE_CONNECTION_TIMEOUT
+    #: Requests one connection may send per second (bursts of two seconds' worth); the rest are answered
+    #: RATE_LIMITED. 0: no limit.
+    max_requests_per_second: float = DEFAULT_MAX_REQUESTS_PER_SECOND
     max_frame_bytes: int = 64 * 1024
     backlog: int = DEFAULT_BACKLOG
     sync_interval: float = 1.0
@@ -153,6 +164,8 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
         "reconnect_grace": (0, 86400, False),
         "max_connections_per_address": (0, 1_000_000, True),
         "handshake_timeout": (0.1, 600, False),
+        "idle_connection_timeout": (0, 86400, False),
+        "max_requests_per_second": (0, 1_000_000, False),
         "max_frame_bytes": (1024, 16 * 1024 * 1024, True),
         "backlog": (16, 65535, True),
         "sync_interval": (0.01, 3600, False),

@@ -39,7 +39,7 @@ from lmgrd.i18n import gettext_
 __all__ = ["PLOT_EXTRA", "PoolReport", "Report", "ReportError", "add_report_arguments", "build_report",
            "format_text", "load_events", "parse_date", "plot_unavailable", "run_report", "write_plot"]
 
-RELEASES = frozenset({"checkin", "expiry", "removal", "revoked"})
+RELEASES = frozenset({"checkin", "expiry", "removal", "revoked", "unrecorded"})
 #: How to get what --plot needs.
 PLOT_EXTRA = "pip install 'lmgrd[report]'"
 TOP_USERS = 10

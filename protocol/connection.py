@@ -64,8 +64,10 @@ __all__ = [
     "negotiate",
 ]
 
-#: Protocol versions this code speaks, oldest first.
-SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+#: Protocol versions this code speaks, oldest first. Version 2 adds hello's ``secret``, to which the server
+#: binds every lease it grants (PROTOCOL.md, "Leases belong to their holder"); the messages are otherwise
+#: those of version 1.
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
 #: The client's frame ceiling: it trusts its configured server more than the server trusts clients, but
 #: still bounds what it buffers.
 CLIENT_MAX_FRAME_BYTES = 16 * 1024 * 1024

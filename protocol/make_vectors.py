@@ -32,6 +32,7 @@ from protocol.messages import (
 TOKEN = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 EXAMPLES: list[tuple[str, Any]] = [
     ("hello", Hello(1, (1,), "pc-042", "alice", 4242, "0.1.0", "pts/3")),
+    ("hello_v2", Hello(1, (1, 2), "pc-042", "alice", 4242, "0.1.0", "pts/3", "9a7c3e1f5b2d4068a1c3e5f7092b4d6f")),
     ("welcome", Welcome(1, 1, "0.1.0", 30.0, 90.0, 65536, 7)),
     ("checkout", Checkout(2, "CADPRO", "2.1", 30.0)),
     ("granted", Granted(2, TOKEN, "CID-ABCD-EFGH-IJKL-MNOP", "CADPRO", "2.1", 90.0, 30.0, 0.0)),
@@ -39,6 +40,7 @@ EXAMPLES: list[tuple[str, Any]] = [
     ("heartbeat", Heartbeat(3, False)),
     ("heartbeat_ack", HeartbeatAck(3, 1, ())),
     ("heartbeat_ack_lost", HeartbeatAck(4, 0, (LostSeat(TOKEN, ErrorCode.LEASE_EXPIRED, "no heartbeat for 90 s"),))),
+    ("heartbeat_ack_moved", HeartbeatAck(7, 0, (LostSeat(TOKEN, ErrorCode.SEAT_MOVED, "moved elsewhere"),))),
     ("checkin", Checkin(5, TOKEN)),
     ("checked_in", CheckedIn(5, True)),
     ("resume", Resume(1, (TOKEN,))),

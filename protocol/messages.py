@@ -30,13 +30,18 @@ from protocol.validation import (
     MAX_PRODUCT_LENGTH,
     MAX_PROTOCOL_VERSION,
     MAX_PROTOCOLS_OFFERED,
+    MAX_SECRET_LENGTH,
     MAX_TEXT,
     MAX_TOKEN_LENGTH,
     MAX_TOKENS,
     MAX_VERSION_LENGTH,
     MAX_WAIT_SECONDS,
     MAX_WAITED_SECONDS,
+    MIN_SECRET_LENGTH,
 )
+
+#: The protocol version whose hello carries ``secret`` (required when a hello offers it; leases bound to it).
+SECRET_SINCE_PROTOCOL = 2
 
 _T = TypeVar("_T")
 
@@ -107,7 +112,13 @@ def _map(d: dict[str, Any], key: str, op: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- requests
 @dataclass(frozen=True, slots=True)
 class Hello:
-    """First message of every connection: who is asking, and which protocol versions it speaks."""
+    """First message of every connection: who is asking, and which protocol versions it speaks.
+
+    ``secret`` (protocol 2) is a random string the client chose for itself, at least 128 bits, the same on
+    every connection it opens: the server binds every lease it grants to (user, host, secret), so only a
+    connection that presents the same three may resume or check in that lease. It never leaves the client
+    except in hello, and the server keeps only a digest of it. A hello offering protocol 2 must carry one.
+    """
 
     OP: ClassVar[str] = "hello"
     id: int
@@ -117,11 +128,15 @@ class Hello:
     pid: int
     client_version: str
     display: str = ""
+    secret: str = field(default="", repr=False)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"op": "hello", "id": self.id, "proto": list(self.proto), "host": self.host,
-                "user": self.user, "pid": self.pid, "client_version": self.client_version,
-                "display": self.display}
+        d: dict[str, Any] = {"op": "hello", "id": self.id, "proto": list(self.proto), "host": self.host,
+                             "user": self.user, "pid": self.pid, "client_version": self.client_version,
+                             "display": self.display}
+        if self.secret:
+            d["secret"] = self.secret
+        return d
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Hello:
@@ -131,9 +146,22 @@ class Hello:
         ):
             raise MalformedMessage(f"hello: field 'proto' must list 1 to {MAX_PROTOCOLS_OFFERED} positive integers, "
                                    f"got {protos!r:.60}")
+        # Required once protocol 2 is offered; never echoed in a message: it is the client's proof of holding
+        # its leases.
+        if SECRET_SINCE_PROTOCOL in protos:
+            secret = _text(d, "secret", "hello", limit=MAX_SECRET_LENGTH)
+        else:
+            secret = _text(d, "secret", "hello", default="", limit=MAX_SECRET_LENGTH)
+        if secret and len(secret) < MIN_SECRET_LENGTH:
+            raise MalformedMessage(f"hello: field 'secret' is {len(secret)} characters long; at least "
+                                   f"{MIN_SECRET_LENGTH} are required (128 random bits)")
+        if not secret and SECRET_SINCE_PROTOCOL in protos:
+            raise MalformedMessage(f"hello: field 'secret' is empty; protocol {SECRET_SINCE_PROTOCOL} needs a random "
+                                   f"string of {MIN_SECRET_LENGTH} to {MAX_SECRET_LENGTH} characters")
         return cls(_uint(d, "id", "hello"), tuple(protos), _text(d, "host", "hello"),
                    _text(d, "user", "hello"), _uint(d, "pid", "hello", MAX_PID),
-                   _text(d, "client_version", "hello", default=""), _text(d, "display", "hello", default=""))
+                   _text(d, "client_version", "hello", default=""), _text(d, "display", "hello", default=""),
+                   secret)
 
 
 @dataclass(frozen=True, slots=True)

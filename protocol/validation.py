@@ -31,12 +31,14 @@ __all__ = [
     "MAX_PRODUCT_LENGTH",
     "MAX_PROTOCOLS_OFFERED",
     "MAX_PROTOCOL_VERSION",
+    "MAX_SECRET_LENGTH",
     "MAX_TEXT",
     "MAX_TOKENS",
     "MAX_TOKEN_LENGTH",
     "MAX_VERSION_LENGTH",
     "MAX_WAITED_SECONDS",
     "MAX_WAIT_SECONDS",
+    "MIN_SECRET_LENGTH",
     "PRODUCT_NAME_RE",
     "hostname_problem",
     "normalize_ip",
@@ -64,6 +66,10 @@ MAX_VERSION_LENGTH = 32
 MAX_TOKEN_LENGTH = 64
 #: Admin command names: characters.
 MAX_COMMAND_LENGTH = 64
+#: hello's ``secret`` (protocol 2): the client's proof that it is the holder of its leases. At least 128 bits
+#: written as 22+ characters (a client sends 32 hex digits); at most MAX_SECRET_LENGTH.
+MIN_SECRET_LENGTH = 22
+MAX_SECRET_LENGTH = 128
 #: Error code names on the wire: characters.
 MAX_CODE_LENGTH = 64
 #: Error messages and hints on the wire: characters.

@@ -7,6 +7,7 @@ port with its own state directory, and ``RawClient`` speaks the wire protocol ov
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import signal
@@ -164,6 +165,11 @@ class Daemon:
         return RawClient(self.port, **kw)
 
 
+def holder_secret(user: str, host: str = HOSTNAME) -> str:
+    """The hello secret tests use for ``user@host`` (fixed per identity, 128 bits of hex)."""
+    return hashlib.sha256(f"test-holder {user}@{host}".encode()).hexdigest()[:32]
+
+
 class RawClient:
     """A blocking client that speaks the wire protocol directly (for protocol-level integration tests)."""
 
@@ -201,8 +207,12 @@ class RawClient:
         self.next_id += 1
         return self.next_id
 
-    def hello(self, host: str = HOSTNAME, user: str = "alice", pid: int | None = None, display: str = "") -> Reply:
-        return self.request(Hello(self.id(), (1,), host, user, pid or os.getpid(), "test", display))
+    def hello(self, host: str = HOSTNAME, user: str = "alice", pid: int | None = None, secret: str | None = None,
+              display: str = "") -> Reply:
+        """Protocol 2's hello; the secret defaults to one of this user@host's own, so a second RawClient of the
+        same user and host is the same holder (resumes its leases) and one of another user is not."""
+        return self.request(Hello(self.id(), (1, 2), host, user, pid or os.getpid(), "test", display,
+                                  secret if secret is not None else holder_secret(user, host)))
 
     def closed(self, timeout: float = 5.0) -> bool:
         """True once the server has closed the connection (reads EOF)."""
@@ -232,4 +242,5 @@ class Holder:
     pid: int
     display: str
     session: int | None
+    owner: str = ""
     addr: str = ""

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
-from lmgrd.admin.token import remove_token, token_path, write_token
+from lmgrd.admin.token import TokenDirUnsafe, remove_token, token_path, write_token
 from lmgrd.daemon.api import ClientView, DaemonView
 from protocol.errors import ErrorCode, ProtocolError
 
@@ -222,6 +222,10 @@ def enable_admin(server: DaemonView) -> None:
     try:
         server.admin_token = write_token(server.admin_token_path)
         logger.info("admin token for lmutil written to %s (mode 0600)", server.admin_token_path)
+    except TokenDirUnsafe as exc:
+        server.admin_token = ""
+        logger.error("refusing to write the admin token file %s: %s; lmutil will be refused",
+                     server.admin_token_path, exc)
     except OSError as exc:
         server.admin_token = ""
         logger.error("cannot write the admin token file %s: %s; lmutil will be refused", server.admin_token_path,

@@ -39,6 +39,7 @@ every step):
 from __future__ import annotations
 
 import enum
+import hashlib
 import heapq
 import zlib
 from collections import deque
@@ -58,6 +59,7 @@ __all__ = [
     "ShareMode",
     "UnknownPoolError",
     "Waiter",
+    "owner_digest",
     "share_key_for",
 ]
 
@@ -101,11 +103,24 @@ def share_key_for(mode: ShareMode | str, user: str, host: str) -> tuple[str, ...
     raise ValueError(f"unknown share mode {mode!r}; expected one of {', '.join(m.value for m in ShareMode)}")
 
 
+def owner_digest(user: str, host: str, secret: str) -> str:
+    """Who holds a lease, as the ledger and the journal keep it: a digest of the client's user, host (short
+    form) and the secret from its hello (the ONE definition). Only a connection presenting the same three
+    may resume or check in the lease; the secret itself is never stored.
+
+    BLAKE2b of the three, NUL-separated (none may contain NUL: the protocol's text fields are UTF-8 strings
+    and a NUL in one only changes that client's own digest), 128 bits, hex.
+    """
+    return hashlib.blake2b(f"{user}\x00{host}\x00{secret}".encode(), digest_size=16,
+                           person=b"lmgrd-lease-own").hexdigest()
+
+
 class HolderLike(Protocol):
     """Who checks out, as the ledger reads it: the client's user, host (short form), pid, display, the address
-    it connects from (``addr``, ``""`` when unknown; usage-policy rules by INTERNET match it) and connection
-    (``session``; ``None`` for a lease not bound to a connection). The daemon passes its client session itself
-    (no second object per connection)."""
+    it connects from (``addr``, ``""`` when unknown; usage-policy rules by INTERNET match it), connection
+    (``session``; ``None`` for a lease not bound to a connection) and ``owner`` (:func:`owner_digest`, or a value
+    of one connection's own for a client that sent no secret). The daemon passes its client session itself (no
+    second object per connection)."""
 
     @property
     def user(self) -> str: ...
@@ -119,6 +134,8 @@ class HolderLike(Protocol):
     def addr(self) -> str: ...
     @property
     def session(self) -> int | None: ...
+    @property
+    def owner(self) -> str: ...
 
 
 class UnknownPoolError(LmgrdError, LookupError):
@@ -146,6 +163,9 @@ class LeaseRecord(NamedTuple):
     version: str
     display: str
     granted_at: float
+    #: :func:`owner_digest` of the holder ("" in a record written before leases were bound: such a lease
+    #: may be resumed or checked in by a connection of the same user and host).
+    owner: str = ""
     addr: str = ""
 
 
@@ -155,6 +175,7 @@ class LeaseInfo:
 
     ``deadline`` is a monotonic instant: the lease lapses when ``deadline <= now``. ``session`` is the
     connection the lease is bound to, ``None`` once detached (disconnected or restored after a restart).
+    ``owner`` is who may resume or check it in from another connection (:func:`owner_digest`).
     """
 
     token: str
@@ -168,6 +189,7 @@ class LeaseInfo:
     granted_at: float
     session: int | None
     deadline: float
+    owner: str = ""
     # The lease's authoritative heap entry: its sequence number and the deadline it was filed under.
     # heap_at <= deadline always; a later real deadline is re-filed lazily when the entry pops.
     heap_seq: int = field(default=0, repr=False, compare=False)
@@ -187,6 +209,7 @@ class LeaseInfo:
             self.version,
             self.display,
             self.granted_at,
+            self.owner,
             self.addr,
         )
 
@@ -229,6 +252,10 @@ class Waiter:
     @property
     def session(self) -> int | None:
         return self.holder.session
+
+    @property
+    def owner(self) -> str:
+        return self.holder.owner
 
 
 class _Pool:
@@ -501,7 +528,7 @@ class Ledger:
         session = holder.session
         lease = LeaseInfo(
             token, pool, share_key, holder.user, holder.host, holder.pid, version, holder.display, wall, session,
-            deadline, self._seq, deadline, holder.addr,
+            deadline, holder.owner, self._seq, deadline, holder.addr,
         )  # fmt: skip
         heapq.heappush(self._heap, (deadline, self._seq, token))
         self._leases[token] = lease
@@ -742,8 +769,8 @@ class Ledger:
 
         Idempotent and never takes a seat: resuming twice, or resuming a lease still bound to
         ``session``, changes nothing but the deadline (the FlexNet "extra license consumed on
-        reconnection" bug cannot happen). A lease bound to another live session moves to this one: the
-        token is the proof of ownership.
+        reconnection" bug cannot happen). A lease bound to another live session moves to this one. Who may
+        do so is the daemon's decision (the token together with the lease's ``owner``), taken before this.
         """
         lease = self._leases.get(token)
         if lease is None:
@@ -758,6 +785,10 @@ class Ledger:
                 tokens.add(token)
         self._set_deadline(lease, now + self.lease_timeout)
         return lease
+
+    def holds(self, session: int) -> bool:
+        """True while ``session`` has at least one lease bound to it (O(1))."""
+        return bool(self._sessions.get(session))
 
     def session_leases(self, session: int) -> list[LeaseInfo]:
         tokens = self._sessions.get(session, ())
@@ -875,7 +906,7 @@ class Ledger:
             self._seq += 1
             lease = LeaseInfo(
                 rec.token, pool, key, rec.user, rec.host, rec.pid, rec.version, rec.display,
-                rec.granted_at, None, deadline, self._seq, deadline, rec.addr,
+                rec.granted_at, None, deadline, rec.owner, self._seq, deadline, rec.addr,
             )  # fmt: skip
             heapq.heappush(self._heap, (deadline, self._seq, rec.token))
             self._leases[rec.token] = lease

@@ -16,8 +16,10 @@ from lmgrd.config import DaemonConfig
 from lmgrd.core.ledger import LeaseInfo, Ledger, PoolKey
 from lmgrd.core.licensing import Licensing
 from lmgrd.daemon.events import ClientView, Observers
+from lmgrd.daemon.guard import RefusalCounts
 from lmgrd.daemon.leases import Counters, WaitCtx
 from lmgrd.daemon.session import AdminHandler
+from lmgrd.storage.journal import StoreError
 
 __all__ = ["ClientView", "DaemonView"]
 
@@ -45,6 +47,7 @@ class DaemonView(Protocol):
     admin_token: str
     admin_token_path: Path | None
     stopped: asyncio.Event
+    refusals: RefusalCounts
 
     @property
     def handlers(self) -> Handlers: ...
@@ -52,6 +55,10 @@ class DaemonView(Protocol):
     def sessions(self) -> Mapping[int, ClientView]: ...
     @property
     def counters(self) -> Counters: ...
+    @property
+    def store_error(self) -> StoreError | None: ...
+    @property
+    def store_write_failures(self) -> int: ...
     @property
     def waits(self) -> Mapping[int, WaitCtx]: ...
 

@@ -10,6 +10,13 @@ revocation, a license gone at restore): ledger -> journal release -> counter -> 
 error code) unless it asked for the end itself -> the freed seat offered to the queue. No seat leaves the
 ledger any other way, so none leaves without a record, a counter and a log line.
 
+A store that cannot write (state directory full or read-only): no grant is acknowledged before its
+record is written. The grants of the batch whose write failed are undone here (:meth:`undo_grants`: ledger
+release, a release record behind the grant's, ``EndReason.UNRECORDED``) and their checkouts refused with
+``STORE_UNAVAILABLE``; while the outbox stays degraded every checkout, and every waiter a freed seat would
+go to, is refused the same way (:meth:`store_refusal`). Checkins, expiries and removals still end seats at
+once; their records wait in memory and are written, in order, when the store recovers.
+
 Queued checkouts live here too (a waiter is a grant not yet made): their wait timers, a waiter that left
 before its grant, and the denial when a wait runs out. Denials of every kind go through :meth:`deny`.
 
@@ -21,12 +28,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from lmgrd.core.ledger import HolderLike, LeaseInfo, Ledger, PoolKey, Waiter
 from lmgrd.daemon.events import ClientView, EndReason, Observers
 from lmgrd.daemon.outbox import Outbox, Writable
-from lmgrd.storage.journal import LeaseRecord, LeaseStore
+from lmgrd.storage.journal import LeaseRecord, LeaseStore, StoreError, StoreWriteError
 from protocol import ErrorCode, ErrorReply, Granted, LostSeat, encode_frame
 
 __all__ = ["REMOVED_MEMORY", "Counters", "LeaseLifecycle", "WaitCtx"]
@@ -45,6 +52,19 @@ LOST_CODE: Mapping[EndReason, ErrorCode] = {
     EndReason.EXPIRY: ErrorCode.LEASE_EXPIRED,
     EndReason.REVOKED: ErrorCode.LICENSE_REVOKED,
 }
+
+
+def _store_message(err: StoreError) -> tuple[str, str]:
+    """The STORE_UNAVAILABLE message (what, where, the OS error) and hint (what to do) for ``err``."""
+    if isinstance(err, StoreWriteError):
+        message = (f"the license server cannot record new seats: writing its state directory {err.state_dir} "
+                   f"failed ({err.reason})")
+        hint = (f"seats already held keep running; try again later. Administrator: free space in {err.state_dir} "
+                "or make it writable; the server grants again by itself once it can write")
+    else:
+        message = f"the license server cannot record new seats: {err}"
+        hint = "seats already held keep running; try again later"
+    return message, hint
 
 
 class Client(Writable, ClientView, Protocol):
@@ -124,8 +144,10 @@ class LeaseLifecycle:
         self.counters = Counters()
         self.waits: dict[int, WaitCtx] = {}
         self.next_waiter = 1
-        #: Tokens freed by lmremove, so a later resume says SEAT_REMOVED rather than LEASE_NOT_FOUND (bounded).
-        self.removed: dict[str, LostSeat] = {}
+        #: Tokens freed by lmremove, so a later resume by their holder (the lease's owner) says SEAT_REMOVED
+        #: rather than LEASE_NOT_FOUND (bounded).
+        self.removed: dict[str, tuple[str, LostSeat]] = {}
+        outbox.undo = self.undo_grants
 
     # -- grants ------------------------------------------------------------------------------------------------
     def checkout(self, client: Client, rid: int, pool: PoolKey, share_key: tuple[str, ...], holder: HolderLike,
@@ -151,10 +173,42 @@ class LeaseLifecycle:
             logger.info("OUT %s %s to %s lease %s (%d/%d in use, customer %s)", lease.pool[1], lease.version,
                         client.who(), lease.token[:8], self.ledger.in_use(lease.pool), self.count_of(lease.pool),
                         lease.pool[0])
-        self.outbox.reply(client, Granted, Granted.frame(rid, lease.token, lease.pool[0], lease.pool[1],
-                                                         lease.version, self.lease_timeout, self.hb_interval, waited))
+        self.outbox.granted(client, rid, lease.token, Granted.frame(rid, lease.token, lease.pool[0], lease.pool[1],
+                                                                    lease.version, self.lease_timeout,
+                                                                    self.hb_interval, waited))
         if self.timer_idle:
             self.arm()
+
+    def store_refusal(self, client: Client, rid: int, product: str, version: str) -> bool:
+        """Refuse a checkout with ``STORE_UNAVAILABLE`` if the store cannot record a grant now; True if refused."""
+        err = self.outbox.store_error
+        if err is None:
+            return False
+        message, hint = _store_message(err)
+        self.deny(client, rid, product, version, ErrorCode.STORE_UNAVAILABLE, message, hint,
+                  log=f"(STORE_UNAVAILABLE): {err}")
+        return True
+
+    def undo_grants(self, grants: list[tuple[Writable, int, str]], error: StoreError) -> None:
+        """End grants whose record the store failed to write (their ``granted`` reply was never sent) and
+        refuse their checkouts with ``STORE_UNAVAILABLE``. Called by the outbox when a flush fails."""
+        message, hint = _store_message(error)
+        now, wall = self.clock(), self.wall()
+        for to, rid, token in grants:
+            lease, served = self.ledger.release(token, now, wall)
+            if lease is None:
+                continue
+            self.store.record_release(token)  # behind the unwritten grant: the journal stays consistent
+            self.counters.released += 1
+            if self.observers.any:
+                self.observers.release(lease, EndReason.UNRECORDED)
+            logger.warning("UNDONE %s %s to %s lease %s: the journal could not record the grant", lease.pool[1],
+                           lease.version, lease.user + "@" + lease.host, token[:8])
+            client = cast(Client, to)
+            self.deny(client, rid, lease.pool[1], lease.version, ErrorCode.STORE_UNAVAILABLE, message, hint,
+                      log="(STORE_UNAVAILABLE): the grant could not be recorded", customer_id=lease.pool[0])
+            if served:
+                self._serve(served)
 
     # -- the queue -----------------------------------------------------------------------------------------------
     def enqueue(self, client: Client, rid: int, product: str, version: str, pool: PoolKey,
@@ -214,6 +268,13 @@ class LeaseLifecycle:
             i += 1
             ctx = self._take_wait(waiter.waiter_id)
             t = ctx.client.transport if ctx is not None else None
+            if ctx is not None and self.outbox.store_error is not None and t is not None and not t.is_closing():
+                # The store cannot record this grant: the seat goes back (nothing was journalled or told) and
+                # the waiter is refused, like a checkout now.
+                _, more = self.ledger.release(lease.token, now, self.wall())
+                served.extend(more)
+                self.store_refusal(ctx.client, ctx.request_id, ctx.product, ctx.version)
+                continue
             if ctx is None or t is None or t.is_closing():
                 # The waiter left between the ledger's decision and now. Nobody was told of this lease and
                 # nothing was journalled: give the seat straight back, to the next waiter.
@@ -291,7 +352,7 @@ class LeaseLifecycle:
                                "freed", rec.token[:8], rec.customer_id, rec.product)
                 self.counters.released += 1
         self.ledger.restore(keep, self.clock())
-        self.store.flush()
+        self.outbox.flush()  # a store that cannot write degrades the daemon here; it still starts
         return len(keep)
 
     def _ended(self, lease: LeaseInfo, reason: EndReason, why: str, client: Client | None) -> None:
@@ -335,6 +396,6 @@ class LeaseLifecycle:
             holder.lost.append(lost)
         if reason is EndReason.REMOVAL:
             # Kept even when told at a heartbeat: the client may drop before that and come back with a resume.
-            self.removed[lease.token] = lost
+            self.removed[lease.token] = (lease.owner, lost)
             while len(self.removed) > REMOVED_MEMORY:
                 del self.removed[next(iter(self.removed))]

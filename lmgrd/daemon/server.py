@@ -31,11 +31,12 @@ from lmgrd.config import DaemonConfig
 from lmgrd.core.ledger import LeaseInfo, Ledger, PoolKey
 from lmgrd.core.licensing import Licensing, revocation_reason
 from lmgrd.daemon.events import EndReason, Observers
+from lmgrd.daemon.guard import RefusalCounts, RefusalLog
 from lmgrd.daemon.leases import Counters, LeaseLifecycle, Timers, WaitCtx
 from lmgrd.daemon.outbox import Outbox
 from lmgrd.daemon.session import Handlers, Session, refuse
 from lmgrd.daemon.transport import ClientProtocol
-from lmgrd.storage.journal import LeaseStore
+from lmgrd.storage.journal import LeaseStore, StoreError
 from protocol import ErrorCode, ErrorReply, ProtocolError, error_frame
 
 __all__ = ["EXPIRE_BATCH", "Server", "install_signal_handlers"]
@@ -98,7 +99,14 @@ class Server:
         self.ledger = Ledger(cfg.lease_timeout, new_token)
         self.sessions: dict[int, ClientProtocol] = {}
         self.per_address: dict[str, int] = {}
-        self.outbox = Outbox(store, self.loop.call_soon)
+        #: Refusals of hostile or broken input, counted (metrics) and logged at a bounded rate.
+        self.refusals = RefusalCounts()
+        self.refusal_log = RefusalLog(self.clock, self.loop.call_later, self.refusals)
+        #: Per-connection request rate (0: no limit) and the bucket's size: two seconds' worth.
+        self.request_rate = cfg.max_requests_per_second
+        self.request_burst = max(1.0, 2.0 * cfg.max_requests_per_second)
+        self.idle_handle: asyncio.TimerHandle | None = None
+        self.outbox = Outbox(store, self.loop.call_soon, self.loop.call_later, self.clock)
         self.leases = LeaseLifecycle(
             self.ledger, store, self.outbox, self.observers, sessions=self.sessions,
             count_of=lambda pool: self.licensing.count(pool), timers=cast(Timers, self.loop), clock=self.clock,
@@ -107,7 +115,8 @@ class Server:
         self.handlers = Handlers(
             self, self.leases, self.outbox, cast(dict[int, Session], self.sessions),
             heartbeat_interval=cfg.heartbeat_interval, lease_timeout=cfg.lease_timeout,
-            max_frame_bytes=cfg.max_frame_bytes, clock=self.clock, wall=wall, fail=self.fail)
+            max_frame_bytes=cfg.max_frame_bytes, clock=self.clock, wall=wall, fail=self.fail,
+            refusals=self.refusals, refusal_log=self.refusal_log)
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self.timer_when = 0.0
         self.sync_handle: asyncio.TimerHandle | None = None
@@ -144,6 +153,16 @@ class Server:
         self.leases.timer_idle = handle is None
 
     @property
+    def store_error(self) -> StoreError | None:
+        """Why the lease store cannot write now (new checkouts refused with STORE_UNAVAILABLE), or ``None``."""
+        return self.outbox.store_error
+
+    @property
+    def store_write_failures(self) -> int:
+        """Failed lease-store writes since start (the first failure and every failed retry)."""
+        return self.outbox.store_failures
+
+    @property
     def counters(self) -> Counters:
         return self.leases.counters
 
@@ -165,6 +184,35 @@ class Server:
         logger.info("lmgrd %s listening on %s (heartbeat %g s, lease timeout %g s, reconnect grace %g s)",
                     __version__, addrs, self.hb_interval, self.lease_timeout, self.cfg.grace)
         self.sync_handle = self.loop.call_later(self.cfg.sync_interval, self._sync_tick)
+        if self.cfg.idle_connection_timeout:
+            self.idle_handle = self.loop.call_later(self._idle_sweep_interval(), self._idle_tick)
+
+    def _idle_sweep_interval(self) -> float:
+        # A connection is closed between 1 and 1.25 idle timeouts after its last request (at most 30 s late).
+        return max(0.05, min(self.cfg.idle_connection_timeout / 4.0, 30.0))
+
+    def _idle_tick(self) -> None:
+        """Close the connections that hold no seat, wait for none and sent nothing for the idle timeout.
+
+        O(connections) every sweep interval; a connection holding a seat (or queued for one) is never closed
+        here: its heartbeats keep the lease, and a silent one loses the lease by its own timeout."""
+        self.idle_handle = None
+        if self.closing:
+            return
+        timeout = self.cfg.idle_connection_timeout
+        limit = self.clock() - timeout
+        holds = self.ledger.holds
+        for s in list(self.sessions.values()):
+            if s.last_active > limit or s.waiters or holds(s.session):
+                continue
+            t = s.transport
+            if t is None or t.is_closing():
+                continue
+            self.refusals.idle_closed += 1
+            self.refusal_log("idle connections", logging.INFO, "closing the connection of %s (%s): it holds no "
+                             "seat and sent nothing for %g s (idle_connection_timeout)", s.who(), s.peer, timeout)
+            self.outbox.send(s, None)
+        self.idle_handle = self.loop.call_later(self._idle_sweep_interval(), self._idle_tick)
 
     def request_shutdown(self, why: str) -> None:
         """Stop in stages: no new connections, clients told, wait up to ``shutdown_timeout`` for them to
@@ -205,13 +253,22 @@ class Server:
             s.abort()
         if left:
             logger.info("closed %d connection(s) that were still open", len(left))
-        self.store.flush()
-        self.store.sync()
-        self.store.close()
+        self.outbox.cancel_retry()
+        try:
+            self.store.close()  # flush, sync, close
+        except StoreError as exc:
+            logger.error("stopping with records not written: %s. Seats checked in since the state directory "
+                         "failed come back at the next start and lapse after a lease timeout if nobody resumes "
+                         "them; no grant was acknowledged without its record", exc)
+        except OSError as exc:
+            logger.error("could not sync the lease journal at shutdown: %s", exc)
         if self.timer is not None:
             self.timer.cancel()
         if self.sync_handle is not None:
             self.sync_handle.cancel()
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+        self.refusal_log.close()
         self.observers.shutdown()  # observers flush (the usage log drains its queue; the admin token goes)
         logger.info("lmgrd stopped; %d lease(s) persisted", len(self.ledger))
         self.stopped.set()
@@ -233,13 +290,17 @@ class Server:
         self.per_address[proto.addr] = n
         self.counters.connections += 1
         self.open_connections += 1
+        proto.last_active = self.clock()
+        proto.allowance = self.request_burst
         if self.closing:
+            self.refusals.connection("shutting_down")
             self.fail(proto, ProtocolError(ErrorCode.SHUTTING_DOWN, "the license server is shutting down",
                                            "retry in a few seconds"))
             return
         if limit and n > limit:
-            logger.warning("refused a connection from %s: %d connections from that address (limit %d)",
-                           proto.addr, n - 1, limit)
+            self.refusals.connection("per_address_limit")
+            self.refusal_log("connection refusals", logging.WARNING, "refused a connection from %s: %d connections "
+                             "from that address (limit %d)", proto.addr, n - 1, limit)
             self.fail(proto, ProtocolError(
                 ErrorCode.TOO_MANY_CONNECTIONS,
                 f"too many connections from {proto.addr}: the limit is {limit} per address",
@@ -271,7 +332,7 @@ class Server:
 
     def fail(self, s: Session, exc: ProtocolError, request_id: int = 0) -> None:
         """Answer with an error and close this one client."""
-        refuse(s, self.outbox, exc, request_id)
+        refuse(s, self.outbox, exc, request_id, self.refusal_log)
 
     # -- the expiry timer -------------------------------------------------------------------------------------
     def arm(self) -> None:
@@ -369,6 +430,8 @@ class Server:
             "connections": len(self.sessions),
             "pools": pools,
             "refused_licenses": self.licensing.refusals(),
+            "store": {"writable": self.outbox.store_error is None,
+                      "error": str(self.outbox.store_error) if self.outbox.store_error is not None else None},
         }
 
 

@@ -12,14 +12,17 @@ handlers directly with a recording transport.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from lmgrd import __version__
-from lmgrd.core.ledger import share_key_for
+from lmgrd.core.ledger import LeaseInfo, owner_digest, share_key_for
 from lmgrd.core.licensing import Licensing, seat_refusal
+from lmgrd.core.logtext import printable
 from lmgrd.daemon.events import EndReason
+from lmgrd.daemon.guard import RefusalCounts, RefusalLog
 from lmgrd.daemon.leases import LeaseLifecycle
 from lmgrd.daemon.outbox import Outbox, Transport
 from protocol import (
@@ -62,8 +65,8 @@ class Session:
 
     # Kept small: one per connection, and a license server holds thousands (benchmarks' idle scenario).
     __slots__ = (
-        "addr", "conn", "display", "handshake_timer", "host", "idle_since", "lost", "paused_since", "peer", "pid",
-        "session", "transport", "user", "waiters",
+        "addr", "allowance", "conn", "display", "handshake_timer", "host", "idle_since", "label", "last_active",
+        "lost", "owner", "paused_since", "peer", "pid", "session", "transport", "user", "waiters",
     )
 
     def __init__(self, max_frame_bytes: int) -> None:
@@ -77,22 +80,42 @@ class Session:
         self.host = ""
         self.pid = 0
         self.display = ""
+        #: Who may resume or check in this client's leases from another connection (owner_digest at hello).
+        self.owner = ""
+        #: ``user@host`` escaped for log lines (lmgrd.core.logtext), computed once at hello.
+        self.label = ""
+        #: Monotonic time of the last bytes received, and what is left of the request-rate allowance.
+        self.last_active = 0.0
+        self.allowance = 0.0
         self.lost: list[LostSeat] = []
         self.waiters: dict[int, int] = {}  # waiter_id -> request id
         self.handshake_timer: Any = None
         self.paused_since: float | None = None
         self.idle_since: float | None = None  # monotonic time of the first heartbeat saying "idle"
 
-    def identify(self, session: int, user: str, host: str, pid: int, display: str) -> None:
+    def identify(self, session: int, user: str, host: str, pid: int, display: str, owner: str = "") -> None:
         """Record who this client is (at hello)."""
         self.session = session
         self.user = user
         self.host = host
         self.pid = pid
         self.display = display
+        self.owner = owner or f"connection:{os.urandom(16).hex()}"
+        self.label = f"{printable(user)}@{host}" if user else ""
 
     def who(self) -> str:
-        return f"{self.user}@{self.host}" if self.user else self.peer
+        """The client as log lines name it: ``user@host`` (escaped: the user name is the client's choice)."""
+        return self.label or self.peer
+
+    def holds(self, lease: LeaseInfo) -> bool:
+        """May this client resume or check in ``lease``? Its own connection's, or its holder's: the same
+        user, host and hello secret (``owner``). A lease recorded before leases were bound (owner "") is the
+        same user's on the same host."""
+        if lease.session is not None and lease.session == self.session:
+            return True
+        if lease.owner:
+            return lease.owner == self.owner
+        return lease.user == self.user and lease.host == self.host
 
 
 class Daemon(Protocol):
@@ -100,6 +123,7 @@ class Daemon(Protocol):
 
     licensing: Licensing
     closing: bool
+    request_rate: float
 
     def status(self) -> dict[str, Any]: ...
 
@@ -109,7 +133,8 @@ class Handlers:
 
     def __init__(self, daemon: Daemon, leases: LeaseLifecycle, outbox: Outbox, sessions: dict[int, Session], *,
                  heartbeat_interval: float, lease_timeout: float, max_frame_bytes: int,
-                 clock: Callable[[], float], wall: Callable[[], float], fail: Callable[..., None]) -> None:
+                 clock: Callable[[], float], wall: Callable[[], float], fail: Callable[..., None],
+                 refusals: RefusalCounts | None = None, refusal_log: RefusalLog | None = None) -> None:
         self.daemon = daemon
         self.leases = leases
         self.ledger = leases.ledger
@@ -121,6 +146,8 @@ class Handlers:
         self.clock = clock
         self.wall = wall
         self.fail = fail
+        self.refusals = refusals if refusals is not None else RefusalCounts()
+        self.refusal_log = refusal_log if refusal_log is not None else RefusalLog(clock, _no_timer, self.refusals)
         self.next_session = 1
         #: Set by the composition root (lmgrd.cli) to lmgrd.admin's handler; without it admin is refused.
         self.admin: AdminHandler | None = None
@@ -138,9 +165,20 @@ class Handlers:
         self.outbox.reply(s, StatusReply, encode_frame(StatusReply(req.id, self.daemon.status()).to_wire()))
 
     def bad_request(self, s: Session, req: BadRequest) -> None:
-        logger.info("bad request from %s: %s", s.who(), req.error.message)
+        self.refusals.bad_requests += 1
+        self.refusal_log("bad requests", logging.INFO, "bad request from %s: %s", s.who(), req.error.message)
         self.error(s, req.id, req.error.code, req.error.message,
                    req.error.hint or "see protocol/PROTOCOL.md for the message schema")
+
+    def rate_limited(self, s: Session, req: Any) -> None:
+        """Refuse one request over the connection's rate (the transport decides which; nothing is run)."""
+        self.refusals.rate_limited += 1
+        rate = self.daemon.request_rate
+        self.refusal_log("rate limits", logging.WARNING, "rate limit: %s (%s) sent more than %g requests a second; "
+                         "refused its %s", s.who(), s.peer, rate, getattr(req, "OP", "bad request"))
+        self.error(s, req.id, ErrorCode.RATE_LIMITED,
+                   f"this connection sent more than {rate:g} requests a second; the request was not run",
+                   "slow down and send it again; a license client needs a few requests a second at most")
 
     def error(self, s: Session, rid: int, code: ErrorCode, message: str, hint: str = "") -> None:
         self.outbox.reply(s, ErrorReply, encode_frame(ErrorReply(rid, code, message, hint).to_wire()))
@@ -157,7 +195,10 @@ class Handlers:
                       req.id)
             return
         host = short_hostname(req.host)
-        s.identify(self.next_session, req.user, host, req.pid, "".join(req.display.split()) or host)
+        # A client without a secret (protocol 1) gets an owner of this connection's own: its leases can be
+        # resumed by no other connection, since nothing would prove it is the same client.
+        s.identify(self.next_session, req.user, host, req.pid, "".join(req.display.split()) or host,
+                   owner_digest(req.user, host, req.secret) if req.secret else "")
         self.next_session += 1
         self.sessions[s.session] = s
         logger.debug("hello from %s (%s pid %d, client %s)", s.who(), s.peer, s.pid, req.client_version)
@@ -178,6 +219,8 @@ class Handlers:
             code, message, hint = decision.error
             leases.deny(s, req.id, req.product, req.version, code, message, hint)
             return
+        if leases.outbox.store_error is not None and leases.store_refusal(s, req.id, req.product, req.version):
+            return
         user, host = holder.user, holder.host
         for lic in decision.licenses:
             if leases.checkout(s, req.id, (lic.customer_id, req.product), share_key_for(lic.share, user, host),
@@ -196,8 +239,25 @@ class Handlers:
         leases.deny(s, req.id, req.product, req.version, code, message, hint)
 
     def checkin(self, s: Session, req: Checkin) -> None:
+        held = self.ledger.get(req.token)
+        if held is None or (held.session != s.session and not s.holds(held)):  # own connection's: no call
+            # Someone else's seat, or none: nothing is freed, and the answer is the same either way (no
+            # oracle for which tokens exist).
+            self.token_refused(s, "checkin", req.token, held)
+            self.outbox.reply(s, CheckedIn, CheckedIn.frame(req.id, False))
+            return
         lease = self.leases.end(req.token, _CHECKIN, "", s)
         self.outbox.reply(s, CheckedIn, CheckedIn.frame(req.id, lease is not None))
+
+    def token_refused(self, s: Session, request: str, token: str, lease: LeaseInfo | None) -> None:
+        """Count (and, rate-limited, log) a checkin or resume of a lease this client does not hold."""
+        if lease is None:
+            self.refusals.token(request, "unknown")
+            return
+        self.refusals.token(request, "not_holder")
+        self.refusal_log("token refusals", logging.WARNING,
+                         "refused %s of lease %s by %s (%s): the lease is %s@%s's, granted to another client",
+                         request, token[:8], s.who(), s.peer, printable(lease.user), lease.host)
 
     # -- heartbeat, idle and resume --------------------------------------------------------------------------
     def heartbeat(self, s: Session, req: Heartbeat) -> None:
@@ -230,19 +290,33 @@ class Handlers:
         resumed: list[str] = []
         lost: list[LostSeat] = []
         removed = self.leases.removed
+        ledger = self.ledger
         for token in req.tokens:
-            before = self.ledger.get(token)
-            old_session = before.session if before is not None else None
-            lease = self.ledger.resume(token, s.session, now)
-            if lease is None:
-                if token in removed:
-                    lost.append(removed.pop(token))
+            before = ledger.get(token)
+            if before is None or not s.holds(before):
+                gone = removed.get(token) if before is None else None
+                if gone is not None and gone[0] == s.owner:
+                    del removed[token]
+                    lost.append(gone[1])
                     continue
+                self.token_refused(s, "resume", token, before)
+                # The same answer for a lease that is someone else's as for one that does not exist.
                 lost.append(LostSeat(token, ErrorCode.LEASE_NOT_FOUND,
-                                     "this seat is no longer held: it lapsed, was checked in or was removed"))
+                                     "this seat is not held for this client: it lapsed, was checked in or "
+                                     "removed, or was never this client's"))
                 continue
-            if old_session and old_session != s.session and old_session in self.sessions:
-                logger.info("lease %s moved from session %d to %d", token[:8], old_session, s.session)
+            old_session = before.session
+            ledger.resume(token, s.session, now)
+            if old_session is not None and old_session != s.session:
+                old = self.sessions.get(old_session)
+                if old is not None:
+                    # The holder came back on a new connection while the old one is still open (half-open
+                    # after a network blip, or a second process with the same secret): the old one is told.
+                    old.lost.append(LostSeat(token, ErrorCode.SEAT_MOVED,
+                                             f"this seat of {before.pool[1]} moved to another connection of "
+                                             f"this client ({s.peer}), which resumed it"))
+                    logger.info("lease %s moved from %s (session %d) to %s (session %d)", token[:8], old.peer,
+                                old_session, s.peer, s.session)
             resumed.append(token)
         logger.info("RESUME %s: %d seat(s) resumed, %d lost", s.who(), len(resumed), len(lost))
         self.outbox.reply(s, Resumed, encode_frame(Resumed(req.id, tuple(resumed), tuple(lost)).to_wire()))
@@ -261,12 +335,21 @@ class Handlers:
             self.outbox.reply(s, StatusReply, encode_frame(StatusReply(req.id, data).to_wire()))
 
 
-def refuse(s: Session, outbox: Outbox, exc: ProtocolError, request_id: int = 0) -> None:
+def _no_timer(delay: float, callback: Callable[..., None], *args: object) -> None:
+    """For handlers built without a server (tests): interval summaries are written at the next refusal."""
+    return None
+
+
+def refuse(s: Session, outbox: Outbox, exc: ProtocolError, request_id: int = 0,
+           log: RefusalLog | None = None) -> None:
     """Answer with an error and close this one client (after the replies queued before it)."""
     t = s.transport
     if t is None or t.is_closing():
         return
     if exc.code not in (ErrorCode.HANDSHAKE_TIMEOUT, ErrorCode.TOO_MANY_CONNECTIONS, ErrorCode.SHUTTING_DOWN):
-        logger.warning("dropping client %s: %s", s.peer, exc)
+        if log is not None:
+            log("dropped clients", logging.WARNING, "dropping client %s: %s", s.peer, exc)
+        else:
+            logger.warning("dropping client %s: %s", s.peer, exc)
     outbox.reply(s, ErrorReply, error_frame(request_id, exc))
     outbox.send(s, None)

@@ -2,7 +2,10 @@
 
 Thin by design (uvicorn's ``H11Protocol``): ``data_received`` feeds the session's protocol connection and
 dispatches each request; a client that stops reading its replies is paused, and dropped if it stays
-stalled for a lease timeout; a client that sends no hello in time is dropped.
+stalled for a lease timeout; a client that sends no hello in time is dropped. Each connection has a
+request-rate allowance (a token bucket: ``max_requests_per_second``, holding up to two seconds' worth):
+requests beyond it are answered ``RATE_LIMITED`` and not run. The allowance is settled once per read,
+not per request, and the time of the read is kept for the server's idle-connection sweep.
 """
 
 from __future__ import annotations
@@ -60,6 +63,24 @@ class ClientProtocol(Session, asyncio.Protocol):
             self.server.fail(self, exc)
             return
         server = self.server
+        now = server.clock()
+        rate = server.request_rate
+        refused = None
+        if rate:
+            # Token bucket, settled once per read: refill for the time since the last read, capped at the
+            # burst; the requests beyond what is left are refused (after the ones served, in order).
+            allowance = self.allowance + (now - self.last_active) * rate
+            if allowance > server.request_burst:
+                allowance = server.request_burst
+            n = len(requests)
+            if allowance >= n:
+                self.allowance = allowance - n
+            else:
+                served = int(allowance) if allowance > 0 else 0
+                self.allowance = allowance - served
+                refused = requests[served:]
+                requests = requests[:served]
+        self.last_active = now
         dispatch = server.handlers.dispatch
         timer = server.request_timer
         conn = self.conn
@@ -68,13 +89,19 @@ class ClientProtocol(Session, asyncio.Protocol):
                 if conn.state in _NOT_SERVING:
                     return
                 dispatch(self, req)
-            return
-        for req in requests:  # lmgrd_request_duration_seconds: observe only, no allocation
-            if conn.state in _NOT_SERVING:
-                return
-            t0 = perf_counter()
-            dispatch(self, req)
-            timer(type(req), perf_counter() - t0)
+        else:
+            for req in requests:  # lmgrd_request_duration_seconds: observe only, no allocation
+                if conn.state in _NOT_SERVING:
+                    return
+                t0 = perf_counter()
+                dispatch(self, req)
+                timer(type(req), perf_counter() - t0)
+        if refused:
+            limited = server.handlers.rate_limited
+            for req in refused:
+                if conn.state in _NOT_SERVING:
+                    return
+                limited(self, req)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -89,7 +116,8 @@ class ClientProtocol(Session, asyncio.Protocol):
         if t is not None:
             t.pause_reading()
         since = self.paused_since = time.monotonic()
-        logger.warning("client %s is not reading its replies; pausing its requests", self.peer)
+        self.server.refusal_log("paused clients", logging.WARNING,
+                                "client %s is not reading its replies; pausing its requests", self.peer)
         self.server.loop.call_later(self.server.lease_timeout, self._stalled, since)
 
     def _stalled(self, since: float) -> None:
@@ -117,6 +145,7 @@ class ClientProtocol(Session, asyncio.Protocol):
         self.handshake_timer = None
         if self.conn.hello is None:
             timeout = self.server.cfg.handshake_timeout
-            logger.info("client %s sent no hello within %.1f s; dropped", self.peer, timeout)
+            self.server.refusal_log("handshake timeouts", logging.INFO, "client %s sent no hello within %.1f s; "
+                                    "dropped", self.peer, timeout)
             self.server.fail(self, ProtocolError(ErrorCode.HANDSHAKE_TIMEOUT, f"no hello within {timeout:g} seconds",
                                                  "send hello right after connecting"))

@@ -59,10 +59,14 @@ _BAD_REQUEST_LINE = b"expected an HTTP/1.x request line such as: GET /metrics HT
 def health(server: Server) -> tuple[bool, str]:
     """Whether the server is serving licenses, and a one-line reason.
 
-    Serving means: not shutting down, and at least one served license that has not expired and is activated.
+    Serving means: not shutting down, the lease store can record grants (a full or read-only state directory
+    answers 503 with the journal's error: held seats keep running, new checkouts are refused), and at least one
+    served license that has not expired and is activated.
     """
     if server.closing:
         return False, "shutting down"
+    if server.store_error is not None:
+        return False, f"degraded, new checkouts refused (STORE_UNAVAILABLE): {server.store_error}"
     now = datetime.now(UTC)
     served = server.licensing.served
     if not served:

@@ -270,6 +270,11 @@ class StateCollector(Collector):
         yield served
         yield GaugeMetricFamily("lmgrd_up", "1 while serving licenses, 0 once shutting down",
                                 value=0 if server.closing else 1)
+        yield GaugeMetricFamily("lmgrd_store_writable", "1 while the lease journal can be written, 0 while the "
+                                "state directory is full or read-only (new checkouts refused, retried by itself)",
+                                value=1 if server.store_error is None else 0)
+        yield CounterMetricFamily("lmgrd_store_write_failures", "Failed lease journal writes (the first failure "
+                                  "and every failed retry)", value=server.store_write_failures)
         yield GaugeMetricFamily("lmgrd_start_time_seconds", "When this daemon started (Unix time)",
                                 value=server.started_wall)
         info = GaugeMetricFamily("lmgrd_build_info", "lmgrd version and Python version; always 1",
@@ -289,6 +294,38 @@ class StateCollector(Collector):
         yield denials
         yield CounterMetricFamily("lmgrd_lease_expirations", "Leases reclaimed because their client stopped "
                                   "heartbeating", value=m.expirations)
+        yield from refusal_families(server)
+
+
+#: Label values every refusal series is created with (at 0), so rate() works from the first refusal.
+TOKEN_REFUSAL_LABELS = (("checkin", "not_holder"), ("checkin", "unknown"), ("resume", "not_holder"),
+                        ("resume", "unknown"))
+CONNECTION_REFUSAL_REASONS = ("per_address_limit", "shutting_down")
+
+
+def refusal_families(server: Server) -> Iterator[Metric]:
+    """The counters of refused input (lmgrd.daemon.guard.RefusalCounts): what the log only samples."""
+    r = server.refusals
+    tokens = CounterMetricFamily("lmgrd_token_refusals", "Checkins and resumes refused because the lease is "
+                                 "another client's (not_holder) or does not exist (unknown): nothing was freed, "
+                                 "renewed or moved", labels=["request", "reason"])
+    for labels in sorted({*TOKEN_REFUSAL_LABELS, *r.token_refusals}):
+        tokens.add_metric(list(labels), r.token_refusals.get(labels, 0))
+    yield tokens
+    yield CounterMetricFamily("lmgrd_rate_limited_requests", "Requests answered RATE_LIMITED (over "
+                              "max_requests_per_second on their connection) and not run", value=r.rate_limited)
+    yield CounterMetricFamily("lmgrd_bad_requests", "Well-framed requests that failed the message schema "
+                              "(answered BAD_REQUEST)", value=r.bad_requests)
+    conns = CounterMetricFamily("lmgrd_connection_refusals", "Connections refused when accepted, by reason "
+                                "(per_address_limit: max_connections_per_address)", labels=["reason"])
+    for reason in sorted({*CONNECTION_REFUSAL_REASONS, *r.connection_refusals}):
+        conns.add_metric([reason], r.connection_refusals.get(reason, 0))
+    yield conns
+    yield CounterMetricFamily("lmgrd_idle_connections_closed", "Connections closed because they held no seat "
+                              "and sent nothing for idle_connection_timeout", value=r.idle_closed)
+    yield CounterMetricFamily("lmgrd_refusal_log_lines_suppressed", "Log lines about refusals not written "
+                              "because of the log's rate limit (each refusal is still counted above)",
+                              value=r.log_suppressed)
 
 
 class ProcessCollector(Collector):

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmgrd.core.ledger import LeaseInfo
+from lmgrd.core.logtext import printable_json_line
 
 if TYPE_CHECKING:
     from lmgrd.daemon.api import DaemonView as Server
@@ -90,7 +91,9 @@ class _JsonLine(logging.Formatter):
         line.update(fields)
         if granted_at is not None:
             line["held_s"] = round(max(0.0, epoch - granted_at), 3)
-        return json.dumps(line, separators=(",", ":"), ensure_ascii=False)
+        # Client strings (user, display, product, version) stay one line: JSON escapes the C0 controls, and
+        # the Unicode line breaks it leaves alone are escaped too.
+        return printable_json_line(json.dumps(line, separators=(",", ":"), ensure_ascii=False))
 
 
 class _DroppingQueueHandler(QueueHandler):

@@ -22,9 +22,19 @@ What can be lost
 Journal format (``leases.journal``)
     The 8-byte magic ``b"LMGRDJ\\x00\\x01"``, then records, each ``length`` (4 bytes, big-endian),
     ``crc32(payload)`` (4 bytes, big-endian), ``payload`` (msgpack). A payload is
-    ``[1, token, customer_id, product, [share key...], user, host, pid, version, display, granted_at, addr]``
-    for a grant and ``[2, token]`` for a release. A grant written before ``addr`` was kept has 11 fields and
-    reads with ``addr = ""``. Replaying the records in order gives the live set.
+    ``[1, token, customer_id, product, [share key...], user, host, pid, version, display, granted_at, owner,
+    addr]`` for a grant and ``[2, token]`` for a release; ``owner`` is the holder's digest
+    (:func:`lmgrd.core.ledger.owner_digest`: never the client's secret itself), absent from grants written
+    before leases were bound (read as "": such a lease may be resumed by a connection of the same user and
+    host); ``addr`` is the address the client connected from (for usage-policy rules by address), absent from
+    grants written before it was kept (read as ""). Replaying the records in order gives the live set.
+
+Disk full, read-only, I/O error
+    A failed ``flush`` raises :class:`StoreWriteError` (the state directory, the OS error) after cutting the
+    file back to its last intact record, and keeps the batch buffered, in order; the next ``flush`` writes
+    it whole. If even the cut-back fails, it is retried before the next write, so a partial batch never
+    ends up in front of later records. The daemon (``lmgrd.daemon.outbox``) acknowledges nothing of a
+    failed batch and retries with backoff; see the README, "When the state directory is full or read-only".
 
 Recovery
     A damaged record with no intact record after it is a torn tail (a write cut short by a crash or a
@@ -66,6 +76,7 @@ __all__ = [
     "LeaseStore",
     "StoreError",
     "StoreLocked",
+    "StoreWriteError",
     "open_store",
     "read_journal",
 ]
@@ -91,6 +102,25 @@ _HEADER = struct.Struct(">II")  # payload length, crc32(payload)
 
 class StoreError(LmgrdError):
     """The lease store cannot do its job; the message names the file and what to do."""
+
+
+class StoreWriteError(StoreError):
+    """A write to the store failed (disk full, read-only, I/O error); the batch stays buffered for a retry.
+
+    ``state_dir`` and ``reason`` (the OS error's text) are kept apart so the daemon can tell clients and
+    operators exactly what is wrong where.
+    """
+
+    def __init__(self, path: Path, state_dir: Path, reason: str, records: int) -> None:
+        self.path = path
+        self.state_dir = state_dir
+        self.reason = reason
+        self.records = records
+        super().__init__(
+            f"cannot write the lease journal {path}: {reason}; {records} grant/release record(s) wait in memory. "
+            f"Free space in {state_dir} or make it writable again: lmgrd retries by itself and grants new seats "
+            f"again as soon as the write succeeds"
+        )
 
 
 class StoreLocked(StoreError):
@@ -127,7 +157,12 @@ class LeaseStore(Protocol):
         ...
 
     def flush(self) -> None:
-        """Write everything buffered; when it returns, the records survive a SIGKILL of the process."""
+        """Write everything buffered; when it returns, the records survive a SIGKILL of the process.
+
+        Raises:
+            StoreWriteError: nothing of the batch is durable; it stays buffered, in order, and the next
+                ``flush`` writes it (the daemon retries with backoff and acknowledges nothing meanwhile).
+        """
         ...
 
     def sync(self) -> None:
@@ -151,7 +186,7 @@ def _frame(payload: bytes) -> bytes:
 def _grant_payload(rec: LeaseRecord) -> list[object]:
     return [
         _GRANT, rec.token, rec.customer_id, rec.product, list(rec.share_key), rec.user, rec.host, rec.pid,
-        rec.version, rec.display, rec.granted_at, rec.addr,
+        rec.version, rec.display, rec.granted_at, rec.owner, rec.addr,
     ]  # fmt: skip
 
 
@@ -165,12 +200,12 @@ def _decode(payload: bytes) -> LeaseRecord | str | None:
         return None
     if obj[0] == _RELEASE and len(obj) == 2 and type(obj[1]) is str:
         return obj[1]
-    if obj[0] != _GRANT or len(obj) not in (11, 12):
+    if obj[0] != _GRANT or len(obj) not in (11, 12, 13):
         return None
-    if len(obj) == 11:
-        obj.append("")  # written before the client's address was kept
-    _, token, customer_id, product, share_key, user, host, pid, version, display, granted_at, addr = obj
-    strings = (token, customer_id, product, user, host, version, display, addr)
+    while len(obj) < 13:  # written before leases were bound to their holder (11), or before addresses (12)
+        obj.append("")
+    _, token, customer_id, product, share_key, user, host, pid, version, display, granted_at, owner, addr = obj
+    strings = (token, customer_id, product, user, host, version, display, owner, addr)
     if not all(type(s) is str for s in strings) or type(share_key) is not list:
         return None
     if not all(type(s) is str for s in share_key) or type(pid) is not int:
@@ -178,7 +213,8 @@ def _decode(payload: bytes) -> LeaseRecord | str | None:
     if type(granted_at) not in (int, float):
         return None
     return LeaseRecord(
-        token, customer_id, product, tuple(share_key), user, host, pid, version, display, float(granted_at), addr
+        token, customer_id, product, tuple(share_key), user, host, pid, version, display, float(granted_at), owner,
+        addr,
     )
 
 
@@ -348,6 +384,7 @@ class JournalStore:
         self._records = 0  # records in the file
         self._size = 0  # bytes in the file
         self._unsynced = False
+        self._torn = False  # a failed write could not be cut back: cut before the next write
         self._compact_at = 0  # record count below which compaction is not retried after a failure
         self._fd = -1
         self._closed = False
@@ -414,26 +451,28 @@ class JournalStore:
         """Write the buffered records with one ``write(2)``; they then survive SIGKILL.
 
         Raises:
-            StoreError: the write failed (disk full, I/O error). The file is cut back to its last
-                intact record and the batch stays buffered for the next flush; none of it is durable,
-                so the daemon must not acknowledge it.
+            StoreWriteError: the write failed (disk full, read-only file system, I/O error). The file is
+                cut back to its last intact record (or, if even that fails, before the next write) and the
+                batch stays buffered, in order, for the next flush; none of it is durable, so the daemon
+                must not acknowledge it.
         """
         if not self._buf:
             return
         self._check_open()
         data = b"".join(self._buf)
         try:
+            if self._torn:
+                # A failed write may have left part of a batch, and cutting it back failed too: cut it now,
+                # before anything is appended behind it (a partial record in the middle is corruption).
+                os.ftruncate(self._fd, self._size)
+                self._torn = False
             _write_all(self._fd, data)
         except OSError as exc:
             try:
                 os.ftruncate(self._fd, self._size)  # never leave a partial batch before later records
             except OSError:
-                logger.error("lease journal %s: could not cut back a failed write", self.path)
-            raise StoreError(
-                f"could not write the lease journal {self.path}: {exc.strerror or exc}; the last "
-                f"{len(self._buf)} grants and releases are not durable. Free disk space or repair the state "
-                f"directory, then restart lmgrd"
-            ) from exc
+                self._torn = True
+            raise StoreWriteError(self.path, self.state_dir, exc.strerror or str(exc), len(self._buf)) from exc
         self._size += len(data)
         self._records += len(self._buf)
         self._buf.clear()

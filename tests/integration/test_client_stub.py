@@ -75,7 +75,7 @@ def test_sync_checkout_and_checkin(daemon_factory: Factory) -> None:
             lm.checkout("NOPE", version="1")
         assert info.value.code is ErrorCode.UNKNOWN_PRODUCT
         ping = lm.ping()
-        assert ping.server == d.address and ping.protocol == 1 and ping.round_trip >= 0
+        assert ping.server == d.address and ping.protocol == 2 and ping.round_trip >= 0
     assert "IN CADPRO" in d.log()
 
 

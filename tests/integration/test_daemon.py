@@ -44,7 +44,7 @@ def test_welcome_announces_timing(daemon_factory: Callable[..., Daemon]) -> None
     c = d.connect()
     w = c.hello()
     assert isinstance(w, Welcome)
-    assert (w.heartbeat_interval, w.lease_timeout, w.proto) == (1.0, 3.0, 1)
+    assert (w.heartbeat_interval, w.lease_timeout, w.proto) == (1.0, 3.0, 2)
     assert d.stop() == 0
 
 

@@ -11,22 +11,28 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import HOSTNAME, Daemon, RawClient, write_keys, write_license
+from faultproxy import FaultProxy
+from harness import HOSTNAME, REPO, Daemon, RawClient, write_keys, write_license
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from client_stub import LicenseClient
 from protocol import (
     CheckedIn,
     Checkin,
@@ -445,3 +451,267 @@ def test_random_actions_never_exceed_the_count_nor_lose_a_seat(model_vendor: tup
             for c in RawClient.opened:
                 c.close()
             RawClient.opened.clear()
+
+
+# --------------------------------------------------------------------------- issue 9: fault scenarios
+# Each ends by checking the invariant: granted <= count; every seat a client believes it holds is held by the
+# daemon (it resumes, it renews); no seat is held by nobody after its lease timeout (the daemon's count falls
+# to exactly what clients hold). The bounds are the documented ones (README "Faults and the bounds you can
+# rely on"): a silent connection's seats lapse one lease timeout after its last heartbeat; a closed one's are
+# kept for the reconnect grace, then freed.
+
+def in_use(c: RawClient) -> int:
+    n: int = pool(c)["in_use"]
+    return n
+
+
+def heartbeat_for(conns: dict[str, RawClient], held: dict[str, set[str]], seconds: float) -> None:
+    """Heartbeat every connection every 0.5 s for ``seconds``; each must renew exactly what its client holds."""
+    for _ in range(int(seconds / 0.5) + 1):
+        for user, c in conns.items():
+            ack = c.request(Heartbeat(c.id()))
+            assert isinstance(ack, HeartbeatAck) and ack.renewed == len(held[user]) and not ack.lost, (user, ack)
+        time.sleep(0.5)
+
+
+def test_twenty_sigkills_at_random_points_during_churn(daemon_factory: Factory) -> None:
+    """SIGKILL the daemon 20 times at random moments of a checkout/checkin churn, restarting it each time on
+    the same port and state directory: every seat a client was told it holds resumes after every restart,
+    the count is never exceeded, and in the end the daemon holds exactly the clients' seats."""
+    seed = int.from_bytes(os.urandom(4), "big")
+    rng = random.Random(seed)
+    count, users = 8, [f"churn{i}" for i in range(4)]
+    d = daemon_factory((("CADPRO", "2.1", count),), share="none", heartbeat=1.0, lease_timeout=3.0,
+                       extra=NO_METRICS)
+    held: dict[str, set[str]] = {u: set() for u in users}
+    conns = {u: client(d, u) for u in users}
+    grants = 0
+    for rnd in range(20):
+        ctx = f"(seed {seed}, round {rnd})"
+        churners = {u: Churner(conns[u], told=sorted(held[u])) for u in users}
+        threads = [threading.Thread(target=ch.run, daemon=True) for ch in churners.values()]
+        for t in threads:
+            t.start()
+        time.sleep(rng.uniform(0.02, 0.4))
+        d.kill()
+        for t in threads:
+            t.join(10)
+            assert not t.is_alive(), ctx
+        assert not [r for ch in churners.values() for r in ch.unexpected], ctx
+        grants += sum(ch.grants for ch in churners.values())
+        assert sum(len(ch.told) for ch in churners.values()) <= count, ctx
+        d.start()
+        for u, ch in churners.items():
+            conns[u].close()
+            c = conns[u] = client(d, u)
+            asked = ch.told + ch.uncertain
+            res = c.request(Resume(c.id(), tuple(asked)))
+            assert isinstance(res, Resumed), (res, ctx)
+            assert set(ch.told) <= set(res.resumed), (res, ctx)  # every seat it was told about is still its
+            assert {x.token for x in res.lost} <= set(ch.uncertain), (res, ctx)
+            held[u] = set(res.resumed)  # an unanswered checkin whose seat resumed is still held
+        observer = client(d, "observer")
+        n = in_use(observer)
+        assert sum(len(h) for h in held.values()) <= n <= count, (n, held, ctx)
+        observer.close()
+    assert grants > 20 * count / 2, f"the churn barely ran ({grants} grants); the test proves nothing"
+    # Journalled grants nobody was told of come back at a restart unclaimed; they lapse one lease timeout
+    # later, and then the daemon holds exactly what the clients hold.
+    heartbeat_for(conns, held, d.lease_timeout + 1.5)
+    observer = client(d, "observer")
+    assert in_use(observer) == sum(len(h) for h in held.values()), held
+    no_traceback(d)
+
+
+CLIENT_SCRIPT = """
+import sys, time
+from client_stub import LicenseClient
+with LicenseClient(sys.argv[1], request_timeout=5.0) as lm:
+    seat = lm.checkout("CADPRO", version="2.1")
+    print(seat.token, flush=True)
+    time.sleep(120)
+"""
+
+
+def _client_process(d: Daemon) -> tuple[subprocess.Popen[str], str]:
+    p = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, d.address], stdout=subprocess.PIPE, text=True,
+                         cwd=REPO)
+    assert p.stdout is not None
+    token = p.stdout.readline().strip()
+    assert len(token) == 32, (token, p.poll())
+    return p, token
+
+
+def _wait_in_use(c: RawClient, n: int, deadline: float) -> float:
+    """Poll until the pool's in_use is ``n``; returns the monotonic time it was seen (fails at ``deadline``)."""
+    while True:
+        now = time.monotonic()
+        if in_use(c) == n:
+            return now
+        assert now < deadline, f"in_use never fell to {n}"
+        time.sleep(0.05)
+
+
+def test_hung_and_crashed_client_processes_lose_their_seats_within_the_documented_bounds(
+        daemon_factory: Factory) -> None:
+    """A client_stub process SIGSTOPped (hung: its connection stays open, its heartbeats stop) loses its seat
+    one lease timeout after its last heartbeat; one SIGKILLed (crashed: its kernel closes the connection) keeps
+    it for the reconnect grace, then loses it. Neither bound is exceeded by more than 1 s, neither seat is
+    freed early, and each freed seat goes to the next checkout exactly once."""
+    lease_timeout, heartbeat, grace = 4.0, 1.0, 2.0
+    d = daemon_factory((("CADPRO", "2.1", 2),), share="none", heartbeat=heartbeat, lease_timeout=lease_timeout,
+                       extra=[*NO_METRICS, "--reconnect-grace", str(grace)])
+    observer = client(d, "observer")
+    hung, _ = _client_process(d)
+    crashed, _ = _client_process(d)
+    procs = [hung, crashed]
+    try:
+        assert in_use(observer) == 2
+        time.sleep(heartbeat * 1.5)  # both have heartbeated at least once on their own
+        stopped = time.monotonic()
+        hung.send_signal(signal.SIGSTOP)
+        # Its last heartbeat was at most one interval before the stop: the lease runs at least that long.
+        time.sleep(lease_timeout - heartbeat - 0.5)
+        assert in_use(observer) == 2, "the hung client's seat was freed before its lease timeout"
+        freed = _wait_in_use(observer, 1, stopped + lease_timeout + 1.0)
+        assert freed <= stopped + lease_timeout + 1.0
+        crashed.kill()
+        crashed.wait(10)
+        killed = time.monotonic()
+        time.sleep(grace / 2)
+        assert in_use(observer) == 1, "the crashed client's seat was freed before the reconnect grace"
+        _wait_in_use(observer, 0, killed + grace + 1.0)
+        # The freed seats go to newcomers, each once, and the count still holds.
+        newcomer = client(d, "newcomer")
+        for _ in range(2):
+            assert isinstance(newcomer.request(Checkout(newcomer.id(), "CADPRO", "2.1", 0.0)), Granted)
+        r = newcomer.request(Checkout(newcomer.id(), "CADPRO", "2.1", 0.0))
+        assert isinstance(r, ErrorReply) and r.code is ErrorCode.NO_SEATS, r
+        assert "EXPIRED CADPRO 2.1" in d.log()  # the hung one lapsed (no heartbeat), not detached
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+            p.wait(10)
+            if p.stdout is not None:
+                p.stdout.close()
+    no_traceback(d)
+
+
+def test_network_blip_shorter_than_the_grace_resumes_the_same_seat(daemon_factory: Factory) -> None:
+    """The real client_stub through the fault proxy: a reset plus 1.5 s of refused connections (shorter than
+    the 4 s reconnect grace), then a 1.5 s stall (shorter than the lease timeout). After each, the client
+    holds the same seat (same token, never reported lost), the daemon counts one seat, and nobody else can
+    take a second: the "double checkout after reconnect" failure cannot happen."""
+    d = daemon_factory((("CADPRO", "2.1", 1),), share="none", heartbeat=1.0, lease_timeout=5.0,
+                       extra=[*NO_METRICS, "--reconnect-grace", "4"])
+    lost: list[object] = []
+    with FaultProxy(("127.0.0.1", d.port)) as proxy, \
+            LicenseClient(proxy.address, request_timeout=3.0, on_lost=lambda s, e: lost.append(e)) as lm:
+        seat = lm.checkout("CADPRO", version="2.1")
+        token = seat.token
+        observer = client(d, "observer")
+        assert in_use(observer) == 1
+        assert proxy.blip(1.5) == 1
+        deadline = time.monotonic() + 15
+        while "RESUME " not in d.log() or proxy.stats().live < 1:
+            assert time.monotonic() < deadline, "the client never reconnected and resumed"
+            time.sleep(0.05)
+        m = d.wait_for_log(r"RESUME \S+: (\d+) seat\(s\) resumed, (\d+) lost")
+        assert m.groups() == ("1", "0"), m.group(0)
+        proxy.stall()
+        time.sleep(1.5)
+        proxy.resume()
+        # Past a full lease timeout from the blip: the resumed seat is renewed, not lapsed nor doubled.
+        time.sleep(d.lease_timeout)
+        assert seat.held and not seat.lost and seat.token == token and not lost, (seat, lost)
+        assert in_use(observer) == 1
+        thief = client(d, "thief")
+        r = thief.request(Checkout(thief.id(), "CADPRO", "2.1", 0.0))
+        assert isinstance(r, ErrorReply) and r.code is ErrorCode.NO_SEATS, r
+        st = proxy.stats()
+        assert st.resets == 1 and st.refused >= 0 and st.accepted >= 2, st
+        seat.checkin()
+        assert in_use(observer) == 0
+    no_traceback(d)
+
+
+# -- clock jumps: libfaketime steps the daemon's wall clock; its monotonic clock is left alone
+def _libfaketime() -> str | None:
+    for pattern in ("/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1",
+                    "/usr/local/lib/faketime/libfaketime.so.1"):
+        found = sorted(Path("/").glob(pattern.lstrip("/")))
+        if found:
+            return str(found[0])
+    return None
+
+
+class FakeWallDaemon(Daemon):
+    """The daemon under libfaketime: its wall clock reads FAKETIME_TIMESTAMP_FILE (re-read on every call),
+    so the test steps it while the daemon runs; CLOCK_MONOTONIC is not faked."""
+
+    def __init__(self, *args: Any, lib: str, offset_file: Path, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.lib = lib
+        self.offset_file = offset_file
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "LD_PRELOAD": self.lib, "FAKETIME_TIMESTAMP_FILE": str(self.offset_file),
+                "FAKETIME_NO_CACHE": "1", "DONT_FAKE_MONOTONIC": "1"}
+
+    def step(self, seconds: float) -> None:
+        """Set the wall clock ``seconds`` away from the real one (a step, as NTP or an operator would)."""
+        self.offset_file.write_text(f"{seconds:+.0f}\n")
+
+
+def test_wall_clock_steps_change_no_lease_expiry(tmp_path: Path, vendor: tuple[Any, Path]) -> None:
+    """Leases run on the monotonic clock: a wall clock stepped a day forward does not expire a lease early,
+    stepped two days back does not keep one alive, and a heartbeating holder keeps its seat throughout."""
+    lib = _libfaketime()
+    if lib is None:
+        pytest.skip("libfaketime is not installed (Debian package faketime; .ci/install-deps.sh installs it)")
+    key, pub = vendor
+    lic = tmp_path / "site.lic"
+    write_license(lic, key, (("CADPRO", "2.1", 3),), share="none")
+    offset = tmp_path / "faketime"
+    offset.write_text("+0\n")
+    lease_timeout = 4.0
+    d = FakeWallDaemon(tmp_path, [lic], pub, heartbeat=1.0, lease_timeout=lease_timeout, extra=NO_METRICS,
+                       lib=lib, offset_file=offset)
+    d.start()
+    try:
+        alice, bob = client(d, "alice"), client(d, "bob")
+        ga = alice.request(Checkout(alice.id(), "CADPRO", "2.1", 0.0))
+        gb = bob.request(Checkout(bob.id(), "CADPRO", "2.1", 0.0))
+        assert isinstance(ga, Granted) and isinstance(gb, Granted)
+        bob_granted = time.monotonic()  # bob never heartbeats: his lease lapses one lease timeout from here
+        d.step(+86400)
+        carol = client(d, "carol")  # a log line written after the step carries tomorrow's date
+        assert isinstance(carol.request(Checkout(carol.id(), "CADPRO", "2.1", 0.0)), Granted)
+        tomorrow = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT")
+        assert re.search(rf"^{tomorrow}\S+ INFO \S+: OUT CADPRO 2.1 to carol@", d.log(), re.M), \
+            "the daemon's wall clock did not move: libfaketime is not in effect"
+        for _ in range(int((lease_timeout - 1.0) / 0.5)):  # a day forward expires nothing early
+            for c in (alice, carol):
+                assert isinstance(c.request(Heartbeat(c.id())), HeartbeatAck)
+            time.sleep(0.5)
+        assert in_use(alice) == 3, "a wall clock step forward expired a lease early"
+        d.step(-2 * 86400)
+        while in_use(alice) != 2:  # two days back keeps nothing alive: bob lapses on the monotonic schedule
+            for c in (alice, carol):
+                ack = c.request(Heartbeat(c.id()))
+                assert isinstance(ack, HeartbeatAck) and ack.renewed == 1 and not ack.lost, ack
+            assert time.monotonic() < bob_granted + lease_timeout + 2.0, "a wall clock step back kept a lease"
+            time.sleep(0.2)
+        hb = bob.request(Heartbeat(bob.id()))
+        assert isinstance(hb, HeartbeatAck) and [(x.token, x.code) for x in hb.lost] == \
+            [(gb.token, ErrorCode.LEASE_EXPIRED)], hb
+        for c in (alice, carol):
+            ack = c.request(Heartbeat(c.id()))
+            assert isinstance(ack, HeartbeatAck) and ack.renewed == 1 and not ack.lost, ack
+        no_traceback(d)
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(10)

@@ -100,7 +100,7 @@ def test_hello_carries_the_identity(run: Run, scripted: Make) -> None:
             assert ping.round_trip >= 0
         hello = srv.of(Hello)[0]
         assert (hello.host, hello.user, hello.client_version, hello.proto) == (
-            "pc-01.corp.example", "山田", "cadpro/2.1", (1,))
+            "pc-01.corp.example", "山田", "cadpro/2.1", (1, 2))
         assert hello.pid > 0 and hello.display and " " not in hello.display
         await srv.stop()
 

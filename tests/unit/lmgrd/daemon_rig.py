@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from harness import HOSTNAME, write_license
+from harness import HOSTNAME, holder_secret, write_license
 
 from lmgrd.config import DaemonConfig, build_config
 from lmgrd.core.ledger import LeaseInfo
@@ -70,12 +70,16 @@ class Rig:
         self.server, self.recorder, self.state = server, recorder, state
         self.ids = 0
 
-    def connect(self, user: str, host: str = HOSTNAME, pid: int = 4242, display: str = ":0") -> Session:
+    def connect(self, user: str, host: str = HOSTNAME, pid: int = 4242, display: str = ":0",
+                secret: str | None = None, proto: tuple[int, ...] = (1, 2)) -> Session:
+        """A session after hello; ``secret`` defaults to this user@host's fixed one (harness.holder_secret)."""
         s = Session(self.server.cfg.max_frame_bytes)
         t = RecordingTransport()
         s.transport = t
         s.addr, s.peer = "127.0.0.1", "127.0.0.1:5000"
-        hello = Hello(self.rid(), (1,), host, user, pid, "test", display)
+        if secret is None and 2 in proto:
+            secret = holder_secret(user, host)
+        hello = Hello(self.rid(), proto, host, user, pid, "test", display, secret or "")
         (received,) = s.conn.receive_data(Connection(Role.CLIENT).send(hello))  # the handshake's state
         self.server.handlers.hello(s, received)
         self.server.outbox.flush()

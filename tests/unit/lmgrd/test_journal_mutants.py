@@ -34,8 +34,8 @@ from lmgrd.storage.journal import (
     JournalCorrupt,
     JournalStore,
     LeaseRecord,
-    StoreError,
     StoreLocked,
+    StoreWriteError,
     read_journal,
 )
 from protocol import Checkout, Granted, Welcome
@@ -46,16 +46,16 @@ LOG = "lmgrd.storage.journal"
 def rec(i: int, **kw: Any) -> LeaseRecord:
     fields: dict[str, Any] = dict(token=f"tok{i:04d}", customer_id="C1", product="CADPRO", share_key=("bob", "ws7"),
                                   user="bob", host="ws7", pid=4000 + i, version="2.1", display=":0",
-                                  granted_at=1.7e9 + i)
+                                  granted_at=1.7e9 + i, owner="0f" * 16)
     fields.update(kw)
     return LeaseRecord(**fields)
 
 
 def grant_payload(r: LeaseRecord) -> list[Any]:
     """A grant as the format documents it: [1, token, customer_id, product, [share key...], user, host, pid,
-    version, display, granted_at, addr]."""
+    version, display, granted_at, owner, addr]."""
     return [1, r.token, r.customer_id, r.product, list(r.share_key), r.user, r.host, r.pid, r.version, r.display,
-            r.granted_at, r.addr]
+            r.granted_at, r.owner, r.addr]
 
 
 def frame(payload: bytes, *, crc: int | None = None, length: int | None = None) -> bytes:
@@ -128,6 +128,13 @@ def test_a_lease_restored_from_a_real_journal_keeps_its_user_and_host(tmp_path: 
     assert back.session is None and back.deadline == 35.0
 
 
+def test_a_grant_recorded_before_leases_were_bound_reads_with_no_owner(tmp_path: Path) -> None:
+    r = rec(1, owner="")
+    legacy = pack(grant_payload(r)[:11])  # the 11 fields a daemon before protocol 2 wrote
+    path = write(tmp_path, frame(legacy))
+    assert read_journal(path) == [r] and read_journal(path)[0].owner == ""
+
+
 def test_a_grant_is_written_in_the_documented_field_order(tmp_path: Path) -> None:
     r = rec(1, user="carol", host="ws042", share_key=("carol", "ws042"), display="ターミナル", addr="192.0.2.9")
     with JournalStore(tmp_path) as store:
@@ -139,7 +146,7 @@ def test_a_grant_is_written_in_the_documented_field_order(tmp_path: Path) -> Non
     payload = data[len(MAGIC) + 8 : len(MAGIC) + 8 + length]
     assert zlib.crc32(payload) == crc
     assert msgpack.unpackb(payload) == [1, "tok0001", "C1", "CADPRO", ["carol", "ws042"], "carol", "ws042", 4001,
-                                        "2.1", "ターミナル", 1.7e9 + 1, "192.0.2.9"]
+                                        "2.1", "ターミナル", 1.7e9 + 1, "0f" * 16, "192.0.2.9"]
 
 
 def test_the_daemon_journals_the_user_and_host_the_client_said(daemon_factory: Callable[..., Any]) -> None:
@@ -175,16 +182,16 @@ GOOD = rec(1)
     pytest.param([2, 5], id="release-of-a-non-string"),
     pytest.param([2, "tok", "extra"], id="release-too-long"),
     pytest.param([1, "tok"], id="grant-of-two-fields"),
-    pytest.param([3, *grant_payload(GOOD)[1:]], id="twelve-fields-unknown-kind"),
+    pytest.param([3, *grant_payload(GOOD)[1:]], id="thirteen-fields-unknown-kind"),
     pytest.param(grant_payload(GOOD)[:10], id="grant-of-ten-fields"),
     pytest.param([*grant_payload(GOOD)[:4], "bob", *grant_payload(GOOD)[5:]], id="share-key-a-string"),
     pytest.param([*grant_payload(GOOD)[:4], ["bob", 7], *grant_payload(GOOD)[5:]], id="share-key-item-an-int"),
     pytest.param([*grant_payload(GOOD)[:5], 5, *grant_payload(GOOD)[6:]], id="user-an-int"),
     pytest.param([*grant_payload(GOOD)[:7], "4001", *grant_payload(GOOD)[8:]], id="pid-a-string"),
     pytest.param([*grant_payload(GOOD)[:7], True, *grant_payload(GOOD)[8:]], id="pid-a-bool"),
-    pytest.param([*grant_payload(GOOD)[:10], "1.7e9", ""], id="granted-at-a-string"),
-    pytest.param([*grant_payload(GOOD)[:11], 7], id="addr-an-int"),
-    pytest.param([*grant_payload(GOOD), ""], id="grant-of-thirteen-fields"),
+    pytest.param([*grant_payload(GOOD)[:10], "1.7e9", *grant_payload(GOOD)[11:]], id="granted-at-a-string"),
+    pytest.param([*grant_payload(GOOD)[:12], 7], id="addr-an-int"),
+    pytest.param([*grant_payload(GOOD), ""], id="grant-of-fourteen-fields"),
 ])
 def test_a_checksummed_record_that_is_not_a_lease_record_is_corruption(tmp_path: Path, payload: Any) -> None:
     path = write(tmp_path, grant(rec(0)), frame(pack(payload)), grant(rec(2)))
@@ -196,7 +203,7 @@ def test_a_checksummed_record_that_is_not_a_lease_record_is_corruption(tmp_path:
 
 def test_a_whole_number_grant_time_and_a_release_of_an_unknown_token_are_fine(tmp_path: Path) -> None:
     r = rec(1)
-    path = write(tmp_path, frame(pack([*grant_payload(r)[:10], 1700000001])), release("never-granted"))
+    path = write(tmp_path, frame(pack([*grant_payload(r)[:10], 1700000001, r.owner])), release("never-granted"))
     [got] = read_journal(path)
     assert got == r._replace(granted_at=1700000001.0) and type(got.granted_at) is float
     assert isinstance(got.share_key, tuple)
@@ -494,14 +501,16 @@ def test_a_write_that_fails_halfway_is_cut_back_and_retried_whole(tmp_path: Path
             store.record_grant(rec(i, display="x" * 200))
         file_size_limit(size + 1000)  # the first write(2) stops at the limit, the second fails
         try:
-            with pytest.raises(StoreError) as info:
+            with pytest.raises(StoreWriteError) as info:
                 store.flush()
         finally:
             file_size_limit(resource.RLIM_INFINITY)
         assert str(info.value) == (
-            f"could not write the lease journal {path}: File too large; the last 37 grants and releases are not "
-            f"durable. Free disk space or repair the state directory, then restart lmgrd"
+            f"cannot write the lease journal {path}: File too large; 37 grant/release record(s) wait in memory. "
+            f"Free space in {tmp_path} or make it writable again: lmgrd retries by itself and grants new seats "
+            f"again as soon as the write succeeds"
         )
+        assert (info.value.state_dir, info.value.reason, info.value.records) == (tmp_path, "File too large", 37)
         assert isinstance(info.value.__cause__, OSError)
         assert path.stat().st_size == size  # cut back to the last intact record
         assert read_journal(path) == [rec(1), rec(2)]

@@ -24,7 +24,8 @@ from lmgrd.storage.files import load_licensing
 from lmgrd.storage.journal import open_store
 from protocol import Checkin, Checkout, Connection, ErrorCode, ErrorReply, Granted, Hello, Reply, Role, Welcome
 
-ALLOWED_LABELS = {"customer_id", "product", "state", "result", "reason", "op", "le", "version", "python"}
+ALLOWED_LABELS = {"customer_id", "product", "state", "result", "reason", "op", "le", "version", "python",
+                  "request"}  # request: checkin or resume (lmgrd_token_refusals_total)
 
 
 class FakeClock:

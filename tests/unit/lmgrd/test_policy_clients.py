@@ -46,7 +46,7 @@ def make(count: int, pp: ProductPolicy | None) -> Ledger:
 
 
 def holder(user: str, host: str = "pc1", addr: str = "198.51.100.20", display: str = "", session: int = 1) -> Holder:
-    return Holder(user, host, 100, display or f"{host}:0", session, addr)
+    return Holder(user, host, 100, display or f"{host}:0", session, addr=addr)
 
 
 def co(ledger: Ledger, h: Holder, share: ShareMode = ShareMode.USER_HOST) -> LeaseInfo | None:
@@ -250,7 +250,7 @@ class AddressPolicyMachine(RuleBasedStateMachine):
     @rule(user=st.sampled_from(USERS), host=st.sampled_from(HOSTS), addr=st.sampled_from(ADDRS),
           display=st.sampled_from(DISPLAYS), wait=st.booleans())
     def checkout(self, user: str, host: str, addr: str, display: str, wait: bool) -> None:
-        h = Holder(user, host, 1, display, 1, addr)
+        h = Holder(user, host, 1, display, 1, addr=addr)
         key = share_key_for(self.share, user, host)
         lease = self.ledger.checkout(POOL, key, h, "2.1", 0.0, WALL)
         if lease is not None:

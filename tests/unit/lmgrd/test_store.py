@@ -362,8 +362,8 @@ def test_a_failed_write_is_cut_back_and_stays_buffered(tmp_path: Path) -> None:
     )
     assert child.returncode == 0, child.stderr
     out = child.stdout.splitlines()
-    assert out[0].startswith(f"refused: could not write the lease journal {tmp_path / JOURNAL_NAME}")
-    assert "not durable" in out[0] and out[-1] == "39"
+    assert out[0].startswith(f"refused: cannot write the lease journal {tmp_path / JOURNAL_NAME}")
+    assert "wait in memory" in out[0] and out[-1] == "39"
 
 
 # -- the lock ----------------------------------------------------------------------------------------------

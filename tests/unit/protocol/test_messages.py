@@ -92,3 +92,30 @@ def test_replies_round_trip(name: str, msg: Any) -> None:
 def test_an_unknown_error_code_from_a_newer_server_keeps_its_message() -> None:
     reply = parse_reply({"op": "error", "id": 1, "code": "NOT_A_CODE_YET", "message": "x happened"})
     assert reply.code is ErrorCode.INTERNAL_ERROR and reply.message == "x happened"
+
+
+# --------------------------------------------------------------------------- hello's secret (protocol 2)
+def test_a_hello_offering_protocol_2_needs_a_secret_of_at_least_128_bits() -> None:
+    from protocol import MalformedMessage, parse_request
+    from protocol.messages import Hello as HelloMsg
+    from protocol.validation import MAX_SECRET_LENGTH, MIN_SECRET_LENGTH
+
+    base = {"op": "hello", "id": 1, "host": "pc1", "user": "alice", "pid": 7, "client_version": "t"}
+    ok = parse_request({**base, "proto": [1, 2], "secret": "k" * MIN_SECRET_LENGTH})
+    assert isinstance(ok, HelloMsg) and ok.secret == "k" * MIN_SECRET_LENGTH
+    assert parse_request({**base, "proto": [1]}).secret == ""  # protocol 1: none, as before
+    assert parse_request({**base, "proto": [7, 8]}).secret == ""  # a future client: left to negotiation
+    for d, words in [
+        ({**base, "proto": [1, 2]}, "missing field 'secret'"),
+        ({**base, "proto": [2], "secret": ""}, "'secret' is empty"),
+        ({**base, "proto": [2], "secret": "k" * (MIN_SECRET_LENGTH - 1)}, f"at least {MIN_SECRET_LENGTH}"),
+        ({**base, "proto": [2], "secret": "k" * (MAX_SECRET_LENGTH + 1)}, f"the limit is {MAX_SECRET_LENGTH}"),
+        ({**base, "proto": [1], "secret": "short-but-secret"}, f"at least {MIN_SECRET_LENGTH}"),
+    ]:
+        with pytest.raises(MalformedMessage) as info:
+            parse_request(d)
+        assert words in info.value.message, info.value.message
+        assert "short-but-secret" not in info.value.message and "kkkk" not in info.value.message  # never echoed
+    hello = HelloMsg(1, (1, 2), "pc1", "alice", 7, "t", "", "the-secret-value-0123456789")
+    assert "the-secret-value" not in repr(hello)
+    assert "secret" not in HelloMsg(1, (1,), "pc1", "alice", 7, "t").to_wire()  # protocol 1 bytes unchanged

@@ -40,7 +40,7 @@ from protocol.messages import (
     parse_reply,
     parse_request,
 )
-from protocol.validation import MAX_VERSION_LENGTH
+from protocol.validation import MAX_SECRET_LENGTH, MAX_VERSION_LENGTH
 
 CHECKOUT_VERSION_LIMIT = MAX_VERSION_LENGTH  # 32, the one version limit (protocol/validation.py)
 TEN_YEARS = 10 * 365 * 86400.0
@@ -60,9 +60,10 @@ REQUIRED = "REQUIRED"
 
 # op -> (request or reply, a full valid message, its fields)
 SCHEMA: dict[str, tuple[str, Any, list[F]]] = {
-    "hello": ("request", Hello(1, (1, 2), "pc1", "alice", 77, "cv 1", ":0"), [
+    "hello": ("request", Hello(1, (1, 2), "pc1", "alice", 77, "cv 1", ":0", "s" * 32), [
         F("id", "uint", MAX_ID), F("host", "text", MAX_TEXT), F("user", "text", MAX_TEXT),
         F("pid", "uint", 2**32), F("client_version", "text", MAX_TEXT, ""), F("display", "text", MAX_TEXT, ""),
+        F("secret", "text", MAX_SECRET_LENGTH),  # required: the example offers protocol 2
     ]),
     "checkout": ("request", Checkout(2, "CADPRO", "2.1", 5.0), [
         F("id", "uint", MAX_ID), F("product", "text", 64), F("version", "text", CHECKOUT_VERSION_LIMIT),

@@ -1,0 +1,87 @@
+"""The lease lifecycle and the outbox when the journal cannot be written, driven without sockets (the rig's real
+Server and journal). The write failure is the kernel's own: RLIMIT_FSIZE at the journal's current size makes
+every append fail with EFBIG, as a full disk fails with ENOSPC (tests/integration/test_disk_full.py does that
+on a real tmpfs and a read-only ext4). Checked here: the grant in flight when the write fails is undone and
+refused, a waiter a freed seat would go to is refused, the retry backs off, and recovery writes what waited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from daemon_rig import Rig, run
+
+from lmgrd.daemon.events import EndReason
+from lmgrd.daemon.outbox import RETRY_FIRST
+from lmgrd.storage.journal import JOURNAL_NAME
+from protocol import Checkin, Checkout, ErrorCode, Heartbeat
+
+
+@pytest.fixture
+def journal_full() -> Iterator[Callable[[Path | None], None]]:
+    """``journal_full(path)`` stops the file from growing (EFBIG from write(2)); ``journal_full(None)`` lifts it."""
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def limit(path: Path | None) -> None:
+        size = resource.RLIM_INFINITY if path is None else path.stat().st_size
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, old_limit[1]))
+
+    try:
+        yield limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_a_failed_write_undoes_its_grants_refuses_waiters_and_recovers(
+        tmp_path: Path, vendor: tuple[Ed25519PrivateKey, Path], journal_full: Callable[[Path | None], None]) -> None:
+    async def body(rig: Rig) -> None:
+        server = rig.server
+        alice, bob, carol = rig.connect("alice"), rig.connect("bob"), rig.connect("carol")
+        g = rig.checkout(alice)
+        assert g["op"] == "granted"
+        assert rig.send(bob, Checkout(rig.rid(), "CADPRO", "2.1", 30.0)) == []  # queued behind alice
+        journal_full(rig.state / JOURNAL_NAME)
+        try:
+            # alice's checkin frees the seat; it goes to bob; the batch (release + bob's grant) cannot be
+            # written: bob is refused, never told he had the seat, and alice's checkin is still answered.
+            server.handlers.dispatch(alice, Checkin(rig.rid(), g["token"]))
+            server.outbox.flush()
+            (ack,) = rig.replies(alice)
+            assert ack["op"] == "checked_in" and ack["released"] is True
+            (refused,) = rig.replies(bob)
+            assert refused["op"] == "error" and refused["code"] == ErrorCode.STORE_UNAVAILABLE, refused
+            assert str(rig.state) in refused["message"] and "File too large" in refused["message"]
+            assert "free space" in refused["hint"]
+            undone = [e for e in rig.recorder.events if e[0] == "release" and e[1][1] is EndReason.UNRECORDED]
+            assert len(undone) == 1, rig.recorder.events
+            pool = next(iter(server.licensing.pools()))
+            assert server.ledger.in_use(pool) == 0 and server.ledger.queued(pool) == 0
+            assert server.store_error is not None
+            # Degraded: checkouts refused up front, heartbeats answered.
+            r = rig.checkout(carol)
+            assert r["op"] == "error" and r["code"] == ErrorCode.STORE_UNAVAILABLE, r
+            (hb,) = rig.send(alice, Heartbeat(rig.rid()))
+            assert hb["op"] == "heartbeat_ack"
+            assert server.status()["store"]["writable"] is False
+            # The retry backs off: a handful of attempts in a second, not a busy loop.
+            await asyncio.sleep(0.8)  # retries due at 0.1, 0.3 and 0.7 s
+            failures = server.store_write_failures
+            assert 2 <= failures <= 5, failures
+            assert server.outbox.retry_delay > RETRY_FIRST
+            assert set(rig.journal()) == {g["token"]}  # on disk: only what was written before the failure
+        finally:
+            journal_full(None)
+        server.outbox.retry()  # what the retry timer does next (tests/integration/test_disk_full.py waits for it)
+        assert server.store_error is None and server.status()["store"] == {"writable": True, "error": None}
+        assert rig.journal() == {}  # alice's release, bob's grant and its undoing: all written, in order
+        assert rig.checkout(carol)["op"] == "granted"
+
+    run(tmp_path, vendor, body)
