@@ -2,8 +2,9 @@
 # Packages the tests need beyond the Python venv: promtool (Debian prometheus) checks the /metrics scrape,
 # chromium renders the status page, check_flexlm (Debian monitoring-plugins-standard) and the lmstat parser
 # of license-manager-agent (PyPI, without its service dependencies, into .ci/parsers) read lmutil lmstat as
-# they read FlexNet's. Non-interactive and idempotent: installs only what is missing, apt-get update at most
-# once.
+# they read FlexNet's; PostgreSQL's server binaries (Debian postgresql: initdb, pg_ctl) let the activation
+# service's tests start a throwaway cluster. Non-interactive and idempotent: installs only what is missing,
+# apt-get update at most once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,8 +23,10 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v faketime >/dev/null 2>&1 || need+=(faketime)
 command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v findmnt >/dev/null 2>&1 || need+=(util-linux)
+have_initdb() { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1; }
+have_initdb || need+=(postgresql)
 if [ "${#need[@]}" -eq 0 ]; then
-  echo "install-deps: promtool, chromium, check_flexlm, faketime, mkfs.ext4 and findmnt already present"
+  echo "install-deps: promtool, chromium, check_flexlm, faketime, mkfs.ext4, findmnt and PostgreSQL already present"
   exit 0
 fi
 
@@ -43,5 +46,9 @@ $SUDO apt-get install -y -q --no-install-recommends "${need[@]}" fonts-dejavu-co
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
   $SUDO systemctl stop prometheus || true
 fi
+# Likewise postgresql's default cluster: the tests start their own on a free port.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet postgresql 2>/dev/null; then
+  $SUDO systemctl stop postgresql || true
+fi
 command -v promtool >/dev/null && command -v chromium >/dev/null && [ -x /usr/lib/nagios/plugins/check_flexlm ] \
-  && command -v faketime >/dev/null && command -v mkfs.ext4 >/dev/null
+  && command -v faketime >/dev/null && command -v mkfs.ext4 >/dev/null && have_initdb

@@ -24,6 +24,7 @@ and are not signed. Example::
     issued_at     2025-11-28T09:30:00Z
     expires       2027-12-31            (or: never)
     share         user_host
+    cloud_url     https://activation.vendor.example   (optional: activation decided by that service)
     site_network  192.0.2.0/24          (zero or more lines)
     product       CADPRO version=2.1 count=25   (one or more lines)
     signature     ed25519:<base64 of the 64-byte signature>
@@ -32,6 +33,11 @@ The signature line must be the last non-comment line. The signature is Ed25519 o
 ``LICENSE_SIGNING_DOMAIN + msgpack(dict of every field, keys sorted)`` (see ``canonical_license_bytes``),
 so an edit to any value, the order of the products, or the set of site networks fails verification.
 The domain prefix keeps a license signature from ever verifying as a revocation and vice versa.
+
+``cloud_url`` is optional: a license that carries it is activated by the vendor's activation service at that
+URL only (``protocol.cloud``, ``docs/CLOUD_API.md``), never by the local 24-hour rule; the signature covers it,
+so it cannot be removed to fall back to that rule. It is in the signed bytes only when present, so licenses
+issued before it existed verify unchanged. ``https://`` always; ``http://`` only for a loopback address.
 
 A revocation file has the same shape with ``kind revocation`` and the keys ``customer_id``,
 ``revoked_at``, ``replaced_by`` (a customer ID or ``none``) and ``reason``. A revocation *list* is several
@@ -90,6 +96,7 @@ __all__ = [
     "VendorKeyError",
     "canonical_license_bytes",
     "canonical_revocation_bytes",
+    "cloud_url_problem",
     "customer_id_problem",
     "document_kind",
     "entry_source",
@@ -99,6 +106,7 @@ __all__ = [
     "load_public_key",
     "parse_license",
     "parse_revocation",
+    "parse_timestamp",
     "split_revocation_list",
     "verify_license",
     "verify_revocation",
@@ -121,6 +129,11 @@ REVOCATION_SIGNING_DOMAIN: Final = b"lmgrd revocation v1\x00"
 MAX_LICENSE_TEXT_CHARS: Final = 1_000_000
 #: ``CID-`` and four groups of four base32 characters.
 CUSTOMER_ID_RE: Final[re.Pattern[str]] = re.compile(r"CID-[A-Z2-7]{4}-[A-Z2-7]{4}-[A-Z2-7]{4}-[A-Z2-7]{4}")
+
+#: Longest ``cloud_url``: characters.
+MAX_CLOUD_URL_LENGTH: Final = 200
+#: ``https://HOST[:PORT][/PATH]`` (or ``http://`` for loopback): no user info, query or fragment.
+_CLOUD_URL_RE = re.compile(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::([0-9]{1,5}))?(/[A-Za-z0-9._~/-]*)?")
 
 #: Bytes in an Ed25519 signature.
 SIGNATURE_BYTES: Final = 64
@@ -170,6 +183,43 @@ def customer_id_problem(customer_id: object) -> str | None:
     )
 
 
+def cloud_url_problem(url: object) -> str | None:
+    """Say what is wrong with a license's ``cloud_url``, or ``None`` if it is usable.
+
+    ``https://HOST[:PORT][/PATH]``; ``http://`` only when HOST is a loopback address (``127.0.0.1``, ``[::1]``,
+    ``localhost``), for tests and local trials. No user info, query or fragment.
+    """
+    if not isinstance(url, str):
+        return f"cloud_url must be a URL string such as https://activation.vendor.example, got {url!r}"
+    if len(url) > MAX_CLOUD_URL_LENGTH:
+        return f"cloud_url is {len(url)} characters long, more than the {MAX_CLOUD_URL_LENGTH} allowed"
+    match = _CLOUD_URL_RE.fullmatch(url)
+    if match is None:
+        return (f"cloud_url {url!r} is not a URL like https://activation.vendor.example[:PORT][/PATH] "
+                "(no user, query or fragment)")
+    scheme, host, port = match.group(1), match.group(2), match.group(3)
+    if port is not None and not 1 <= int(port) <= 65535:
+        return f"cloud_url {url!r}: port {port} is outside 1..65535"
+    bare = host[1:-1] if host.startswith("[") else host
+    loopback = bare.lower() == "localhost"
+    try:
+        ip = ipaddress.ip_address(bare)
+    except ValueError:
+        if host.startswith("["):
+            return f"cloud_url {url!r}: {host} is not an IPv6 address"
+        problem = hostname_problem(bare)
+        if problem:
+            return f"cloud_url {url!r}: {problem}"
+    else:
+        loopback = ip.is_loopback
+        if isinstance(ip, ipaddress.IPv6Address) and not host.startswith("["):
+            return f"cloud_url {url!r}: write an IPv6 address in brackets, as https://[{bare}]/"
+    if scheme == "http" and not loopback:
+        return (f"cloud_url {url!r} uses http://, which is accepted only for a loopback address (127.0.0.1, "
+                "[::1], localhost); use https://")
+    return None
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Product:
     """One licensed product: ``count`` seats of ``name`` up to ``version`` (a dotted version)."""
@@ -207,6 +257,8 @@ class License:
     expires: date | None
     site_networks: tuple[str, ...]
     share: ShareMode
+    #: The vendor's activation service deciding this license's activation (``None``: the local 24-hour rule).
+    cloud_url: str | None = None
 
     def __post_init__(self) -> None:
         problem = customer_id_problem(self.customer_id)
@@ -240,6 +292,10 @@ class License:
             ipaddress.ip_network(net, strict=True)  # raises ValueError naming the network
         if self.share not in SHARE_MODES:
             raise ValueError(f"share mode {self.share!r} is not one of {', '.join(SHARE_MODES)}")
+        if self.cloud_url is not None:
+            problem = cloud_url_problem(self.cloud_url)
+            if problem:
+                raise ValueError(problem)
 
     def product(self, name: str) -> Product | None:
         """The product called ``name`` (exact, case-sensitive match), or ``None``."""
@@ -292,25 +348,41 @@ def _pack(domain: bytes, fields: dict[str, object]) -> bytes:
     return domain + cast(bytes, packed)
 
 
+def parse_timestamp(text: str) -> datetime | None:
+    """Read a time as :func:`format_timestamp` writes it (``2025-11-28T09:30:00Z``), else ``None``."""
+    match = _TIMESTAMP_RE.fullmatch(text) if isinstance(text, str) else None
+    if match is not None:
+        try:
+            year, month, day, hour, minute, second = (int(g) for g in match.groups())
+            return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
+        except ValueError:
+            pass
+    return None
+
+
 def canonical_license_bytes(lic: License) -> bytes:
-    """The exact bytes a license signature covers: every field, keys sorted, products in file order."""
-    return _pack(
-        LICENSE_SIGNING_DOMAIN,
-        {
-            "format": LICENSE_FORMAT,
-            "kind": "license",
-            "customer_id": lic.customer_id,
-            "license_type": lic.license_type,
-            "customer": lic.customer,
-            "hostname": lic.hostname,
-            "ip": lic.ip,
-            "products": [[p.name, p.version, p.count] for p in lic.products],
-            "issued_at": format_timestamp(lic.issued_at),
-            "expires": lic.expires.isoformat() if lic.expires is not None else None,
-            "site_networks": list(lic.site_networks),
-            "share": lic.share,
-        },
-    )
+    """The exact bytes a license signature covers: every field, keys sorted, products in file order.
+
+    ``cloud_url`` is included only when the license has one, so a license without it has the bytes it
+    always had.
+    """
+    fields: dict[str, object] = {
+        "format": LICENSE_FORMAT,
+        "kind": "license",
+        "customer_id": lic.customer_id,
+        "license_type": lic.license_type,
+        "customer": lic.customer,
+        "hostname": lic.hostname,
+        "ip": lic.ip,
+        "products": [[p.name, p.version, p.count] for p in lic.products],
+        "issued_at": format_timestamp(lic.issued_at),
+        "expires": lic.expires.isoformat() if lic.expires is not None else None,
+        "site_networks": list(lic.site_networks),
+        "share": lic.share,
+    }
+    if lic.cloud_url is not None:
+        fields["cloud_url"] = lic.cloud_url
+    return _pack(LICENSE_SIGNING_DOMAIN, fields)
 
 
 def canonical_revocation_bytes(rev: Revocation) -> bytes:
@@ -343,6 +415,7 @@ _LICENSE_SINGLE_KEYS = (
     "issued_at",
     "expires",
     "share",
+    "cloud_url",
 )
 _LICENSE_MULTI_KEYS = ("site_network", "product")
 _REVOCATION_SINGLE_KEYS = ("format", "kind", "customer_id", "revoked_at", "replaced_by", "reason")
@@ -447,13 +520,9 @@ def _parse_signature(records: _Records, value: str, lineno: int) -> bytes:
 
 def _parse_timestamp(records: _Records, key: str) -> datetime:
     lineno, value = records.get(key)
-    match = _TIMESTAMP_RE.fullmatch(value)
-    if match is not None:
-        try:
-            year, month, day, hour, minute, second = (int(g) for g in match.groups())
-            return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
-        except ValueError:
-            pass
+    moment = parse_timestamp(value)
+    if moment is not None:
+        return moment
     raise records.fail(f"unparsable line: {key} {value!r} is not a UTC time like 2025-01-31T09:30:00Z", lineno)
 
 
@@ -523,6 +592,12 @@ def parse_license(text: str, source: str) -> tuple[License, bytes]:
         normalize_ip(ip)
     except ValueError as exc:
         raise records.fail(f"unparsable line: {exc}", lineno) from None
+    cloud_url: str | None = None
+    if "cloud_url" in records.single:
+        lineno, cloud_url = records.single["cloud_url"]
+        problem = cloud_url_problem(cloud_url)
+        if problem:
+            raise records.fail(f"unparsable line: {problem}", lineno)
     try:
         lic = License(
             customer_id=records.get("customer_id")[1],
@@ -535,6 +610,7 @@ def parse_license(text: str, source: str) -> tuple[License, bytes]:
             expires=expires,
             site_networks=tuple(networks),
             share=cast(ShareMode, records.get("share")[1]),
+            cloud_url=cloud_url,
         )
     except ValueError as exc:
         raise records.fail(str(exc)) from None

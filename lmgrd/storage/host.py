@@ -61,21 +61,24 @@ def this_fingerprint() -> Fingerprint:
     return Fingerprint.of(socket.gethostname(), machine_id(), mac_addresses())
 
 
-def clock_offset(environ: dict[str, str] | None = None) -> float:
+def clock_offset(environ: dict[str, str] | None = None, name: str = CLOCK_OFFSET_ENV) -> float:
     """Seconds added to the daemon's wall clock (``LMGRD_CLOCK_OFFSET_SECONDS``; tests and rehearsals only).
+
+    ``name`` picks another variable with the same rule (the activation service reads
+    ``LMCLOUD_CLOCK_OFFSET_SECONDS``).
 
     Raises:
         LmgrdError: the value is not a number, or is negative (the clock may only be moved forward).
     """
-    raw = (os.environ if environ is None else environ).get(CLOCK_OFFSET_ENV, "").strip()
+    raw = (os.environ if environ is None else environ).get(name, "").strip()
     if not raw:
         return 0.0
     try:
         value = float(raw)
     except ValueError:
-        raise LmgrdError(f"{CLOCK_OFFSET_ENV}={raw!r} is not a number of seconds; unset it") from None
+        raise LmgrdError(f"{name}={raw!r} is not a number of seconds; unset it") from None
     if not value >= 0 or value == float("inf"):
-        raise LmgrdError(f"{CLOCK_OFFSET_ENV}={raw!r}: the clock may only be moved forward (0 or more seconds); "
+        raise LmgrdError(f"{name}={raw!r}: the clock may only be moved forward (0 or more seconds); "
                          "unset it")
     return value
 

@@ -78,6 +78,7 @@ The registration request is YAML:
   expires: 2027-12-31            # optional; omit for no expiry
   site_networks: [192.0.2.0/24]  # optional
   share: user_host               # optional: user_host (default) | host | none
+  cloud_url: https://activation.vendor.example   # optional: the activation service (lmcloud) decides
 
 Quote versions ("2.10"): unquoted, YAML reads 2.10 as the number 2.1. Every problem in the request
 is listed at once, one line per field; nothing is written unless the request is correct.
@@ -193,6 +194,8 @@ def _license_summary(lic: License) -> list[str]:
         "products:",
     ]
     lines += [f"  {p.name:<20} version <= {p.version:<10} seats {p.count}" for p in lic.products]
+    if lic.cloud_url is not None:
+        lines.append(f"activation:    by the vendor's activation service {lic.cloud_url}")
     return lines
 
 
@@ -267,8 +270,25 @@ def _cmd_issue(args: argparse.Namespace, out: TextIO) -> int:
     print(f"wrote {out_path}", file=out)
     for line in _license_summary(lic):
         print(line, file=out)
+    if args.register:
+        print(_register(args.register, text, str(out_path)), file=out)
     print(lic.customer_id, file=out)  # alone on the last line: scripts read it there
     return 0
+
+
+def _register(db_url: str, text: str, source: str) -> str:
+    """``lmissue issue --register DB_URL``: record the new customer ID with the activation service (lmcloud)."""
+    try:
+        from lmgrd.vendor.lmcloud.commands import register_license_text
+    except ImportError as exc:
+        raise _Failure(f"--register needs the activation service's packages ({exc.name} is missing): "
+                       "pip install 'lmgrd[cloud]'; the license was written, register it later with "
+                       f"lmcloud register {source}") from None
+    try:
+        return register_license_text(db_url, text, source)
+    except Exception as exc:  # the lmcloud error is already worded for the user
+        raise _Failure(f"{exc}\n  the license was written; register it later with: lmcloud register {source} "
+                       f"--db {db_url}") from None
 
 
 def _show_revocation_list(args: argparse.Namespace, text: str, public: Ed25519PublicKey | None,
@@ -504,6 +524,9 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument("--key", required=True, metavar="vendor.key", help=_("the vendor private key"))
     issue.add_argument("--out", required=True, metavar="FILE.lic", help=_("where to write the license"))
     issue.add_argument("--force", action="store_true", help=_("replace --out if it exists"))
+    issue.add_argument("--register", metavar="DB_URL", help=_(
+        "also record the new customer ID in the activation service's database (as lmcloud register FILE.lic --db "
+        "DB_URL); needs lmgrd[cloud]"))
     issue.set_defaults(func=_cmd_issue)
 
     show = sub.add_parser(

@@ -37,6 +37,7 @@ from protocol.license import (
     VendorKeyError,
     canonical_license_bytes,
     canonical_revocation_bytes,
+    cloud_url_problem,
     format_timestamp,
 )
 from protocol.validation import (
@@ -127,6 +128,8 @@ def format_license(lic: License, signature: bytes) -> str:
         _line("expires", lic.expires.isoformat() if lic.expires is not None else "never"),
         _line("share", lic.share),
     ]
+    if lic.cloud_url is not None:
+        out.append(_line("cloud_url", lic.cloud_url))
     out += [_line("site_network", net) for net in lic.site_networks]
     out += [_line("product", f"{p.name} version={p.version} count={p.count}") for p in lic.products]
     out.append(_signature_line(signature))
@@ -229,6 +232,7 @@ class RequestSpec:
     expires: date | None
     site_networks: tuple[str, ...]
     share: ShareMode
+    cloud_url: str | None = None
 
     def to_license(self, customer_id: str, issued_at: datetime) -> License:
         """The license this request becomes under ``customer_id``, issued at ``issued_at`` (aware)."""
@@ -243,10 +247,11 @@ class RequestSpec:
             expires=self.expires,
             site_networks=self.site_networks,
             share=self.share,
+            cloud_url=self.cloud_url,
         )
 
 
-_REQUEST_KEYS = ("license_type", "customer", "host", "products", "expires", "site_networks", "share")
+_REQUEST_KEYS = ("license_type", "customer", "host", "products", "expires", "site_networks", "share", "cloud_url")
 _HOST_KEYS = ("hostname", "ip")
 _PRODUCT_KEYS = ("name", "version", "count")
 _MISSING = object()
@@ -490,7 +495,7 @@ def check_request(data: object, today: date) -> tuple[RequestSpec | None, list[F
             FieldProblem(
                 "request",
                 "must be a YAML mapping with the keys license_type, customer, host, products "
-                f"(and optionally expires, site_networks, share); got {type(data).__name__}",
+                f"(and optionally expires, site_networks, share, cloud_url); got {type(data).__name__}",
             )
         )
         return None, problems
@@ -535,6 +540,12 @@ def check_request(data: object, today: date) -> tuple[RequestSpec | None, list[F
             )
         )
 
+    cloud_url = data.get("cloud_url")
+    if cloud_url is not None:
+        problem = cloud_url_problem(cloud_url)
+        if problem:
+            problems.append(FieldProblem("cloud_url", problem))
+
     if problems or host is None or products is None or networks is None or not expires_ok:
         return None, problems
     spec = RequestSpec(
@@ -546,5 +557,6 @@ def check_request(data: object, today: date) -> tuple[RequestSpec | None, list[F
         expires=expires,
         site_networks=networks,
         share=cast(ShareMode, share),
+        cloud_url=cast("str | None", cloud_url),
     )
     return spec, problems

@@ -5,6 +5,8 @@ file, inside functions and ``if TYPE_CHECKING:`` blocks too, so not even a type-
 - Inside ``lmgrd``: core <- storage <- daemon <- admin / monitoring <- the CLIs (``cli``, ``lmutil``,
   ``report``, ``vendor``). A module imports only its own layer or lower ones; ``admin`` never imports
   ``monitoring`` (monitoring may use admin's registry); nothing outside ``lmgrd.vendor`` imports it.
+- The vendor's activation service (``lmgrd.vendor.lmcloud``) imports ``protocol``, ``lmgrd.storage`` and the rest of
+  ``lmgrd.vendor``, never the daemon's modules (``DAEMON_SIDE``): it runs on the vendor's machine, not a license server.
 
 ``protocol``'s own rule (pure, and importing neither end) is ``tests/unit/protocol/test_purity.py``.
 """
@@ -37,6 +39,11 @@ LAYERS: dict[str, int] = {
     "lmgrd.report": 4,
     "lmgrd.vendor": 4,
 }
+
+#: What the activation service may not import: the license server's own modules.
+DAEMON_SIDE = ("lmgrd.daemon", "lmgrd.admin", "lmgrd.monitoring", "lmgrd.cli", "lmgrd.lmutil", "lmgrd.config",
+               "lmgrd.core")
+
 
 @dataclass(frozen=True)
 class Edge:
@@ -113,6 +120,9 @@ def violations(root: Path) -> list[str]:
                         found.append(f"{e}: admin may not import monitoring")
                     elif dst == "lmgrd.vendor" and src != "lmgrd.vendor":
                         found.append(f"{e}: only the vendor's tools import lmgrd.vendor")
+                    elif e.module.startswith("lmgrd.vendor.lmcloud") and any(
+                            e.imported == d or e.imported.startswith(d + ".") for d in DAEMON_SIDE):
+                        found.append(f"{e}: the activation service never imports the daemon's modules")
     return found
 
 
@@ -143,6 +153,7 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
     ("lmgrd/monitoring/http.py", "import client_stub.aio\n", "meet only on the wire"),
     ("client_stub/aio.py", "from lmgrd.core.ledger import Ledger\n", "meet only on the wire"),
     ("lmgrd/newthing.py", "from lmgrd.core import ledger\n", "not in any layer"),
+    ("lmgrd/vendor/lmcloud/app.py", "from lmgrd.daemon.server import Server\n", "never imports the daemon"),
 ])
 def test_a_forbidden_import_is_caught(tmp_path: Path, rel: str, text: str, expect: str) -> None:
     root = _tree(tmp_path, {rel: text})
