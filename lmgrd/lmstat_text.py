@@ -211,4 +211,12 @@ def render_extended(data: dict[str, Any], now_wall: float) -> str:
                              f"waiting {w['waiting_s']:.0f} s")
     for ref in data.get("refused_licenses", []):
         lines.append(f"  refused license: {ref}")
+    for c in data.get("cloud", []):
+        cert = (f"certificate ({c['how']}) valid until {c.get('valid_until') or 'the license expires'}"
+                if c.get("how") else "no certificate")
+        lines.append(f"  activation service {c['url']}: license {c['customer_id']} {c['state']}, {cert}, last "
+                     f"reached {c.get('last_reached_at') or 'never'}"
+                     + (f", last error: {c['last_error']}" if c.get("last_error") else ""))
+        if c.get("warning"):
+            lines.append(f"  WARNING: {c['warning']}")
     return "\n".join(lines) + "\n"

@@ -71,6 +71,7 @@ from protocol.validation import (
     parse_version,
     product_problem,
     short_hostname,
+    shown,
     text_field_problem,
     version_permitted,
 )
@@ -178,7 +179,7 @@ def customer_id_problem(customer_id: object) -> str | None:
     if isinstance(customer_id, str) and CUSTOMER_ID_RE.fullmatch(customer_id):
         return None
     return (
-        f"customer ID {customer_id!r} is not of the form CID-XXXX-XXXX-XXXX-XXXX "
+        f"customer ID {shown(customer_id)} is not of the form CID-XXXX-XXXX-XXXX-XXXX "
         "(four groups of four characters A-Z or 2-7)"
     )
 
@@ -437,7 +438,7 @@ class _Records:
 
     def get(self, key: str) -> tuple[int, str]:
         if key not in self.single:
-            raise self.fail(f"the {key!r} line is missing; the file is incomplete or damaged")
+            raise self.fail(f"the {shown(key)} line is missing; the file is incomplete or damaged")
         return self.single[key]
 
 
@@ -470,21 +471,21 @@ def _parse_records(
             raise records.fail(f"unparsable line: it contains the control character U+{ord(bad):04X}", lineno)
         match = _LINE_RE.fullmatch(line)
         if match is None:
-            raise records.fail(f"unparsable line {line[:60]!r}: expected 'key  value'", lineno)
+            raise records.fail(f"unparsable line {shown(line)}: expected 'key  value'", lineno)
         key, value = match.group(1), (match.group(2) or "").strip()
         if key not in known:
             near = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise records.fail(f"unparsable line: unknown key {key!r}{hint}", lineno)
+            hint = f" (did you mean {shown(near[0])}?)" if near else ""
+            raise records.fail(f"unparsable line: unknown key {shown(key)}{hint}", lineno)
         if not value:
-            raise records.fail(f"unparsable line: {key!r} has no value", lineno)
+            raise records.fail(f"unparsable line: {shown(key)} has no value", lineno)
         if key == "signature":
             records.signature = _parse_signature(records, value, lineno)
             signature_line = lineno
         elif key in multi_keys:
             records.multi.setdefault(key, []).append((lineno, value))
         elif key in records.single:
-            raise records.fail(f"{key!r} is given twice (first on line {records.single[key][0]})", lineno)
+            raise records.fail(f"{shown(key)} is given twice (first on line {records.single[key][0]})", lineno)
         else:
             records.single[key] = (lineno, value)
     if not signature_line:
@@ -495,18 +496,18 @@ def _parse_records(
     lineno, fmt = records.get("format")
     if fmt != str(LICENSE_FORMAT):
         raise records.fail(
-            f"unsupported format {fmt!r}: this version reads format {LICENSE_FORMAT}; upgrade lmgrd", lineno
+            f"unsupported format {shown(fmt)}: this version reads format {LICENSE_FORMAT}; upgrade lmgrd", lineno
         )
     lineno, found = records.get("kind")
     if found != kind:
-        raise records.fail(f"this is a {found!r} file, not a {kind} file", lineno)
+        raise records.fail(f"this is a {shown(found)} file, not a {kind} file", lineno)
     return records
 
 
 def _parse_signature(records: _Records, value: str, lineno: int) -> bytes:
     scheme, _, encoded = value.partition(":")
     if scheme != "ed25519":
-        raise records.fail(f"unparsable line: signature scheme {scheme!r} is not 'ed25519'", lineno)
+        raise records.fail(f"unparsable line: signature scheme {shown(scheme)} is not 'ed25519'", lineno)
     try:
         signature = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
@@ -523,18 +524,18 @@ def _parse_timestamp(records: _Records, key: str) -> datetime:
     moment = parse_timestamp(value)
     if moment is not None:
         return moment
-    raise records.fail(f"unparsable line: {key} {value!r} is not a UTC time like 2025-01-31T09:30:00Z", lineno)
+    raise records.fail(f"unparsable line: {key} {shown(value)} is not a UTC time like 2025-01-31T09:30:00Z", lineno)
 
 
 def _parse_product(records: _Records, lineno: int, value: str) -> Product:
     parts = value.split()
     if len(parts) != 3:
-        raise records.fail(f"unparsable line: product {value!r} is not 'NAME version=V count=N'", lineno)
+        raise records.fail(f"unparsable line: product {shown(value)} is not 'NAME version=V count=N'", lineno)
     name, attrs = parts[0], dict(part.partition("=")[::2] for part in parts[1:])
     if set(attrs) != {"version", "count"}:
-        raise records.fail(f"unparsable line: product {value!r} is not 'NAME version=V count=N'", lineno)
+        raise records.fail(f"unparsable line: product {shown(value)} is not 'NAME version=V count=N'", lineno)
     if not _COUNT_RE.fullmatch(attrs["count"]):
-        raise records.fail(f"unparsable line: product count {attrs['count']!r} is not a whole number >= 1", lineno)
+        raise records.fail(f"unparsable line: product count {shown(attrs['count'])} is not a whole number >= 1", lineno)
     try:
         return Product(name, attrs["version"], int(attrs["count"]))
     except ValueError as exc:
@@ -562,11 +563,11 @@ def parse_license(text: str, source: str) -> tuple[License, bytes]:
     expires: date | None = None
     if expires_text != "never":
         if not DATE_RE.fullmatch(expires_text):
-            raise records.fail(f"unparsable line: expires {expires_text!r} is not a date like 2027-12-31", lineno)
+            raise records.fail(f"unparsable line: expires {shown(expires_text)} is not a date like 2027-12-31", lineno)
         try:
             expires = date.fromisoformat(expires_text)
         except ValueError:
-            raise records.fail(f"unparsable line: expires {expires_text!r} is not a real date", lineno) from None
+            raise records.fail(f"unparsable line: expires {shown(expires_text)} is not a real date", lineno) from None
     products = tuple(_parse_product(records, n, v) for n, v in records.multi.get("product", []))
     if not products:
         raise records.fail("the file has no 'product' line; a license names at least one product")
@@ -709,7 +710,8 @@ def split_revocation_list(text: str) -> list[RevocationEntry]:
         line = raw.rstrip("\r").strip(" \t")
         if not line or line.startswith("#"):
             continue
-        key = line.split(None, 1)[0]
+        words = line.split(None, 1)  # empty for a line of other whitespace (U+000B, U+3000): it has no key
+        key = words[0] if words else ""
         if start is not None and key == "format" and has_format:  # a new entry, the last one unsigned
             entries.append(RevocationEntry(len(entries) + 1, start + 1, "\n" * begin + "\n".join(lines[begin:i])))
             start, begin, has_format = None, i, False
@@ -834,7 +836,7 @@ def evaluate_use(lic: License, product: str, version: str, now: datetime) -> tup
         have = ", ".join(f"{p.name} {p.version}" for p in lic.products)
         return (
             ErrorCode.UNKNOWN_PRODUCT,
-            f"product {product!r} is not licensed by {lic.customer_id}; this license has: {have}",
+            f"product {shown(product)} is not licensed by {lic.customer_id}; this license has: {have}",
         )
     try:
         allowed = version_permitted(version, entry.version)

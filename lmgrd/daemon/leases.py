@@ -106,6 +106,8 @@ class Counters:
     released: int = 0
     expired: int = 0
     connections: int = 0
+    #: Connections dropped because no hello came within handshake_timeout (silent or trickling clients).
+    handshake_timeouts: int = 0
 
 
 class LeaseLifecycle:

@@ -89,6 +89,9 @@ class Server:
         #: Set by lmgrd.monitoring.metrics.attach: the Metrics object and the per-request timer.
         self.metrics: Any = None
         self.request_timer: Callable[[type, float], None] | None = None
+        #: Set by lmgrd.cli when a served license has a cloud_url: the agent talking to the activation service
+        #: (lmgrd.daemon.cloud.CloudAgent), which lmutil activate reaches through lmgrd.admin.
+        self.cloud: Any = None
         self.licensing = licensing
         self.store = store
         self.loop = asyncio.get_running_loop()
@@ -430,9 +433,21 @@ class Server:
             "connections": len(self.sessions),
             "pools": pools,
             "refused_licenses": self.licensing.refusals(),
+            "cloud": self.cloud_status(),
             "store": {"writable": self.outbox.store_error is None,
                       "error": str(self.outbox.store_error) if self.outbox.store_error is not None else None},
         }
+
+    def cloud_status(self) -> list[dict[str, Any]]:
+        """Each license activated by the vendor's activation service: state, certificate, last contact, and
+        the warning while the service is unreachable near the certificate's end (lmstat --json/--extended)."""
+        acts = self.licensing.activations
+        cloud = acts.cloud if acts is not None else None
+        if cloud is None:
+            return []
+        now = datetime.fromtimestamp(self.wall(), UTC)
+        return [cloud.view(lic, now) for _p, lic in self.licensing.served
+                if lic.cloud_url is not None and lic.customer_id in cloud.licenses]
 
 
 def install_signal_handlers(server: Server) -> None:

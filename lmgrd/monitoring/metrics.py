@@ -268,6 +268,7 @@ class StateCollector(Collector):
         yield expiry
         yield activated
         yield served
+        yield from _cloud_families(server)
         yield GaugeMetricFamily("lmgrd_up", "1 while serving licenses, 0 once shutting down",
                                 value=0 if server.closing else 1)
         yield GaugeMetricFamily("lmgrd_store_writable", "1 while the lease journal can be written, 0 while the "
@@ -294,6 +295,9 @@ class StateCollector(Collector):
         yield denials
         yield CounterMetricFamily("lmgrd_lease_expirations", "Leases reclaimed because their client stopped "
                                   "heartbeating", value=m.expirations)
+        yield CounterMetricFamily("lmgrd_handshake_timeouts", "Connections dropped because they sent no complete "
+                                  "hello within handshake_timeout (silent or slow clients)",
+                                  value=server.counters.handshake_timeouts)
         yield from refusal_families(server)
 
 
@@ -326,6 +330,33 @@ def refusal_families(server: Server) -> Iterator[Metric]:
     yield CounterMetricFamily("lmgrd_refusal_log_lines_suppressed", "Log lines about refusals not written "
                               "because of the log's rate limit (each refusal is still counted above)",
                               value=r.log_suppressed)
+
+
+def _cloud_families(server: Server) -> Iterator[Metric]:
+    """The licenses activated by the vendor's activation service: certificate end, last contact, warning."""
+    fn = getattr(server, "cloud_status", None)
+    try:
+        views = fn() if fn is not None else []
+    except Exception:  # a bug here must not break a scrape
+        logger.exception("reading the activation service state failed")
+        views = []
+    valid = GaugeMetricFamily("lmgrd_cloud_certificate_valid_until_timestamp_seconds", "When the activation "
+                              "certificate of each cloud license ends (Unix time; absent without one, or for an "
+                              "offline certificate of a license that never expires)", labels=["customer_id"])
+    reached = GaugeMetricFamily("lmgrd_cloud_last_reached_timestamp_seconds", "When the vendor's activation "
+                                "service was last reached for each cloud license (Unix time)", labels=["customer_id"])
+    warning = GaugeMetricFamily("lmgrd_cloud_unreachable_warning", "1 while the activation service cannot be "
+                                "reached and the certificate ends within 7 days (or has ended), else 0",
+                                labels=["customer_id"])
+    for v in views:
+        if v.get("valid_until_epoch") is not None:
+            valid.add_metric([v["customer_id"]], v["valid_until_epoch"])
+        if v.get("last_reached_epoch") is not None:
+            reached.add_metric([v["customer_id"]], v["last_reached_epoch"])
+        warning.add_metric([v["customer_id"]], 1 if v.get("warning") else 0)
+    yield valid
+    yield reached
+    yield warning
 
 
 class ProcessCollector(Collector):

@@ -20,6 +20,7 @@ from typing import TextIO
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from lmgrd.core.documents import load_yaml
 from lmgrd.i18n import N_, argparse_in_language, gettext_
 from lmgrd.storage.atomic import write_atomic
 from lmgrd.storage.files import read_public_key_file
@@ -155,7 +156,7 @@ def _write_text(path: Path, text: str, force: bool) -> None:
 def _load_request(path: str) -> object:
     text = _read_text(path, "registration request")
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text, path)
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
