@@ -59,8 +59,8 @@ from client_stub import activation
 from client_stub.address import ENV_SERVER, config_path, parse_server_list, resolve_servers
 from client_stub.errors import LicenseError, LicenseLost, SeatDenied, ServerUnavailable
 from client_stub.files import write_atomic
+from client_stub.i18n import argparse_in_language, language
 from client_stub.i18n import gettext_ as _
-from client_stub.i18n import language
 from client_stub.machine import this_fingerprint, this_machine
 from client_stub.nodelock import ENV_VENDOR_KEY, load_vendor_key, verify_for_this_pc
 from client_stub.sync import LicenseClient, Seat
@@ -407,59 +407,61 @@ exit codes:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmclient", description="The lmgrd client utility: point this PC at the "
-                                "license server, test it, check seats out, and license-gate any command.",
+    p = argparse.ArgumentParser(prog="lmclient", description=_("The lmgrd client utility: point this PC at the "
+                                "license server, test it, check seats out, and license-gate any command."),
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def server_opt(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("-c", "--server", metavar="SERVER",
-                        help=f"PORT@HOST[,PORT@HOST...] or a single-user license file (default: {ENV_SERVER}, "
-                             "then the config file)")
+                        help=_("PORT@HOST[,PORT@HOST...] or a single-user license file (default: {env}, "
+                               "then the config file)").format(env=ENV_SERVER))
         sp.add_argument("--vendor-key", metavar="vendor.pub",
-                        help=f"vendor public key for a single-user license file (default: {ENV_VENDOR_KEY})")
+                        help=_("vendor public key for a single-user license file (default: {env})").format(
+                            env=ENV_VENDOR_KEY))
 
-    sp = sub.add_parser("set-server", help="store the server list in the per-user config file")
+    sp = sub.add_parser("set-server", help=_("store the server list in the per-user config file"))
     sp.add_argument("servers", metavar="PORT@HOST[,PORT@HOST...]")
     sp.set_defaults(fn=cmd_set_server)
 
-    sp = sub.add_parser("show", help="print the effective server list and where it comes from")
+    sp = sub.add_parser("show", help=_("print the effective server list and where it comes from"))
     server_opt(sp)
-    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("--json", action="store_true", help=_("machine-readable output"))
     sp.set_defaults(fn=cmd_show)
 
-    sp = sub.add_parser("ping", help="handshake with the license server: version, round trip, this host's name")
+    sp = sub.add_parser("ping", help=_("handshake with the license server: version, round trip, this host's name"))
     server_opt(sp)
     sp.set_defaults(fn=cmd_ping)
 
-    for name, fn, text in (("checkout", cmd_checkout, "check out a seat, print the grant, check it in"),
-                           ("run", cmd_run, "hold a seat while COMMAND runs; exit with COMMAND's exit code")):
+    for name, fn, text in (("checkout", cmd_checkout, _("check out a seat, print the grant, check it in")),
+                           ("run", cmd_run, _("hold a seat while COMMAND runs; exit with COMMAND's exit code"))):
         sp = sub.add_parser(name, help=text, description=text, epilog=RUN_EPILOG if name == "run" else None,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         server_opt(sp)
         sp.add_argument("product", metavar="PRODUCT")
-        sp.add_argument("--version", required=True, metavar="V", help="the product's version (dotted, e.g. 2.1)")
+        sp.add_argument("--version", required=True, metavar="V", help=_("the product's version (dotted, e.g. 2.1)"))
         sp.add_argument("--wait", type=float, default=0.0, metavar="S",
-                        help="wait up to S seconds in the queue for a seat (default: 0, no wait)")
+                        help=_("wait up to S seconds in the queue for a seat (default: 0, no wait)"))
         if name == "run":
-            sp.add_argument("-q", "--quiet", action="store_true", help="print nothing when the seat is granted")
+            sp.add_argument("-q", "--quiet", action="store_true", help=_("print nothing when the seat is granted"))
             sp.usage = ("lmclient run PRODUCT --version V [--wait S] [-c SERVER] [--vendor-key vendor.pub] [-q] "
                         "-- COMMAND [ARGS...]")
         sp.set_defaults(fn=fn)
 
-    sp = sub.add_parser("status", help="the license server's seat counts per product")
+    sp = sub.add_parser("status", help=_("the license server's seat counts per product"))
     server_opt(sp)
-    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("--json", action="store_true", help=_("machine-readable output"))
     sp.set_defaults(fn=cmd_status)
 
-    sp = sub.add_parser("hostid", help="this PC's hostname, addresses and fingerprint for a registration request")
-    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = sub.add_parser("hostid", help=_("this PC's hostname, addresses and fingerprint for a registration request"))
+    sp.add_argument("--json", action="store_true", help=_("machine-readable output"))
     sp.set_defaults(fn=cmd_hostid)
 
-    sp = sub.add_parser("activate", help="activate a single-user license on this PC now")
+    sp = sub.add_parser("activate", help=_("activate a single-user license on this PC now"))
     sp.add_argument("license", metavar="LICENSE.lic")
     sp.add_argument("--vendor-key", metavar="vendor.pub",
-                    help=f"the vendor public key (default: the environment variable {ENV_VENDOR_KEY})")
+                    help=_("the vendor public key (default: the environment variable {env})").format(
+                        env=ENV_VENDOR_KEY))
     sp.set_defaults(fn=cmd_activate)
     return p
 
@@ -470,7 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in args:  # everything after the first "--" is run's COMMAND, untouched by option parsing
         i = args.index("--")
         args, command = args[:i], args[i + 1:]
-    ns = build_parser().parse_args(args)
+    with argparse_in_language():
+        ns = build_parser().parse_args(args)
     ns.command = command
     try:
         code: int = ns.fn(ns)

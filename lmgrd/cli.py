@@ -31,6 +31,7 @@ from lmgrd.config import (
 )
 from lmgrd.core.licensing import Licensing
 from lmgrd.core.logtext import printable
+from lmgrd.i18n import N_, argparse_in_language, gettext_
 from lmgrd.storage.files import load_licensing, state_dir
 from lmgrd.storage.host import clock_offset, daemon_wall_clock, raise_nofile
 from protocol.activation import auto_activation_at
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("lmgrd")
 
-EPILOG = """\
+EPILOG = N_("""\
 examples:
   lmgrd --license site.lic --vendor-key vendor.pub
   lmgrd -c /etc/lmgrd/lmgrd.yaml --port 27000
@@ -50,45 +51,52 @@ examples:
 Clients reach the server as PORT@HOST (for example 27000@licsrv01). Timing is in seconds: clients
 heartbeat every --heartbeat-interval; a seat whose client stops heartbeating is reclaimed after
 --lease-timeout. Leases survive a restart (they are kept in --state-dir).
-"""
+""")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser, its help in the user's language (:mod:`lmgrd.i18n`)."""
+    _ = gettext_
     p = argparse.ArgumentParser(
-        prog="lmgrd", description="lmgrd license server: serves floating seats of the products in signed "
-        "license files to clients on the LAN.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-c", "--config", metavar="CONFIG.yaml", help="YAML configuration file (flags override it)")
+        prog="lmgrd", description=_("lmgrd license server: serves floating seats of the products in signed "
+                                    "license files to clients on the LAN."),
+        epilog=_(EPILOG), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", metavar="CONFIG.yaml", help=_("YAML configuration file (flags override it)"))
     p.add_argument("--license", dest="licenses", action="append", metavar="FILE.lic",
-                   help="signed license file to serve; repeat for several")
-    p.add_argument("--vendor-key", metavar="vendor.pub", help="the software vendor's public key (PEM)")
-    p.add_argument("--revocations", action="append", metavar="FILE", help="signed revocation file from the vendor "
-                   "(lmissue revoke / reissue); repeat for several; added to the config's 'revocations:'")
-    p.add_argument("--port", type=int, metavar="N", help=f"TCP port for clients (default {DEFAULT_PORT}; 0 picks a "
-                   "free port and logs it)")
-    p.add_argument("--bind", metavar="ADDR", help="address to listen on (default: every interface)")
-    p.add_argument("--state-dir", metavar="DIR", help="where leases are kept across restarts "
-                   "(default: the platform's user state directory)")
-    p.add_argument("--heartbeat-interval", type=float, metavar="S", help="seconds between client heartbeats "
-                   "(default 30, at least 1)")
-    p.add_argument("--lease-timeout", type=float, metavar="S", help="seconds without a heartbeat before a seat is "
-                   "reclaimed (default 90, at least 3)")
-    p.add_argument("--reconnect-grace", type=float, metavar="S", help="seconds a dropped client's seats are kept "
-                   "for it to reconnect (default 2 heartbeats, never more than the lease timeout)")
-    p.add_argument("--max-connections-per-address", type=int, metavar="N", help="connections one client address "
-                   f"may hold (default {DEFAULT_MAX_CONNECTIONS_PER_ADDRESS}; 0 = no limit)")
-    p.add_argument("--handshake-timeout", type=float, metavar="S", help="seconds a new connection has to send "
-                   "hello (default 10)")
-    p.add_argument("--idle-connection-timeout", type=float, metavar="S", help="seconds a connection that holds no "
-                   f"seat may send nothing before it is closed (default {DEFAULT_IDLE_CONNECTION_TIMEOUT:g}; "
-                   "0 = never)")
-    p.add_argument("--max-requests-per-second", type=float, metavar="N", help="requests one connection may send "
-                   f"per second, in bursts of two seconds' worth; the rest are answered RATE_LIMITED (default "
-                   f"{DEFAULT_MAX_REQUESTS_PER_SECOND:g}; 0 = no limit)")
-    p.add_argument("--max-frame-bytes", type=int, metavar="N", help="largest message accepted (default 65536)")
-    p.add_argument("--metrics-port", type=_metrics_port, metavar="N", help="HTTP port for /metrics (Prometheus), "
-                   "/healthz and the status page (default 27001; 0 = off; 'auto' picks a free port and logs it)")
-    p.add_argument("--metrics-bind", metavar="ADDR", help="address for the metrics port (default: the --bind "
-                   "address)")
+                   help=_("signed license file to serve; repeat for several"))
+    p.add_argument("--vendor-key", metavar="vendor.pub", help=_("the software vendor's public key (PEM)"))
+    p.add_argument("--revocations", action="append", metavar="FILE", help=_(
+        "signed revocation file from the vendor (lmissue revoke / reissue); repeat for several; added to the "
+        "config's 'revocations:'"))
+    p.add_argument("--port", type=int, metavar="N", help=_("TCP port for clients (default {port}; 0 picks a free "
+                                                           "port and logs it)").format(port=DEFAULT_PORT))
+    p.add_argument("--bind", metavar="ADDR", help=_("address to listen on (default: every interface)"))
+    p.add_argument("--state-dir", metavar="DIR", help=_("where leases are kept across restarts (default: the "
+                                                        "platform's user state directory)"))
+    p.add_argument("--heartbeat-interval", type=float, metavar="S", help=_("seconds between client heartbeats "
+                                                                           "(default 30, at least 1)"))
+    p.add_argument("--lease-timeout", type=float, metavar="S", help=_("seconds without a heartbeat before a seat "
+                                                                      "is reclaimed (default 90, at least 3)"))
+    p.add_argument("--reconnect-grace", type=float, metavar="S", help=_(
+        "seconds a dropped client's seats are kept for it to reconnect (default 2 heartbeats, never more than the "
+        "lease timeout)"))
+    p.add_argument("--max-connections-per-address", type=int, metavar="N", help=_(
+        "connections one client address may hold (default {n}; 0 = no limit)").format(
+        n=DEFAULT_MAX_CONNECTIONS_PER_ADDRESS))
+    p.add_argument("--handshake-timeout", type=float, metavar="S", help=_("seconds a new connection has to send "
+                                                                          "hello (default 10)"))
+    p.add_argument("--idle-connection-timeout", type=float, metavar="S", help=_(
+        "seconds a connection that holds no seat may send nothing before it is closed (default {default}; "
+        "0 = never)").format(default=f"{DEFAULT_IDLE_CONNECTION_TIMEOUT:g}"))
+    p.add_argument("--max-requests-per-second", type=float, metavar="N", help=_(
+        "requests one connection may send per second, in bursts of two seconds' worth; the rest are answered "
+        "RATE_LIMITED (default {default}; 0 = no limit)").format(default=f"{DEFAULT_MAX_REQUESTS_PER_SECOND:g}"))
+    p.add_argument("--max-frame-bytes", type=int, metavar="N", help=_("largest message accepted (default 65536)"))
+    p.add_argument("--metrics-port", type=_metrics_port, metavar="N", help=_(
+        "HTTP port for /metrics (Prometheus), /healthz and the status page (default 27001; 0 = off; 'auto' picks "
+        "a free port and logs it)"))
+    p.add_argument("--metrics-bind", metavar="ADDR", help=_("address for the metrics port (default: the --bind "
+                                                            "address)"))
     p.add_argument("--metrics-max-connections", type=int, metavar="N", help="connections the metrics port keeps "
                    "open at once; past it the one idle or slow the longest is dropped (default 512)")
     p.add_argument("--metrics-header-timeout", type=float, metavar="S", help="seconds a metrics request has to "
@@ -101,10 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 8192)")
     p.add_argument("--metrics-max-body-bytes", type=int, metavar="N", help="largest metrics request body "
                    "(default 65536)")
-    p.add_argument("--usage-log", metavar="PATH", help="append a JSON-lines usage log here (checkouts, checkins, "
-                   "expiries, removals, denials) for 'lmutil report'; rotated by size (usage_log_max_bytes)")
-    p.add_argument("--admin-token-file", metavar="PATH", help="where to write the admin token lmutil uses "
-                   "(default: the user's runtime directory, admin-PORT.token, mode 0600)")
     p.add_argument("--cloud-poll-interval", type=float, metavar="S", help="seconds between activation requests "
                    "to the vendor's activation service while a license with a cloud_url is pending (default 900, "
                    "with jitter; at least 1)")
@@ -127,9 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--etcd-user", metavar="NAME", help="etcd user (etcd authentication)")
     p.add_argument("--etcd-password-file", metavar="PATH", help="file whose first line is the etcd user's password")
     p.add_argument("--node-name", metavar="NAME", help="this node's name in the cluster (default: the hostname)")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
-    p.add_argument("--check", action="store_true", help="validate the configuration and licenses, list every "
-                   "problem, and exit (1 if there is one)")
+    p.add_argument("--usage-log", metavar="PATH", help=_(
+        "append a JSON-lines usage log here (checkouts, checkins, expiries, removals, denials) for 'lmutil "
+        "report'; rotated by size (usage_log_max_bytes)"))
+    p.add_argument("--admin-token-file", metavar="PATH", help=_(
+        "where to write the admin token lmutil uses (default: the user's runtime directory, admin-PORT.token, "
+        "mode 0600)"))
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help=_("default info"))
+    p.add_argument("--check", action="store_true", help=_("validate the configuration and licenses, list every "
+                                                          "problem, and exit (1 if there is one)"))
     p.add_argument("--version", action="version", version=f"lmgrd {__version__}")
     return p
 
@@ -229,14 +239,14 @@ def run_check(cfg: DaemonConfig) -> int:
     for line in cfg.options_unsupported:  # ignored, not errors: FlexNet keywords lmgrd does not implement
         print(f"unsupported: {line}")
     if cfg.options_unsupported:
-        print(f"{len(cfg.options_unsupported)} line(s) of the options file {cfg.options} are not supported as "
-              "written (listed above); the other lines apply")
+        print(gettext_("{n} line(s) of the options file {path} are not supported as written (listed above); the "
+                       "other lines apply").format(n=len(cfg.options_unsupported), path=cfg.options))
     for prob in problems:
         print(f"problem: {prob}")
     if problems:
-        print(f"{len(problems)} problem(s) found")
+        print(gettext_("{n} problem(s) found").format(n=len(problems)))
         return 1
-    print("configuration and licenses are valid")
+    print(gettext_("configuration and licenses are valid"))
     return 0
 
 
@@ -347,7 +357,8 @@ def start_cloud_agent(server: Any, state: Path) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    with argparse_in_language():
+        ns = build_parser().parse_args(argv)
     try:
         file_values = load_config_file(Path(ns.config)) if ns.config else {}
         cfg = build_config(file_values, _overrides(ns), ns.config or "command line")

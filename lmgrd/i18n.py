@@ -20,14 +20,17 @@ once:
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import functools
 import gettext
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DOMAIN", "LANGUAGES", "LOCALE_DIR", "N_", "Text", "catalog", "gettext_", "language", "tr"]
+__all__ = ["ARGPARSE_MESSAGES", "DOMAIN", "LANGUAGES", "LOCALE_DIR", "N_", "Text", "argparse_in_language", "catalog",
+           "gettext_", "language", "tr"]
 
 DOMAIN = "lmgrd"
 LOCALE_DIR = Path(__file__).resolve().parent / "locale"
@@ -74,6 +77,51 @@ def gettext_(message: str) -> str:
 def N_(message: str) -> str:
     """Mark ``message`` for extraction without translating it now (it is translated where it is shown)."""
     return message
+
+
+#: argparse's own words (``usage:``, the section titles, its error messages), marked here so that extraction puts
+#: them in this catalog: :func:`argparse_in_language` has argparse read them from it. The msgids are argparse's
+#: (Python 3.11), character for character.
+ARGPARSE_MESSAGES = (
+    N_("usage: "),
+    N_("positional arguments"),
+    N_("options"),
+    N_("show this help message and exit"),
+    N_("show program's version number and exit"),
+    N_("%(prog)s: error: %(message)s\n"),
+    N_("argument %(argument_name)s: %(message)s"),
+    N_("the following arguments are required: %s"),
+    N_("unrecognized arguments: %s"),
+    N_("invalid choice: %(value)r (choose from %(choices)s)"),
+    N_("invalid %(type)s value: %(value)r"),
+    N_("expected one argument"),
+    N_("expected at most one argument"),
+    N_("expected at least one argument"),
+    N_("not allowed with argument %s"),
+    N_("one of the arguments %s is required"),
+    N_("ambiguous option: %(option)s could match %(matches)s"),
+    N_("ignored explicit argument %r"),
+    N_("unknown parser %(parser_name)r (choices: %(choices)s)"),
+    N_("can't open '%(filename)s': %(error)s"),
+)
+
+
+@contextlib.contextmanager
+def argparse_in_language() -> Iterator[None]:
+    """While inside, argparse's own words come from this catalog in the current :func:`language`.
+
+    argparse translates through the module-level ``_`` and ``ngettext`` it imported from :mod:`gettext` (which
+    would read the process-wide default domain and only the POSIX locale, never ``LMGRD_LANG``); they are pointed
+    at this package's catalog for the duration and put back after, so nothing outside the CLI's parse sees it.
+    """
+    cat = catalog(language())
+    names = vars(argparse)  # the module's globals, where its functions look the two names up at each call
+    saved = names["_"], names["ngettext"]
+    names["_"], names["ngettext"] = cat.gettext, cat.ngettext
+    try:
+        yield
+    finally:
+        names["_"], names["ngettext"] = saved
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,7 +46,8 @@ __all__ = [
 #: The vendor daemon's name in every FlexNet line that names one.
 VENDOR = "lmgrd"
 _MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
-_KINDS = {"user": "USER", "group": "GROUP", "host": "HOST", "host_group": "HOST_GROUP"}
+_KINDS = {"user": "USER", "group": "GROUP", "host": "HOST", "host_group": "HOST_GROUP", "display": "DISPLAY",
+          "internet": "INTERNET"}
 
 
 def _plural(n: int) -> str:

@@ -31,8 +31,10 @@ from typing import Any
 
 from lmgrd import __version__, lmstat_text
 from lmgrd.admin.token import token_path
-from lmgrd.i18n import N_, Text, gettext_, language, tr
+from lmgrd.config import DEFAULT_PORT
+from lmgrd.i18n import N_, Text, argparse_in_language, gettext_, language, tr
 from protocol import Admin, Connection, ErrorCode, ErrorReply, Hello, ProtocolError, Reply, Role, StatusReply, Welcome
+from protocol.license import parse_license
 
 DEFAULT_SERVER = "27000@localhost"
 
@@ -92,6 +94,23 @@ def parse_server(spec: str) -> tuple[str, int]:
         raise AdminError(tr("cannot read the port in {spec}: use PORT@HOST, for example 27000@licsrv01",
                             spec=repr(spec)), 2) from None
     return host, port
+
+
+def server_of(spec: str) -> tuple[str, int]:
+    """Where ``-c`` points, with FlexNet's meanings: ``PORT@HOST`` (or ``@HOST``, ``HOST:PORT``), or the path of a
+    license file, whose registered license server (``hostname``) is dialled on the default port 27000 (an lmgrd
+    license names its server but not a port). Of a comma-separated list the first is used."""
+    first = spec.split(",")[0].strip()
+    path = Path(first)
+    if "@" not in first and path.is_file():
+        try:
+            text = path.read_text("utf-8-sig")
+            lic, _sig = parse_license(text, first)  # unverified: it only says where to connect
+        except (OSError, UnicodeDecodeError, ProtocolError) as exc:
+            raise AdminError(tr("-c {path}: not a license server (PORT@HOST) nor a readable license file: "
+                                "{error}", path=first, error=getattr(exc, "message", None) or exc), 2) from None
+        return lic.hostname, DEFAULT_PORT
+    return parse_server(first)
 
 
 class AdminClient:
@@ -217,18 +236,40 @@ def cmd_lmstat(ns: argparse.Namespace, client: AdminClient, auth: str) -> int:
     return 0
 
 
+def _human_lines(name: str, data: dict[str, Any]) -> list[str]:
+    """What ``lmdown``, ``lmreread`` and ``lmhostid`` tell a person, in the user's language (``--json`` gives the
+    reply itself, in English). A reply field this does not know is printed as ``key: value``."""
+    out: list[str] = []
+    rest = dict(data)
+    if name == "lmdown" and rest.pop("stopping", False):
+        out.append(gettext_("the license server is shutting down; {n} lease(s) were persisted for its restart")
+                   .format(n=rest.pop("leases_persisted", 0)))
+    elif name == "lmreread" and "reloaded" in rest:
+        served = [str(x) for x in rest.pop("serving", [])]
+        out.append(gettext_("reread: serving {n} license(s): {names}").format(n=len(served), names=", ".join(served)
+                                                                            or gettext_("none"))
+                   if rest.pop("reloaded") else gettext_("not reread"))
+    elif name == "lmhostid":
+        labels = {"hostname": N_("host name: {value}"), "short_hostname": N_("short host name: {value}"),
+                  "addresses": N_("addresses: {value}")}
+        for key, label in labels.items():
+            if key in rest:
+                v = rest.pop(key)
+                out.append(gettext_(label).format(value=", ".join(map(str, v)) if isinstance(v, list) else v))
+    for prob in rest.pop("problems", None) or []:
+        out.append(gettext_("problem: {problem}").format(problem=prob))
+    out += [f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in rest.items()]
+    return out
+
+
 def cmd_simple(name: str) -> CommandFn:
     def run(ns: argparse.Namespace, client: AdminClient, auth: str) -> int:
         data = client.admin(name, {}, auth)
         if ns.json:
             print(json.dumps(data, indent=2, sort_keys=True))
         else:
-            for k, v in data.items():
-                if k == "problems" and isinstance(v, list):
-                    for prob in v:
-                        print(f"problem: {prob}")
-                else:
-                    print(f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}")
+            for line in _human_lines(name, data):
+                print(line)
         # lmreread: what was valid is served, but a refused file or config is the operator's to fix.
         return 1 if data.get("problems") else 0
 
@@ -265,11 +306,11 @@ def cmd_activate(ns: argparse.Namespace, client: AdminClient, auth: str) -> int:
     if ns.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
-        print(f"license {data['customer_id']} is active on this license server"
-              + (f" (activated {data['activated_at']}, {data['how']}; machine fingerprint {data['fingerprint']})"
-                 if data.get("activated_at") else "")
-              + (f"; certified by {data['service']} until {data.get('valid_until') or 'the license expires'}"
-                 if data.get("service") else ""))
+        text = (gettext_("license {customer_id} is active on this license server (activated {activated_at}, {how}; "
+                         "machine fingerprint {fingerprint})") if data.get("activated_at")
+                else gettext_("license {customer_id} is active on this license server")).format(**data)
+        print(text + (f"; certified by {data['service']} until {data.get('valid_until') or 'the license expires'}"
+                      if data.get("service") else ""))
     return 0
 
 
@@ -350,81 +391,89 @@ def cmd_lmremove(ns: argparse.Namespace, client: AdminClient, auth: str) -> int:
     else:
         for x in data.get("removed", []):
             held = int(x.get("held_seconds", 0))
-            print(f"removed {x['product']} seat of {x['user']}@{x['host']} (lease {x['token'][:8]}, held "
-                  f"{held // 3600} h {held % 3600 // 60} min); its client is told at its next heartbeat")
+            print(gettext_("removed {product} seat of {user}@{host} (lease {lease}, held {hours} h {minutes} min); "
+                           "its client is told at its next heartbeat").format(
+                product=x["product"], user=x["user"], host=x["host"], lease=x["token"][:8], hours=held // 3600,
+                minutes=held % 3600 // 60))
     return 0
 
 
 COMMANDS: dict[str, tuple[CommandFn, str]] = {
-    "activate": (cmd_activate, "activate a license on this license server now (run on the server itself); "
-                 "otherwise it activates by itself 24 hours after it was issued (one with a cloud_url: by the "
-                 "vendor's activation service); --offline-request / --offline-response for sites without internet"),
-    "lmstat": (cmd_lmstat, "license server status: products, seats and (with -a or -f) who holds them"),
-    "lmdown": (cmd_simple("lmdown"), "shut the license server down gracefully (leases are persisted first)"),
-    "lmhostid": (cmd_simple("lmhostid"), "this license server's identity as the daemon sees it"),
-    "lmreread": (cmd_simple("lmreread"), "reload licenses (and revocations, policy) without dropping a client"),
-    "lmremove": (cmd_lmremove, "free a stuck seat now: PRODUCT USER HOST [DISPLAY], -h FEATURE SERVER PORT HANDLE, "
-                 "or --token TOKEN; its client is told SEAT_REMOVED at its next heartbeat"),
+    "activate": (cmd_activate, N_("activate a license on this license server now (run on the server itself); "
+                                  "otherwise it activates by itself 24 hours after it was issued (one with a "
+                                  "cloud_url: by the vendor's activation service); --offline-request / "
+                                  "--offline-response for sites without internet")),
+    "lmstat": (cmd_lmstat, N_("license server status: products, seats and (with -a or -f) who holds them")),
+    "lmdown": (cmd_simple("lmdown"), N_("shut the license server down gracefully (leases are persisted first)")),
+    "lmhostid": (cmd_simple("lmhostid"), N_("this license server's identity as the daemon sees it")),
+    "lmreread": (cmd_simple("lmreread"), N_("reload licenses (and revocations, policy) without dropping a client")),
+    "lmremove": (cmd_lmremove, N_("free a stuck seat now: PRODUCT USER HOST [DISPLAY], -h FEATURE SERVER PORT "
+                                  "HANDLE, or --token TOKEN; its client is told SEAT_REMOVED at its next heartbeat")),
 }
 
 #: FlexNet's lmutil also runs under these names (symlinks to lmutil; ``make tools`` creates them).
 TOOL_NAMES = ("lmstat", "lmremove", "lmreread", "lmdown", "lmhostid", "lmver")
-LMVER_HELP = "print the version of lmutil (no server connection needed)"
+LMVER_HELP = N_("print the version of lmutil (no server connection needed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser, its help in the user's language (:mod:`lmgrd.i18n`; built at each run, so the language is the
+    environment's at that moment)."""
+    _ = gettext_
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", dest="server", metavar="PORT@HOST", default=os.environ.get("LM_LICENSE_SERVER_ADMIN",
-                        DEFAULT_SERVER), help=f"license server (default {DEFAULT_SERVER})")
-    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    common.add_argument("--token-file", metavar="PATH", help="admin token file (needed when not run on the "
-                        "license server as the daemon's user)")
-    p = argparse.ArgumentParser(prog="lmutil", description="lmgrd license server administration.",
+                        DEFAULT_SERVER), help=_("license server, or a license file naming it (default {server})")
+                        .format(server=DEFAULT_SERVER))
+    common.add_argument("--json", action="store_true", help=_("print machine-readable JSON"))
+    common.add_argument("--token-file", metavar="PATH", help=_("admin token file (needed when not run on the "
+                                                               "license server as the daemon's user)"))
+    p = argparse.ArgumentParser(prog="lmutil", description=_("lmgrd license server administration."),
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="examples:\n  lmutil lmstat -a -c 27000@licsrv01\n"
+                                epilog=_("examples:") + "\n  lmutil lmstat -a -c 27000@licsrv01\n"
                                 "  lmutil lmstat -f CADPRO --json\n  lmutil lmdown -c 27000@licsrv01\n"
                                 "  lmutil lmremove CADPRO alice pc17\n  lmutil lmremove --token 1a2b3c4d\n"
                                 "  lmutil report /var/log/lmgrd/usage.log* --since 2024-04-01 --plot usage.png")
     p.add_argument("--version", action="version", version=f"lmutil {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_fn, helptext) in COMMANDS.items():
-        sp = sub.add_parser(name, parents=[common], help=helptext, description=helptext,
+        sp = sub.add_parser(name, parents=[common], help=_(helptext), description=_(helptext),
                             add_help=name != "lmremove")  # lmremove -h is FlexNet's handle form
         if name == "activate":
-            sp.add_argument("customer_id", metavar="CUSTOMER_ID", nargs="?", help="the license's customer ID "
-                            "(CID-...)")
+            sp.add_argument("customer_id", metavar="CUSTOMER_ID", nargs="?", help=_("the license's customer ID "
+                                                                                     "(CID-...)"))
             sp.add_argument("--offline-request", metavar="FILE", help="for a site without internet: write a signed "
                             "activation request for the vendor to answer (lmcloud offline-response)")
             sp.add_argument("--offline-response", metavar="FILE", help="install the vendor's answer to an offline "
                             "request (valid until the license expires; no check-in)")
         if name == "lmstat":
-            sp.add_argument("-a", action="store_true", help="all products, with their holders")
-            sp.add_argument("-f", metavar="FEATURE", nargs="?", const="", help="that product only, with its "
-                            "holders (without FEATURE: every product, as -a)")
+            sp.add_argument("-a", action="store_true", help=_("all products, with their holders"))
+            sp.add_argument("-f", metavar="FEATURE", nargs="?", const="", help=_("that product only, with its "
+                            "holders (without FEATURE: every product, as -a)"))
             sp.add_argument("-i", metavar="FEATURE", nargs="?", const="",
-                            help="the license line of FEATURE (or of every product): version, count, expiry")
-            sp.add_argument("-S", metavar="VENDOR", nargs="?", const="", help="every user of VENDOR's licenses "
-                            f"(this server's vendor daemon is {lmstat_text.VENDOR!r}); as -a")
-            sp.add_argument("-v", action="store_true", help="print lmstat's version and exit (no server needed)")
-            sp.add_argument("-t", metavar="TIMEOUT", type=float, default=10.0, help="connection timeout in seconds "
-                            "(default 10)")
-            sp.add_argument("--extended", action="store_true", help="after FlexNet's layout, what lmgrd knows "
-                            "beyond it: customer IDs, activation, queue, heartbeats, leases")
-            sp.add_argument("--prometheus", action="store_true", help="print the Prometheus metrics (the same "
-                            "text as the daemon's /metrics)")
+                            help=_("the license line of FEATURE (or of every product): version, count, expiry"))
+            sp.add_argument("-S", metavar="VENDOR", nargs="?", const="", help=_(
+                "every user of VENDOR's licenses (this server's vendor daemon is {vendor}); as -a").format(
+                vendor=repr(lmstat_text.VENDOR)))
+            sp.add_argument("-v", action="store_true", help=_("print lmstat's version and exit (no server needed)"))
+            sp.add_argument("-t", metavar="TIMEOUT", type=float, default=10.0, help=_("connection timeout in "
+                            "seconds (default 10)"))
+            sp.add_argument("--extended", action="store_true", help=_("after FlexNet's layout, what lmgrd knows "
+                            "beyond it: customer IDs, activation, queue, heartbeats, leases"))
+            sp.add_argument("--prometheus", action="store_true", help=_("print the Prometheus metrics (the same "
+                            "text as the daemon's /metrics)"))
         if name == "lmremove":
-            sp.add_argument("--help", action="help", help="show this help message and exit")
-            sp.add_argument("-h", dest="by_handle", action="store_true", help="FlexNet's form: lmremove -h "
-                            "FEATURE SERVER PORT HANDLE, with the (server/port handle) lmstat -a prints")
-            sp.add_argument("names", nargs="*", metavar="PRODUCT USER HOST", help="free every seat of PRODUCT "
-                            "held by USER on HOST (an optional 4th DISPLAY narrows it)")
-            sp.add_argument("--token", metavar="TOKEN", help="free this one lease (a unique prefix, such as the "
-                            "8 characters lmstat -a shows, is enough)")
+            sp.add_argument("--help", action="help", help=_("show this help message and exit"))
+            sp.add_argument("-h", dest="by_handle", action="store_true", help=_("FlexNet's form: lmremove -h "
+                            "FEATURE SERVER PORT HANDLE, with the (server/port handle) lmstat -a prints"))
+            sp.add_argument("names", nargs="*", metavar="PRODUCT USER HOST", help=_("free every seat of PRODUCT "
+                            "held by USER on HOST (an optional 4th DISPLAY narrows it)"))
+            sp.add_argument("--token", metavar="TOKEN", help=_("free this one lease (a unique prefix, such as the "
+                            "8 characters lmstat -a shows, is enough)"))
     from lmgrd.report import add_report_arguments
 
-    rp = sub.add_parser("report", help=REPORT_HELP, description=REPORT_HELP)
+    rp = sub.add_parser("report", help=_(REPORT_HELP), description=_(REPORT_HELP))
     add_report_arguments(rp)
-    sub.add_parser("lmver", help=LMVER_HELP, description=LMVER_HELP)
+    sub.add_parser("lmver", help=_(LMVER_HELP), description=_(LMVER_HELP))
     cp = sub.add_parser("cloud-check", help=CLOUD_CHECK_HELP, description=CLOUD_CHECK_HELP)
     cp.add_argument("url", nargs="?", metavar="URL", help="the activation service (default: the cloud_url of "
                     "--license, or of the first license in --config that has one)")
@@ -454,14 +503,15 @@ def _lmstat_unreachable(ns: argparse.Namespace, exc: AdminError) -> None:
     print(lmstat_text.connect_error(code, strerror))
 
 
-REPORT_HELP = ("usage report from the daemon's usage log files (no server connection needed): peak and 95th "
-               "percentile seats, hours at the limit, denials, top users, how many seats to buy")
+REPORT_HELP = N_("usage report from the daemon's usage log files (no server connection needed): peak and 95th "
+                 "percentile seats, hours at the limit, denials, top users, how many seats to buy")
 
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = tool_argv(sys.argv[0], sys.argv[1:])
-    ns = build_parser().parse_args(argv)
+    with argparse_in_language():
+        ns = build_parser().parse_args(argv)
     if ns.command == "report":  # reads log files here; needs neither a server nor a token
         from lmgrd.report import run_report
 
@@ -474,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     fn = COMMANDS[ns.command][0]
     try:
-        host, port = parse_server(ns.server.split(",")[0])
+        host, port = server_of(ns.server)
         auth = find_token(port, ns.token_file)
         # activate may wait on the vendor's activation service (one HTTPS request, at most 15 s): wait longer.
         client = AdminClient(host, port, timeout=getattr(ns, "t", 30.0 if ns.command == "activate" else 10.0))

@@ -34,6 +34,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from lmgrd.i18n import gettext_
+
 __all__ = ["PLOT_EXTRA", "PoolReport", "Report", "ReportError", "add_report_arguments", "build_report",
            "format_text", "load_events", "parse_date", "plot_unavailable", "run_report", "write_plot"]
 
@@ -451,16 +453,17 @@ def write_plot(report: Report, path: Path) -> None:
 
 # --------------------------------------------------------------------------- command line
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("logs", nargs="+", metavar="LOG", help="usage log files (usage.log, its rotated usage.log.1 .. "
-                   ".N, and .gz copies)")
-    p.add_argument("--since", metavar="DATE", help="start of the period (YYYY-MM-DD or YYYY-MM-DDTHH:MM; UTC unless "
-                   "an offset is given; default: the first event)")
-    p.add_argument("--until", metavar="DATE", help="end of the period (a bare date includes that whole day; "
-                   "default: the last event)")
-    p.add_argument("--product", metavar="P", help="this product only")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.add_argument("--plot", metavar="FILE.png", help="also draw seats in use over time against the count "
-                   f"(needs the report extra: {PLOT_EXTRA})")
+    _ = gettext_
+    p.add_argument("logs", nargs="+", metavar="LOG", help=_("usage log files (usage.log, its rotated usage.log.1 .. "
+                                                            ".N, and .gz copies)"))
+    p.add_argument("--since", metavar="DATE", help=_("start of the period (YYYY-MM-DD or YYYY-MM-DDTHH:MM; UTC "
+                                                     "unless an offset is given; default: the first event)"))
+    p.add_argument("--until", metavar="DATE", help=_("end of the period (a bare date includes that whole day; "
+                                                     "default: the last event)"))
+    p.add_argument("--product", metavar="P", help=_("this product only"))
+    p.add_argument("--json", action="store_true", help=_("print machine-readable JSON"))
+    p.add_argument("--plot", metavar="FILE.png", help=_("also draw seats in use over time against the count "
+                                                        "(needs the report extra: {extra})").format(extra=PLOT_EXTRA))
 
 
 def run_report(ns: argparse.Namespace) -> int:

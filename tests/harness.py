@@ -175,8 +175,10 @@ class RawClient:
 
     opened: ClassVar[list[RawClient]] = []  # closed by the conftest after each test
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0, source: str | None = None) -> None:
+        # source: the local address to connect from (any 127.0.0.0/8 address works on Linux loopback).
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         RawClient.opened.append(self)
         self.conn = Connection(Role.CLIENT)
         self.replies: list[Reply] = []
@@ -205,11 +207,11 @@ class RawClient:
         self.next_id += 1
         return self.next_id
 
-    def hello(self, host: str = HOSTNAME, user: str = "alice", pid: int | None = None, secret: str | None = None
-              ) -> Reply:
+    def hello(self, host: str = HOSTNAME, user: str = "alice", pid: int | None = None, secret: str | None = None,
+              display: str = "") -> Reply:
         """Protocol 2's hello; the secret defaults to one of this user@host's own, so a second RawClient of the
         same user and host is the same holder (resumes its leases) and one of another user is not."""
-        return self.request(Hello(self.id(), (1, 2), host, user, pid or os.getpid(), "test", "",
+        return self.request(Hello(self.id(), (1, 2), host, user, pid or os.getpid(), "test", display,
                                   secret if secret is not None else holder_secret(user, host)))
 
     def closed(self, timeout: float = 5.0) -> bool:
@@ -241,3 +243,4 @@ class Holder:
     display: str
     session: int | None
     owner: str = ""
+    addr: str = ""

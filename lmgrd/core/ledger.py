@@ -116,10 +116,11 @@ def owner_digest(user: str, host: str, secret: str) -> str:
 
 
 class HolderLike(Protocol):
-    """Who checks out, as the ledger reads it: the client's user, host (short form), pid, display,
-    connection (``session``; ``None`` for a lease not bound to a connection) and ``owner``
-    (:func:`owner_digest`, or a value of one connection's own for a client that sent no secret). The daemon
-    passes its client session itself (no second object per connection)."""
+    """Who checks out, as the ledger reads it: the client's user, host (short form), pid, display, the address
+    it connects from (``addr``, ``""`` when unknown; usage-policy rules by INTERNET match it), connection
+    (``session``; ``None`` for a lease not bound to a connection) and ``owner`` (:func:`owner_digest`, or a value
+    of one connection's own for a client that sent no secret). The daemon passes its client session itself (no
+    second object per connection)."""
 
     @property
     def user(self) -> str: ...
@@ -129,6 +130,8 @@ class HolderLike(Protocol):
     def pid(self) -> int: ...
     @property
     def display(self) -> str: ...
+    @property
+    def addr(self) -> str: ...
     @property
     def session(self) -> int | None: ...
     @property
@@ -142,6 +145,8 @@ class UnknownPoolError(LmgrdError, LookupError):
 class LeaseRecord(NamedTuple):
     """What the store keeps of a lease: everything except its (monotonic, process-local) deadline and
     its (connection-local) session. ``share_key`` is the resolved key, ``(token,)`` for unshared seats.
+    ``addr`` is the address the client connected from at the grant (kept so that a ``reserve`` or ``max`` rule
+    by address still counts the seat after a restart; ``""`` in records of journals written before it was).
     Re-exported by :mod:`lmgrd.storage.journal`, which persists it.
 
     Immutable like a frozen dataclass, but a NamedTuple because one is built per grant on the hot path:
@@ -161,6 +166,7 @@ class LeaseRecord(NamedTuple):
     #: :func:`owner_digest` of the holder ("" in a record written before leases were bound: such a lease
     #: may be resumed or checked in by a connection of the same user and host).
     owner: str = ""
+    addr: str = ""
 
 
 @dataclass(slots=True)
@@ -188,6 +194,7 @@ class LeaseInfo:
     # heap_at <= deadline always; a later real deadline is re-filed lazily when the entry pops.
     heap_seq: int = field(default=0, repr=False, compare=False)
     heap_at: float = field(default=0.0, repr=False, compare=False)
+    addr: str = ""  # the client's address at the grant (see LeaseRecord)
 
     def to_record(self) -> LeaseRecord:
         """The durable part of this lease, for :meth:`LeaseStore.record_grant`."""
@@ -203,6 +210,7 @@ class LeaseInfo:
             self.display,
             self.granted_at,
             self.owner,
+            self.addr,
         )
 
 
@@ -232,6 +240,14 @@ class Waiter:
     @property
     def pid(self) -> int:
         return self.holder.pid
+
+    @property
+    def display(self) -> str:
+        return self.holder.display
+
+    @property
+    def addr(self) -> str:
+        return self.holder.addr
 
     @property
     def session(self) -> int | None:
@@ -381,14 +397,16 @@ class Ledger:
         """Grant a lease, or return ``None`` when it would need a new seat and none is free.
 
         Joining an existing seat of the same share key always succeeds, even over the count (it takes
-        no seat). A new seat is refused while the pool has waiters: a newcomer never overtakes them.
-        ``share_key=()`` asks for an unshared seat (its key becomes ``(token,)``).
+        no seat). A new seat is refused while the pool has waiters: a newcomer never overtakes them, except
+        under a usage policy, where it may take a seat no waiter is admitted to. Such a seat can have a waiter's
+        share key (host sharing): call :meth:`serve` after a grant while :meth:`queued` is non-zero, and those
+        waiters join it. ``share_key=()`` asks for an unshared seat (its key becomes ``(token,)``).
         """
         p = self._pool(pool)
         if p.policy is not None and (not share_key or share_key not in p.seats):
             # Waiters ahead cannot use what the policy admits this one to (serve() ran after every
             # change), so only admissibility matters here.
-            if self._admit(p, holder.user, holder.host) is None:
+            if self._admit(p, holder.user, holder.host, holder.addr, holder.display) is None:
                 return None
         elif (not share_key or share_key not in p.seats) and (p.waiting or len(p.seats) >= p.count):
             return None
@@ -415,9 +433,11 @@ class Ledger:
         unused = sum(max(0, r.seats - used) for r, used in zip(pol.reserve, p.bucket_used, strict=True))
         return min(unused, max(0, p.count - len(p.seats)))
 
-    def refusal(self, pool: PoolKey, share_key: tuple[str, ...], user: str, host: str) -> str | None:
+    def refusal(self, pool: PoolKey, share_key: tuple[str, ...], user: str, host: str, addr: str = "",
+                display: str = "") -> str | None:
         """Why :meth:`checkout` would refuse this now: ``"max"`` (a max rule is full), ``"reserved"``
-        (free seats are reserved for others), ``"full"`` (no free seat, or waiters ahead), or ``None``."""
+        (free seats are reserved for others), ``"full"`` (no free seat, or waiters ahead), or ``None``.
+        ``addr`` and ``display`` are the client's, as for the holder of :meth:`checkout`."""
         p = self._pool(pool)
         if share_key and share_key in p.seats:
             return None
@@ -425,37 +445,38 @@ class Ledger:
         if pol is None:
             return "full" if p.waiting or len(p.seats) >= p.count else None
         for i, r in enumerate(pol.max):
-            if p.max_used[i] >= r.seats and r.subject.matches(user, host):
+            if p.max_used[i] >= r.seats and r.subject.matches(user, host, addr, display):
                 return "max"
         if len(p.seats) >= p.count:
             return "full"
-        return None if self._admit(p, user, host) is not None else "reserved"
+        return None if self._admit(p, user, host, addr, display) is not None else "reserved"
 
-    def _admit(self, p: _Pool, user: str, host: str) -> Tag | None:
-        """The tag a new seat for ``user``@``host`` would get under the pool's policy, or None if refused."""
+    def _admit(self, p: _Pool, user: str, host: str, addr: str, display: str) -> Tag | None:
+        """The tag a new seat for ``user``@``host`` (from ``addr``, on ``display``) would get under the pool's
+        policy, or None if refused."""
         pol = p.policy
         assert pol is not None
-        maxes = tuple(i for i, r in enumerate(pol.max) if r.subject.matches(user, host))
+        maxes = tuple(i for i, r in enumerate(pol.max) if r.subject.matches(user, host, addr, display))
         for i in maxes:
             if p.max_used[i] >= pol.max[i].seats:
                 return None
         if len(p.seats) >= p.count:
             return None
         for i, r in enumerate(pol.reserve):
-            if p.bucket_used[i] < r.seats and r.subject.matches(user, host):
+            if p.bucket_used[i] < r.seats and r.subject.matches(user, host, addr, display):
                 return (i, maxes)
         if p.general_used < p.count - pol.reserved_total:
             return (-1, maxes)
         return None
 
-    def _tag_seat(self, p: _Pool, key: tuple[str, ...], user: str, host: str) -> None:
+    def _tag_seat(self, p: _Pool, key: tuple[str, ...], user: str, host: str, addr: str, display: str) -> None:
         """Count a new seat against the policy (its reserve rule if one has room, else the general seats)."""
         pol = p.policy
         assert pol is not None
-        maxes = tuple(i for i, r in enumerate(pol.max) if r.subject.matches(user, host))
+        maxes = tuple(i for i, r in enumerate(pol.max) if r.subject.matches(user, host, addr, display))
         bucket = -1
         for i, r in enumerate(pol.reserve):
-            if p.bucket_used[i] < r.seats and r.subject.matches(user, host):
+            if p.bucket_used[i] < r.seats and r.subject.matches(user, host, addr, display):
                 bucket = i
                 break
         if bucket < 0:
@@ -485,7 +506,7 @@ class Ledger:
             return
         for lease in p.leases.values():  # grant order: the first lease of a seat created it
             if lease.share_key not in p.tags:
-                self._tag_seat(p, lease.share_key, lease.user, lease.host)
+                self._tag_seat(p, lease.share_key, lease.user, lease.host, lease.addr, lease.display)
 
     def _grant(
         self,
@@ -507,13 +528,13 @@ class Ledger:
         held = seats.get(share_key, 0)
         seats[share_key] = held + 1
         if not held and p.policy is not None:
-            self._tag_seat(p, share_key, holder.user, holder.host)
+            self._tag_seat(p, share_key, holder.user, holder.host, holder.addr, holder.display)
         deadline = now + self.lease_timeout
         self._seq += 1
         session = holder.session
         lease = LeaseInfo(
             token, p.key, share_key, holder.user, holder.host, holder.pid, version, holder.display, wall, session,
-            deadline, holder.owner, self._seq, deadline,
+            deadline, holder.owner, self._seq, deadline, holder.addr,
         )  # fmt: skip
         heapq.heappush(self._heap, (deadline, self._seq, token))
         self._leases[token] = lease
@@ -608,7 +629,8 @@ class Ledger:
             raise ValueError(f"waiter id {waiter.waiter_id} is already queued; waiter ids must be unique")
         key = waiter.share_key
         if p.policy is not None:
-            grantable = bool(key and key in p.seats) or self._admit(p, waiter.user, waiter.host) is not None
+            grantable = bool(key and key in p.seats) or self._admit(
+                p, waiter.user, waiter.host, waiter.addr, waiter.display) is not None
         else:
             grantable = bool(key and key in p.seats) or (not p.waiting and len(p.seats) < p.count)
         if grantable:
@@ -700,20 +722,28 @@ class Ledger:
                 grants.append((j, self._grant(p, j.pool, key, j.holder, j.version, now, wall)))
 
     def _serve_policy(self, p: _Pool, now: float, wall: float, grants: list[tuple[Waiter, LeaseInfo]]) -> None:
-        """Under a usage policy: grant, in arrival order, every waiter a free seat is admissible for.
+        """Under a usage policy: grant, in arrival order, every waiter a free seat is admissible for; then every
+        waiter whose share key is held joins that seat, even in a full pool (a join takes no seat).
 
-        O(waiters) per freed seat at worst; only pools with ``reserve``/``max`` rules take this path.
+        A seat can gain a waiter's key without a waiter being served: under host sharing another user's
+        checkout (which a policy admits past the queue) creates it. O(waiters) per call at worst; only pools
+        with ``reserve``/``max`` rules take this path.
         """
         waiters = self._waiters
-        for w in list(p.queue):
-            if len(p.seats) >= p.count:
-                break
-            if waiters.get(w.waiter_id) is not w:
-                continue
-            key = w.share_key
-            if not (key and key in p.seats) and self._admit(p, w.user, w.host) is None:
-                continue
-            self._grant_waiter(p, w, not key or key not in p.seats, now, wall, grants)
+        if len(p.seats) < p.count:
+            for w in list(p.queue):
+                if len(p.seats) >= p.count:
+                    break
+                if waiters.get(w.waiter_id) is not w:
+                    continue
+                key = w.share_key
+                if not (key and key in p.seats) and self._admit(p, w.user, w.host, w.addr, w.display) is None:
+                    continue
+                self._grant_waiter(p, w, not key or key not in p.seats, now, wall, grants)
+        for key in [k for k in p.by_key if k in p.seats]:
+            for j in list(p.by_key[key]):  # in arrival order; the list goes when its last waiter does
+                self._forget_waiter(j)
+                grants.append((j, self._grant(p, j.pool, key, j.holder, j.version, now, wall)))
         queue = p.queue
         while queue and waiters.get(queue[0].waiter_id) is not queue[0]:
             queue.popleft()
@@ -897,7 +927,7 @@ class Ledger:
             self._seq += 1
             lease = LeaseInfo(
                 rec.token, p.key, key, rec.user, rec.host, rec.pid, rec.version, rec.display,
-                rec.granted_at, None, deadline, rec.owner, self._seq, deadline,
+                rec.granted_at, None, deadline, rec.owner, self._seq, deadline, rec.addr,
             )  # fmt: skip
             heapq.heappush(self._heap, (deadline, self._seq, rec.token))
             self._leases[rec.token] = lease

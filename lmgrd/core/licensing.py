@@ -252,13 +252,14 @@ def revocation_reason(rev: Revocation) -> str:
 
 
 def seat_refusal(product: str, licenses: Sequence[License], reasons: set[str | None], policy: Policy, user: str,
-                 host: str) -> tuple[ErrorCode, str, str]:
+                 host: str, addr: str = "", display: str = "") -> tuple[ErrorCode, str, str]:
     """Why no pool of ``product`` grants ``user``@``host`` a seat now, from the ledger's ``reasons`` (one per
     pool: ``"max"``, ``"reserved"`` or ``None`` for plain full). Cold path: after every pool said no."""
     count = sum(p.count for lic in licenses for p in lic.products if p.name == product)
     if reasons == {"max"}:
         pp = policy.get(product)
-        rules = [f"max {r.seats} for {r.subject}" for r in (pp.max if pp else ()) if r.subject.matches(user, host)]
+        rules = [f"max {r.seats} for {r.subject}" for r in (pp.max if pp else ())
+                 if r.subject.matches(user, host, addr, display)]
         return (ErrorCode.MAX_REACHED,
                 f"{user}@{host} already holds the most seats of {product} the usage policy allows "
                 f"({', '.join(rules) or 'max'})",

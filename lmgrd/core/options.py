@@ -18,26 +18,35 @@ What is read (FlexNet's syntax, as in Revenera's *FlexNet Publisher License Admi
     TIMEOUTALL 7200                         # every product without its own TIMEOUT
 
 Types: ``USER``, ``HOST`` (a host name, or an IP address with ``*`` parts), ``DISPLAY``, ``INTERNET`` (an IP
-address with ``*`` parts), ``GROUP``, ``HOST_GROUP``. For a product, the allowed set is its INCLUDE lines plus
-every INCLUDEALL line (either one existing excludes everyone else, as in FlexNet); EXCLUDE and EXCLUDEALL win
-over both; a product's own TIMEOUT wins over TIMEOUTALL. Names compare case-insensitively (as FlexNet does with
-``GROUPCASEINSENSITIVE ON``); group names exactly. Groups may be used before the line that defines them.
+address with ``*`` parts), ``GROUP``, ``HOST_GROUP`` (host names and addresses mixed); every type works with
+every keyword, RESERVE and MAX included (the ledger counts seats by display and address as by user and host).
+For a product, the allowed set is its INCLUDE lines plus every INCLUDEALL line (either one existing excludes
+everyone else, as in FlexNet); EXCLUDE and EXCLUDEALL win over both; a product's own TIMEOUT wins over
+TIMEOUTALL. Names compare case-insensitively (as FlexNet does with ``GROUPCASEINSENSITIVE ON``); group names
+exactly. Groups may be used before the line that defines them.
 
 Three outcomes per line: applied; *unsupported* (a FlexNet keyword or form lmgrd does not implement, such as
-``NOLOG``, ``LINGER``, ``feature:VERSION=...``, type ``PROJECT``, or ``RESERVE`` by display or address: the
-line is ignored and ``lmgrd --check`` lists it); or a *problem* (the line is malformed or names an undefined
-group: it is ignored too, and reported as an error). Each message names the file and the line.
+``NOLOG``, ``LINGER``, ``feature:VERSION=...`` or type ``PROJECT``: the line is ignored and ``lmgrd --check``
+lists it); or a *problem* (the line is malformed or names an undefined group: it is ignored too, and reported
+as an error). Each message names the file and the line.
 """
 
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from lmgrd.core.policy import MIN_IDLE_TIMEOUT, Policy, ProductPolicy, Rule, Subject
+from lmgrd.core.policy import (
+    MIN_IDLE_TIMEOUT,
+    Policy,
+    ProductPolicy,
+    Rule,
+    Subject,
+    address_pattern,
+    host_group_subject,
+)
 from protocol.validation import product_problem, shown
 
 __all__ = ["OptionsFile", "parse_options"]
@@ -71,7 +80,6 @@ UNSUPPORTED = {
     "REPORTLOG": "use usage_log: in the lmgrd config and lmutil report",
     "TIMEZONE": "not applicable to lmgrd",
 }
-_IPV4_PATTERN = re.compile(r"(?:[0-9]{1,3}|\*)(?:\.(?:[0-9]{1,3}|\*)){3}")
 _SEATS = re.compile(r"[0-9]{1,9}")
 
 
@@ -133,18 +141,6 @@ def _logical_lines(text: str) -> list[_Line]:
     return out
 
 
-def _address_pattern(value: str) -> str | None:
-    """The normalised pattern if ``value`` is an IP address (IPv4 parts may be ``*``), else None."""
-    if _IPV4_PATTERN.fullmatch(value):
-        return value if all(p == "*" or int(p) <= 255 for p in value.split(".")) else None
-    if ":" in value:
-        try:
-            return str(ipaddress.ip_address(value))
-        except ValueError:
-            return None
-    return None
-
-
 class _Reader:
     def __init__(self, source: str) -> None:
         self.source = source
@@ -171,7 +167,7 @@ class _Reader:
             return None
         return feature
 
-    def subject(self, line: _Line, keyword: str, type_word: str, name: str, seats: bool) -> Subject | None:
+    def subject(self, line: _Line, keyword: str, type_word: str, name: str) -> Subject | None:
         """The subject of a rule line, or None (the reason already reported)."""
         kind = TYPES.get(type_word.upper())
         origin = f"{self.source.rsplit('/', 1)[-1]} {line.where}"
@@ -190,7 +186,7 @@ class _Reader:
         if kind in ("user", "display"):
             subj = Subject(kind, name, frozenset({name.lower()}), origin=origin)
         elif kind in ("host", "internet"):
-            pattern = _address_pattern(name)
+            pattern = address_pattern(name)
             if kind == "internet" and pattern is None:
                 self.bad(line, f"{keyword}: INTERNET {shown(name)} is not an IP address such as 192.0.2.10 or "
                          "192.0.2.*")
@@ -211,16 +207,7 @@ class _Reader:
             if kind == "group":
                 subj = Subject(kind, name, frozenset(self.groups[name]), origin=origin)
             else:
-                hosts = self.host_groups[name]
-                addrs = tuple(p for p in (_address_pattern(h) for h in hosts) if p is not None)
-                names = frozenset(h.split(".", 1)[0].lower() for h in hosts if _address_pattern(h) is None)
-                subj = Subject(kind, name, names, addrs, origin=origin)
-        if seats and subj.needs_client_details:
-            why = (f"HOST_GROUP {name} has members written as IP addresses ({', '.join(subj.addresses)})"
-                   if kind == "host_group" else f"{keyword} by {type_word.upper()} {name} is not supported")
-            self.skip(line, f"{why}: lmgrd counts reserved and limited seats by user and host name only (use "
-                      "USER, HOST, GROUP or a HOST_GROUP of host names)")
-            return None
+                subj = host_group_subject(name, self.host_groups[name], origin)
         return subj
 
 
@@ -290,7 +277,7 @@ def parse_options(text: str, source: str) -> OptionsFile:
                 r.bad(line, f"{keyword}: the number of licenses {shown(w[1])} is not a whole number >= {low}")
                 continue
             product = r.product(line, keyword, w[2])
-            subj = r.subject(line, keyword, w[3], w[4], seats=True) if product else None
+            subj = r.subject(line, keyword, w[3], w[4]) if product else None
             if product and subj:
                 acc = rules_of(product)
                 (acc.reserve if keyword == "RESERVE" else acc.max).append(Rule(int(w[1]), subj))
@@ -299,7 +286,7 @@ def parse_options(text: str, source: str) -> OptionsFile:
                 r.bad(line, f"{keyword} takes 3 fields ('{keyword} feature type name'), got {len(w) - 1}")
                 continue
             product = r.product(line, keyword, w[1])
-            subj = r.subject(line, keyword, w[2], w[3], seats=False) if product else None
+            subj = r.subject(line, keyword, w[2], w[3]) if product else None
             if product and subj:
                 acc = rules_of(product)
                 (acc.include if keyword == "INCLUDE" else acc.exclude).append(subj)
@@ -307,7 +294,7 @@ def parse_options(text: str, source: str) -> OptionsFile:
             if len(w) != 3:
                 r.bad(line, f"{keyword} takes 2 fields ('{keyword} type name'), got {len(w) - 1}")
                 continue
-            subj = r.subject(line, keyword, w[1], w[2], seats=False)
+            subj = r.subject(line, keyword, w[1], w[2])
             if subj:
                 (every.include if keyword == "INCLUDEALL" else every.exclude).append(subj)
         elif keyword == "TIMEOUT":

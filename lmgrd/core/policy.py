@@ -20,10 +20,14 @@ queued waiters obey them too), the server applies ``include``/``exclude`` and th
         exclude: [{user: mallory}]                       # never these (exclude wins over include)
         timeout: 3600             # reclaim seats of clients idle this long (>= MIN_IDLE_TIMEOUT s)
 
-Each rule names exactly one subject: ``user``, ``group``, ``host`` or ``host_group``. A FlexNet options file
-(config ``options:``, parsed by :mod:`lmgrd.core.options`) adds two more kinds, ``display`` and ``internet``
-(an IP address pattern such as ``192.0.2.*``, matched against the client's address), and rules for every
-product at once (``INCLUDEALL``, ``EXCLUDEALL``, ``TIMEOUTALL``: :attr:`Policy.every_product`). Refusals name the
+Each rule names exactly one subject: ``user``, ``group``, ``host``, ``host_group``, ``display`` (the client's
+display: an X display such as ``kiosk:0`` or, on Windows, the terminal-server client's name) or ``internet``
+(an IP address whose IPv4 parts may be ``*``, such as ``192.0.2.*``, matched against the address the client
+connects from). A ``host`` or ``host_groups`` member written as an IP address (with the same wildcards) matches
+the client's address too, as in FlexNet. Every kind works in every rule: ``reserve`` and ``max`` by display or
+address are enforced by the ledger like those by user or host. A FlexNet options file (config ``options:``,
+parsed by :mod:`lmgrd.core.options`) reads into the same subjects and adds rules for every product at once
+(``INCLUDEALL``, ``EXCLUDEALL``, ``TIMEOUTALL``: :attr:`Policy.every_product`). Refusals name the
 rule: ``EXCLUDED`` (exclude, or not in include), ``MAX_REACHED`` (a max rule is full), ``RESERVED`` (seats
 are free but reserved for others). Reserved seats count towards the product's ``count``: with 10 seats
 and ``reserve 2 for designers`` the other users share 8.
@@ -31,24 +35,40 @@ and ``reserve 2 for designers`` the other users share 8.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.validation import shown
 
-__all__ = ["MIN_IDLE_TIMEOUT", "Policy", "ProductPolicy", "Rule", "Subject", "address_matches", "combine_policies",
-           "parse_policy"]
+__all__ = ["MIN_IDLE_TIMEOUT", "Policy", "ProductPolicy", "Rule", "Subject", "address_matches",
+           "address_pattern", "combine_policies", "host_group_subject", "parse_policy"]
 
 #: The shortest idle timeout accepted (FlexLM's TIMEOUT minimum is 900 s too): shorter ones would reclaim
 #: seats from people reading a drawing.
 MIN_IDLE_TIMEOUT = 900.0
-SUBJECT_KINDS = ("user", "group", "host", "host_group")
+SUBJECT_KINDS = ("user", "group", "host", "host_group", "display", "internet")
 _MERGED_CACHE_LIMIT = 4096
+_IPV4_PATTERN = re.compile(r"(?:[0-9]{1,3}|\*)(?:\.(?:[0-9]{1,3}|\*)){3}")
 
 
 def _host(name: str) -> str:
     return name.split(".", 1)[0].lower()
+
+
+def address_pattern(value: str) -> str | None:
+    """The normalised pattern if ``value`` is an IP address (IPv4 parts may be ``*``, FlexNet's wildcard form
+    ``192.0.2.*`` or ``10.*.*.*``), else None (a host name)."""
+    if _IPV4_PATTERN.fullmatch(value):
+        return value if all(p == "*" or int(p) <= 255 for p in value.split(".")) else None
+    if ":" in value:
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            return None
+    return None
 
 
 def address_matches(addr: str, patterns: tuple[str, ...]) -> bool:
@@ -85,6 +105,7 @@ class Subject:
     origin: str = ""
 
     def matches(self, user: str, host: str, addr: str = "", display: str = "") -> bool:
+        """True if a client (``user`` on ``host``, connected from ``addr``, on ``display``) is this subject."""
         kind = self.kind
         if kind in ("user", "group"):
             return user.lower() in self.members
@@ -93,12 +114,6 @@ class Subject:
         if kind == "internet":
             return address_matches(addr, self.addresses)
         return _host(host) in self.members or (bool(self.addresses) and address_matches(addr, self.addresses))
-
-    @property
-    def needs_client_details(self) -> bool:
-        """True when matching needs the client's address or display, which the seat ledger does not keep
-        (so such a subject can restrict access, but not name a ``reserve`` or ``max`` rule)."""
-        return self.kind in ("display", "internet") or bool(self.addresses)
 
     def __str__(self) -> str:
         return f"{self.kind} {self.name}" + (f", {self.origin}" if self.origin else "")
@@ -207,22 +222,39 @@ def _subject(raw: Any, where: str, groups: dict[str, frozenset[str]], host_group
     if not isinstance(name, str) or not name:
         problems.append(f"{where}.{kind}: expected a name, got {shown(name)}")
         return None, None
-    if kind == "user":
-        members = frozenset({name.lower()})
-    elif kind == "host":
-        members = frozenset({_host(name)})
-    else:
-        table = groups if kind == "group" else host_groups
-        if name not in table:
-            section = "groups" if kind == "group" else "host_groups"
-            problems.append(f"{where}.{kind}: no {kind} named {shown(name)} in '{section}' "
-                            f"(defined: {', '.join(sorted(table)) or 'none'})")
+    if kind in ("user", "display"):
+        return Subject(kind, name, frozenset({name.lower()})), raw.get("seats")
+    if kind in ("host", "internet"):
+        pattern = address_pattern(name)
+        if pattern is not None:
+            return Subject(kind, name, frozenset(), (pattern,)), raw.get("seats")
+        if kind == "internet":
+            problems.append(f"{where}.internet: {shown(name)} is not an IP address such as 192.0.2.10 or 192.0.2.*")
             return None, None
-        members = table[name]
-    return Subject(kind, name, members), raw.get("seats")
+        return Subject(kind, name, frozenset({_host(name)})), raw.get("seats")
+    table = groups if kind == "group" else host_groups
+    if name not in table:
+        section = "groups" if kind == "group" else "host_groups"
+        problems.append(f"{where}.{kind}: no {kind} named {shown(name)} in '{section}' "
+                        f"(defined: {', '.join(sorted(table)) or 'none'})")
+        return None, None
+    if kind == "group":
+        return Subject(kind, name, table[name]), raw.get("seats")
+    return host_group_subject(name, table[name]), raw.get("seats")
+
+
+def host_group_subject(name: str, members: Iterable[str], origin: str = "") -> Subject:
+    """A ``host_group`` subject: members written as IP addresses (``*`` parts allowed) match the client's
+    address, the others its short host name."""
+    found = list(members)
+    addrs = tuple(a for a in (address_pattern(m) for m in found) if a is not None)
+    names = frozenset(_host(m) for m in found if address_pattern(m) is None)
+    return Subject("host_group", name, names, addrs, origin=origin)
 
 
 def _groups(raw: Any, key: str, problems: list[str], host: bool) -> dict[str, frozenset[str]]:
+    """Group name -> members: lower-case user names, or for host groups the members as written (resolved into
+    names and addresses by :func:`host_group_subject`)."""
     out: dict[str, frozenset[str]] = {}
     if raw is None:
         return out
@@ -234,7 +266,7 @@ def _groups(raw: Any, key: str, problems: list[str], host: bool) -> dict[str, fr
             problems.append(f"{key}.{name}: expected a list of {'host' if host else 'user'} names, got "
                             f"{shown(members)}")
             continue
-        out[str(name)] = frozenset(_host(m) if host else m.lower() for m in members)
+        out[str(name)] = frozenset(m if host else m.lower() for m in members)
     return out
 
 

@@ -105,6 +105,7 @@ class WaitCtx:
     started: float
     pool: PoolKey
     share_key: tuple[str, ...]
+    holder: HolderLike
     timer: Cancellable | None = None
     until: float = 0.0  # when the wait runs out (monotonic)
 
@@ -177,13 +178,18 @@ class LeaseLifecycle:
         With a cluster store, True means the checkout is answered later (granted, queued for up to ``wait``
         seconds, or denied), once etcd has decided.
         """
-        lease = self.ledger.checkout(pool, share_key, holder, version, now, wall)
+        ledger = self.ledger
+        lease = ledger.checkout(pool, share_key, holder, version, now, wall)
         if lease is None:
             return False
-        if self.cluster is None:
-            self._granted(client, rid, lease, 0.0)
-        else:
-            self._spawn(self._claim(client, rid, lease, now, now + wait))
+        if self.cluster is not None:
+            self._spawn(self._claim(client, rid, lease, holder, now, now + wait))
+            return True
+        self._granted(client, rid, lease, 0.0)
+        if ledger.queued(pool):
+            # Waiters whose share key this seat has join it now (under a usage policy a checkout may pass the
+            # queue, and under host sharing its seat can be a waiter's: invariant 3 of the ledger).
+            self._serve(ledger.serve(pool, now, wall))
         return True
 
     # -- the cluster store (HA) ---------------------------------------------------------------------------------
@@ -192,7 +198,8 @@ class LeaseLifecycle:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _claim(self, client: Client, rid: int, lease: LeaseInfo, started: float, until: float) -> None:
+    async def _claim(self, client: Client, rid: int, lease: LeaseInfo, holder: HolderLike, started: float,
+                     until: float) -> None:
         """Make the ledger's tentative ``lease`` a cluster-wide seat, then answer; or take it back and refuse."""
         cluster = self.cluster
         assert cluster is not None
@@ -238,7 +245,7 @@ class LeaseLifecycle:
         now = self.clock()
         if until > now and t is not None and not t.is_closing():
             share_key = () if lease.share_key == (lease.token,) else lease.share_key
-            self._cluster_enqueue(WaitCtx(client, rid, product, version, started, lease.pool, share_key,
+            self._cluster_enqueue(WaitCtx(client, rid, product, version, started, lease.pool, share_key, holder,
                                           until=until))
             return
         count = self.count_of(lease.pool)
@@ -397,7 +404,7 @@ class LeaseLifecycle:
         """Queue a checkout the ledger refused for up to ``wait`` seconds; returns its position."""
         waiter_id = self.next_waiter
         self.next_waiter += 1
-        ctx = WaitCtx(client, rid, product, version, now, pool, share_key, until=now + wait)
+        ctx = WaitCtx(client, rid, product, version, now, pool, share_key, holder, until=now + wait)
         position = self.ledger.enqueue(Waiter(waiter_id, pool, share_key, holder, version, ctx))
         ctx.timer = self.timers.call_later(wait, self._wait_expired, waiter_id)
         self.waits[waiter_id] = ctx
@@ -413,7 +420,8 @@ class LeaseLifecycle:
         self.ledger.cancel_wait(waiter_id)
         waited = self.clock() - ctx.started
         # Why it is still refused, from the pool it waited in (the ledger knows; no license check again).
-        why = self.ledger.refusal(ctx.pool, ctx.share_key, ctx.client.user, ctx.client.host)
+        h = ctx.holder
+        why = self.ledger.refusal(ctx.pool, ctx.share_key, h.user, h.host, h.addr, h.display)
         code = {"max": ErrorCode.MAX_REACHED, "reserved": ErrorCode.RESERVED}.get(why or "", ErrorCode.NO_SEATS)
         what = "no seat" if code is ErrorCode.NO_SEATS else "no seat the usage policy allows you"
         self.deny(ctx.client, ctx.request_id, ctx.product, ctx.version, code,

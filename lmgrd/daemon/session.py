@@ -232,9 +232,11 @@ class Handlers:
                                holder, req.version, now, wall, req.wait if not self.daemon.closing else 0.0):
                 return
         first = decision.licenses[0]
+        addr, display = holder.addr, holder.display
         reasons = {self.ledger.refusal((lic.customer_id, req.product), share_key_for(lic.share, user, host), user,
-                                       host) for lic in decision.licenses}
-        code, message, hint = seat_refusal(req.product, decision.licenses, reasons, licensing.policy, user, host)
+                                       host, addr, display) for lic in decision.licenses}
+        code, message, hint = seat_refusal(req.product, decision.licenses, reasons, licensing.policy, user, host,
+                                           addr, display)
         if code is not ErrorCode.MAX_REACHED and req.wait > 0 and not self.daemon.closing:
             leases.enqueue(s, req.id, req.product, req.version, (first.customer_id, req.product),
                            share_key_for(first.share, user, host), holder, req.wait, now)

@@ -22,11 +22,12 @@ What can be lost
 Journal format (``leases.journal``)
     The 8-byte magic ``b"LMGRDJ\\x00\\x01"``, then records, each ``length`` (4 bytes, big-endian),
     ``crc32(payload)`` (4 bytes, big-endian), ``payload`` (msgpack). A payload is
-    ``[1, token, customer_id, product, [share key...], user, host, pid, version, display, granted_at, owner]``
-    for a grant and ``[2, token]`` for a release; ``owner`` is the holder's digest
+    ``[1, token, customer_id, product, [share key...], user, host, pid, version, display, granted_at, owner,
+    addr]`` for a grant and ``[2, token]`` for a release; ``owner`` is the holder's digest
     (:func:`lmgrd.core.ledger.owner_digest`: never the client's secret itself), absent from grants written
     before leases were bound (read as "": such a lease may be resumed by a connection of the same user and
-    host). Replaying the records in order gives the live set.
+    host); ``addr`` is the address the client connected from (for usage-policy rules by address), absent from
+    grants written before it was kept (read as ""). Replaying the records in order gives the live set.
 
 Disk full, read-only, I/O error
     A failed ``flush`` raises :class:`StoreWriteError` (the state directory, the OS error) after cutting the
@@ -185,7 +186,7 @@ def _frame(payload: bytes) -> bytes:
 def _grant_payload(rec: LeaseRecord) -> list[object]:
     return [
         _GRANT, rec.token, rec.customer_id, rec.product, list(rec.share_key), rec.user, rec.host, rec.pid,
-        rec.version, rec.display, rec.granted_at, rec.owner,
+        rec.version, rec.display, rec.granted_at, rec.owner, rec.addr,
     ]  # fmt: skip
 
 
@@ -199,12 +200,12 @@ def _decode(payload: bytes) -> LeaseRecord | str | None:
         return None
     if obj[0] == _RELEASE and len(obj) == 2 and type(obj[1]) is str:
         return obj[1]
-    if obj[0] != _GRANT or len(obj) not in (11, 12):
+    if obj[0] != _GRANT or len(obj) not in (11, 12, 13):
         return None
-    if len(obj) == 11:  # written before leases were bound to their holder
+    while len(obj) < 13:  # written before leases were bound to their holder (11), or before addresses (12)
         obj.append("")
-    _, token, customer_id, product, share_key, user, host, pid, version, display, granted_at, owner = obj
-    strings = (token, customer_id, product, user, host, version, display, owner)
+    _, token, customer_id, product, share_key, user, host, pid, version, display, granted_at, owner, addr = obj
+    strings = (token, customer_id, product, user, host, version, display, owner, addr)
     if not all(type(s) is str for s in strings) or type(share_key) is not list:
         return None
     if not all(type(s) is str for s in share_key) or type(pid) is not int:
@@ -212,7 +213,8 @@ def _decode(payload: bytes) -> LeaseRecord | str | None:
     if type(granted_at) not in (int, float):
         return None
     return LeaseRecord(
-        token, customer_id, product, tuple(share_key), user, host, pid, version, display, float(granted_at), owner
+        token, customer_id, product, tuple(share_key), user, host, pid, version, display, float(granted_at), owner,
+        addr,
     )
 
 

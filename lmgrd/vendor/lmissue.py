@@ -21,6 +21,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from lmgrd.core.documents import load_yaml
+from lmgrd.i18n import N_, argparse_in_language, gettext_
 from lmgrd.storage.atomic import write_atomic
 from lmgrd.storage.files import read_public_key_file
 from lmgrd.vendor.signing import (
@@ -54,7 +55,7 @@ __all__ = ["main"]
 _MAX_REQUEST_BYTES = 1_000_000
 _MAX_KEY_BYTES = 64 * 1024
 
-_DESCRIPTION = """\
+_DESCRIPTION = N_("""\
 Issue signed licenses for lmgrd (the vendor's tool).
 
   lmissue keygen --out keys/                        make the vendor key pair (once)
@@ -65,9 +66,9 @@ Issue signed licenses for lmgrd (the vendor's tool).
 
 Keep vendor.key secret: whoever has it can issue licenses. Give vendor.pub to the license server
 (lmgrd --vendor-key) and ship it with your products.
-"""
+""")
 
-_REQUEST_HELP = """\
+_REQUEST_HELP = N_("""\
 The registration request is YAML:
 
   license_type: multi            # multi (floating, license server) | single (node-locked PC)
@@ -84,7 +85,7 @@ The registration request is YAML:
 
 Quote versions ("2.10"): unquoted, YAML reads 2.10 as the number 2.1. Every problem in the request
 is listed at once, one line per field; nothing is written unless the request is correct.
-"""
+""")
 
 
 class _Failure(Exception):
@@ -411,6 +412,36 @@ def _existing_revocations(path: Path, public: Ed25519PublicKey) -> tuple[str, li
     return text, revs
 
 
+def _add_revocation(path: Path, rev: Revocation, private: Ed25519PrivateKey) -> tuple[int, str | None]:
+    """Add ``rev``, signed, to the revocation list at ``path`` (created if missing), atomically and under a lock:
+    earlier entries are kept byte for byte, and a customer ID already revoked there is not added again.
+
+    Returns:
+        The number of revocations the file holds now, and ``None`` if ``rev`` was added, else the line saying
+        which entry already revokes its customer ID.
+    """
+    with _locked(path):
+        if path.exists():
+            text, revs = _existing_revocations(path, private.public_key())
+            same = next((i for i, r in enumerate(revs, start=1) if r.customer_id == rev.customer_id), None)
+            if same is not None:
+                return len(revs), (f"{path}: {rev.customer_id} is already revoked there (entry {same} of "
+                                   f"{len(revs)}, revoked at {revs[same - 1].revoked_at:%Y-%m-%d %H:%M:%S} UTC); "
+                                   "nothing was written")
+            # Earlier entries are kept byte for byte: each carries its own signature.
+            new_text = text + ("" if text.endswith("\n") else "\n") + "\n" + sign_revocation(rev, private)
+            count = len(revs) + 1
+        else:
+            new_text, count = sign_revocation(rev, private), 1
+        try:
+            write_atomic(path, new_text.encode("utf-8"), replace=count > 1)
+        except FileExistsError:
+            raise _Failure(f"{path}: appeared while writing; run the command again to add to it") from None
+        except OSError as exc:
+            raise _Failure(f"{path}: cannot write: {exc.strerror or exc}") from None
+    return count, None
+
+
 def _cmd_revoke(args: argparse.Namespace, out: TextIO) -> int:
     problem = customer_id_problem(args.customer_id)
     if problem:
@@ -421,25 +452,10 @@ def _cmd_revoke(args: argparse.Namespace, out: TextIO) -> int:
     if args.force:
         print("lmissue: --force no longer replaces a revocation list (that would un-revoke every earlier entry); "
               "the revocation is added to it", file=sys.stderr)
-    with _locked(out_path):
-        if out_path.exists():
-            text, revs = _existing_revocations(out_path, private.public_key())
-            same = next((i for i, r in enumerate(revs, start=1) if r.customer_id == rev.customer_id), None)
-            if same is not None:
-                print(f"{out_path}: {rev.customer_id} is already revoked there (entry {same} of {len(revs)}, "
-                      f"revoked at {revs[same - 1].revoked_at:%Y-%m-%d %H:%M:%S} UTC); nothing was written", file=out)
-                return 0
-            # Earlier entries are kept byte for byte: each carries its own signature.
-            new_text = text + ("" if text.endswith("\n") else "\n") + "\n" + sign_revocation(rev, private)
-            count = len(revs) + 1
-        else:
-            new_text, count = sign_revocation(rev, private), 1
-        try:
-            write_atomic(out_path, new_text.encode("utf-8"), replace=count > 1)
-        except FileExistsError:
-            raise _Failure(f"{out_path}: appeared while writing; run the command again to add to it") from None
-        except OSError as exc:
-            raise _Failure(f"{out_path}: cannot write: {exc.strerror or exc}") from None
+    count, same = _add_revocation(out_path, rev, private)
+    if same is not None:
+        print(same, file=out)
+        return 0
     print(f"{'added to' if count > 1 else 'wrote'} {out_path} ({count} revocation{'s' if count > 1 else ''} in it)",
           file=out)
     for line in _revocation_summary(rev):
@@ -462,16 +478,20 @@ def _cmd_reissue(args: argparse.Namespace, out: TextIO) -> int:
         raise _Failure(_explain(exc)) from None
     spec = _spec_from_request(args.request)
     out_path = Path(args.out)
-    revoked_path = _revoked_path(out_path)
-    _refuse_existing([out_path, revoked_path], args.force)
+    revoked_path = Path(args.revocations) if args.revocations else _revoked_path(out_path)
+    _refuse_existing([out_path], args.force)  # the revocation list is added to, never replaced
     now = datetime.now(UTC)
     lic, text = _issue(spec, private, now)
     reason = args.reason or f"reissued as {lic.customer_id}"
     rev = _revocation(old.customer_id, reason, lic.customer_id, now)
     # The revocation first: a new license without the revocation of the old one would leave both live.
-    _write_text(revoked_path, sign_revocation(rev, private), args.force)
+    count, same = _add_revocation(revoked_path, rev, private)
     _write_text(out_path, text, args.force)
-    print(f"wrote {revoked_path}  (revokes {old.customer_id}; give it to the license server)", file=out)
+    if same is not None:
+        print(same, file=out)
+    else:
+        print(f"{'added to' if count > 1 else 'wrote'} {revoked_path}  (revokes {old.customer_id}; "
+              f"{count} revocation{'s' if count > 1 else ''} in it; give it to the license server)", file=out)
     print(f"wrote {out_path}", file=out)
     for line in _license_summary(lic):
         print(line, file=out)
@@ -480,85 +500,94 @@ def _cmd_reissue(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The parser, its help in the vendor's language (:mod:`lmgrd.i18n`: LMGRD_LANG, else the locale)."""
+    _ = gettext_
     parser = argparse.ArgumentParser(
-        prog="lmissue", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="lmissue", description=_(_DESCRIPTION), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     keygen = sub.add_parser(
         "keygen",
-        help="create the vendor key pair (vendor.key, vendor.pub)",
-        description="Create DIR/vendor.key (Ed25519 private key, PEM PKCS8, mode 0600) and DIR/vendor.pub "
-        "(public key, PEM). Existing key files are never overwritten.",
+        help=_("create the vendor key pair (vendor.key, vendor.pub)"),
+        description=_("Create DIR/vendor.key (Ed25519 private key, PEM PKCS8, mode 0600) and DIR/vendor.pub "
+                      "(public key, PEM). Existing key files are never overwritten."),
     )
-    keygen.add_argument("--out", required=True, metavar="DIR", help="directory for vendor.key and vendor.pub")
+    keygen.add_argument("--out", required=True, metavar="DIR", help=_("directory for vendor.key and vendor.pub"))
     keygen.set_defaults(func=_cmd_keygen)
 
     issue = sub.add_parser(
         "issue",
-        help="turn a registration request into a signed license",
-        description="Check REQUEST.yaml, then write a signed license with a new customer ID.\n"
-        "The customer ID is printed alone on the last line of the output (scripts read it there).",
-        epilog=_REQUEST_HELP,
+        help=_("turn a registration request into a signed license"),
+        description=_("Check REQUEST.yaml, then write a signed license with a new customer ID.\n"
+                      "The customer ID is printed alone on the last line of the output (scripts read it there)."),
+        epilog=_(_REQUEST_HELP),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    issue.add_argument("request", metavar="REQUEST.yaml", help="the registration request (YAML)")
-    issue.add_argument("--key", required=True, metavar="vendor.key", help="the vendor private key")
-    issue.add_argument("--out", required=True, metavar="FILE.lic", help="where to write the license")
-    issue.add_argument("--force", action="store_true", help="replace --out if it exists")
-    issue.add_argument("--register", metavar="DB_URL", help="also record the new customer ID in the activation "
-                       "service's database (as lmcloud register FILE.lic --db DB_URL); needs lmgrd[cloud]")
+    issue.add_argument("request", metavar="REQUEST.yaml", help=_("the registration request (YAML)"))
+    issue.add_argument("--key", required=True, metavar="vendor.key", help=_("the vendor private key"))
+    issue.add_argument("--out", required=True, metavar="FILE.lic", help=_("where to write the license"))
+    issue.add_argument("--force", action="store_true", help=_("replace --out if it exists"))
+    issue.add_argument("--register", metavar="DB_URL", help=_(
+        "also record the new customer ID in the activation service's database (as lmcloud register FILE.lic --db "
+        "DB_URL); needs lmgrd[cloud]"))
     issue.set_defaults(func=_cmd_issue)
 
     show = sub.add_parser(
         "show",
-        help="print a license (or revocation) and whether its signature verifies",
-        description="Print a readable summary of a license or revocation file. With --vendor-key (or "
-        "LM_VENDOR_KEY) also verify its signature; exit 1 if it does not verify.",
+        help=_("print a license (or revocation) and whether its signature verifies"),
+        description=_("Print a readable summary of a license or revocation file. With --vendor-key (or "
+                      "LM_VENDOR_KEY) also verify its signature; exit 1 if it does not verify."),
     )
-    show.add_argument("file", metavar="FILE", help="a .lic license or .revoked revocation file (every "
-                      "revocation in it is listed)")
-    show.add_argument("--vendor-key", metavar="vendor.pub", help="the vendor public key (default: $LM_VENDOR_KEY)")
+    show.add_argument("file", metavar="FILE", help=_("a .lic license or .revoked revocation file (every "
+                                                    "revocation in it is listed)"))
+    show.add_argument("--vendor-key", metavar="vendor.pub", help=_("the vendor public key (default: $LM_VENDOR_KEY)"))
     show.set_defaults(func=_cmd_show)
 
     revoke = sub.add_parser(
         "revoke",
-        help="add a signed revocation of a customer ID to a revocation list",
-        description="Add a signed revocation to FILE (created if missing): a license server given this file "
-        "stops serving CUSTOMER_ID. FILE may hold many revocations, each signed on its own; earlier ones are "
-        "never dropped, and a customer ID already in FILE is not added twice.",
+        help=_("add a signed revocation of a customer ID to a revocation list"),
+        description=_("Add a signed revocation to FILE (created if missing): a license server given this file "
+                      "stops serving CUSTOMER_ID. FILE may hold many revocations, each signed on its own; earlier "
+                      "ones are never dropped, and a customer ID already in FILE is not added twice."),
     )
-    revoke.add_argument("customer_id", metavar="CUSTOMER_ID", help="the customer ID to revoke (CID-XXXX-...)")
-    revoke.add_argument("--key", required=True, metavar="vendor.key", help="the vendor private key")
-    revoke.add_argument("--out", required=True, metavar="FILE", help="the revocation list to add to (created "
-                        "if missing)")
-    revoke.add_argument("--reason", default="revoked by the vendor", help="one line kept in the file")
+    revoke.add_argument("customer_id", metavar="CUSTOMER_ID", help=_("the customer ID to revoke (CID-XXXX-...)"))
+    revoke.add_argument("--key", required=True, metavar="vendor.key", help=_("the vendor private key"))
+    revoke.add_argument("--out", required=True, metavar="FILE", help=_("the revocation list to add to (created "
+                                                                       "if missing)"))
+    revoke.add_argument("--reason", default="revoked by the vendor", help=_("one line kept in the file"))
     revoke.add_argument("--force", action="store_true", help=argparse.SUPPRESS)  # accepted; never replaces
     revoke.set_defaults(func=_cmd_revoke)
 
     reissue = sub.add_parser(
         "reissue",
-        help="replace a license (type or server change): new license plus revocation of the old",
-        description="Verify OLD.lic (it must be signed with this --key), issue a new license with a new\n"
-        "customer ID from REQUEST.yaml to NEW.lic, and write a signed revocation of the old customer ID\n"
-        "beside it as NEW.revoked (NEW.lic -> NEW.revoked). Give both files to the license server.\n"
-        "Use it when the license type or the license server changes.",
-        epilog=_REQUEST_HELP,
+        help=_("replace a license (type or server change): new license plus revocation of the old"),
+        description=_("Verify OLD.lic (it must be signed with this --key), issue a new license with a new\n"
+                      "customer ID from REQUEST.yaml to NEW.lic, and add a signed revocation of the old customer\n"
+                      "ID to the revocation list beside it, NEW.revoked (NEW.lic -> NEW.revoked), or to\n"
+                      "--revocations FILE: created if missing, added to if it exists (earlier entries are kept;\n"
+                      "an ID already revoked there is not added twice). Give both files to the license server.\n"
+                      "Use it when the license type or the license server changes."),
+        epilog=_(_REQUEST_HELP),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    reissue.add_argument("old", metavar="OLD.lic", help="the license being replaced")
-    reissue.add_argument("request", metavar="REQUEST.yaml", help="the registration request for the new license")
-    reissue.add_argument("--key", required=True, metavar="vendor.key", help="the vendor private key")
-    reissue.add_argument("--out", required=True, metavar="NEW.lic", help="where to write the new license")
-    reissue.add_argument("--reason", default=None, help="reason recorded in the revocation")
-    reissue.add_argument("--force", action="store_true", help="replace NEW.lic and NEW.revoked if they exist")
+    reissue.add_argument("old", metavar="OLD.lic", help=_("the license being replaced"))
+    reissue.add_argument("request", metavar="REQUEST.yaml", help=_("the registration request for the new license"))
+    reissue.add_argument("--key", required=True, metavar="vendor.key", help=_("the vendor private key"))
+    reissue.add_argument("--out", required=True, metavar="NEW.lic", help=_("where to write the new license"))
+    reissue.add_argument("--reason", default=None, help=_("reason recorded in the revocation"))
+    reissue.add_argument("--revocations", default=None, metavar="FILE",
+                         help=_("the revocation list to add the revocation to (default: NEW.revoked)"))
+    reissue.add_argument("--force", action="store_true",
+                         help=_("replace NEW.lic if it exists (the revocation list is always added to)"))
     reissue.set_defaults(func=_cmd_reissue)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``lmissue``; returns the exit code (0 ok, 1 problem, 2 usage)."""
-    args = _parser().parse_args(argv)
+    with argparse_in_language():
+        args = _parser().parse_args(argv)
     try:
         return int(args.func(args, sys.stdout))
     except _Failure as exc:
@@ -568,3 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmissue: interrupted", file=sys.stderr)
         return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

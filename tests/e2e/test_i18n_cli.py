@@ -1,6 +1,7 @@
-"""lmclient and lmutil as a Japanese user runs them, against the real daemon: ``LMGRD_LANG=ja`` or
-``LANG=ja_JP.UTF-8`` gives Japanese messages (the server's English details kept), while ``--json`` and lmstat's
-FlexNet layout stay English, and ``LMGRD_LANG=en`` wins over a Japanese locale."""
+"""lmclient, lmutil, lmgrd and lmissue as a Japanese user runs them, against the real daemon: ``LMGRD_LANG=ja`` or
+``LANG=ja_JP.UTF-8`` gives Japanese messages, ``--help`` and argparse's own usage errors (the server's English
+details kept), while ``--json`` and lmstat's FlexNet layout stay English, and ``LMGRD_LANG=en`` wins over a Japanese
+locale."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness import Daemon
+from harness import Daemon, RawClient
 
 from client_stub.cli import EXIT_DENIED, EXIT_UNREACHABLE
+from protocol import Checkout, Granted
 
 PY = sys.executable
 _LOCALE_VARS = ("LANG", "LANGUAGE", "LC_ALL", "LC_MESSAGES", "LMGRD_LANG")
@@ -121,3 +123,77 @@ def test_lmstat_layout_and_its_down_line_stay_english(daemon_factory: Callable[.
     assert down.returncode == 3
     assert "Error getting status: Cannot connect to license server system." in down.stdout  # FlexNet's, for checks
     assert "ライセンスサーバー " in down.stderr and "に接続できません" in down.stderr
+
+
+def _japanese(text: str) -> bool:
+    return any("\u3040" <= ch <= "\u9fff" for ch in text)
+
+
+HELP_CASES = [  # (module, args, the Japanese environment, a Japanese phrase of that help, the English one)
+    ("lmgrd.lmutil", ["lmstat", "--help"], "LMGRD_LANG", "すべての製品とその使用者",
+     "all products, with their holders"),
+    ("lmgrd.lmutil", ["lmremove", "--help"], "LANG", "FlexNet の形式: lmremove -h", "FlexNet's form: lmremove -h"),
+    ("lmgrd.cli", ["--help"], "LANG", "クライアント用の TCP ポート", "TCP port for clients"),
+    ("lmgrd.vendor.lmissue", ["reissue", "--help"], "LMGRD_LANG", "取り消しを追加する取り消しリスト",
+     "the revocation list to add the revocation to"),
+    ("client_stub.cli", ["checkout", "--help"], "LANG", "製品のバージョン", "the product's version"),
+]
+
+
+@pytest.mark.parametrize(("module", "args", "env", "ja", "en"), HELP_CASES,
+                         ids=[f"{m} {' '.join(a)}" for m, a, *_ in HELP_CASES])
+def test_help_is_in_the_users_language(tmp_path: Path, module: str, args: list[str], env: str, ja: str,
+                                       en: str) -> None:
+    r = run(module, _env(dict(os.environ), tmp_path, **JAPANESE_ENVS[env]), *args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("使い方: ") and ja in r.stdout, r.stdout
+    assert "オプション:" in r.stdout and "このヘルプを表示して終了します" in r.stdout
+    assert "usage:" not in r.stdout and "show this help message" not in r.stdout
+    # English without a Japanese locale, and when LMGRD_LANG=en overrides one
+    lang = {"LANG": "C.UTF-8"} if env == "LANG" else {"LANG": "ja_JP.UTF-8", "LMGRD_LANG": "en"}
+    r = run(module, _env(dict(os.environ), tmp_path, **lang), *args)
+    assert r.returncode == 0 and r.stdout.startswith("usage: ") and en in r.stdout, r.stdout
+    assert not _japanese(r.stdout)
+
+
+def test_usage_errors_of_argparse_are_in_japanese(tmp_path: Path) -> None:
+    env = _env(dict(os.environ), tmp_path, LMGRD_LANG="ja")
+    r = run("lmgrd.lmutil", env, "lmstat", "-t", "soon")
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[-1] == "lmutil lmstat: エラー: 引数 -t: float の値として正しくありません: 'soon'"
+    r = run("lmgrd.vendor.lmissue", env, "revoke", "CID-AAAA-BBBB-CCCC-DDDD")
+    assert r.returncode == 2 and "エラー: 次の引数が必要です: --key, --out" in r.stderr
+    r = run("client_stub.cli", env, "frobnicate")
+    assert r.returncode == 2 and "エラー: 引数 COMMAND: 選べない値です: 'frobnicate'" in r.stderr
+
+
+def test_lmutil_success_lines_in_japanese_json_in_english(daemon_factory: Callable[..., Daemon],
+                                                          tmp_path: Path) -> None:
+    d = daemon_factory((("CADPRO", "2.1", 2),))
+    env = _env(d.env(), tmp_path, LANG="ja_JP.UTF-8")
+    c = RawClient(d.port)
+    c.hello(user="bob", host="pc2")
+    assert isinstance(c.request(Checkout(c.id(), "CADPRO", "2.1", 0)), Granted)
+    r = run("lmgrd.lmutil", env, "lmremove", "CADPRO", "bob", "pc2", "-c", d.address)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("bob@pc2 の CADPRO のライセンスを解放しました（リース ")
+    assert "そのクライアントには次のハートビートで伝えられます" in r.stdout
+    r = run("lmgrd.lmutil", env, "lmreread", "-c", d.address)
+    assert r.returncode == 0 and r.stdout.startswith("再読み込みしました: 1 件のライセンスを提供中: "), r.stdout
+    j = run("lmgrd.lmutil", env, "lmreread", "--json", "-c", d.address)
+    assert json.loads(j.stdout)["reloaded"] is True and not _japanese(j.stdout)
+    r = run("lmgrd.lmutil", env, "lmhostid", "-c", d.address)
+    assert r.returncode == 0 and "ホスト名: " in r.stdout and "短いホスト名: " in r.stdout
+    r = run("lmgrd.lmutil", env, "lmdown", "-c", d.address)
+    assert r.returncode == 0
+    assert r.stdout.strip() == "ライセンスサーバーは停止中です。再起動に備えて 0 件のリースを保存しました"
+    assert d.proc is not None and d.proc.wait(10) == 0
+
+
+def test_lmgrd_check_summary_in_japanese(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    d = daemon_factory(start=False)
+    r = subprocess.run([*d.args(), "--check"], capture_output=True, text=True, timeout=60,
+                       env=_env(d.env(), tmp_path, LMGRD_LANG="ja"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines()[-1] == "設定とライセンスに問題はありません"
+    assert r.stdout.startswith("ok: ")  # the per-file lines keep their English labels (scripts grep them)

@@ -272,3 +272,28 @@ def test_seat_handles_stay_unique_and_fixed_through_collisions_releases_and_rest
     restored.set_pool(pool, 30_000)
     restored.restore([x.to_record() for x in kept], 0.0)
     assert all(restored.handle(pool, x.share_key) == handles[x.token] for x in kept)
+
+
+def test_c_takes_a_license_file_as_flexnet_does(tmp_path: Path) -> None:
+    # FlexNet's lmstat -c takes PORT@HOST or a license file; an lmgrd license names its server, not a port, so the
+    # default port 27000 is dialled there. What is not a license file is a usage error naming it.
+    import os
+    import subprocess
+    import sys
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from harness import write_license
+
+    from lmgrd.lmutil import server_of
+
+    lic = tmp_path / "site.lic"
+    write_license(lic, Ed25519PrivateKey.generate(), hostname="licsrv07")
+    assert server_of(str(lic)) == ("licsrv07", 27000)
+    assert server_of("27010@licsrv08,27010@licsrv09") == ("licsrv08", 27010)
+    (tmp_path / "notes.txt").write_text("not a license\n")
+    r = subprocess.run([sys.executable, "-m", "lmgrd.lmutil", "lmstat", "-a", "-c", str(tmp_path / "notes.txt")],
+                       capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "LMGRD_RUNTIME_DIR": str(tmp_path), "LMGRD_LANG": "en"})
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"lmutil lmstat: -c {tmp_path / 'notes.txt'}: not a license server (PORT@HOST) nor a "
+                               "readable license file: ")

@@ -1,6 +1,7 @@
 """A FlexNet options file (config ``options:``) against the real daemon: its RESERVE, MAX, EXCLUDE, INCLUDEALL,
-EXCLUDEALL and TIMEOUT lines take effect, ``lmutil lmreread`` rereads it, ``lmgrd --check`` lists what it does
-not support, and a bad line is reported (file and line) while the daemon keeps serving.
+EXCLUDEALL and TIMEOUT lines take effect (by USER, GROUP, HOST_GROUP, DISPLAY and INTERNET), ``lmutil lmreread``
+rereads it, ``lmgrd --check`` lists what it does not support, and a bad line is reported (file and line) while
+the daemon keeps serving.
 
 The option lines follow the shapes of Revenera's FlexNet Publisher License Administration Guide ("Simple
 Options File Example": ``RESERVE 1 compile USER robert`` / ``EXCLUDE compile USER lori`` / ``NOLOG QUEUED``;
@@ -46,9 +47,9 @@ def start(daemon_factory: Callable[..., Daemon], options: str) -> tuple[Daemon, 
     return d, opt
 
 
-def client(d: Daemon, user: str, host: str = "pc1") -> RawClient:
-    c = d.connect()
-    c.hello(user=user, host=host)
+def client(d: Daemon, user: str, host: str = "pc1", source: str | None = None, display: str = "") -> RawClient:
+    c = d.connect(source=source)
+    c.hello(user=user, host=host, display=display)
     return c
 
 
@@ -128,6 +129,39 @@ def test_lmreread_rereads_the_options_file_and_a_bad_line_keeps_the_daemon_servi
     r = lmutil(d, "lmreread", "--json")
     assert r.returncode == 1 and any("cannot read the options file" in p for p in json.loads(r.stdout)["problems"])
     assert isinstance(checkout(client(d, "jane"), "CADPRO"), ErrorReply)
+
+
+LAB_OPT = """\
+# The lab PC at 127.0.0.2 keeps one CADPRO seat for itself; the terminal-server client ts-17 holds at most one.
+RESERVE 1 CADPRO INTERNET 127.0.0.2
+MAX 1 CADPRO DISPLAY ts-17
+# The render farm, by name and by address, never holds more than one.
+HOST_GROUP farm rnode1 127.0.0.3
+MAX 1 CADPRO HOST_GROUP farm
+"""
+
+
+def test_reserve_and_max_by_internet_and_display_are_enforced(daemon_factory: Callable[..., Daemon]) -> None:
+    # Clients connect from 127.0.0.1 unless the test says otherwise (any 127/8 source reaches the daemon on
+    # loopback), so the addresses are real socket addresses, not something the client claims.
+    d, _ = start(daemon_factory, LAB_OPT)
+    r = subprocess.run([*d.args(), "--check"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "unsupported:" not in r.stdout, r.stdout + r.stderr
+    assert isinstance(checkout(client(d, "erin", display="ts-17")), Granted)
+    r1 = checkout(client(d, "frank", host="pc2", display="ts-17"))
+    assert isinstance(r1, ErrorReply) and r1.code is ErrorCode.MAX_REACHED, r1
+    assert "max 1 for display ts-17, site.opt line 3" in r1.message
+    status = lmutil(d, "lmstat", "-a")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "        1 RESERVATION for INTERNET 127.0.0.2 (" in status.stdout
+    assert isinstance(checkout(client(d, "gina", host="rnode1")), Granted)  # the second unreserved seat
+    r2 = checkout(client(d, "hank", host="pc3"))  # the last seat is the lab PC's
+    assert isinstance(r2, ErrorReply) and r2.code is ErrorCode.RESERVED, r2
+    r3 = checkout(client(d, "ivan", host="lab7", source="127.0.0.3"))  # in the farm by its address
+    assert isinstance(r3, ErrorReply) and r3.code is ErrorCode.MAX_REACHED and "host_group farm" in r3.message, r3
+    assert isinstance(checkout(client(d, "lab", host="lab1", source="127.0.0.2")), Granted)
+    users = [line.split()[:2] for line in lmutil(d, "lmstat", "-a").stdout.splitlines() if ", start " in line]
+    assert sorted(users) == [["erin", "pc1"], ["gina", "rnode1"], ["lab", "lab1"]]
 
 
 def test_check_lists_unsupported_lines_with_their_line_numbers(daemon_factory: Callable[..., Daemon]) -> None:

@@ -1,5 +1,5 @@
-"""Revocation lists as vendor and admin use them: ``lmissue revoke`` adds to a file (never dropping an earlier
-entry, a customer ID once), ``lmissue show`` lists every entry, and the daemon, given a directory as
+"""Revocation lists as vendor and admin use them: ``lmissue revoke`` and ``lmissue reissue`` add to a file (never
+dropping an earlier entry, a customer ID once), ``lmissue show`` lists every entry, and the daemon, given a directory as
 ``revocations:``, loads every file in it at ``lmreread``; a damaged or foreign-signed entry is refused by file
 and entry while the valid ones still revoke. Real console scripts, a real daemon subprocess.
 """
@@ -19,10 +19,18 @@ from harness import Daemon, RawClient, write_license
 from lmgrd.storage.files import read_public_key_file, read_revocation_file
 from lmgrd.vendor.signing import load_private_key
 from protocol import Checkout, ErrorCode, ErrorReply, Granted, Heartbeat, HeartbeatAck
-from protocol.license import verify_revocation_list
+from protocol.license import verify_license, verify_revocation_list
 
 LMISSUE = Path(sys.executable).with_name("lmissue")
 CIDS = ("CID-AAAA-BBBB-CCCC-DDDD", "CID-AAAA-BBBB-CCCC-EEEE", "CID-AAAA-BBBB-CCCC-FFFF")
+REQUEST = """\
+license_type: multi
+customer: Example Engineering Tokyo
+host: {hostname: licsrv01, ip: 192.0.2.10}
+products:
+  - {name: CADPRO, version: "2.1", count: 5}
+expires: 2099-12-31
+"""
 
 
 def lmissue(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -156,3 +164,47 @@ def test_a_revocations_directory_is_reread_and_each_entry_stands_alone(
     _c, reply = _checkout(d, "SOLVER", user="bob")  # the forged revocation revokes nothing
     assert isinstance(reply, Granted), reply
     d.wait_for_log(r"revocation \S+vendor\.revoked loaded: customer ID CID-AAAA-BBBB-CCCC-EEEE was revoked")
+
+
+def test_reissue_adds_to_an_existing_revocation_list(keys: Path, tmp_path: Path) -> None:
+    # A vendor keeps one revocation list per customer site: every reissue adds the old customer ID's revocation
+    # to it (atomically, earlier entries kept byte for byte, a customer ID once), never replacing it.
+    key, pub = keys / "vendor.key", keys / "vendor.pub"
+    public = read_public_key_file(pub)
+    (tmp_path / "req.yaml").write_text(REQUEST)
+    assert lmissue("issue", "req.yaml", "--key", key, "--out", "v1.lic", cwd=tmp_path).returncode == 0
+    assert lmissue("revoke", CIDS[0], "--key", key, "--out", "site.revoked", cwd=tmp_path).returncode == 0
+    before = (tmp_path / "site.revoked").read_text()
+
+    r = lmissue("reissue", "v1.lic", "req.yaml", "--key", key, "--out", "v2.lic", "--revocations", "site.revoked",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    v1, v2 = (verify_license((tmp_path / n).read_text(), public, n) for n in ("v1.lic", "v2.lic"))
+    assert f"added to site.revoked  (revokes {v1.customer_id}; 2 revocations in it" in r.stdout
+    text = (tmp_path / "site.revoked").read_text()
+    assert text.startswith(before)
+    revs, refused = verify_revocation_list(text, public, "site.revoked")
+    assert refused == [] and [(x.customer_id, x.replaced_by) for x in revs] == [(CIDS[0], None),
+                                                                                (v1.customer_id, v2.customer_id)]
+
+    # The default list beside the new license is added to as well, and --force (which replaces v3.lic) never
+    # replaces it: a second reissue of v2 finds v2 already revoked there and adds nothing.
+    for _ in (1, 2):
+        r = lmissue("reissue", "v2.lic", "req.yaml", "--key", key, "--out", "v3.lic", "--force", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    assert f"{v2.customer_id} is already revoked there (entry 1 of 1" in r.stdout
+    revs, refused = verify_revocation_list((tmp_path / "v3.revoked").read_text(), public, "v3.revoked")
+    assert refused == [] and [x.customer_id for x in revs] == [v2.customer_id]
+    r = lmissue("reissue", "v1.lic", "req.yaml", "--key", key, "--out", "v4.lic", "--revocations", "v3.revoked",
+                cwd=tmp_path)
+    assert r.returncode == 0 and "2 revocations in it" in r.stdout, r.stdout + r.stderr
+    revs, _ = verify_revocation_list((tmp_path / "v3.revoked").read_text(), public, "v3.revoked")
+    assert [x.customer_id for x in revs] == [v2.customer_id, v1.customer_id]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.suffix in (".tmp", ".lock")]
+
+    # A list that is not this vendor's, intact, is never added to: nothing is written, no license either.
+    (tmp_path / "bad.revoked").write_text("kind license\n")
+    r = lmissue("reissue", "v1.lic", "req.yaml", "--key", key, "--out", "v5.lic", "--revocations", "bad.revoked",
+                cwd=tmp_path)
+    assert r.returncode == 1 and "exists and is a license file" in r.stderr
+    assert not (tmp_path / "v5.lic").exists() and (tmp_path / "bad.revoked").read_text() == "kind license\n"

@@ -181,3 +181,43 @@ def test_the_hostname_rule_stays_english_in_english(en: None, monkeypatch: pytes
     monkeypatch.setattr(socket, "gethostname", lambda: "設計部-pc1")
     assert cli.main(["hostid"]) == cli.EXIT_CONFIG
     assert "this host's name '設計部-pc1' cannot be licensed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["client_stub.i18n", "lmgrd.i18n"])
+def test_the_argparse_msgids_are_argparses_own(module: str) -> None:
+    """A msgid that is not character for character argparse's would never be looked up (argparse's text stays
+    English): each must be a string literal in argparse's source."""
+    import argparse
+    import importlib
+    import inspect
+
+    source = inspect.getsource(argparse)
+    messages = importlib.import_module(module).ARGPARSE_MESSAGES
+    assert len(messages) >= 15
+    for msgid in messages:
+        assert repr(msgid) in source or f'"{msgid}"' in source, f"not an argparse message: {msgid!r}"
+
+
+@pytest.mark.parametrize("module", ["client_stub.i18n", "lmgrd.i18n"])
+def test_argparse_speaks_the_language_only_inside_the_block(module: str, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+    import importlib
+
+    mod = importlib.import_module(module)
+    monkeypatch.setenv("LMGRD_LANG", "ja")
+    before = vars(argparse)["_"]
+    with mod.argparse_in_language():
+        parser = argparse.ArgumentParser(prog="demo")
+        parser.add_argument("--n", type=int, required=True)
+        parser.print_help()
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--n", "x"])
+    assert vars(argparse)["_"] is before
+    out, err = capsys.readouterr()
+    assert out.startswith("使い方: demo [-h] --n N") and "オプション:" in out
+    assert "このヘルプを表示して終了します" in out
+    assert err.splitlines()[-1] == "demo: エラー: 引数 --n: int の値として正しくありません: 'x'"
+    english = argparse.ArgumentParser(prog="demo")  # outside: argparse's English again
+    english.print_help()
+    assert capsys.readouterr().out.startswith("usage: demo [-h]")

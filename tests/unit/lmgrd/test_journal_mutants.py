@@ -53,9 +53,9 @@ def rec(i: int, **kw: Any) -> LeaseRecord:
 
 def grant_payload(r: LeaseRecord) -> list[Any]:
     """A grant as the format documents it: [1, token, customer_id, product, [share key...], user, host, pid,
-    version, display, granted_at, owner]."""
+    version, display, granted_at, owner, addr]."""
     return [1, r.token, r.customer_id, r.product, list(r.share_key), r.user, r.host, r.pid, r.version, r.display,
-            r.granted_at, r.owner]
+            r.granted_at, r.owner, r.addr]
 
 
 def frame(payload: bytes, *, crc: int | None = None, length: int | None = None) -> bytes:
@@ -136,7 +136,7 @@ def test_a_grant_recorded_before_leases_were_bound_reads_with_no_owner(tmp_path:
 
 
 def test_a_grant_is_written_in_the_documented_field_order(tmp_path: Path) -> None:
-    r = rec(1, user="carol", host="ws042", share_key=("carol", "ws042"), display="ターミナル")
+    r = rec(1, user="carol", host="ws042", share_key=("carol", "ws042"), display="ターミナル", addr="192.0.2.9")
     with JournalStore(tmp_path) as store:
         store.record_grant(r)
         store.record_release("tok0001")
@@ -146,7 +146,7 @@ def test_a_grant_is_written_in_the_documented_field_order(tmp_path: Path) -> Non
     payload = data[len(MAGIC) + 8 : len(MAGIC) + 8 + length]
     assert zlib.crc32(payload) == crc
     assert msgpack.unpackb(payload) == [1, "tok0001", "C1", "CADPRO", ["carol", "ws042"], "carol", "ws042", 4001,
-                                        "2.1", "ターミナル", 1.7e9 + 1, "0f" * 16]
+                                        "2.1", "ターミナル", 1.7e9 + 1, "0f" * 16, "192.0.2.9"]
 
 
 def test_the_daemon_journals_the_user_and_host_the_client_said(daemon_factory: Callable[..., Any]) -> None:
@@ -182,14 +182,16 @@ GOOD = rec(1)
     pytest.param([2, 5], id="release-of-a-non-string"),
     pytest.param([2, "tok", "extra"], id="release-too-long"),
     pytest.param([1, "tok"], id="grant-of-two-fields"),
-    pytest.param([3, *grant_payload(GOOD)[1:]], id="eleven-fields-unknown-kind"),
+    pytest.param([3, *grant_payload(GOOD)[1:]], id="thirteen-fields-unknown-kind"),
     pytest.param(grant_payload(GOOD)[:10], id="grant-of-ten-fields"),
     pytest.param([*grant_payload(GOOD)[:4], "bob", *grant_payload(GOOD)[5:]], id="share-key-a-string"),
     pytest.param([*grant_payload(GOOD)[:4], ["bob", 7], *grant_payload(GOOD)[5:]], id="share-key-item-an-int"),
     pytest.param([*grant_payload(GOOD)[:5], 5, *grant_payload(GOOD)[6:]], id="user-an-int"),
     pytest.param([*grant_payload(GOOD)[:7], "4001", *grant_payload(GOOD)[8:]], id="pid-a-string"),
     pytest.param([*grant_payload(GOOD)[:7], True, *grant_payload(GOOD)[8:]], id="pid-a-bool"),
-    pytest.param([*grant_payload(GOOD)[:10], "1.7e9"], id="granted-at-a-string"),
+    pytest.param([*grant_payload(GOOD)[:10], "1.7e9", *grant_payload(GOOD)[11:]], id="granted-at-a-string"),
+    pytest.param([*grant_payload(GOOD)[:12], 7], id="addr-an-int"),
+    pytest.param([*grant_payload(GOOD), ""], id="grant-of-fourteen-fields"),
 ])
 def test_a_checksummed_record_that_is_not_a_lease_record_is_corruption(tmp_path: Path, payload: Any) -> None:
     path = write(tmp_path, grant(rec(0)), frame(pack(payload)), grant(rec(2)))

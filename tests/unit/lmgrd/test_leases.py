@@ -248,3 +248,122 @@ def test_restore_keeps_the_licensed_and_counts_each_one_freed(tmp_path: Path, ve
     lic = (tmp_path / "site.lic").read_bytes()
     run(tmp_path, vendor, licensed, products=(("CADPRO", "2.1", 2),), keep_license=lic)
     run(tmp_path, vendor, unlicensed, products=(("CADPRO", "2.1", 2),))
+
+
+def test_a_waiter_joins_at_once_the_seat_another_users_checkout_gave_its_host(tmp_path: Path, vendor: Vendor) -> None:
+    # Host sharing + a usage policy: alice@h2 waits (the free seat is carol's); carol@h2 takes it, so the
+    # seat keyed ("h2",) exists and alice joins it at once, in a full pool, with no seat taken.
+    async def body(rig: Rig) -> None:
+        bob, alice, carol = rig.connect("bob", "h1"), rig.connect("alice", "h2"), rig.connect("carol", "h2")
+        assert rig.checkout(bob)["op"] == "granted"  # the one unreserved seat
+        rid = rig.rid()
+        assert rig.send(alice, Checkout(rid, "CADPRO", "2.1", 60)) == []  # queued
+        assert rig.checkout(carol)["op"] == "granted"
+        (granted,) = rig.replies(alice)
+        assert (granted["op"], granted["id"]) == ("granted", rid)
+        pool = _pool(rig)
+        assert rig.server.ledger.in_use(pool) == 2 and rig.server.ledger.queued(pool) == 0
+        assert rig.server.leases.waits == {} and alice.waiters == {}
+        assert sorted(r.user for r in rig.journal().values()) == ["alice", "bob", "carol"]
+
+    run(tmp_path, vendor, body, products=(("CADPRO", "2.1", 2),), share="host",
+        extra={"policy": {"CADPRO": {"reserve": [{"seats": 1, "user": "carol"}]}}})
+
+
+# -- the lifecycle edges mutation testing found untested (tests/mutation/survivors.txt) ---------------------------
+
+
+def test_two_queued_checkouts_of_one_user_share_the_seat_the_first_gets(tmp_path: Path, vendor: Vendor) -> None:
+    # alice@pc2 queues twice (two requests, one share key): the seat the first is granted is the second's too.
+    async def body(rig: Rig) -> None:
+        bob, alice = rig.connect("bob", "pc1"), rig.connect("alice", "pc2")
+        held = rig.checkout(bob)
+        r1, r2 = rig.rid(), rig.rid()
+        rig.server.handlers.dispatch(alice, Checkout(r1, "CADPRO", "2.1", 60))
+        rig.server.handlers.dispatch(alice, Checkout(r2, "CADPRO", "2.1", 60))
+        assert [w.share_key for w in rig.server.leases.waits.values()] == [("alice", "pc2")] * 2
+        rig.send(bob, Checkin(rig.rid(), held["token"]))
+        granted = rig.replies(alice)
+        assert sorted((g["op"], g["id"]) for g in granted) == [("granted", r1), ("granted", r2)]
+        pool = _pool(rig)
+        assert rig.server.ledger.in_use(pool) == 1 and len(rig.server.ledger.leases(pool)) == 2
+        assert rig.server.ledger.queued(pool) == 0 and alice.waiters == {}
+
+    run(tmp_path, vendor, body)
+
+
+@pytest.mark.parametrize("rule", [{"host": "lab1"}, {"internet": "127.0.0.*"}, {"display": "lab1:0"}],
+                         ids=["host", "internet", "display"])
+def test_a_wait_runs_out_as_max_reached_when_its_max_filled_meanwhile(tmp_path: Path, vendor: Vendor,
+                                                                      rule: dict[str, str]) -> None:
+    # dave@lab1 waits (the free seat is erin's); erin@lab1 takes it, which fills the max rule dave falls under too
+    # (by host, by the address both connect from, or by their display): dave's wait runs out as MAX_REACHED,
+    # judged by his own host, address and display.
+    now = [1000.0]
+
+    async def body(rig: Rig) -> None:
+        alice, bob = rig.connect("alice", "pc1"), rig.connect("bob", "pc2", display="pc2:0")
+        dave = rig.connect("dave", "lab1", display="lab1:0")
+        assert rig.checkout(alice)["op"] == rig.checkout(bob)["op"] == "granted"
+        rid = rig.rid()
+        rig.server.handlers.dispatch(dave, Checkout(rid, "CADPRO", "2.1", 0.2))
+        assert rig.server.ledger.queued(_pool(rig)) == 1
+        assert rig.checkout(rig.connect("erin", "lab1", display="lab1:0"))["op"] == "granted"
+        now[0] += 2.0
+        await asyncio.sleep(0.4)
+        rig.server.outbox.flush()
+        (reply,) = rig.replies(dave)
+        assert (reply["op"], reply["id"], reply["code"]) == ("error", rid, ErrorCode.MAX_REACHED)
+        assert reply["message"] == "no seat the usage policy allows you of CADPRO became free within 2 s"
+        assert rig.server.counters.denied == {ErrorCode.MAX_REACHED: 1}
+
+    # The internet rule matches alice and bob too (every rig client is 127.0.0.1): max 3 lets them in first.
+    seats = 3 if "internet" in rule else 1
+    run(tmp_path, vendor, body, products=(("CADPRO", "2.1", 3),), clock=lambda: now[0],
+        extra={"policy": {"CADPRO": {"reserve": [{"seats": 1, "user": "erin"}],
+                                     "max": [{"seats": seats, **rule}]}}})
+
+
+def test_a_removal_reaches_the_journal_without_any_reply_to_carry_it(tmp_path: Path, vendor: Vendor) -> None:
+    async def body(rig: Rig) -> None:
+        g = rig.checkout(rig.connect("alice", "pc1"))
+        for _ in range(3):  # let the flushes the checkout scheduled run: nothing is pending after
+            await asyncio.sleep(0)
+        assert list(rig.journal()) == [g["token"]] and not rig.server.outbox.scheduled
+        assert rig.server.leases.end(g["token"], EndReason.REMOVAL, "lmremove from 10.0.0.9") is not None
+        assert list(rig.journal()) == [g["token"]]  # buffered: written at the next loop iteration
+        await asyncio.sleep(0)  # one iteration: the flush the removal asked for
+        assert rig.journal() == {}
+
+    run(tmp_path, vendor, body)
+
+
+def test_every_end_but_a_checkin_or_expiry_counts_as_released_each_time(tmp_path: Path, vendor: Vendor) -> None:
+    async def body(rig: Rig) -> None:
+        for i, reason in enumerate((EndReason.REMOVAL, EndReason.IDLE, EndReason.REVOKED), start=1):
+            g = rig.checkout(rig.connect("alice", "pc1"))
+            assert rig.server.leases.end(g["token"], reason, "why") is not None
+            assert rig.server.counters.released == i and rig.server.counters.expired == 0
+
+    run(tmp_path, vendor, body)
+
+
+def test_the_remembered_removals_are_bounded_and_forget_the_oldest_first(tmp_path: Path, vendor: Vendor) -> None:
+    from lmgrd.daemon.leases import REMOVED_MEMORY
+
+    async def body(rig: Rig) -> None:
+        s = rig.connect("alice", "pc1")
+        leases = rig.server.leases
+        pool = _pool(rig)
+        tokens = []
+        for i in range(REMOVED_MEMORY + 2):
+            assert leases.checkout(s, i, pool, ("alice", "pc1"), s, "2.1", 0.0, 0.0)
+            (lease,) = rig.server.ledger.leases(pool)
+            tokens.append(lease.token)
+            assert leases.end(lease.token, EndReason.REMOVAL, "lmremove") is not None
+            if i == REMOVED_MEMORY - 1:
+                assert len(leases.removed) == REMOVED_MEMORY and tokens[0] in leases.removed
+        assert len(leases.removed) == REMOVED_MEMORY
+        assert list(leases.removed) == tokens[2:]  # the two oldest went, in order
+
+    run(tmp_path, vendor, body)

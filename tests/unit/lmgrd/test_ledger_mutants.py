@@ -366,6 +366,22 @@ def test_a_waiter_joins_a_seat_its_host_key_gained_while_it_waited() -> None:
         assert ledger.in_use(POOL) == 2 and ledger.queued(POOL) == 0
 
 
+def test_a_waiter_joins_at_once_a_seat_its_host_key_gained_in_a_full_pool_under_a_policy() -> None:
+    # Invariant 3 in the corner mutation testing found: a full pool under a usage policy. alice@h2 waits (her
+    # max is full), bob@h2 takes the pool's last seat under no rule, keyed ("h2",): alice joins that seat at
+    # the next serve (it takes nothing), although no seat is free. serve() used to stop at the count first.
+    ledger = make(2, reserve(maxes=((1, user("alice")),)))
+    must(ledger.checkout(POOL, ("h1",), Holder("alice", "h1", 1, "", 1), "2.1", 0.0, WALL))
+    ledger.enqueue(Waiter(1, POOL, ("h2",), Holder("alice", "h2", 2, "", 2), "2.1"))
+    must(ledger.checkout(POOL, ("h2",), Holder("bob", "h2", 3, "", 3), "2.1", 0.0, WALL))
+    ledger.enqueue(Waiter(2, POOL, ("h3",), Holder("carol", "h3", 4, "", 4), "2.1"))  # needs a new seat
+    assert ledger.in_use(POOL) == 2 == ledger.count(POOL)
+    [(w, lease)] = ledger.serve(POOL, 1.0, WALL + 1)
+    assert w.waiter_id == 1 and lease.share_key == ("h2",) and lease.user == "alice"
+    assert ledger.in_use(POOL) == 2 and [x.waiter_id for x in ledger.waiting(POOL)] == [2]
+    assert ledger.serve(POOL, 2.0, WALL + 2) == []  # nothing more to join, no seat free for carol
+
+
 # -- after the merge of main: share modes, seat handles, reservations ---------------------------------------------
 
 

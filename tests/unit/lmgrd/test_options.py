@@ -138,7 +138,7 @@ def test_display_and_internet_restrict_access() -> None:
     assert "host_group lab" in str(viewer.refusal("u", "pc", "198.51.100.7", "pc:0"))
 
 
-def test_reserve_and_max_by_display_or_address_are_listed_as_unsupported() -> None:
+def test_reserve_and_max_by_display_or_address_apply_and_the_rest_is_listed_as_unsupported() -> None:
     text = ("RESERVE 1 f1 DISPLAY kiosk:0\n"
             "MAX 2 f1 INTERNET 10.0.0.*\n"
             "HOST_GROUP mixed pc1 10.0.0.9\n"
@@ -151,10 +151,14 @@ def test_reserve_and_max_by_display_or_address_are_listed_as_unsupported() -> No
     opts = parse_options(text, "s.opt")
     assert opts.problems == ()
     assert [u.split(":", 1)[0] for u in opts.unsupported] == [
-        "s.opt line 1", "s.opt line 2", "s.opt line 4", "s.opt line 5", "s.opt line 6", "s.opt line 7",
-        "s.opt line 9"]
-    assert "10.0.0.9" in opts.unsupported[2] and "PROJECT" in opts.unsupported[3]
-    assert opts.policy.get("f1") is None
+        "s.opt line 5", "s.opt line 6", "s.opt line 7", "s.opt line 9"]
+    assert "PROJECT" in opts.unsupported[0] and "ALL_USERS" in opts.unsupported[1]
+    f1 = opts.policy.get("f1")
+    assert f1 is not None
+    assert [(r.seats, r.subject.kind, r.subject.name) for r in f1.reserve] == [(1, "display", "kiosk:0")]
+    assert [(r.seats, r.subject.kind, r.subject.name) for r in f1.max] == [(2, "internet", "10.0.0.*"),
+                                                                          (1, "host_group", "mixed")]
+    assert f1.max[1].subject.members == frozenset({"pc1"}) and f1.max[1].subject.addresses == ("10.0.0.9",)
 
 
 @pytest.mark.parametrize(("line", "expect"), [
