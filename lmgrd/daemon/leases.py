@@ -348,7 +348,7 @@ class LeaseLifecycle:
                     self._cluster_enqueue(ctx)
                     break
                 free -= 1
-                self._spawn(self._claim(ctx.client, ctx.request_id, lease, ctx.started, ctx.until))
+                self._spawn(self._claim(ctx.client, ctx.request_id, lease, ctx.holder, ctx.started, ctx.until))
             if not queue:
                 self.cluster_queue.pop(pool, None)
 
@@ -473,7 +473,7 @@ class LeaseLifecycle:
             if self.cluster is None:
                 self._granted(ctx.client, ctx.request_id, lease, now - ctx.started)
             else:
-                self._spawn(self._claim(ctx.client, ctx.request_id, lease, ctx.started, ctx.until))
+                self._spawn(self._claim(ctx.client, ctx.request_id, lease, ctx.holder, ctx.started, ctx.until))
 
     # -- denials -------------------------------------------------------------------------------------------------
     def deny(self, client: Client, rid: int, product: str, version: str, code: ErrorCode, message: str,
