@@ -97,40 +97,40 @@ def build_parser() -> argparse.ArgumentParser:
         "a free port and logs it)"))
     p.add_argument("--metrics-bind", metavar="ADDR", help=_("address for the metrics port (default: the --bind "
                                                             "address)"))
-    p.add_argument("--metrics-max-connections", type=int, metavar="N", help="connections the metrics port keeps "
-                   "open at once; past it the one idle or slow the longest is dropped (default 512)")
-    p.add_argument("--metrics-header-timeout", type=float, metavar="S", help="seconds a metrics request has to "
-                   "send its head, from its first byte (default 5)")
-    p.add_argument("--metrics-request-timeout", type=float, metavar="S", help="seconds a metrics request has to "
-                   "send everything and take its answer (default 10)")
-    p.add_argument("--metrics-keepalive-timeout", type=float, metavar="S", help="seconds an idle kept-alive "
-                   "metrics connection stays open (default 5; 0 closes after every answer)")
-    p.add_argument("--metrics-max-header-bytes", type=int, metavar="N", help="largest metrics request head "
-                   "(default 8192)")
-    p.add_argument("--metrics-max-body-bytes", type=int, metavar="N", help="largest metrics request body "
-                   "(default 65536)")
-    p.add_argument("--cloud-poll-interval", type=float, metavar="S", help="seconds between activation requests "
+    p.add_argument("--metrics-max-connections", type=int, metavar="N", help=_("connections the metrics port keeps "
+                   "open at once; past it the one idle or slow the longest is dropped (default 512)"))
+    p.add_argument("--metrics-header-timeout", type=float, metavar="S", help=_("seconds a metrics request has to "
+                   "send its head, from its first byte (default 5)"))
+    p.add_argument("--metrics-request-timeout", type=float, metavar="S", help=_("seconds a metrics request has to "
+                   "send everything and take its answer (default 10)"))
+    p.add_argument("--metrics-keepalive-timeout", type=float, metavar="S", help=_("seconds an idle kept-alive "
+                   "metrics connection stays open (default 5; 0 closes after every answer)"))
+    p.add_argument("--metrics-max-header-bytes", type=int, metavar="N", help=_("largest metrics request head "
+                   "(default 8192)"))
+    p.add_argument("--metrics-max-body-bytes", type=int, metavar="N", help=_("largest metrics request body "
+                   "(default 65536)"))
+    p.add_argument("--cloud-poll-interval", type=float, metavar="S", help=_("seconds between activation requests "
                    "to the vendor's activation service while a license with a cloud_url is pending (default 900, "
-                   "with jitter; at least 1)")
-    p.add_argument("--cloud-check-in-interval", type=float, metavar="S", help="seconds between check-ins of an "
-                   "active cloud license with the activation service (default 86400, with jitter; at least 1)")
-    p.add_argument("--cloud-ca-file", metavar="PEM", help="extra CA certificates to trust for the activation "
-                   "service (a TLS-inspecting proxy's CA; answers are signed by the vendor either way)")
-    p.add_argument("--cloud-proxy", metavar="URL", help="HTTP proxy for the activation service, e.g. "
-                   "http://proxy:3128 (default: HTTPS_PROXY / NO_PROXY from the environment)")
-    p.add_argument("--store", choices=("journal", "etcd"), help="where seats live: journal (this node's "
+                   "with jitter; at least 1)"))
+    p.add_argument("--cloud-check-in-interval", type=float, metavar="S", help=_("seconds between check-ins of an "
+                   "active cloud license with the activation service (default 86400, with jitter; at least 1)"))
+    p.add_argument("--cloud-ca-file", metavar="PEM", help=_("extra CA certificates to trust for the activation "
+                   "service (a TLS-inspecting proxy's CA; answers are signed by the vendor either way)"))
+    p.add_argument("--cloud-proxy", metavar="URL", help=_("HTTP proxy for the activation service, e.g. "
+                   "http://proxy:3128 (default: HTTPS_PROXY / NO_PROXY from the environment)"))
+    p.add_argument("--store", choices=("journal", "etcd"), help=_("where seats live: journal (this node's "
                    "--state-dir, the default) or etcd (high availability: several lmgrd nodes share one etcd "
-                   "cluster; needs pip install 'lmgrd[ha]')")
-    p.add_argument("--etcd-endpoints", metavar="H:P,...", help="the etcd members, e.g. "
-                   "10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379")
-    p.add_argument("--etcd-prefix", metavar="KEY", help="etcd key prefix of this license service (default /lmgrd)")
-    p.add_argument("--etcd-timeout", type=float, metavar="S", help="deadline of each etcd call (default 2)")
-    p.add_argument("--etcd-cacert", metavar="ca.pem", help="TLS: CA certificate of the etcd members")
-    p.add_argument("--etcd-cert", metavar="client.pem", help="TLS: client certificate for etcd")
-    p.add_argument("--etcd-key", metavar="client-key.pem", help="TLS: the client certificate's key")
-    p.add_argument("--etcd-user", metavar="NAME", help="etcd user (etcd authentication)")
-    p.add_argument("--etcd-password-file", metavar="PATH", help="file whose first line is the etcd user's password")
-    p.add_argument("--node-name", metavar="NAME", help="this node's name in the cluster (default: the hostname)")
+                   "cluster; needs pip install 'lmgrd[ha]')"))
+    p.add_argument("--etcd-endpoints", metavar="H:P,...", help=_("the etcd members, e.g. "
+                   "10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379"))
+    p.add_argument("--etcd-prefix", metavar="KEY", help=_("etcd key prefix of this license service (default /lmgrd)"))
+    p.add_argument("--etcd-timeout", type=float, metavar="S", help=_("deadline of each etcd call (default 2)"))
+    p.add_argument("--etcd-cacert", metavar="ca.pem", help=_("TLS: CA certificate of the etcd members"))
+    p.add_argument("--etcd-cert", metavar="client.pem", help=_("TLS: client certificate for etcd"))
+    p.add_argument("--etcd-key", metavar="client-key.pem", help=_("TLS: the client certificate's key"))
+    p.add_argument("--etcd-user", metavar="NAME", help=_("etcd user (etcd authentication)"))
+    p.add_argument("--etcd-password-file", metavar="PATH", help=_("file whose first line is the etcd user's password"))
+    p.add_argument("--node-name", metavar="NAME", help=_("this node's name in the cluster (default: the hostname)"))
     p.add_argument("--usage-log", metavar="PATH", help=_(
         "append a JSON-lines usage log here (checkouts, checkins, expiries, removals, denials) for 'lmutil "
         "report'; rotated by size (usage_log_max_bytes)"))

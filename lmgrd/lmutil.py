@@ -314,8 +314,8 @@ def cmd_activate(ns: argparse.Namespace, client: AdminClient, auth: str) -> int:
     return 0
 
 
-CLOUD_CHECK_HELP = ("can this machine reach the vendor's activation service? DNS, proxy, TLS, clock skew and "
-                    "reachability, one line each; exit 0 only if all pass (no license server needed)")
+CLOUD_CHECK_HELP = N_("can this machine reach the vendor's activation service? DNS, proxy, TLS, clock skew and "
+                      "reachability, one line each; exit 0 only if all pass (no license server needed)")
 
 
 def run_cloud_check(ns: argparse.Namespace) -> int:
@@ -441,10 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "activate":
             sp.add_argument("customer_id", metavar="CUSTOMER_ID", nargs="?", help=_("the license's customer ID "
                                                                                      "(CID-...)"))
-            sp.add_argument("--offline-request", metavar="FILE", help="for a site without internet: write a signed "
-                            "activation request for the vendor to answer (lmcloud offline-response)")
-            sp.add_argument("--offline-response", metavar="FILE", help="install the vendor's answer to an offline "
-                            "request (valid until the license expires; no check-in)")
+            sp.add_argument("--offline-request", metavar="FILE", help=_("for a site without internet: write a signed "
+                            "activation request for the vendor to answer (lmcloud offline-response)"))
+            sp.add_argument("--offline-response", metavar="FILE", help=_("install the vendor's answer to an offline "
+                            "request (valid until the license expires; no check-in)"))
         if name == "lmstat":
             sp.add_argument("-a", action="store_true", help=_("all products, with their holders"))
             sp.add_argument("-f", metavar="FEATURE", nargs="?", const="", help=_("that product only, with its "
@@ -474,15 +474,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help=_(REPORT_HELP), description=_(REPORT_HELP))
     add_report_arguments(rp)
     sub.add_parser("lmver", help=_(LMVER_HELP), description=_(LMVER_HELP))
-    cp = sub.add_parser("cloud-check", help=CLOUD_CHECK_HELP, description=CLOUD_CHECK_HELP)
-    cp.add_argument("url", nargs="?", metavar="URL", help="the activation service (default: the cloud_url of "
-                    "--license, or of the first license in --config that has one)")
-    cp.add_argument("--license", metavar="FILE.lic", help="take the URL from this license's cloud_url")
-    cp.add_argument("--config", metavar="lmgrd.yaml", help="the daemon's config: its licenses, cloud_proxy and "
-                    "cloud_ca_file")
-    cp.add_argument("--cloud-ca-file", metavar="PEM", help="extra CA certificates to trust (as the daemon's)")
-    cp.add_argument("--cloud-proxy", metavar="URL", help="the proxy to use (default: HTTPS_PROXY / NO_PROXY)")
-    cp.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    cp = sub.add_parser("cloud-check", help=_(CLOUD_CHECK_HELP), description=_(CLOUD_CHECK_HELP))
+    cp.add_argument("url", nargs="?", metavar="URL", help=_("the activation service (default: the cloud_url of "
+                    "--license, or of the first license in --config that has one)"))
+    cp.add_argument("--license", metavar="FILE.lic", help=_("take the URL from this license's cloud_url"))
+    cp.add_argument("--config", metavar="lmgrd.yaml", help=_("the daemon's config: its licenses, cloud_proxy and "
+                    "cloud_ca_file"))
+    cp.add_argument("--cloud-ca-file", metavar="PEM", help=_("extra CA certificates to trust (as the daemon's)"))
+    cp.add_argument("--cloud-proxy", metavar="URL", help=_("the proxy to use (default: HTTPS_PROXY / NO_PROXY)"))
+    cp.add_argument("--json", action="store_true", help=_("print machine-readable JSON"))
     return p
 
 

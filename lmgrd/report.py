@@ -34,7 +34,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from lmgrd.i18n import gettext_
+from lmgrd.i18n import Text, gettext_, tr
 
 __all__ = ["PLOT_EXTRA", "PoolReport", "Report", "ReportError", "add_report_arguments", "build_report",
            "format_text", "load_events", "parse_date", "plot_unavailable", "run_report", "write_plot"]
@@ -163,7 +163,7 @@ class PoolReport:
     checkouts: int
     denials: dict[str, int]
     top_users: list[dict[str, Any]]
-    recommendation: str
+    recommendation: Text  # English in --json, the user's language in the text output
     series: list[tuple[float, int, int | None]]
 
     def to_json(self) -> dict[str, Any]:
@@ -171,7 +171,7 @@ class PoolReport:
             "customer_id": self.customer_id, "product": self.product, "count": self.count, "peak": self.peak,
             "p95": self.p95, "hours_at_limit": round(self.hours_at_limit, 6), "checkouts": self.checkouts,
             "denials": dict(sorted(self.denials.items())), "top_users": self.top_users,
-            "recommendation": self.recommendation,
+            "recommendation": self.recommendation.english(),
         }
 
 
@@ -350,42 +350,52 @@ def _pool_report(cid: str, prod: str, p: _Pool, start: float, end: float) -> Poo
                       _recommend(p.count, p.peak, p95, hours, p.denials.get("NO_SEATS", 0)), p.series)
 
 
-def _recommend(count: int | None, peak: int, p95: int, hours_at_limit: float, no_seats: int) -> str:
+def _recommend(count: int | None, peak: int, p95: int, hours_at_limit: float, no_seats: int) -> Text:
     if count is None:
-        return f"peak {peak}; the seat count is unknown (no checkout in this period's logs states it)"
+        return tr("peak {peak}; the seat count is unknown (no checkout in this period's logs states it)", peak=peak)
     if hours_at_limit > 0 or no_seats > 0:
-        return (f"peak {peak} of {count}, at the limit {hours_at_limit:.1f} h, {no_seats} NO_SEATS denials: "
-                "consider buying more seats")
+        return tr("peak {peak} of {count}, at the limit {hours:.1f} h, {no_seats} NO_SEATS denials: consider buying "
+                  "more seats", peak=peak, count=count, hours=hours_at_limit, no_seats=no_seats)
     if p95 < count:
         unused = count - p95
-        return f"95th percentile {p95} of {count}: {unused} seat{'s' if unused != 1 else ''} unused most of the time"
-    return f"peak {peak} of {count}, never at the limit: the seats fit the use"
+        if unused == 1:
+            return tr("95th percentile {p95} of {count}: {unused} seat unused most of the time", p95=p95, count=count,
+                      unused=unused)
+        return tr("95th percentile {p95} of {count}: {unused} seats unused most of the time", p95=p95, count=count,
+                  unused=unused)
+    return tr("peak {peak} of {count}, never at the limit: the seats fit the use", peak=peak, count=count)
 
 
 # --------------------------------------------------------------------------- output
 def format_text(report: Report, files: int) -> str:
-    lines = [f"Usage report {_iso(report.start)} .. {_iso(report.end)} ({report.hours:.1f} h) from {files} "
-             f"file(s), {report.events} event(s)"]
+    """The report for a person, in the user's language (product names, codes and figures as they are)."""
+    _ = gettext_
+    lines = [_("Usage report {start} .. {end} ({hours:.1f} h) from {files} file(s), {events} event(s)").format(
+        start=_iso(report.start), end=_iso(report.end), hours=report.hours, files=files, events=report.events)]
     if report.skipped_lines:
-        lines.append(f"  ({report.skipped_lines} line(s) that are not usage events were skipped)")
+        lines.append("  " + _("({n} line(s) that are not usage events were skipped)").format(n=report.skipped_lines))
     if report.dropped_events:
-        lines.append(f"  (the daemon dropped {report.dropped_events} event(s) when its disk stalled: figures are "
-                     "approximate)")
+        lines.append("  " + _("(the daemon dropped {n} event(s) when its disk stalled: figures are "
+                              "approximate)").format(n=report.dropped_events))
     if not report.pools:
         lines.append("")
-        lines.append("no usage in this period")
+        lines.append(_("no usage in this period"))
     for p in report.pools:
         lines.append("")
-        count = f"{p.count} seats" if p.count is not None else "seat count unknown"
-        lines.append(f"{p.product} (customer {p.customer_id or '?'}): {count}")
-        pct = f" ({100 * p.hours_at_limit / report.hours:.1f} % of the period)" if report.hours > 0 else ""
-        lines.append(f"  peak {p.peak}, 95th percentile {p.p95}, at the limit {p.hours_at_limit:.1f} h{pct}")
-        den = ", ".join(f"{k} {v}" for k, v in sorted(p.denials.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
-        lines.append(f"  checkouts {p.checkouts}; denials: {den}")
+        count = _("{n} seats").format(n=p.count) if p.count is not None else _("seat count unknown")
+        lines.append(_("{product} (customer {customer_id}): {count}").format(
+            product=p.product, customer_id=p.customer_id or "?", count=count))
+        pct = ("" if report.hours <= 0 else
+               " " + _("({pct:.1f} % of the period)").format(pct=100 * p.hours_at_limit / report.hours))
+        lines.append("  " + _("peak {peak}, 95th percentile {p95}, at the limit {hours:.1f} h").format(
+            peak=p.peak, p95=p.p95, hours=p.hours_at_limit) + pct)
+        den = (", ".join(f"{k} {v}" for k, v in sorted(p.denials.items(), key=lambda kv: (-kv[1], kv[0])))
+               or _("none"))
+        lines.append("  " + _("checkouts {n}; denials: {denials}").format(n=p.checkouts, denials=den))
         if p.top_users:
-            lines.append("  top users (seat-hours): " + ", ".join(
-                f"{u['user']} {u['seat_hours']:.1f} h" for u in p.top_users))
-        lines.append(f"  -> {p.recommendation}")
+            lines.append("  " + _("top users (seat-hours): {users}").format(users=", ".join(
+                f"{u['user']} {u['seat_hours']:.1f} h" for u in p.top_users)))
+        lines.append(f"  -> {p.recommendation.localized()}")
     return "\n".join(lines) + "\n"
 
 
@@ -503,5 +513,5 @@ def run_report(ns: argparse.Namespace) -> int:
             print(f"lmutil report: cannot write the plot {ns.plot}: {exc.strerror or exc}", file=sys.stderr)
             return 2
         if not ns.json:
-            print(f"plot written to {ns.plot}")
+            print(gettext_("plot written to {path}").format(path=ns.plot))
     return 0

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,10 @@ HELP_CASES = [  # (module, args, the Japanese environment, a Japanese phrase of 
     ("lmgrd.vendor.lmissue", ["reissue", "--help"], "LMGRD_LANG", "取り消しを追加する取り消しリスト",
      "the revocation list to add the revocation to"),
     ("client_stub.cli", ["checkout", "--help"], "LANG", "製品のバージョン", "the product's version"),
+    ("lmgrd.lmutil", ["cloud-check", "--help"], "LMGRD_LANG", "このマシンからベンダーのアクティベーションサービス",
+     "can this machine reach"),
+    ("lmgrd.lmutil", ["activate", "--help"], "LANG", "インターネットのないサイト向け", "for a site without internet"),
+    ("lmgrd.cli", ["--help"], "LMGRD_LANG", "ライセンスの保存先", "where seats live"),
 ]
 
 
@@ -197,3 +202,34 @@ def test_lmgrd_check_summary_in_japanese(daemon_factory: Callable[..., Daemon], 
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.splitlines()[-1] == "設定とライセンスに問題はありません"
     assert r.stdout.startswith("ok: ")  # the per-file lines keep their English labels (scripts grep them)
+
+
+def _usage_event(hours: float, event: str, user: str, **kw: object) -> dict[str, object]:
+    t = datetime(2024, 4, 1, tzinfo=UTC).timestamp() + hours * 3600
+    return {"ts": datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z"), "epoch": t, "event": event,
+            "customer_id": "CID-A", "product": "CADPRO", "version": "2.1", "user": user, "host": "pc-" + user, **kw}
+
+
+def test_lmutil_report_text_in_japanese_json_in_english(tmp_path: Path) -> None:
+    # CADPRO, 1 seat: alice holds it from 0 to 2 h, bob is denied at 1 h
+    events = [_usage_event(0, "checkout", "alice", lease="a1", count=1, in_use=1),
+              _usage_event(1, "denial", "bob", reason="NO_SEATS"),
+              _usage_event(2, "checkin", "alice", lease="a1", in_use=0, held_s=7200)]
+    log = tmp_path / "usage.log"
+    log.write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
+    ja = run("lmgrd.lmutil", _env(dict(os.environ), tmp_path, LMGRD_LANG="ja"), "report", str(log))
+    assert ja.returncode == 0, ja.stderr
+    assert ja.stdout.startswith("利用レポート 2024-04-01T00:00:00Z .. 2024-04-01T02:00:00Z（2.0 時間）: "
+                                "1 個のファイル、3 件のイベント\n"), ja.stdout
+    assert "CADPRO（カスタマーID CID-A）: 1 ライセンス\n" in ja.stdout
+    assert "  チェックアウト 1 回、拒否: NO_SEATS 1\n" in ja.stdout
+    assert ("  -> ピーク 1（1 ライセンス中）、上限到達 2.0 時間、NO_SEATS による拒否 1 回: ライセンスの追加購入を"
+            "検討してください") in ja.stdout
+    j = run("lmgrd.lmutil", _env(dict(os.environ), tmp_path, LMGRD_LANG="ja"), "report", "--json", str(log))
+    assert not _japanese(j.stdout)
+    assert json.loads(j.stdout)["products"][0]["recommendation"] == (
+        "peak 1 of 1, at the limit 2.0 h, 1 NO_SEATS denials: consider buying more seats")
+    en = run("lmgrd.lmutil", _env(dict(os.environ), tmp_path, LANG="ja_JP.UTF-8", LMGRD_LANG="en"), "report",
+             str(log))
+    assert en.returncode == 0 and not _japanese(en.stdout), en.stdout
+    assert "CADPRO (customer CID-A): 1 seats\n  peak 1, 95th percentile 1, at the limit 2.0 h" in en.stdout
