@@ -194,17 +194,30 @@ def test_lmreread_adding_the_first_cloud_license_starts_the_agent_and_activates_
     _c, reply = checkout(d)
     assert code_of(reply) != "Granted"
     assert "activation service" not in d.log()  # no cloud license: no agent started
-    # The service's clock is 25 h ahead: the agent the reread starts activates it with no admin action.
-    lic, cid = world.license(world.svc24.url)
-    config.write_text(f"licenses: [{plain}, {lic}]\n", encoding="utf-8")
-    r = lmutil(d, "lmreread")
-    assert r.returncode == 0, r.stdout + r.stderr
-    d.wait_for_log(rf"activation service: {world.svc24.url}")
-    d.wait_for_log(rf"ACTIVATED license {cid}: automatic by the activation service")
+    # The service's clock is 25 h ahead: the agent the reread starts activates it with no admin action, with
+    # the settings of the config as reread (the cloud_proxy added beside the license).
+    proxy = TinyProxy(tmp_path / "proxy", [world.svc24.port]).start()
+    try:
+        lic, cid = world.license(world.svc24.url)
+        config.write_text(f"licenses: [{plain}, {lic}]\ncloud_proxy: {proxy.url}\n", encoding="utf-8")
+        r = lmutil(d, "lmreread")
+        assert r.returncode == 0, r.stdout + r.stderr
+        d.wait_for_log(rf"activation service: {world.svc24.url}")
+        d.wait_for_log(rf"ACTIVATED license {cid}: automatic by the activation service")
+        assert f"CONNECT 127.0.0.1:{world.svc24.port}" in proxy.connects()
+    finally:
+        proxy.stop()
     _c, reply = checkout(d)
     assert isinstance(reply, Granted), reply
     assert cloud_status(d)["state"] == "active"
     assert show(world.db, cid)["activations"][0]["how"] == "automatic"
+    # The proxy is gone; a reread that drops cloud_proxy gives the running agent a direct client: check-ins
+    # succeed again (through the dead proxy they could not).
+    config.write_text(f"licenses: [{plain}, {lic}]\n", encoding="utf-8")
+    assert lmutil(d, "lmreread").returncode == 0
+    d.wait_for_log(r"new HTTP settings from the reread configuration .*cloud_proxy none")
+    seq = cloud_status(d)["sequence"]
+    wait_until("two check-ins without the proxy", lambda: (cloud_status(d)["sequence"] or 0) >= seq + 2)
 
 
 def test_supersede_ends_held_seats_within_a_check_in_and_a_heartbeat(world: World,
