@@ -1,13 +1,14 @@
-"""The ceiling for lmgrd's design in Python: a minimal uvloop ``asyncio.Protocol`` seat server.
+"""The honest ceiling: the smallest uvloop seat server that speaks lmgrd's wire bytes, and nothing more.
 
-It decodes the very same frames as the daemon (``protocol.framing.FrameDecoder`` then
-``protocol.messages.parse_request``) and encodes its replies with the same message classes and
-``encode_frame``, but answers from two dicts: no licensing checks, no ledger, no journal, no logging, no
-timers. ``hello`` gets a ``welcome``; ``checkout`` gets a ``granted`` with a fresh 128-bit token while the
-product's count is not reached and ``NO_SEATS`` otherwise; ``checkin`` frees the token; ``heartbeat`` is
-acknowledged. Whatever the daemon does on top of this is its overhead.
+Nothing from ``protocol/`` or ``lmgrd/``: a bare ``asyncio.Protocol`` that splits the 4-byte big-endian
+length prefix itself, unpacks each body with ``msgpack.unpackb`` straight into a dict, and answers from one
+dict of seats (``product -> [count, in use]``) and one of tokens (``token -> product``). No validation beyond
+what msgpack does, no ledger, no journal, no logging, no timers. The replies carry the same fields as the
+daemon's (``protocol/PROTOCOL.md``), so ``benchmarks/load.py`` drives both with the same frames and checks
+both the same way. This is what an outside reviewer writes in ten minutes to ask "how fast could Python go
+here?"; whatever the daemon costs above it is the price of its checks, its durability and its structure.
 
-    python benchmarks/ceiling.py --port 0 --pool BURST=4000 --pool CHURN=20000
+    python benchmarks/ceiling.py --port 0 --pool BURST=8000 --pool CHURN=100000
 
 prints ``ceiling listening on 127.0.0.1:PORT`` on stdout once it accepts connections, and exits 0 on
 SIGTERM or SIGINT.
@@ -17,53 +18,41 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import secrets
+import os
+import resource
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import msgpack
 
-from lmgrd.storage.host import raise_nofile
-from protocol.errors import ErrorCode, MalformedMessage
-from protocol.framing import FrameDecoder, encode_frame
-from protocol.messages import (
-    CheckedIn,
-    Checkin,
-    Checkout,
-    ErrorReply,
-    Granted,
-    Heartbeat,
-    HeartbeatAck,
-    Hello,
-    Welcome,
-    parse_request,
-)
-
-BACKLOG = 8192  # the daemon's default listen backlog (lmgrd.config.DEFAULT_BACKLOG)
+BACKLOG = 8192  # the daemon's default listen backlog
 LEASE_TIMEOUT = 90.0
 HEARTBEAT = 30.0
 CUSTOMER = "CEILING-0000"
 
+_pack = msgpack.Packer(use_bin_type=True).pack
+_unpackb = msgpack.unpackb
+_token = os.urandom
 
-class Pools:
-    """product -> [count, in use]; token -> product. The whole "ledger"."""
 
-    def __init__(self, counts: dict[str, int]) -> None:
-        self.pools: dict[str, list[int]] = {name: [count, 0] for name, count in counts.items()}
-        self.tokens: dict[str, str] = {}
-        self.sessions = 0
+def frame(msg: dict[str, Any]) -> bytes:
+    body: bytes = _pack(msg)
+    return len(body).to_bytes(4, "big") + body
+
+
+SEATS: dict[str, list[int]] = {}  # product -> [count, in use]
+TOKENS: dict[str, str] = {}  # token -> product
+SESSIONS = [0]
 
 
 class SeatProtocol(asyncio.Protocol):
-    __slots__ = ("decoder", "pools", "ready", "tokens", "transport")
+    __slots__ = ("buf", "held", "transport")
 
-    def __init__(self, pools: Pools) -> None:
-        self.pools = pools
-        self.decoder = FrameDecoder()
+    def __init__(self) -> None:
+        self.buf = b""
+        self.held = 0  # seats this connection holds (the heartbeat ack's "renewed")
         self.transport: asyncio.Transport | None = None
-        self.ready = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -71,63 +60,65 @@ class SeatProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         t = self.transport
         assert t is not None
-        try:
-            raws = self.decoder.feed(data)
-        except MalformedMessage as exc:
-            t.write(encode_frame(ErrorReply(0, ErrorCode.BAD_REQUEST, exc.message).to_wire()))
-            t.close()
+        if not self.buf and len(data) > 4 and int.from_bytes(data[:4], "big") == len(data) - 4:
+            t.write(self.answer(_unpackb(data[4:])))  # the common case: exactly one whole frame
             return
-        out: list[bytes] = []
-        for raw in raws:
-            try:
-                req = parse_request(raw)
-            except MalformedMessage as exc:
-                out.append(encode_frame(ErrorReply(0, ErrorCode.BAD_REQUEST, exc.message).to_wire()))
-                continue
-            out.append(self.answer(req))
-        if len(out) == 1:
-            t.write(out[0])
-        elif out:
+        buf = self.buf + data
+        pos, end = 0, len(buf)
+        out = []
+        while end - pos >= 4:
+            n = int.from_bytes(buf[pos:pos + 4], "big")
+            if end - pos - 4 < n:
+                break
+            out.append(self.answer(_unpackb(buf[pos + 4:pos + 4 + n])))
+            pos += 4 + n
+        self.buf = buf[pos:]
+        if out:
             t.write(b"".join(out))
 
-    def answer(self, req: Any) -> bytes:
-        pools = self.pools
-        if isinstance(req, Checkout):
-            pool = pools.pools.get(req.product)
+    def answer(self, m: dict[str, Any]) -> bytes:
+        op = m["op"]
+        rid = m["id"]
+        if op == "checkout":
+            product = m["product"]
+            pool = SEATS.get(product)
             if pool is None:
-                return encode_frame(ErrorReply(req.id, ErrorCode.UNKNOWN_PRODUCT, "no such product").to_wire())
+                return frame({"op": "error", "id": rid, "code": "UNKNOWN_PRODUCT", "message": "no such product",
+                              "hint": ""})
             if pool[1] >= pool[0]:
-                return encode_frame(ErrorReply(req.id, ErrorCode.NO_SEATS,
-                                               f"all {pool[0]} seat(s) of {req.product} are in use",
-                                               "try again later").to_wire())
+                return frame({"op": "error", "id": rid, "code": "NO_SEATS",
+                              "message": f"all {pool[0]} seat(s) of {product} are in use", "hint": "try again later"})
             pool[1] += 1
-            token = secrets.token_hex(16)
-            pools.tokens[token] = req.product
-            return encode_frame(Granted(req.id, token, CUSTOMER, req.product, req.version, LEASE_TIMEOUT,
-                                        HEARTBEAT).to_wire())
-        if isinstance(req, Checkin):
-            product = pools.tokens.pop(req.token, None)
+            self.held += 1
+            token = _token(16).hex()
+            TOKENS[token] = product
+            return frame({"op": "granted", "id": rid, "token": token, "customer_id": CUSTOMER, "product": product,
+                          "version": m["version"], "lease_timeout": LEASE_TIMEOUT, "heartbeat_interval": HEARTBEAT,
+                          "waited": 0.0})
+        if op == "checkin":
+            product = TOKENS.pop(m["token"], None)
             if product is not None:
-                pools.pools[product][1] -= 1
-            return encode_frame(CheckedIn(req.id, product is not None).to_wire())
-        if isinstance(req, Heartbeat):
-            return encode_frame(HeartbeatAck(req.id, 0).to_wire())
-        if isinstance(req, Hello):
-            pools.sessions += 1
-            return encode_frame(Welcome(req.id, 1, "ceiling", HEARTBEAT, LEASE_TIMEOUT, 65536,
-                                        pools.sessions).to_wire())
-        return encode_frame(ErrorReply(req.id, ErrorCode.BAD_REQUEST, f"{req.OP} is not served here").to_wire())
+                SEATS[product][1] -= 1
+                self.held -= 1
+            return frame({"op": "checked_in", "id": rid, "released": product is not None})
+        if op == "heartbeat":
+            return frame({"op": "heartbeat_ack", "id": rid, "renewed": self.held, "lost": []})
+        if op == "hello":
+            SESSIONS[0] += 1
+            return frame({"op": "welcome", "id": rid, "proto": 1, "server_version": "ceiling",
+                          "heartbeat_interval": HEARTBEAT, "lease_timeout": LEASE_TIMEOUT, "max_frame": 65536,
+                          "session": SESSIONS[0]})
+        return frame({"op": "error", "id": rid, "code": "BAD_REQUEST", "message": f"{op} is not served here",
+                      "hint": ""})
 
 
-async def serve(host: str, port: int, pools: Pools) -> None:
+async def serve(host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: SeatProtocol(pools), host=host, port=port, backlog=BACKLOG,
-                                      reuse_address=True)
+    server = await loop.create_server(SeatProtocol, host=host, port=port, backlog=BACKLOG, reuse_address=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sock = (server.sockets or ())[0]
-    addr = sock.getsockname()
+    addr = (server.sockets or ())[0].getsockname()
     print(f"ceiling listening on {addr[0]}:{addr[1]}", flush=True)
     await stop.wait()
     server.close()
@@ -139,17 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")
     p.add_argument("--pool", action="append", default=[], metavar="PRODUCT=COUNT", help="a product and its seats")
     ns = p.parse_args(argv)
-    counts: dict[str, int] = {}
     for item in ns.pool:
         name, _, count = item.partition("=")
         if not name or not count.isdigit():
             p.error(f"--pool takes PRODUCT=COUNT, got {item!r}")
-        counts[name] = int(count)
-    raise_nofile()
+        SEATS[name] = [int(count), 0]
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(ns.host, ns.port, Pools(counts)))
+        runner.run(serve(ns.host, ns.port))
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 
 from protocol.errors import FrameTooLarge, MalformedMessage
+from protocol.validation import MAX_NESTING_DEPTH, nesting_depth_exceeds, shown
 
 #: Default ceiling for one frame. Big enough for a status reply with hundreds of pools, small enough that
 #: a thousand hostile clients cannot make the daemon buffer more than 64 MiB.
@@ -44,7 +45,9 @@ def decode_body(body: bytes) -> dict[str, Any]:
     """Decode one frame body into a message map.
 
     Raises:
-        MalformedMessage: the body is not exactly one msgpack map with string keys.
+        MalformedMessage: the body is not exactly one msgpack map with string keys, or it nests lists and
+            maps deeper than :data:`protocol.validation.MAX_NESTING_DEPTH` (msgpack itself allows 1,024 levels,
+            deep enough for a later ``repr`` or walk to overflow Python's stack).
     """
     try:
         obj = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
@@ -57,8 +60,11 @@ def decode_body(body: bytes) -> dict[str, Any]:
         raise MalformedMessage(f"a message must be a msgpack map, got {type(obj).__name__}")
     for key in obj:
         if type(key) is not str:  # msgpack's strict_map_key still lets binary (bytes) keys through
-            raise MalformedMessage(f"frame body is not valid msgpack for this protocol: map key {key!r:.40} is "
+            raise MalformedMessage(f"frame body is not valid msgpack for this protocol: map key {shown(key, 40)} is "
                                    f"{type(key).__name__}, keys must be strings")
+    if nesting_depth_exceeds(obj):
+        raise MalformedMessage(f"frame body nests lists and maps more than {MAX_NESTING_DEPTH} levels deep; "
+                               "no message of this protocol needs that many")
     return obj
 
 
@@ -87,6 +93,16 @@ class FrameDecoder:
         if self._failed is not None:
             raise self._failed
         buf = self._buf
+        if not buf and len(data) > HEADER_SIZE:
+            # The common case on a request/reply connection: the read holds exactly one whole frame. Decode it
+            # from ``data`` itself, without copying it into the buffer and out again; the same checks apply.
+            (size,) = HEADER.unpack_from(data)
+            if size == len(data) - HEADER_SIZE and size <= self.max_frame_bytes:
+                try:
+                    return [decode_body(data[HEADER_SIZE:])]
+                except MalformedMessage as exc:
+                    self._failed = exc
+                    raise
         buf += data
         out: list[dict[str, Any]] = []
         pos = 0

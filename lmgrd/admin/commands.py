@@ -125,6 +125,22 @@ def _lmstat(server: DaemonView, proto: ClientView, args: dict[str, Any]) -> dict
         now, wall = server.clock(), server.wall()
         data["leases"] = [lease_view(x, now, wall, server.lease_timeout, _handle(server, x))
                           for x in server.ledger.leases() if product is None or x.pool[1] == product]
+        cluster = server.cluster
+        if cluster is not None:  # HA: every node's seats, each with the node that holds its client
+            for lease in data["leases"]:
+                lease["node"] = cluster.node
+            for (cid, prod), seats in sorted(cluster.view.items()):
+                if product is not None and prod != product:
+                    continue
+                for seat in seats:
+                    if seat.get("node") == cluster.node:
+                        continue
+                    data["leases"].append({
+                        "token": seat["token"], "customer_id": cid, "product": prod, "user": seat["user"],
+                        "host": seat["host"], "pid": seat.get("pid", 0), "version": seat["version"],
+                        "display": seat.get("display", seat["host"]), "checkout_at": seat["granted_at"],
+                        "handle": int(seat.get("slot", "0")) + 1, "node": seat.get("node", ""),
+                        "connected": True})
         queue = []
         for pool in server.ledger.pools():
             if product is not None and pool[1] != product:

@@ -19,6 +19,7 @@ from lmgrd.daemon.events import ClientView, Observers
 from lmgrd.daemon.guard import RefusalCounts
 from lmgrd.daemon.leases import Counters, WaitCtx
 from lmgrd.daemon.session import AdminHandler
+from lmgrd.storage.etcd import EtcdSeats
 from lmgrd.storage.journal import StoreError
 
 __all__ = ["ClientView", "CloudControl", "DaemonView"]
@@ -56,6 +57,8 @@ class DaemonView(Protocol):
     admin_token: str
     admin_token_path: Path | None
     stopped: asyncio.Event
+    #: HA (``store: etcd``): the cluster-wide seat store; None with the embedded journal.
+    cluster: EtcdSeats | None
     refusals: RefusalCounts
 
     @property

@@ -229,7 +229,7 @@ class Handlers:
         user, host = holder.user, holder.host
         for lic in decision.licenses:
             if leases.checkout(s, req.id, (lic.customer_id, req.product), share_key_for(lic.share, user, host),
-                               holder, req.version, now, wall):
+                               holder, req.version, now, wall, req.wait if not self.daemon.closing else 0.0):
                 return
         first = decision.licenses[0]
         reasons = {self.ledger.refusal((lic.customer_id, req.product), share_key_for(lic.share, user, host), user,
@@ -294,6 +294,8 @@ class Handlers:
         lost: list[LostSeat] = []
         removed = self.leases.removed
         ledger = self.ledger
+        unknown: list[str] = []  # HA: tokens another node granted (its client moved here): adopted from etcd
+        cluster = self.leases.cluster is not None
         for token in req.tokens:
             before = ledger.get(token)
             if before is None or not s.holds(before):
@@ -301,6 +303,9 @@ class Handlers:
                 if gone is not None and gone[0] == s.owner:
                     del removed[token]
                     lost.append(gone[1])
+                    continue
+                if cluster and before is None:
+                    unknown.append(token)  # adopted only if etcd's record of it names this client's owner
                     continue
                 self.token_refused(s, "resume", token, before)
                 # The same answer for a lease that is someone else's as for one that does not exist.
@@ -321,6 +326,9 @@ class Handlers:
                     logger.info("lease %s moved from %s (session %d) to %s (session %d)", token[:8], old.peer,
                                 old_session, s.peer, s.session)
             resumed.append(token)
+        if unknown:
+            self.leases.adopt(s, req.id, resumed, lost, unknown)  # answers once etcd has
+            return
         logger.info("RESUME %s: %d seat(s) resumed, %d lost", s.who(), len(resumed), len(lost))
         self.outbox.reply(s, Resumed, encode_frame(Resumed(req.id, tuple(resumed), tuple(lost)).to_wire()))
 
