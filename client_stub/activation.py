@@ -44,7 +44,7 @@ def _load(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # json.loads recurses on nesting
         raise LicenseError(ErrorCode.CLIENT_CONFIG_INVALID,
                            f"the activation record file {path} cannot be read: {exc}",
                            f"repair or delete {path}, then run 'lmclient activate LICENSE.lic' again") from None

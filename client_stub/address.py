@@ -27,6 +27,7 @@ from typing import Any
 
 from client_stub.errors import LicenseError
 from protocol import ErrorCode
+from protocol.validation import shown
 
 __all__ = [
     "CONFIG_FILE_NAME",
@@ -206,7 +207,8 @@ def _from_config(path: Path) -> tuple[Endpoint, ...] | None:
         raise _invalid(f"the client config file {path} is larger than {_CONFIG_MAX_BYTES} bytes")
     try:
         doc: Any = yaml.safe_load(data)
-    except yaml.YAMLError as exc:
+    # PyYAML composes recursively (5,000 nested "[" recurse) and raises ValueError for a date like 2099-12-62.
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:
         raise _invalid(f"the client config file {path} is not valid YAML: {exc}") from None
     if doc is None:
         return None
@@ -220,7 +222,7 @@ def _from_config(path: Path) -> tuple[Endpoint, ...] | None:
         servers = [servers]
     if not isinstance(servers, list) or not all(isinstance(s, str) for s in servers):
         raise _invalid(f"the client config file {path}: 'servers' must be a list of PORT@HOST strings, "
-                       f"got {servers!r:.80}")
+                       f"got {shown(servers, 80)}")
     try:
         return parse_server_list(servers) if servers else None
     except LicenseError as exc:

@@ -346,6 +346,16 @@ def cmd_activate(ns: argparse.Namespace) -> int:
     path = Path(ns.license)
     lic = verify_for_this_pc(path, key)
     now = datetime.now(UTC)
+    if lic.cloud_url is not None:
+        from client_stub.cloud import activate_online
+
+        cert = activate_online(lic, str(path), key, now)
+        print(_("activated single-user license {customer_id} ({customer}) on this PC ({host}) by the vendor's "
+                "activation service {url}; certificate valid until {until}").format(
+                    customer_id=lic.customer_id, customer=lic.customer, host=short_hostname(socket.gethostname()),
+                    url=lic.cloud_url, until=cert.valid_until.strftime("%Y-%m-%d %H:%M:%S UTC")
+                    if cert.valid_until else _("the license expires")))
+        return 0
     rec = activation.activate(lic, now, hostname=socket.gethostname())
     print(_("activated single-user license {customer_id} ({customer}) on this PC ({host}), fingerprint "
             "{fingerprint}").format(customer_id=lic.customer_id, customer=lic.customer,

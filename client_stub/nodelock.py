@@ -19,6 +19,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from client_stub.activation import check_activation
+from client_stub.cloud import check_cloud_activation
 from client_stub.errors import LicenseError, SeatDenied
 from client_stub.machine import this_machine
 from protocol import ErrorCode, ProtocolError
@@ -125,7 +126,10 @@ def check_license_file(path: Path, product: str, version: str, public_key: Ed255
     source = os.fspath(path)
     lic = verify_for_this_pc(path, public_key)
     now = now if now is not None else datetime.now(UTC)
-    check_activation(lic, source, now)  # after signature and host, before expiry/product/version
+    if lic.cloud_url is not None:  # the vendor's activation service decides (client_stub.cloud)
+        check_cloud_activation(lic, source, public_key, now)
+    else:
+        check_activation(lic, source, now)  # after signature and host, before expiry/product/version
     decision = evaluate_use(lic, product, version, now)
     if decision is not None:
         code, message = decision

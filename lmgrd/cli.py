@@ -11,11 +11,12 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmgrd import LmgrdError, __version__
 from lmgrd.config import (
@@ -33,6 +34,10 @@ from lmgrd.core.logtext import printable
 from lmgrd.storage.files import load_licensing, state_dir
 from lmgrd.storage.host import clock_offset, daemon_wall_clock, raise_nofile
 from protocol.activation import auto_activation_at
+
+if TYPE_CHECKING:
+    from lmgrd.storage.etcd import EtcdSettings
+    from lmgrd.storage.journal import LeaseStore
 
 logger = logging.getLogger("lmgrd")
 
@@ -84,10 +89,44 @@ def build_parser() -> argparse.ArgumentParser:
                    "/healthz and the status page (default 27001; 0 = off; 'auto' picks a free port and logs it)")
     p.add_argument("--metrics-bind", metavar="ADDR", help="address for the metrics port (default: the --bind "
                    "address)")
+    p.add_argument("--metrics-max-connections", type=int, metavar="N", help="connections the metrics port keeps "
+                   "open at once; past it the one idle or slow the longest is dropped (default 512)")
+    p.add_argument("--metrics-header-timeout", type=float, metavar="S", help="seconds a metrics request has to "
+                   "send its head, from its first byte (default 5)")
+    p.add_argument("--metrics-request-timeout", type=float, metavar="S", help="seconds a metrics request has to "
+                   "send everything and take its answer (default 10)")
+    p.add_argument("--metrics-keepalive-timeout", type=float, metavar="S", help="seconds an idle kept-alive "
+                   "metrics connection stays open (default 5; 0 closes after every answer)")
+    p.add_argument("--metrics-max-header-bytes", type=int, metavar="N", help="largest metrics request head "
+                   "(default 8192)")
+    p.add_argument("--metrics-max-body-bytes", type=int, metavar="N", help="largest metrics request body "
+                   "(default 65536)")
     p.add_argument("--usage-log", metavar="PATH", help="append a JSON-lines usage log here (checkouts, checkins, "
                    "expiries, removals, denials) for 'lmutil report'; rotated by size (usage_log_max_bytes)")
     p.add_argument("--admin-token-file", metavar="PATH", help="where to write the admin token lmutil uses "
                    "(default: the user's runtime directory, admin-PORT.token, mode 0600)")
+    p.add_argument("--cloud-poll-interval", type=float, metavar="S", help="seconds between activation requests "
+                   "to the vendor's activation service while a license with a cloud_url is pending (default 900, "
+                   "with jitter; at least 1)")
+    p.add_argument("--cloud-check-in-interval", type=float, metavar="S", help="seconds between check-ins of an "
+                   "active cloud license with the activation service (default 86400, with jitter; at least 1)")
+    p.add_argument("--cloud-ca-file", metavar="PEM", help="extra CA certificates to trust for the activation "
+                   "service (a TLS-inspecting proxy's CA; answers are signed by the vendor either way)")
+    p.add_argument("--cloud-proxy", metavar="URL", help="HTTP proxy for the activation service, e.g. "
+                   "http://proxy:3128 (default: HTTPS_PROXY / NO_PROXY from the environment)")
+    p.add_argument("--store", choices=("journal", "etcd"), help="where seats live: journal (this node's "
+                   "--state-dir, the default) or etcd (high availability: several lmgrd nodes share one etcd "
+                   "cluster; needs pip install 'lmgrd[ha]')")
+    p.add_argument("--etcd-endpoints", metavar="H:P,...", help="the etcd members, e.g. "
+                   "10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379")
+    p.add_argument("--etcd-prefix", metavar="KEY", help="etcd key prefix of this license service (default /lmgrd)")
+    p.add_argument("--etcd-timeout", type=float, metavar="S", help="deadline of each etcd call (default 2)")
+    p.add_argument("--etcd-cacert", metavar="ca.pem", help="TLS: CA certificate of the etcd members")
+    p.add_argument("--etcd-cert", metavar="client.pem", help="TLS: client certificate for etcd")
+    p.add_argument("--etcd-key", metavar="client-key.pem", help="TLS: the client certificate's key")
+    p.add_argument("--etcd-user", metavar="NAME", help="etcd user (etcd authentication)")
+    p.add_argument("--etcd-password-file", metavar="PATH", help="file whose first line is the etcd user's password")
+    p.add_argument("--node-name", metavar="NAME", help="this node's name in the cluster (default: the hostname)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
     p.add_argument("--check", action="store_true", help="validate the configuration and licenses, list every "
                    "problem, and exit (1 if there is one)")
@@ -99,7 +138,12 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     keys = ("licenses", "vendor_key", "port", "bind", "state_dir", "heartbeat_interval", "lease_timeout",
             "reconnect_grace", "max_connections_per_address", "handshake_timeout", "idle_connection_timeout",
             "max_requests_per_second", "max_frame_bytes", "log_level",
-            "admin_token_file", "metrics_port", "metrics_bind", "revocations", "usage_log")
+            "admin_token_file", "metrics_port", "metrics_bind", "revocations", "usage_log", "metrics_max_connections",
+            "metrics_header_timeout", "metrics_request_timeout", "metrics_keepalive_timeout",
+            "metrics_max_header_bytes", "metrics_max_body_bytes",
+            "cloud_poll_interval", "cloud_check_in_interval", "cloud_ca_file", "cloud_proxy", "store", "etcd_endpoints",
+            "etcd_prefix", "etcd_timeout", "etcd_cacert", "etcd_cert", "etcd_key", "etcd_user", "etcd_password_file",
+            "node_name")
     return {k: getattr(ns, k) for k in keys}
 
 
@@ -129,6 +173,11 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
+    logging.getLogger("grpc").setLevel(logging.WARNING)  # store: etcd; its debug lines say nothing about seats
+    # The activation service's HTTP client logs every request and socket step; the cloud agent logs what
+    # matters (lmgrd.daemon.cloud), so these stay at warnings even under --log-level debug.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 _CONFIG_SOURCE: tuple[Path | None, dict[str, Any]] = (None, {})
@@ -165,12 +214,14 @@ def reload_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
 
 
 def run_check(cfg: DaemonConfig) -> int:
-    licensing, problems = load_licensing(cfg)
+    licensing, problems = load_licensing(cfg, create_key=False)
     for path, lic in licensing.served:
         prods = ", ".join(f"{p.name} {p.version} x{p.count}" for p in lic.products)
         exp = lic.expires.isoformat() if lic.expires else "never"
         state = licensing.activation_state(lic.customer_id, datetime.min.replace(tzinfo=UTC))  # reads, never writes
-        if state == "pending":
+        if state == "pending" and lic.cloud_url is not None:
+            state += f" (activated by the vendor's activation service {lic.cloud_url})"
+        elif state == "pending":
             state += f" (activates automatically at {auto_activation_at(lic):%Y-%m-%d %H:%M:%S} UTC, or run lmutil " \
                      f"activate {lic.customer_id})"
         print(f"ok: {path}: customer ID {lic.customer_id} ({lic.customer}), {prods}, expires {exp}, "
@@ -189,20 +240,56 @@ def run_check(cfg: DaemonConfig) -> int:
     return 0
 
 
+def etcd_settings(cfg: DaemonConfig) -> EtcdSettings:
+    """The etcd connection of ``store: etcd``; raises LmgrdError when the extra is missing or a file is unreadable."""
+    from lmgrd.storage.etcd import EtcdSettings, ha_missing
+
+    missing = ha_missing()
+    if missing:
+        raise LmgrdError(missing)
+    password = None
+    if cfg.etcd_password_file is not None:
+        try:
+            password = cfg.etcd_password_file.read_text(encoding="utf-8").splitlines()[0]
+        except (OSError, IndexError, UnicodeDecodeError) as exc:
+            raise LmgrdError(f"etcd_password_file: cannot read the password from {cfg.etcd_password_file}: "
+                             f"{exc}") from None
+    for what, path in (("etcd_cacert", cfg.etcd_cacert), ("etcd_cert", cfg.etcd_cert), ("etcd_key", cfg.etcd_key)):
+        if path is not None and not path.is_file():
+            raise LmgrdError(f"{what}: no such file: {path}")
+    return EtcdSettings(cfg.etcd_endpoints, cfg.etcd_prefix, cfg.etcd_timeout, cfg.etcd_cacert, cfg.etcd_cert,
+                        cfg.etcd_key, cfg.etcd_user, password)
+
+
 async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
     from lmgrd.daemon.server import Server, install_signal_handlers
     from lmgrd.storage.journal import StoreError, open_store
 
+    cluster = None
     state = state_dir(cfg)
-    try:
-        state.mkdir(parents=True, exist_ok=True)
-        store = open_store(state)
-    except OSError as exc:  # read-only, full, or not ours: say where and what, never a traceback
-        raise StoreError(f"cannot open the state directory {state}: {exc.strerror or exc}"
-                         f"{f' ({exc.filename})' if exc.filename else ''}; make it writable by this user, free "
-                         "space in it, or give lmgrd another --state-dir") from None
-    server = Server(cfg, licensing, store, reload=lambda: reload_licensing(cfg),
-                    wall=daemon_wall_clock(clock_offset()))
+    if cfg.store == "etcd":  # seats in etcd; the state directory keeps only this node's activation record
+        from lmgrd.storage.etcd import EtcdSeats, NullStore
+
+        store: LeaseStore = NullStore()
+        cluster = EtcdSeats(etcd_settings(cfg), cfg.node_name or socket.gethostname().split(".")[0],
+                            cfg.lease_timeout)
+    else:
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+            store = open_store(state)
+        except OSError as exc:  # read-only, full, or not ours: say where and what, never a traceback
+            raise StoreError(f"cannot open the state directory {state}: {exc.strerror or exc}"
+                             f"{f' ({exc.filename})' if exc.filename else ''}; make it writable by this user, free "
+                             "space in it, or give lmgrd another --state-dir") from None
+
+    def reload() -> tuple[Licensing, list[str]]:
+        result = reload_licensing(cfg)
+        # Once the server has the reread licenses (this runs inside Server.reload): a license with a cloud_url
+        # that is new asks the activation service now, starting the agent if none ran.
+        server.loop.call_soon(start_cloud_agent, server, state)
+        return result
+
+    server = Server(cfg, licensing, store, reload=reload, wall=daemon_wall_clock(clock_offset()), cluster=cluster)
     install_signal_handlers(server)
     from lmgrd.admin.commands import enable_admin
     from lmgrd.monitoring.usage import attach_usage_log
@@ -215,12 +302,48 @@ async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
         raise LmgrdError(f"cannot listen on port {cfg.port}: {exc.strerror or exc}; is another lmgrd running? "
                          "choose another --port") from None
     enable_admin(server)  # the admin token file, and lmutil's commands
+    start_cloud_agent(server, state)
     from lmgrd.monitoring.http import start_monitoring
 
     monitor = await start_monitoring(server, cfg)
     await server.stopped.wait()
     await monitor.close()
+    if server.cloud is not None:
+        await server.cloud.close()
     return 0
+
+
+def _host_for_cloud() -> tuple[str, list[str]]:
+    """This machine's hostname and routable addresses, as an activation request reports them."""
+    import ipaddress
+
+    from lmgrd.storage.files import this_host
+
+    host = this_host()
+    addrs = [a for a in host.addresses if not (ipaddress.ip_address(a).is_loopback
+                                               or ipaddress.ip_address(a).is_link_local)]
+    return host.hostname, addrs
+
+
+def start_cloud_agent(server: Any, state: Path) -> Any:
+    """Start talking to the vendor's activation service if a served license has a ``cloud_url`` (after a
+    reread: wake the running agent, so a newly added license is asked about at once)."""
+    if server.cloud is not None:
+        server.cloud.wake()
+        return server.cloud
+    acts = server.licensing.activations
+    if acts is None or acts.cloud is None or server.closing:
+        return None
+    from lmgrd.daemon.cloud import CloudAgent
+    from lmgrd.storage.cloud import installation_key
+
+    agent = CloudAgent(server, installation_key(state), _host_for_cloud)
+    server.cloud = agent
+    agent.start()
+    urls = sorted({lic.cloud_url for _p, lic in server.licensing.served if lic.cloud_url})
+    logger.info("activation service: %s (poll every %g s while pending, check in every %g s)", ", ".join(urls),
+                server.cfg.cloud_poll_interval, server.cfg.cloud_check_in_interval)
+    return agent
 
 
 def main(argv: list[str] | None = None) -> int:

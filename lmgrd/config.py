@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -15,8 +16,10 @@ from typing import Any, Literal
 import yaml
 
 from lmgrd import LmgrdError
+from lmgrd.core.documents import load_yaml
 from lmgrd.core.options import parse_options
 from lmgrd.core.policy import Policy, combine_policies, parse_policy
+from protocol.validation import shown
 
 DEFAULT_PORT = 27000
 DEFAULT_METRICS_PORT = 27001
@@ -31,6 +34,9 @@ DEFAULT_IDLE_CONNECTION_TIMEOUT = 300.0
 DEFAULT_MAX_REQUESTS_PER_SECOND = 1000.0
 #: listen() backlog; the kernel caps it at net.core.somaxconn (4096 on current Linux).
 DEFAULT_BACKLOG = 8192
+#: Activation requests of a pending cloud license: every 15 minutes; check-ins of an active one: daily.
+DEFAULT_CLOUD_POLL_INTERVAL = 15 * 60.0
+DEFAULT_CLOUD_CHECK_IN_INTERVAL = 24 * 3600.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -73,6 +79,16 @@ class DaemonConfig:
     metrics_bind: str | None = None  # None = the same address as ``bind``
     metrics_textfile: Path | None = None  # write the metrics dump here for node_exporter's textfile collector
     metrics_textfile_interval: float = 15.0
+    # The monitoring port's limits (lmgrd.monitoring.http.HTTPLimits): connections open at once (at the cap the
+    # one idle or slow the longest is evicted), seconds to deliver a request head and a whole request (from its
+    # first byte), seconds a kept-alive connection may sit idle (0 = close after every answer), and the largest
+    # request head and body in bytes.
+    metrics_max_connections: int = 512
+    metrics_header_timeout: float = 5.0
+    metrics_request_timeout: float = 10.0
+    metrics_keepalive_timeout: float = 5.0
+    metrics_max_header_bytes: int = 8 * 1024
+    metrics_max_body_bytes: int = 64 * 1024
     # Usage log (lmgrd.monitoring.usage): JSON lines for lmutil report, rotated at max_bytes into usage_log.1 .. .N.
     usage_log: Path | None = None
     usage_log_max_bytes: int = 10 * 1024 * 1024
@@ -86,6 +102,29 @@ class DaemonConfig:
     options_problems: tuple[str, ...] = ()
     #: Lines of the options file that lmgrd does not support (FlexNet keywords it does not implement).
     options_unsupported: tuple[str, ...] = ()
+    # The vendor's activation service (licenses whose signed ``cloud_url`` names it; lmgrd.daemon.cloud).
+    #: Seconds between activation requests while a cloud license is pending (jittered by up to 10 %).
+    cloud_poll_interval: float = DEFAULT_CLOUD_POLL_INTERVAL
+    #: Seconds between check-ins of an active cloud license (jittered by up to 10 %).
+    cloud_check_in_interval: float = DEFAULT_CLOUD_CHECK_IN_INTERVAL
+    #: Extra CA certificates (PEM) to trust for the service, e.g. a TLS-inspecting proxy's; every answer is
+    #: Ed25519-signed by the vendor, so trusting a proxy's CA cannot forge an activation.
+    cloud_ca_file: Path | None = None
+    #: An HTTP(S) proxy for the service (``http://proxy:3128``); without it HTTPS_PROXY / NO_PROXY apply.
+    cloud_proxy: str | None = None
+    #: Where seats live: ``journal`` (this node's state directory, the default) or ``etcd`` (HA: several nodes
+    #: share one etcd cluster; needs the ``lmgrd[ha]`` extra).
+    store: Literal["journal", "etcd"] = "journal"
+    etcd_endpoints: tuple[str, ...] = ()  # host:port of each etcd member
+    etcd_prefix: str = "/lmgrd"
+    etcd_timeout: float = 2.0  # the deadline of every etcd call
+    etcd_cacert: Path | None = None  # TLS: the CA that signed etcd's certificates (https endpoints)
+    etcd_cert: Path | None = None  # TLS client certificate (etcd --client-cert-auth)
+    etcd_key: Path | None = None
+    etcd_user: str | None = None  # etcd authentication (etcdctl user add)
+    etcd_password_file: Path | None = None  # the user's password, on the file's first line
+    #: This node's name in the cluster (lmstat's server lines, which node holds each client); default: hostname.
+    node_name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # the raw sections: policy, revocations, site_networks
 
     @property
@@ -97,6 +136,8 @@ class DaemonConfig:
 
 _KEYS = {f.name for f in fields(DaemonConfig)} - {"extra", "policy", "options_problems", "options_unsupported"} | {
     "license"}
+#: The largest config file read (a real one is a few kB; policy for thousands of products stays far below).
+MAX_CONFIG_FILE_BYTES = 64 * 1024 * 1024
 #: The largest options file read (FlexNet's lines are at most 4000 characters; a real file is a few kB).
 MAX_OPTIONS_FILE_BYTES = 4 * 1024 * 1024
 #: Sections read by their own parsers (policy, revocations, site); passed through in ``extra``.
@@ -107,10 +148,10 @@ _EXTRA_KEYS = {"policy", "revocations", "groups",
 def _num(problems: list[str], key: str, value: Any, lo: float, hi: float, integer: bool = False) -> float | None:
     what = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
-        problems.append(f"{key}: expected {what} from {lo:g} to {hi:g}, got {value!r}")
+        problems.append(f"{key}: expected {what} from {lo:g} to {hi:g}, got {shown(value)}")
         return None
     if math.isnan(value) or not lo <= value <= hi:
-        problems.append(f"{key}: expected {what} from {lo:g} to {hi:g}, got {value!r}")
+        problems.append(f"{key}: expected {what} from {lo:g} to {hi:g}, got {shown(value)}")
         return None
     return value
 
@@ -143,18 +184,19 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
     if isinstance(lic, str):
         lic = [lic]
     if not isinstance(lic, list) or not all(isinstance(x, str) for x in lic):
-        problems.append(f"licenses: expected a path or a list of paths, got {lic!r}")
+        problems.append(f"licenses: expected a path or a list of paths, got {shown(lic)}")
     else:
         out["licenses"] = tuple(Path(x).expanduser() for x in lic)
-    for key in ("vendor_key", "state_dir", "admin_token_file", "usage_log", "options"):
+    for key in ("vendor_key", "state_dir", "admin_token_file", "usage_log", "options", "cloud_ca_file", "etcd_cacert",
+                "etcd_cert", "etcd_key", "etcd_password_file"):
         if key in merged:
             if not isinstance(merged[key], str):
-                problems.append(f"{key}: expected a path, got {merged[key]!r}")
+                problems.append(f"{key}: expected a path, got {shown(merged[key])}")
             else:
                 out[key] = Path(merged[key]).expanduser()
     if "bind" in merged:
         if not isinstance(merged["bind"], str):
-            problems.append(f"bind: expected an address such as 0.0.0.0 or 127.0.0.1, got {merged['bind']!r}")
+            problems.append(f"bind: expected an address such as 0.0.0.0 or 127.0.0.1, got {shown(merged['bind'])}")
         else:
             out["bind"] = merged["bind"]
     ranges: dict[str, tuple[float, float, bool]] = {
@@ -172,6 +214,15 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
         "shutdown_timeout": (0, 60, False),
         "usage_log_max_bytes": (0, 2**40, True),  # 0 = never rotate
         "usage_log_backups": (0, 1000, True),
+        "metrics_max_connections": (1, 1_000_000, True),
+        "metrics_header_timeout": (0.1, 600, False),
+        "metrics_request_timeout": (0.1, 3600, False),
+        "metrics_keepalive_timeout": (0, 3600, False),
+        "metrics_max_header_bytes": (1024, 1024 * 1024, True),
+        "metrics_max_body_bytes": (0, 16 * 1024 * 1024, True),
+        "etcd_timeout": (0.05, 60, False),
+        "cloud_poll_interval": (1, 30 * 86400, False),
+        "cloud_check_in_interval": (1, 365 * 86400, False),
     }
     for key, (lo, hi, integer) in ranges.items():
         if key in merged:
@@ -179,17 +230,24 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
             if v is not None:
                 out[key] = int(v) if integer else float(v)
     _metrics_settings(merged, out, problems)
+    if "cloud_proxy" in merged:
+        v = merged["cloud_proxy"]
+        if not isinstance(v, str) or not re.fullmatch(r"(?i)(https?|socks5h?)://[^\s/]+(:[0-9]{1,5})?/?", v):
+            problems.append(f"cloud_proxy: expected a proxy URL such as http://proxy.example:3128, got {v!r}")
+        else:
+            out["cloud_proxy"] = v
+    _store_settings(merged, out, problems)
     if "log_level" in merged:
         lvl = merged["log_level"]
         if not isinstance(lvl, str) or lvl.lower() not in LOG_LEVELS:
-            problems.append(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {lvl!r}")
+            problems.append(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {shown(lvl)}")
         else:
             out["log_level"] = lvl.lower()
     # Revocation files: the config's list plus every --revocations flag (both load); site_networks narrows.
     revs = extra.get("revocations", [])
     revs = [revs] if isinstance(revs, str) else revs
     if not isinstance(revs, list) or not all(isinstance(x, str) for x in revs):
-        problems.append(f"revocations: expected a path or a list of paths, got {revs!r}")
+        problems.append(f"revocations: expected a path or a list of paths, got {shown(revs)}")
     elif revs or overrides.get("revocations"):
         extra["revocations"] = [*revs, *(overrides.get("revocations") or [])]
     policy = Policy()
@@ -216,6 +274,48 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
     if problems:
         raise ConfigInvalid(source, problems)
     return cfg
+
+
+def _store_settings(merged: dict[str, Any], out: dict[str, Any], problems: list[str]) -> None:
+    store = merged.get("store", "journal")
+    if store not in ("journal", "etcd"):
+        problems.append(f"store: expected 'journal' (the default) or 'etcd', got {store!r}")
+        return
+    out["store"] = store
+    eps = merged.get("etcd_endpoints", [])
+    if isinstance(eps, str):
+        eps = [e for e in (x.strip() for x in eps.split(",")) if e]
+    if not isinstance(eps, list) or not all(isinstance(e, str) for e in eps):
+        problems.append(f"etcd_endpoints: expected host:port[,host:port...], got {eps!r}")
+        eps = []
+    clean = []
+    for e in eps:
+        e = e.removeprefix("http://").removeprefix("https://")
+        host, _, port = e.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            problems.append(f"etcd_endpoints: {e!r} is not host:port (for example 127.0.0.1:2379)")
+        else:
+            clean.append(e)
+    out["etcd_endpoints"] = tuple(clean)
+    if store == "etcd" and not eps:
+        problems.append("etcd_endpoints: store: etcd needs the etcd members (--etcd-endpoints "
+                        "10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379)")
+    for key in ("etcd_prefix", "etcd_user", "node_name"):
+        if key in merged and merged[key] is not None:
+            v = merged[key]
+            if not isinstance(v, str) or not v or any(c.isspace() for c in v):
+                problems.append(f"{key}: expected a non-empty name without spaces, got {v!r}")
+            else:
+                out[key] = v
+    if "etcd_prefix" in out and not out["etcd_prefix"].startswith("/"):
+        problems.append(f"etcd_prefix: expected a key prefix starting with '/', got {out['etcd_prefix']!r}")
+    if ("etcd_cert" in merged) != ("etcd_key" in merged):
+        problems.append("etcd_cert, etcd_key: a TLS client certificate needs both the certificate and its key")
+    if "etcd_cert" in merged and "etcd_cacert" not in merged:
+        problems.append("etcd_cacert: a TLS client certificate needs the CA of etcd's server certificate too")
+    if ("etcd_user" in merged) != ("etcd_password_file" in merged):
+        problems.append("etcd_user, etcd_password_file: etcd authentication needs both the user and the file "
+                        "holding its password")
 
 
 def _read_options(path: Path, yaml_policy: Policy, problems: list[str]
@@ -264,20 +364,20 @@ def _metrics_settings(merged: dict[str, Any], out: dict[str, Any], problems: lis
         else:
             port = _num([], "metrics_port", v, 0, 65535, True)
             if port is None:
-                problems.append(f"metrics_port: expected a port from 0 (off) to 65535, or 'auto', got {v!r}")
+                problems.append(f"metrics_port: expected a port from 0 (off) to 65535, or 'auto', got {shown(v)}")
             else:
                 out["metrics_port"] = int(port)
     if "metrics_bind" in merged:
         if not isinstance(merged["metrics_bind"], str):
             problems.append(f"metrics_bind: expected an address such as 0.0.0.0 or 127.0.0.1, got "
-                            f"{merged['metrics_bind']!r}")
+                            f"{shown(merged['metrics_bind'])}")
         else:
             out["metrics_bind"] = merged["metrics_bind"]
     if "metrics_textfile" in merged:
         v = merged["metrics_textfile"]
         if not isinstance(v, str) or not v or v.endswith(("/", "\\")):
             problems.append(f"metrics_textfile: expected a file path such as /var/lib/node_exporter/lmgrd.prom, "
-                            f"got {v!r}")
+                            f"got {shown(v)}")
         else:
             out["metrics_textfile"] = Path(v).expanduser()
     if "metrics_textfile_interval" in merged:
@@ -290,20 +390,35 @@ def load_config_file(path: Path) -> dict[str, Any]:
     """Read a YAML config file into a dict.
 
     Raises:
-        ConfigInvalid: unreadable file, YAML syntax error (with line), or not a mapping.
+        ConfigInvalid: unreadable file, YAML syntax error (with line), nested too deep, or not a mapping.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigInvalid(str(path), [f"cannot read the config file: {exc.strerror}"]) from None
-    except UnicodeDecodeError:
-        raise ConfigInvalid(str(path), ["the config file is not UTF-8 text"]) from None
+    if len(data) > MAX_CONFIG_FILE_BYTES:
+        raise ConfigInvalid(str(path), [f"the config file is larger than {MAX_CONFIG_FILE_BYTES} bytes; it is not "
+                                        "an lmgrd configuration"])
+    return parse_config_text(data, str(path))
+
+
+def parse_config_text(data: bytes, source: str) -> dict[str, Any]:
+    """The settings in a config file's bytes (``source`` names the file in every problem).
+
+    Raises:
+        ConfigInvalid: not UTF-8, YAML syntax error (with line), nested too deep, or not a mapping.
+    """
     try:
-        data = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigInvalid(source, ["the config file is not UTF-8 text"]) from None
+    try:
+        doc = load_yaml(text, source)
     except yaml.YAMLError as exc:
-        raise ConfigInvalid(str(path), [f"not valid YAML: {exc}"]) from None
-    if data is None:
+        raise ConfigInvalid(source, [f"not valid YAML: {exc}"]) from None
+    if doc is None:
         return {}
-    if not isinstance(data, dict):
-        raise ConfigInvalid(str(path), [f"expected a mapping of settings, got {type(data).__name__}"])
-    return {str(k): v for k, v in data.items()}
+    if not isinstance(doc, dict):
+        raise ConfigInvalid(source, [f"expected a mapping of settings, got {type(doc).__name__}"])
+    return {str(k): v for k, v in doc.items()}

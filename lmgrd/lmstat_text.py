@@ -100,16 +100,17 @@ class _Seat:
     handle: int
     start: float
     licenses: int = 1
+    node: str = ""  # HA: the node holding the client (shown where FlexNet shows the server)
 
 
 def _seats(leases: Iterable[dict[str, Any]]) -> list[_Seat]:
     """One entry per seat, from the first (oldest) of the leases holding it, in grant order."""
     out: dict[object, _Seat] = {}
     for x in leases:
-        key = x.get("handle", x["token"])
+        key = (x.get("node", ""), x.get("handle", x["token"]))
         if key not in out:
             out[key] = _Seat(x["user"], x["host"], x.get("display") or x["host"], x["version"],
-                             int(x.get("handle", 0)), float(x["checkout_at"]))
+                             int(x.get("handle", 0)), float(x["checkout_at"]), node=x.get("node", ""))
     return list(out.values())
 
 
@@ -135,10 +136,21 @@ def render_lmstat(data: dict[str, Any], *, port: int, now: datetime, features: b
         files = "".join(f"{p}:" for p in data.get("license_files", [])) or ":"
         # A single server as FlexNet 11.19 prints it: the server line indented by two, the vendor daemon's
         # name right-aligned in ten columns (``       MLM: UP``, ``    armlmd: UP``).
-        lines += ["[Detecting lmgrd processes...]", f"License server status: {port}@{host}",
-                  f"    License file(s) on {host}: {files}", "",
-                  f"  {host}: license server UP (MASTER) {version}", "",
-                  f"Vendor daemon status (on {host}):", "", f"{VENDOR:>10}: UP {version}", ""]
+        nodes = (data.get("cluster") or {}).get("nodes") or []
+        if nodes:
+            # HA: every node, as FlexNet shows a triad: this one the MASTER, the others UP or DOWN.
+            lines += ["[Detecting lmgrd processes...]",
+                      "License server status: " + ",".join(f"{n.get('port') or port}@{n['node']}" for n in nodes),
+                      f"    License file(s) on {host}: {files}", ""]
+            for n in nodes:
+                state = "UP (MASTER)" if n.get("this") else "UP" if n.get("up") else "DOWN"
+                lines.append(f"  {n['node']}: license server {state}" + (f" {version}" if n.get("up") else ""))
+            lines += ["", f"Vendor daemon status (on {host}):", "", f"{VENDOR:>10}: UP {version}", ""]
+        else:
+            lines += ["[Detecting lmgrd processes...]", f"License server status: {port}@{host}",
+                      f"    License file(s) on {host}: {files}", "",
+                      f"  {host}: license server UP (MASTER) {version}", "",
+                      f"Vendor daemon status (on {host}):", "", f"{VENDOR:>10}: UP {version}", ""]
         if features:
             lines += ["Feature usage info:", ""]
     if not features:
@@ -164,7 +176,7 @@ def render_lmstat(data: dict[str, Any], *, port: int, now: datetime, features: b
             mine = [x for x in leases if x["product"] == name and x["customer_id"] == pool["customer_id"]]
             for s in _seats(mine):
                 more = f", {s.licenses} licenses" if s.licenses > 1 else ""
-                lines.append(f"    {s.user} {s.host} {s.display} (v{s.version}) ({host}/{port} {s.handle}), "
+                lines.append(f"    {s.user} {s.host} {s.display} (v{s.version}) ({s.node or host}/{port} {s.handle}), "
                              f"start {user_time(datetime.fromtimestamp(s.start))}{more}")
             for r in pool.get("reservations", []):
                 n = int(r["seats"])
@@ -210,4 +222,12 @@ def render_extended(data: dict[str, Any], now_wall: float) -> str:
                              f"waiting {w['waiting_s']:.0f} s")
     for ref in data.get("refused_licenses", []):
         lines.append(f"  refused license: {ref}")
+    for c in data.get("cloud", []):
+        cert = (f"certificate ({c['how']}) valid until {c.get('valid_until') or 'the license expires'}"
+                if c.get("how") else "no certificate")
+        lines.append(f"  activation service {c['url']}: license {c['customer_id']} {c['state']}, {cert}, last "
+                     f"reached {c.get('last_reached_at') or 'never'}"
+                     + (f", last error: {c['last_error']}" if c.get("last_error") else ""))
+        if c.get("warning"):
+            lines.append(f"  WARNING: {c['warning']}")
     return "\n".join(lines) + "\n"

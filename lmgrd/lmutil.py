@@ -45,6 +45,10 @@ REFUSALS: dict[ErrorCode, str] = {
     ErrorCode.LEASE_NOT_FOUND: N_("No such seat is held on the license server."),
     ErrorCode.UNKNOWN_PRODUCT: N_("The license server does not serve this product."),
     ErrorCode.LICENSE_MOVED: N_("The license was activated on another machine."),
+    ErrorCode.ACTIVATION_CONFLICT: N_("The vendor's activation service says the license is active on another machine."),
+    ErrorCode.LICENSE_REVOKED: N_("The vendor revoked the license."),
+    ErrorCode.SERVER_UNAVAILABLE: N_("The vendor's activation service could not be reached."),
+    ErrorCode.LICENSE_INVALID: N_("The license or the vendor's answer is not valid."),
     ErrorCode.SHUTTING_DOWN: N_("The license server is shutting down."),
     ErrorCode.TOO_MANY_CONNECTIONS: N_("There are too many connections from this computer to the license server."),
     ErrorCode.INTERNAL_ERROR: N_("An internal error occurred in the license server."),
@@ -232,14 +236,89 @@ def cmd_simple(name: str) -> CommandFn:
 
 
 def cmd_activate(ns: argparse.Namespace, client: AdminClient, auth: str) -> int:
-    data = client.admin("activate", {"customer_id": ns.customer_id}, auth)
+    if ns.offline_response:
+        try:
+            text = Path(ns.offline_response).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AdminError(tr("cannot read the offline response {path}: {error}", path=ns.offline_response,
+                                error=getattr(exc, "strerror", None) or exc), 1) from None
+        data = client.admin("activate", {"offline_response": text}, auth)
+    elif ns.customer_id is None:
+        raise AdminError(tr("usage: lmutil activate CUSTOMER_ID [--offline-request FILE], or lmutil activate "
+                            "--offline-response FILE"), 2)
+    elif ns.offline_request:
+        data = client.admin("activate", {"customer_id": ns.customer_id, "offline_request": True}, auth)
+        try:
+            Path(ns.offline_request).write_text(str(data["request"]), encoding="utf-8")
+        except OSError as exc:
+            raise AdminError(tr("cannot write the offline request {path}: {error}", path=ns.offline_request,
+                                error=exc.strerror or exc), 1) from None
+        if ns.json:
+            print(json.dumps({"customer_id": ns.customer_id, "offline_request": ns.offline_request}))
+        else:
+            print(f"wrote the offline activation request for {ns.customer_id} to {ns.offline_request} "
+                  f"({len(str(data['request']))} bytes): send it to the software vendor, then install their answer "
+                  f"with: lmutil activate --offline-response FILE")
+        return 0
+    else:
+        data = client.admin("activate", {"customer_id": ns.customer_id}, auth)
     if ns.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
         print(f"license {data['customer_id']} is active on this license server"
               + (f" (activated {data['activated_at']}, {data['how']}; machine fingerprint {data['fingerprint']})"
-                 if data.get("activated_at") else ""))
+                 if data.get("activated_at") else "")
+              + (f"; certified by {data['service']} until {data.get('valid_until') or 'the license expires'}"
+                 if data.get("service") else ""))
     return 0
+
+
+CLOUD_CHECK_HELP = ("can this machine reach the vendor's activation service? DNS, proxy, TLS, clock skew and "
+                    "reachability, one line each; exit 0 only if all pass (no license server needed)")
+
+
+def run_cloud_check(ns: argparse.Namespace) -> int:
+    from lmgrd.cloudcheck import run_checks
+    from lmgrd.config import ConfigInvalid, load_config_file
+    from protocol.license import parse_license
+
+    file_values: dict[str, Any] = {}
+    if ns.config:
+        try:
+            file_values = load_config_file(Path(ns.config))
+        except ConfigInvalid as exc:
+            print(f"lmutil cloud-check: {exc}", file=sys.stderr)
+            return 2
+    url = ns.url
+    lic_paths = [ns.license] if ns.license else file_values.get("licenses") or file_values.get("license") or []
+    if isinstance(lic_paths, str):
+        lic_paths = [lic_paths]
+    for path in ([] if url else lic_paths):
+        try:
+            lic, _sig = parse_license(Path(path).read_text(encoding="utf-8"), str(path))
+        except (OSError, UnicodeDecodeError, ProtocolError) as exc:
+            print(f"lmutil cloud-check: cannot read the license {path}: {getattr(exc, 'message', exc)}",
+                  file=sys.stderr)
+            return 2
+        if lic.cloud_url:
+            url = lic.cloud_url
+            break
+    if not url:
+        print("lmutil cloud-check: no activation service URL: give it (lmutil cloud-check https://...), or a "
+              "license with a cloud_url (--license FILE.lic or --config lmgrd.yaml)", file=sys.stderr)
+        return 2
+    ca = ns.cloud_ca_file or file_values.get("cloud_ca_file")
+    proxy = ns.cloud_proxy or file_values.get("cloud_proxy")
+    checks = run_checks(str(url), Path(ca) if ca else None, str(proxy) if proxy else None)
+    if ns.json:
+        print(json.dumps({"url": url, "ok": all(c.result != "FAILED" for c in checks),
+                          "checks": [{"name": c.name, "result": c.result, "detail": c.detail} for c in checks]},
+                         indent=2))
+    else:
+        print(f"activation service {url}")
+        for c in checks:
+            print(c.line())
+    return 0 if all(c.result != "FAILED" for c in checks) else 1
 
 
 def cmd_lmremove(ns: argparse.Namespace, client: AdminClient, auth: str) -> int:
@@ -278,7 +357,8 @@ def cmd_lmremove(ns: argparse.Namespace, client: AdminClient, auth: str) -> int:
 
 COMMANDS: dict[str, tuple[CommandFn, str]] = {
     "activate": (cmd_activate, "activate a license on this license server now (run on the server itself); "
-                 "otherwise it activates by itself 24 hours after it was issued"),
+                 "otherwise it activates by itself 24 hours after it was issued (one with a cloud_url: by the "
+                 "vendor's activation service); --offline-request / --offline-response for sites without internet"),
     "lmstat": (cmd_lmstat, "license server status: products, seats and (with -a or -f) who holds them"),
     "lmdown": (cmd_simple("lmdown"), "shut the license server down gracefully (leases are persisted first)"),
     "lmhostid": (cmd_simple("lmhostid"), "this license server's identity as the daemon sees it"),
@@ -311,7 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, parents=[common], help=helptext, description=helptext,
                             add_help=name != "lmremove")  # lmremove -h is FlexNet's handle form
         if name == "activate":
-            sp.add_argument("customer_id", metavar="CUSTOMER_ID", help="the license's customer ID (CID-...)")
+            sp.add_argument("customer_id", metavar="CUSTOMER_ID", nargs="?", help="the license's customer ID "
+                            "(CID-...)")
+            sp.add_argument("--offline-request", metavar="FILE", help="for a site without internet: write a signed "
+                            "activation request for the vendor to answer (lmcloud offline-response)")
+            sp.add_argument("--offline-response", metavar="FILE", help="install the vendor's answer to an offline "
+                            "request (valid until the license expires; no check-in)")
         if name == "lmstat":
             sp.add_argument("-a", action="store_true", help="all products, with their holders")
             sp.add_argument("-f", metavar="FEATURE", nargs="?", const="", help="that product only, with its "
@@ -340,6 +425,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help=REPORT_HELP, description=REPORT_HELP)
     add_report_arguments(rp)
     sub.add_parser("lmver", help=LMVER_HELP, description=LMVER_HELP)
+    cp = sub.add_parser("cloud-check", help=CLOUD_CHECK_HELP, description=CLOUD_CHECK_HELP)
+    cp.add_argument("url", nargs="?", metavar="URL", help="the activation service (default: the cloud_url of "
+                    "--license, or of the first license in --config that has one)")
+    cp.add_argument("--license", metavar="FILE.lic", help="take the URL from this license's cloud_url")
+    cp.add_argument("--config", metavar="lmgrd.yaml", help="the daemon's config: its licenses, cloud_proxy and "
+                    "cloud_ca_file")
+    cp.add_argument("--cloud-ca-file", metavar="PEM", help="extra CA certificates to trust (as the daemon's)")
+    cp.add_argument("--cloud-proxy", metavar="URL", help="the proxy to use (default: HTTPS_PROXY / NO_PROXY)")
+    cp.add_argument("--json", action="store_true", help="print machine-readable JSON")
     return p
 
 
@@ -372,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         from lmgrd.report import run_report
 
         return run_report(ns)
+    if ns.command == "cloud-check":  # runs here; needs neither a server nor a token
+        return run_cloud_check(ns)
     if ns.command == "lmver" or (ns.command == "lmstat" and ns.v):
         print(lmstat_text.header(datetime.now())[0])
         print(lmstat_text.version_text(__version__) if ns.command == "lmstat" else f"lmver v{__version__}")
@@ -380,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         host, port = parse_server(ns.server.split(",")[0])
         auth = find_token(port, ns.token_file)
-        client = AdminClient(host, port, timeout=getattr(ns, "t", 10.0))
+        # activate may wait on the vendor's activation service (one HTTPS request, at most 15 s): wait longer.
+        client = AdminClient(host, port, timeout=getattr(ns, "t", 30.0 if ns.command == "activate" else 10.0))
         try:
             return fn(ns, client, auth)
         finally:

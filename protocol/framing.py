@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 
 from protocol.errors import FrameTooLarge, MalformedMessage
+from protocol.validation import MAX_NESTING_DEPTH, nesting_depth_exceeds, shown
 
 #: Default ceiling for one frame. Big enough for a status reply with hundreds of pools, small enough that
 #: a thousand hostile clients cannot make the daemon buffer more than 64 MiB.
@@ -44,7 +45,9 @@ def decode_body(body: bytes) -> dict[str, Any]:
     """Decode one frame body into a message map.
 
     Raises:
-        MalformedMessage: the body is not exactly one msgpack map with string keys.
+        MalformedMessage: the body is not exactly one msgpack map with string keys, or it nests lists and
+            maps deeper than :data:`protocol.validation.MAX_NESTING_DEPTH` (msgpack itself allows 1,024 levels,
+            deep enough for a later ``repr`` or walk to overflow Python's stack).
     """
     try:
         obj = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
@@ -57,8 +60,11 @@ def decode_body(body: bytes) -> dict[str, Any]:
         raise MalformedMessage(f"a message must be a msgpack map, got {type(obj).__name__}")
     for key in obj:
         if type(key) is not str:  # msgpack's strict_map_key still lets binary (bytes) keys through
-            raise MalformedMessage(f"frame body is not valid msgpack for this protocol: map key {key!r:.40} is "
+            raise MalformedMessage(f"frame body is not valid msgpack for this protocol: map key {shown(key, 40)} is "
                                    f"{type(key).__name__}, keys must be strings")
+    if nesting_depth_exceeds(obj):
+        raise MalformedMessage(f"frame body nests lists and maps more than {MAX_NESTING_DEPTH} levels deep; "
+                               "no message of this protocol needs that many")
     return obj
 
 

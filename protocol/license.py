@@ -71,6 +71,7 @@ from protocol.validation import (
     parse_version,
     product_problem,
     short_hostname,
+    shown,
     text_field_problem,
     version_permitted,
 )
@@ -78,6 +79,7 @@ from protocol.validation import (
 __all__ = [
     "CUSTOMER_ID_RE",
     "DATE_RE",
+    "HA_SERVERS",
     "LICENSE_FORMAT",
     "LICENSE_SIGNING_DOMAIN",
     "LICENSE_TYPES",
@@ -107,6 +109,7 @@ __all__ = [
     "parse_license",
     "parse_revocation",
     "parse_timestamp",
+    "servers_problem",
     "split_revocation_list",
     "verify_license",
     "verify_revocation",
@@ -178,7 +181,7 @@ def customer_id_problem(customer_id: object) -> str | None:
     if isinstance(customer_id, str) and CUSTOMER_ID_RE.fullmatch(customer_id):
         return None
     return (
-        f"customer ID {customer_id!r} is not of the form CID-XXXX-XXXX-XXXX-XXXX "
+        f"customer ID {shown(customer_id)} is not of the form CID-XXXX-XXXX-XXXX-XXXX "
         "(four groups of four characters A-Z or 2-7)"
     )
 
@@ -259,6 +262,9 @@ class License:
     share: ShareMode
     #: The vendor's activation service deciding this license's activation (``None``: the local 24-hour rule).
     cloud_url: str | None = None
+    #: An HA license (served by 2 or 3 lmgrd nodes on one etcd cluster, like a FlexNet triad's SERVER lines):
+    #: every server's ``(hostname, ip)``; the first is also ``hostname``/``ip``. Empty for one server.
+    servers: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         problem = customer_id_problem(self.customer_id)
@@ -290,6 +296,11 @@ class License:
             raise ValueError("site_networks must be a tuple of network strings")
         for net in self.site_networks:
             ipaddress.ip_network(net, strict=True)  # raises ValueError naming the network
+        problem = servers_problem(self.servers, self.license_type)
+        if problem:
+            raise ValueError(problem)
+        if self.servers and (self.hostname, self.ip) != self.servers[0]:
+            raise ValueError("an HA license's hostname and ip are those of its first server")
         if self.share not in SHARE_MODES:
             raise ValueError(f"share mode {self.share!r} is not one of {', '.join(SHARE_MODES)}")
         if self.cloud_url is not None:
@@ -334,6 +345,35 @@ class Revocation:
         object.__setattr__(self, "revoked_at", self.revoked_at.astimezone(UTC).replace(microsecond=0))
 
 
+#: How many servers an HA license may name (FlexNet's triad has three; two nodes are the smallest HA pair).
+HA_SERVERS = (2, 3)
+
+
+def servers_problem(servers: object, license_type: str = "multi") -> str | None:
+    """Why ``servers`` is not a valid HA server list (``()``, or 2-3 distinct ``(hostname, ip)``), or None."""
+    if not isinstance(servers, tuple):
+        return "servers must be a tuple of (hostname, ip) pairs"
+    if not servers:
+        return None
+    if license_type == "single":
+        return "a single-user (node-locked) license has no servers"
+    if len(servers) not in HA_SERVERS:
+        return f"an HA license names 2 or 3 servers, got {len(servers)}"
+    names: set[str] = set()
+    for entry in servers:
+        if not isinstance(entry, tuple) or len(entry) != 2:
+            return f"each server is a (hostname, ip) pair, got {entry!r}"
+        name, ip = entry
+        problem = hostname_problem(name) if isinstance(name, str) else f"hostname must be text, got {name!r}"
+        if problem:
+            return problem
+        normalize_ip(ip)
+        if short_hostname(name) in names:
+            return f"server {short_hostname(name)!r} is listed twice"
+        names.add(short_hostname(name))
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
 # Canonical encoding and signatures
 
@@ -363,8 +403,8 @@ def parse_timestamp(text: str) -> datetime | None:
 def canonical_license_bytes(lic: License) -> bytes:
     """The exact bytes a license signature covers: every field, keys sorted, products in file order.
 
-    ``cloud_url`` is included only when the license has one, so a license without it has the bytes it
-    always had.
+    ``cloud_url`` and ``servers`` (an HA license) are included only when the license has them, so a license
+    without them has the bytes it always had.
     """
     fields: dict[str, object] = {
         "format": LICENSE_FORMAT,
@@ -382,6 +422,8 @@ def canonical_license_bytes(lic: License) -> bytes:
     }
     if lic.cloud_url is not None:
         fields["cloud_url"] = lic.cloud_url
+    if lic.servers:  # an HA license: covered only when present, like cloud_url
+        fields["servers"] = [list(x) for x in lic.servers]
     return _pack(LICENSE_SIGNING_DOMAIN, fields)
 
 
@@ -417,7 +459,7 @@ _LICENSE_SINGLE_KEYS = (
     "share",
     "cloud_url",
 )
-_LICENSE_MULTI_KEYS = ("site_network", "product")
+_LICENSE_MULTI_KEYS = ("site_network", "product", "server")
 _REVOCATION_SINGLE_KEYS = ("format", "kind", "customer_id", "revoked_at", "replaced_by", "reason")
 _LINE_RE = re.compile(r"([a-z_]+)(?:[ \t]+(.*))?")
 
@@ -437,7 +479,7 @@ class _Records:
 
     def get(self, key: str) -> tuple[int, str]:
         if key not in self.single:
-            raise self.fail(f"the {key!r} line is missing; the file is incomplete or damaged")
+            raise self.fail(f"the {shown(key)} line is missing; the file is incomplete or damaged")
         return self.single[key]
 
 
@@ -470,21 +512,21 @@ def _parse_records(
             raise records.fail(f"unparsable line: it contains the control character U+{ord(bad):04X}", lineno)
         match = _LINE_RE.fullmatch(line)
         if match is None:
-            raise records.fail(f"unparsable line {line[:60]!r}: expected 'key  value'", lineno)
+            raise records.fail(f"unparsable line {shown(line)}: expected 'key  value'", lineno)
         key, value = match.group(1), (match.group(2) or "").strip()
         if key not in known:
             near = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise records.fail(f"unparsable line: unknown key {key!r}{hint}", lineno)
+            hint = f" (did you mean {shown(near[0])}?)" if near else ""
+            raise records.fail(f"unparsable line: unknown key {shown(key)}{hint}", lineno)
         if not value:
-            raise records.fail(f"unparsable line: {key!r} has no value", lineno)
+            raise records.fail(f"unparsable line: {shown(key)} has no value", lineno)
         if key == "signature":
             records.signature = _parse_signature(records, value, lineno)
             signature_line = lineno
         elif key in multi_keys:
             records.multi.setdefault(key, []).append((lineno, value))
         elif key in records.single:
-            raise records.fail(f"{key!r} is given twice (first on line {records.single[key][0]})", lineno)
+            raise records.fail(f"{shown(key)} is given twice (first on line {records.single[key][0]})", lineno)
         else:
             records.single[key] = (lineno, value)
     if not signature_line:
@@ -495,18 +537,18 @@ def _parse_records(
     lineno, fmt = records.get("format")
     if fmt != str(LICENSE_FORMAT):
         raise records.fail(
-            f"unsupported format {fmt!r}: this version reads format {LICENSE_FORMAT}; upgrade lmgrd", lineno
+            f"unsupported format {shown(fmt)}: this version reads format {LICENSE_FORMAT}; upgrade lmgrd", lineno
         )
     lineno, found = records.get("kind")
     if found != kind:
-        raise records.fail(f"this is a {found!r} file, not a {kind} file", lineno)
+        raise records.fail(f"this is a {shown(found)} file, not a {kind} file", lineno)
     return records
 
 
 def _parse_signature(records: _Records, value: str, lineno: int) -> bytes:
     scheme, _, encoded = value.partition(":")
     if scheme != "ed25519":
-        raise records.fail(f"unparsable line: signature scheme {scheme!r} is not 'ed25519'", lineno)
+        raise records.fail(f"unparsable line: signature scheme {shown(scheme)} is not 'ed25519'", lineno)
     try:
         signature = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
@@ -523,18 +565,18 @@ def _parse_timestamp(records: _Records, key: str) -> datetime:
     moment = parse_timestamp(value)
     if moment is not None:
         return moment
-    raise records.fail(f"unparsable line: {key} {value!r} is not a UTC time like 2025-01-31T09:30:00Z", lineno)
+    raise records.fail(f"unparsable line: {key} {shown(value)} is not a UTC time like 2025-01-31T09:30:00Z", lineno)
 
 
 def _parse_product(records: _Records, lineno: int, value: str) -> Product:
     parts = value.split()
     if len(parts) != 3:
-        raise records.fail(f"unparsable line: product {value!r} is not 'NAME version=V count=N'", lineno)
+        raise records.fail(f"unparsable line: product {shown(value)} is not 'NAME version=V count=N'", lineno)
     name, attrs = parts[0], dict(part.partition("=")[::2] for part in parts[1:])
     if set(attrs) != {"version", "count"}:
-        raise records.fail(f"unparsable line: product {value!r} is not 'NAME version=V count=N'", lineno)
+        raise records.fail(f"unparsable line: product {shown(value)} is not 'NAME version=V count=N'", lineno)
     if not _COUNT_RE.fullmatch(attrs["count"]):
-        raise records.fail(f"unparsable line: product count {attrs['count']!r} is not a whole number >= 1", lineno)
+        raise records.fail(f"unparsable line: product count {shown(attrs['count'])} is not a whole number >= 1", lineno)
     try:
         return Product(name, attrs["version"], int(attrs["count"]))
     except ValueError as exc:
@@ -562,11 +604,11 @@ def parse_license(text: str, source: str) -> tuple[License, bytes]:
     expires: date | None = None
     if expires_text != "never":
         if not DATE_RE.fullmatch(expires_text):
-            raise records.fail(f"unparsable line: expires {expires_text!r} is not a date like 2027-12-31", lineno)
+            raise records.fail(f"unparsable line: expires {shown(expires_text)} is not a date like 2027-12-31", lineno)
         try:
             expires = date.fromisoformat(expires_text)
         except ValueError:
-            raise records.fail(f"unparsable line: expires {expires_text!r} is not a real date", lineno) from None
+            raise records.fail(f"unparsable line: expires {shown(expires_text)} is not a real date", lineno) from None
     products = tuple(_parse_product(records, n, v) for n, v in records.multi.get("product", []))
     if not products:
         raise records.fail("the file has no 'product' line; a license names at least one product")
@@ -592,6 +634,19 @@ def parse_license(text: str, source: str) -> tuple[License, bytes]:
         normalize_ip(ip)
     except ValueError as exc:
         raise records.fail(f"unparsable line: {exc}", lineno) from None
+    servers: list[tuple[str, str]] = []
+    for lineno, value in records.multi.get("server", []):
+        parts = value.split()
+        if len(parts) != 2:
+            raise records.fail(f"unparsable line: server {value!r}: expected 'server HOSTNAME IP'", lineno)
+        problem = hostname_problem(parts[0])
+        if problem:
+            raise records.fail(f"unparsable line: server: {problem}", lineno)
+        try:
+            normalize_ip(parts[1])
+        except ValueError as exc:
+            raise records.fail(f"unparsable line: server: {exc}", lineno) from None
+        servers.append((parts[0], parts[1]))
     cloud_url: str | None = None
     if "cloud_url" in records.single:
         lineno, cloud_url = records.single["cloud_url"]
@@ -610,6 +665,7 @@ def parse_license(text: str, source: str) -> tuple[License, bytes]:
             expires=expires,
             site_networks=tuple(networks),
             share=cast(ShareMode, records.get("share")[1]),
+            servers=tuple(servers),
             cloud_url=cloud_url,
         )
     except ValueError as exc:
@@ -709,7 +765,8 @@ def split_revocation_list(text: str) -> list[RevocationEntry]:
         line = raw.rstrip("\r").strip(" \t")
         if not line or line.startswith("#"):
             continue
-        key = line.split(None, 1)[0]
+        words = line.split(None, 1)  # empty for a line of other whitespace (U+000B, U+3000): it has no key
+        key = words[0] if words else ""
         if start is not None and key == "format" and has_format:  # a new entry, the last one unsigned
             entries.append(RevocationEntry(len(entries) + 1, start + 1, "\n" * begin + "\n".join(lines[begin:i])))
             start, begin, has_format = None, i, False
@@ -834,7 +891,7 @@ def evaluate_use(lic: License, product: str, version: str, now: datetime) -> tup
         have = ", ".join(f"{p.name} {p.version}" for p in lic.products)
         return (
             ErrorCode.UNKNOWN_PRODUCT,
-            f"product {product!r} is not licensed by {lic.customer_id}; this license has: {have}",
+            f"product {shown(product)} is not licensed by {lic.customer_id}; this license has: {have}",
         )
     try:
         allowed = version_permitted(version, entry.version)
@@ -855,9 +912,20 @@ def host_mismatch(lic: License, hostname: str, addresses: Iterable[str]) -> list
     Hostnames compare by short form, case-insensitively; the registered IP must be one of
     ``addresses`` (after normalisation: IPv4-mapped IPv6 counts as IPv4, zones are ignored).
 
+    An HA license (``servers``) belongs on each of its servers: here if this machine is one of them.
+
     Returns:
         ``[]`` if the license belongs here, else one message per differing item naming both sides.
     """
+    if lic.servers:
+        addresses = list(addresses)
+        for name, server_ip in lic.servers:
+            one = dataclasses.replace(lic, hostname=name, ip=server_ip, servers=())
+            if not host_mismatch(one, hostname, addresses):
+                return []
+        listed = ", ".join(f"{short_hostname(n)} ({a})" for n, a in lic.servers)
+        return [f"license {lic.customer_id} is an HA license for the servers {listed}; this machine "
+                f"({short_hostname(hostname)}, {', '.join(addresses) or 'no addresses'}) is not one of them"]
     problems: list[str] = []
     if short_hostname(lic.hostname) != short_hostname(hostname):
         problems.append(

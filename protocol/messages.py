@@ -38,6 +38,7 @@ from protocol.validation import (
     MAX_WAIT_SECONDS,
     MAX_WAITED_SECONDS,
     MIN_SECRET_LENGTH,
+    shown,
 )
 
 #: The protocol version whose hello carries ``secret`` (required when a hello offers it; leases bound to it).
@@ -66,7 +67,7 @@ def _get(d: dict[str, Any], key: str, kind: type[_T] | tuple[type, ...], what: s
         raise MalformedMessage(f"{op}: missing field '{key}' ({what})") from None
     # bool is an int subclass: never accept it where a number belongs.
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise MalformedMessage(f"{op}: field '{key}' must be {what}, got {type(value).__name__} {value!r:.60}")
+        raise MalformedMessage(f"{op}: field '{key}' must be {what}, got {type(value).__name__} {shown(value)}")
     return value
 
 
@@ -84,7 +85,7 @@ def _uint(d: dict[str, Any], key: str, op: str, limit: int = MAX_ID, default: in
         return default
     value: int = _get(d, key, int, f"an integer from 0 to {limit}", op)
     if not 0 <= value <= limit:
-        raise MalformedMessage(f"{op}: field '{key}' must be from 0 to {limit}, got {value}")
+        raise MalformedMessage(f"{op}: field '{key}' must be from 0 to {limit}, got {shown(value)}")
     return value
 
 
@@ -93,7 +94,7 @@ def _seconds(d: dict[str, Any], key: str, op: str, limit: float, default: float 
         return default
     value = _get(d, key, (int, float), f"a number of seconds from 0 to {limit:g}", op)
     if not 0.0 <= value <= limit:  # also rejects NaN
-        raise MalformedMessage(f"{op}: field '{key}' must be from 0 to {limit:g} seconds, got {value!r}")
+        raise MalformedMessage(f"{op}: field '{key}' must be from 0 to {limit:g} seconds, got {shown(value)}")
     return float(value)
 
 
@@ -110,7 +111,7 @@ def _texts(d: dict[str, Any], key: str, op: str, limit: int = MAX_TOKENS) -> tup
         raise MalformedMessage(f"{op}: field '{key}' holds {len(value)} items; the limit is {limit}")
     for i, item in enumerate(value):
         if not isinstance(item, str) or len(item) > MAX_TEXT:
-            raise MalformedMessage(f"{op}: field '{key}[{i}]' must be a string, got {item!r:.60}")
+            raise MalformedMessage(f"{op}: field '{key}[{i}]' must be a string, got {shown(item)}")
     return tuple(value)
 
 
@@ -157,7 +158,7 @@ class Hello:
             isinstance(p, int) and not isinstance(p, bool) and 0 < p <= MAX_PROTOCOL_VERSION for p in protos
         ):
             raise MalformedMessage(f"hello: field 'proto' must list 1 to {MAX_PROTOCOLS_OFFERED} positive integers, "
-                                   f"got {protos!r:.60}")
+                                   f"got {shown(protos)}")
         # Required once protocol 2 is offered; never echoed in a message: it is the client's proof of holding
         # its leases.
         if SECRET_SINCE_PROTOCOL in protos:
@@ -318,7 +319,7 @@ def parse_request(d: dict[str, Any]) -> Request:
     op = d.get("op")
     parser = REQUEST_TYPES.get(op) if isinstance(op, str) else None
     if parser is None:
-        raise MalformedMessage(f"unknown op {op!r:.40}; known ops: {', '.join(sorted(REQUEST_TYPES))}")
+        raise MalformedMessage(f"unknown op {shown(op, 40)}; known ops: {', '.join(sorted(REQUEST_TYPES))}")
     return parser(d)
 
 
@@ -400,7 +401,7 @@ class LostSeat:
     @classmethod
     def from_wire(cls, d: object, op: str) -> LostSeat:
         if not isinstance(d, dict):
-            raise MalformedMessage(f"{op}: each item of 'lost' must be a map, got {d!r:.60}")
+            raise MalformedMessage(f"{op}: each item of 'lost' must be a map, got {shown(d)}")
         return cls(_text(d, "token", op, limit=MAX_TOKEN_LENGTH), _code(d, op),
                    _text(d, "message", op, limit=MAX_MESSAGE_LENGTH))
 
@@ -545,5 +546,5 @@ def parse_reply(d: dict[str, Any]) -> Reply:
     op = d.get("op")
     parser = REPLY_TYPES.get(op) if isinstance(op, str) else None
     if parser is None:
-        raise MalformedMessage(f"unknown reply op {op!r:.40}; known: {', '.join(sorted(REPLY_TYPES))}")
+        raise MalformedMessage(f"unknown reply op {shown(op, 40)}; known: {', '.join(sorted(REPLY_TYPES))}")
     return parser(d)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import reprlib
 import unicodedata
+from typing import Any
 
 __all__ = [
     "HOSTNAME_RULE",
@@ -27,6 +29,7 @@ __all__ = [
     "MAX_LEASE_TIMEOUT_SECONDS",
     "MAX_MESSAGE_LENGTH",
     "MAX_NAME_TEXT_LENGTH",
+    "MAX_NESTING_DEPTH",
     "MAX_PID",
     "MAX_PRODUCT_LENGTH",
     "MAX_PROTOCOLS_OFFERED",
@@ -41,10 +44,12 @@ __all__ = [
     "MIN_SECRET_LENGTH",
     "PRODUCT_NAME_RE",
     "hostname_problem",
+    "nesting_depth_exceeds",
     "normalize_ip",
     "parse_version",
     "product_problem",
     "short_hostname",
+    "shown",
     "text_field_problem",
     "version_permitted",
 ]
@@ -95,6 +100,10 @@ _MAX_LABEL_LENGTH = 63
 MAX_NAME_TEXT_LENGTH = 200
 #: Seats of one product in one license.
 MAX_COUNT = 1_000_000
+#: Deepest nesting of lists and maps in one decoded message (the message map itself is level 1) or in a file
+#: the daemon and its tools read (YAML, JSON). The deepest real message (a status reply's pool, holder, field)
+#: needs 5; deeper input is refused before anything walks it recursively (repr, a parser, a validator).
+MAX_NESTING_DEPTH = 32
 
 #: The hostname rule, in the words the handbook uses. Quoted by every hostname error.
 HOSTNAME_RULE = (
@@ -102,6 +111,66 @@ HOSTNAME_RULE = (
     "in dot-separated labels of 1 to 63 characters that do not start or end with a hyphen; "
     "hosts named with Japanese or other special characters cannot be licensed and must be renamed"
 )
+
+# Quoting a value that came from outside (a peer, a file): bounded in depth, items and characters, so an error
+# message about hostile input can never recurse without end or grow with the input. reprlib does not recurse
+# past maxlevel; every other limit keeps the text short before it is cut to the caller's length.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel = 3
+_SHOWN.maxdict = _SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxset = _SHOWN.maxfrozenset = _SHOWN.maxdeque = 6
+_SHOWN.maxarray = 6
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_SHOWN.maxlong = 40
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A short ``repr`` of a value from outside, for an error message: never longer than ``limit`` characters.
+
+    The one way ``protocol``, ``lmgrd`` and ``client_stub`` quote a value a peer or a file supplied: the plain
+    ``repr`` of a deeply nested list raises ``RecursionError`` and the ``repr`` of a huge one is as large as the
+    input. Nested containers show as ``[[[...]]]``, long strings and numbers are cut, and anything whose
+    ``repr`` fails shows as its type name.
+
+    Args:
+        value: anything.
+        limit: the most characters returned (at least 8).
+
+    Returns:
+        The bounded ``repr``; a cut one ends in ``...``.
+    """
+    try:
+        text = _SHOWN.repr(value)
+    except Exception:  # a repr that raises (an int past Python's digit limit, a broken object)
+        text = f"<{type(value).__name__}>"
+    limit = max(limit, 8)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def nesting_depth_exceeds(value: object, limit: int = MAX_NESTING_DEPTH) -> bool:
+    """Whether lists, tuples and maps nest deeper than ``limit`` levels in ``value`` (itself level 1).
+
+    Iterative and breadth-first (never recursive), so it is safe on any input, and it stops at the first level
+    past the limit: at most every container of the first ``limit`` levels is visited once. A value that is not
+    a container is depth 0.
+    """
+    level: list[list[Any] | tuple[Any, ...] | dict[Any, Any]] = (
+        [value] if isinstance(value, list | tuple | dict) else [])
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        below: list[list[Any] | tuple[Any, ...] | dict[Any, Any]] = []
+        for container in level:
+            items = container.values() if isinstance(container, dict) else container
+            for item in items:
+                if isinstance(item, list | tuple | dict):
+                    below.append(item)
+            if isinstance(container, dict):
+                below.extend(k for k in container if isinstance(k, tuple))
+        level = below
+    return False
+
 
 # One DNS label (RFC 1123 "LDH" rule). ASCII only: `str.isalnum()` would accept Japanese letters.
 _LABEL_RE = re.compile(rf"[A-Za-z0-9](?:[A-Za-z0-9-]{{0,{_MAX_LABEL_LENGTH - 2}}}[A-Za-z0-9])?")
@@ -127,7 +196,7 @@ def hostname_problem(name: str) -> str | None:
         ``None`` if the name is valid, else a message quoting ``name`` and ending with HOSTNAME_RULE.
     """
     if not isinstance(name, str):
-        return f"hostname must be a string, got {type(name).__name__} {name!r}; {HOSTNAME_RULE}"
+        return f"hostname must be a string, got {type(name).__name__} {shown(name)}; {HOSTNAME_RULE}"
     if not name:
         return f"hostname is empty; {HOSTNAME_RULE}"
     if len(name) > MAX_HOSTNAME_LENGTH:
@@ -142,13 +211,13 @@ def hostname_problem(name: str) -> str | None:
             reason = "it has an empty label (two dots in a row, or a leading or trailing dot)"
         elif not _LABEL_CHARS_RE.fullmatch(label):
             bad = sorted({ch for ch in label if not (ch.isascii() and (ch.isalnum() or ch == "-"))})
-            shown = ", ".join(repr(ch) for ch in bad[:8])
-            reason = f"it contains characters that are not allowed ({shown})"
+            chars = ", ".join(repr(ch) for ch in bad[:8])
+            reason = f"it contains characters that are not allowed ({chars})"
         elif len(label) > _MAX_LABEL_LENGTH:
             reason = f"the label {label[:20]!r}... is {len(label)} characters long, more than {_MAX_LABEL_LENGTH}"
         else:
-            reason = f"the label {label!r} starts or ends with a hyphen"
-        return f"hostname {name!r} cannot be licensed: {reason}; {HOSTNAME_RULE}"
+            reason = f"the label {shown(label, 70)} starts or ends with a hyphen"
+        return f"hostname {shown(name, 260)} cannot be licensed: {reason}; {HOSTNAME_RULE}"
     return None
 
 
@@ -174,13 +243,13 @@ def parse_version(s: str) -> tuple[int, ...]:
     """
     if not isinstance(s, str):
         raise ValueError(
-            f'version must be a string of dot-separated numbers such as "2.10", got {type(s).__name__} {s!r}'
+            f'version must be a string of dot-separated numbers such as "2.10", got {type(s).__name__} {shown(s)}'
         )
     if len(s) > MAX_VERSION_LENGTH:
         raise ValueError(f"version {s[:20]!r}... is longer than {MAX_VERSION_LENGTH} characters")
     if not _VERSION_RE.fullmatch(s):
         raise ValueError(
-            f"version {s!r} is not a dotted version: use one or more dot-separated non-negative "
+            f"version {shown(s)} is not a dotted version: use one or more dot-separated non-negative "
             "integers such as 3, 2.10 or 11.0.4"
         )
     return tuple(int(part) for part in s.split("."))
@@ -214,13 +283,13 @@ def normalize_ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         ValueError: ``addr`` is not an IP address (message quotes it).
     """
     if not isinstance(addr, str):
-        raise ValueError(f"IP address must be a string, got {type(addr).__name__} {addr!r}")
+        raise ValueError(f"IP address must be a string, got {type(addr).__name__} {shown(addr)}")
     text = addr.strip().split("%", 1)[0]
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
         raise ValueError(
-            f"{addr!r} is not an IP address (expected IPv4 such as 192.0.2.10 or IPv6 such as 2001:db8::10)"
+            f"{shown(addr)} is not an IP address (expected IPv4 such as 192.0.2.10 or IPv6 such as 2001:db8::10)"
         ) from None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
@@ -233,14 +302,14 @@ def product_problem(name: str) -> str | None:
     Product names are 1 to 64 ASCII letters, digits, underscores or hyphens.
     """
     if not isinstance(name, str):
-        return f"product name must be a string, got {type(name).__name__} {name!r}"
+        return f"product name must be a string, got {type(name).__name__} {shown(name)}"
     if PRODUCT_NAME_RE.fullmatch(name):
         return None
     if not name:
         return f"product name is empty; use 1 to {MAX_PRODUCT_LENGTH} ASCII letters, digits, '_' or '-'"
     if len(name) > MAX_PRODUCT_LENGTH:
         return f"product name {name[:20]!r}... is {len(name)} characters long; the limit is {MAX_PRODUCT_LENGTH}"
-    return (f"product name {name!r} may contain only ASCII letters, digits, '_' and '-' "
+    return (f"product name {shown(name, 70)} may contain only ASCII letters, digits, '_' and '-' "
             f"(1 to {MAX_PRODUCT_LENGTH} characters)")
 
 
@@ -255,16 +324,16 @@ def text_field_problem(what: str, value: object) -> str | None:
         value: the value to check.
     """
     if not isinstance(value, str):
-        return f"{what} must be text, got {type(value).__name__} {value!r}"
+        return f"{what} must be text, got {type(value).__name__} {shown(value)}"
     if not value.strip():
         return f"{what} is empty"
     if value != value.strip():
-        return f"{what} {value!r} has leading or trailing spaces"
+        return f"{what} {shown(value, 210)} has leading or trailing spaces"
     if len(value) > MAX_NAME_TEXT_LENGTH:
         return f"{what} is {len(value)} characters long; the limit is {MAX_NAME_TEXT_LENGTH}"
     for ch in value:
         # Control, format-less line breaks, surrogates, private use and unassigned code points would
         # make the file ambiguous (a line break) or unreadable; everything else is allowed.
         if unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn", "Zl", "Zp"):
-            return f"{what} {value!r} contains the control or line-break character U+{ord(ch):04X}"
+            return f"{what} {shown(value, 210)} contains the control or line-break character U+{ord(ch):04X}"
     return None

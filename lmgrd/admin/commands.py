@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -27,7 +27,9 @@ from protocol.errors import ErrorCode, ProtocolError
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[DaemonView, ClientView, dict[str, Any]], dict[str, Any]]
+#: A command's reply data, or (a command waiting on something outside the daemon) an awaitable of it.
+Reply = dict[str, Any] | Awaitable[dict[str, Any]]
+Handler = Callable[[DaemonView, ClientView, dict[str, Any]], Reply]
 COMMANDS: dict[str, Handler] = {}
 
 
@@ -42,7 +44,7 @@ def command(name: str) -> Callable[[Handler], Handler]:
 
 
 def handle(server: DaemonView, proto: ClientView, command_name: str, args: dict[str, Any], auth: str
-           ) -> dict[str, Any]:
+           ) -> Reply:
     """Authenticate and run one admin command.
 
     Raises:
@@ -123,6 +125,22 @@ def _lmstat(server: DaemonView, proto: ClientView, args: dict[str, Any]) -> dict
         now, wall = server.clock(), server.wall()
         data["leases"] = [lease_view(x, now, wall, server.lease_timeout, _handle(server, x))
                           for x in server.ledger.leases() if product is None or x.pool[1] == product]
+        cluster = server.cluster
+        if cluster is not None:  # HA: every node's seats, each with the node that holds its client
+            for lease in data["leases"]:
+                lease["node"] = cluster.node
+            for (cid, prod), seats in sorted(cluster.view.items()):
+                if product is not None and prod != product:
+                    continue
+                for seat in seats:
+                    if seat.get("node") == cluster.node:
+                        continue
+                    data["leases"].append({
+                        "token": seat["token"], "customer_id": cid, "product": prod, "user": seat["user"],
+                        "host": seat["host"], "pid": seat.get("pid", 0), "version": seat["version"],
+                        "display": seat.get("display", seat["host"]), "checkout_at": seat["granted_at"],
+                        "handle": int(seat.get("slot", "0")) + 1, "node": seat.get("node", ""),
+                        "connected": True})
         queue = []
         for pool in server.ledger.pools():
             if product is not None and pool[1] != product:
@@ -193,11 +211,34 @@ def _by_handle(server: DaemonView, args: dict[str, Any]) -> list[Any]:
 
 
 @command("activate")
-def _activate(server: DaemonView, proto: ClientView, args: dict[str, Any]) -> dict[str, Any]:
+def _activate(server: DaemonView, proto: ClientView, args: dict[str, Any]) -> Reply:
+    """Activate a served license now. One with a ``cloud_url`` asks the vendor's activation service
+    (``manual``; the reply waits for its answer), or with ``offline_request`` returns a signed request for a
+    site without internet; ``offline_response`` (the vendor's answer to one, as text) installs it."""
+    if "offline_response" in args:
+        text = args["offline_response"]
+        if not isinstance(text, str) or not text:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "activate: 'offline_response' must be the response file's text")
+        if server.cloud is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "this license server serves no license activated by the "
+                                "vendor's activation service (none has a cloud_url)")
+        return server.cloud.install_offline(text)
     cid = args.get("customer_id")
     if not isinstance(cid, str) or not cid:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "activate: 'customer_id' must be a customer ID string",
                             "lmutil activate CID-XXXX-XXXX-XXXX-XXXX")
+    lic = next((lic for _p, lic in server.licensing.served if lic.customer_id == cid), None)
+    if lic is not None and lic.cloud_url is not None:
+        if server.cloud is None:
+            raise ProtocolError(ErrorCode.INTERNAL_ERROR, f"license {cid} is activated by the vendor's activation "
+                                f"service {lic.cloud_url}, and this license server cannot reach it (no installation "
+                                "key: see the daemon's log)")
+        if args.get("offline_request"):
+            return server.cloud.offline_request(cid)
+        return server.cloud.activate_now(cid)
+    if args.get("offline_request"):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"license {cid} has no cloud_url: it is activated locally, "
+                            f"no offline request is needed", f"lmutil activate {cid}")
     now = datetime.fromtimestamp(server.wall(), UTC)
     return server.licensing.activate(cid, now, f"lmutil activate from {proto.peer} ({proto.who()})")
 

@@ -13,6 +13,9 @@ Handbook rules enforced here:
   license serves nothing: ``LICENSE_MOVED``; moving a license server needs a reissued license.
 * Activation refuses a license that fails an earlier check (revoked, foreign host): those never reach the
   served set, and ``activate`` answers with their refusal code.
+* A license with a signed ``cloud_url`` is activated by the vendor's activation service only: its state and
+  check are :class:`lmgrd.core.cloud.CloudActivations`' (``cloud``), and the 24-hour rule and the local
+  record never apply to it.
 
 Fingerprint matching tolerates a changed set of network interfaces (container bridges come and go): it
 matches when the hostname and machine id are the same and at least one recorded MAC address is still
@@ -29,6 +32,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from lmgrd.core.cloud import CloudActivations
 from protocol.activation import AUTO_ACTIVATION_AFTER, ActivationRecord, auto_activation_at
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.fingerprint import Fingerprint
@@ -59,7 +63,9 @@ class Activations:
 
     def __init__(self, records: Mapping[str, ActivationRecord], raw: Mapping[str, Any], *, fingerprint: Fingerprint,
                  hostname: str, persist: Callable[[dict[str, Any]], None], where: str,
-                 problems: list[str] | None = None) -> None:
+                 problems: list[str] | None = None, cloud: CloudActivations | None = None) -> None:
+        #: The licenses with a ``cloud_url`` (None when there are none): the activation service decides them.
+        self.cloud = cloud
         self.fingerprint = fingerprint  # this machine's, read by lmgrd.storage.host
         self.hostname = hostname
         #: Writes the records (customer ID -> JSON) durably; raises OSError when it cannot.
@@ -72,7 +78,10 @@ class Activations:
         self._state: dict[str, str] = {}
 
     def state(self, lic: License, now: datetime) -> str:
-        """``pending``, ``active`` or ``moved``; a pending license past its 24 hours is activated (and recorded)."""
+        """``pending``, ``active`` or ``moved``; a pending license past its 24 hours is activated (and recorded).
+        A cloud license: the states of :meth:`CloudActivations.state`."""
+        if lic.cloud_url is not None:
+            return self.cloud.state(lic, now) if self.cloud is not None else PENDING
         st = self._state.get(lic.customer_id)
         if st is None:
             rec = self.records.get(lic.customer_id)
@@ -100,6 +109,12 @@ class Activations:
 
     def check(self, lic: License, now: datetime) -> tuple[ErrorCode, str, str] | None:
         """The activation check for one checkout: ``None`` if the license may serve, else the refusal."""
+        if lic.cloud_url is not None:
+            if self.cloud is None:  # the installation key could not be read (a problem at load says why)
+                return (ErrorCode.LICENSE_NOT_ACTIVATED, f"license {lic.customer_id} is activated by the vendor's "
+                        f"activation service {lic.cloud_url}, and this license server's installation key cannot be "
+                        "used", "see the daemon's log; check that its user can write the state directory")
+            return self.cloud.check(lic, now)
         st = self._state.get(lic.customer_id)
         if st == ACTIVE:
             return None
@@ -131,6 +146,10 @@ class Activations:
             ProtocolError: LICENSE_MOVED if it is already bound to another machine.
             OSError: the record cannot be written (the license stays pending).
         """
+        if lic.cloud_url is not None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"license {lic.customer_id} is activated by the vendor's "
+                                f"activation service {lic.cloud_url}, not locally", "run lmutil activate "
+                                f"{lic.customer_id} against the running license server")
         st = self._state.get(lic.customer_id) or self.state(lic, datetime.min.replace(tzinfo=UTC))
         rec = self.records.get(lic.customer_id)
         if st == MOVED:

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from lmgrd.core.policy import MIN_IDLE_TIMEOUT, Policy, ProductPolicy, Rule, Subject
-from protocol.validation import product_problem
+from protocol.validation import product_problem, shown
 
 __all__ = ["OptionsFile", "parse_options"]
 
@@ -180,7 +180,7 @@ class _Reader:
                 self.skip(line, f"{keyword} by PROJECT is not supported (lmgrd clients do not send LM_PROJECT)")
             else:
                 near = difflib.get_close_matches(type_word.upper(), TYPES, n=1)
-                self.bad(line, f"{keyword}: unknown type {type_word!r}" + (f" (did you mean {near[0]}?)" if near
+                self.bad(line, f"{keyword}: unknown type {shown(type_word)}" + (f" (did you mean {near[0]}?)" if near
                          else "") + f"; expected one of {', '.join(TYPES)}")
             return None
         if name in ("ALL_USERS", "ALL_GROUPS"):
@@ -192,7 +192,8 @@ class _Reader:
         elif kind in ("host", "internet"):
             pattern = _address_pattern(name)
             if kind == "internet" and pattern is None:
-                self.bad(line, f"{keyword}: INTERNET {name!r} is not an IP address such as 192.0.2.10 or 192.0.2.*")
+                self.bad(line, f"{keyword}: INTERNET {shown(name)} is not an IP address such as 192.0.2.10 or "
+                         "192.0.2.*")
                 return None
             if pattern is not None:
                 subj = Subject(kind, name, frozenset(), (pattern,), origin=origin)
@@ -203,8 +204,8 @@ class _Reader:
             if name not in table:
                 defining = "GROUP" if kind == "group" else "HOST_GROUP"
                 near = difflib.get_close_matches(name, list(table), n=1)
-                self.bad(line, f"{keyword}: no {defining} named {name!r} in this file"
-                         + (f" (did you mean {near[0]!r}?)" if near else "")
+                self.bad(line, f"{keyword}: no {defining} named {shown(name)} in this file"
+                         + (f" (did you mean {shown(near[0])}?)" if near else "")
                          + f"; define it with a '{defining} {name} ...' line")
                 return None
             if kind == "group":
@@ -225,7 +226,7 @@ class _Reader:
 
 def _seconds(reader: _Reader, line: _Line, keyword: str, value: str) -> float | None:
     if not _SEATS.fullmatch(value):
-        reader.bad(line, f"{keyword}: {value!r} is not a whole number of seconds")
+        reader.bad(line, f"{keyword}: {shown(value)} is not a whole number of seconds")
         return None
     seconds = float(int(value))
     if seconds < MIN_IDLE_TIMEOUT:
@@ -286,7 +287,7 @@ def parse_options(text: str, source: str) -> OptionsFile:
                 continue
             if not _SEATS.fullmatch(w[1]) or (keyword == "RESERVE" and int(w[1]) < 1):
                 low = 1 if keyword == "RESERVE" else 0
-                r.bad(line, f"{keyword}: the number of licenses {w[1]!r} is not a whole number >= {low}")
+                r.bad(line, f"{keyword}: the number of licenses {shown(w[1])} is not a whole number >= {low}")
                 continue
             product = r.product(line, keyword, w[2])
             subj = r.subject(line, keyword, w[3], w[4], seats=True) if product else None
@@ -338,7 +339,7 @@ def parse_options(text: str, source: str) -> OptionsFile:
             r.skip(line, f"{keyword} is not supported by lmgrd ({UNSUPPORTED[keyword]})")
         else:
             near = difflib.get_close_matches(keyword, [*SUPPORTED, *UNSUPPORTED], n=1)
-            r.bad(line, f"unknown keyword {w[0]!r}" + (f" (did you mean {near[0]}?)" if near else "")
+            r.bad(line, f"unknown keyword {shown(w[0])}" + (f" (did you mean {near[0]}?)" if near else "")
                   + "; expected RESERVE, MAX, INCLUDE, EXCLUDE, INCLUDEALL, EXCLUDEALL, GROUP, HOST_GROUP, TIMEOUT "
                   "or TIMEOUTALL")
     policy = Policy(

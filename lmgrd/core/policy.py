@@ -35,6 +35,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocol.validation import shown
+
 __all__ = ["MIN_IDLE_TIMEOUT", "Policy", "ProductPolicy", "Rule", "Subject", "address_matches", "combine_policies",
            "parse_policy"]
 
@@ -189,7 +191,7 @@ def _subject(raw: Any, where: str, groups: dict[str, frozenset[str]], host_group
              problems: list[str], allow_seats: bool) -> tuple[Subject | None, Any]:
     if not isinstance(raw, dict):
         problems.append(f"{where}: expected a mapping such as {{user: alice}}"
-                        + (" with 'seats: N'" if allow_seats else "") + f", got {raw!r}")
+                        + (" with 'seats: N'" if allow_seats else "") + f", got {shown(raw)}")
         return None, None
     keys = [k for k in raw if k in SUBJECT_KINDS]
     unknown = [k for k in raw if k not in SUBJECT_KINDS and not (allow_seats and k == "seats")]
@@ -198,12 +200,12 @@ def _subject(raw: Any, where: str, groups: dict[str, frozenset[str]], host_group
                         f"{', '.join(SUBJECT_KINDS)}" + (" and seats" if allow_seats else ""))
         return None, None
     if len(keys) != 1:
-        problems.append(f"{where}: name exactly one of {', '.join(SUBJECT_KINDS)}, got {raw!r}")
+        problems.append(f"{where}: name exactly one of {', '.join(SUBJECT_KINDS)}, got {shown(raw)}")
         return None, None
     kind = keys[0]
     name = raw[kind]
     if not isinstance(name, str) or not name:
-        problems.append(f"{where}.{kind}: expected a name, got {name!r}")
+        problems.append(f"{where}.{kind}: expected a name, got {shown(name)}")
         return None, None
     if kind == "user":
         members = frozenset({name.lower()})
@@ -213,7 +215,7 @@ def _subject(raw: Any, where: str, groups: dict[str, frozenset[str]], host_group
         table = groups if kind == "group" else host_groups
         if name not in table:
             section = "groups" if kind == "group" else "host_groups"
-            problems.append(f"{where}.{kind}: no {kind} named {name!r} in '{section}' "
+            problems.append(f"{where}.{kind}: no {kind} named {shown(name)} in '{section}' "
                             f"(defined: {', '.join(sorted(table)) or 'none'})")
             return None, None
         members = table[name]
@@ -225,11 +227,12 @@ def _groups(raw: Any, key: str, problems: list[str], host: bool) -> dict[str, fr
     if raw is None:
         return out
     if not isinstance(raw, dict):
-        problems.append(f"{key}: expected a mapping of group name to a list of names, got {raw!r}")
+        problems.append(f"{key}: expected a mapping of group name to a list of names, got {shown(raw)}")
         return out
     for name, members in raw.items():
         if not isinstance(members, list) or not all(isinstance(m, str) and m for m in members):
-            problems.append(f"{key}.{name}: expected a list of {'host' if host else 'user'} names, got {members!r}")
+            problems.append(f"{key}.{name}: expected a list of {'host' if host else 'user'} names, got "
+                            f"{shown(members)}")
             continue
         out[str(name)] = frozenset(_host(m) if host else m.lower() for m in members)
     return out
@@ -248,12 +251,13 @@ def parse_policy(extra: Mapping[str, Any]) -> tuple[Policy, list[str]]:
     if raw is None:
         return Policy(products), problems
     if not isinstance(raw, dict):
-        problems.append(f"policy: expected a mapping of product name to its rules, got {raw!r}")
+        problems.append(f"policy: expected a mapping of product name to its rules, got {shown(raw)}")
         return Policy(products), problems
     for product, rules in raw.items():
         base = f"policy.{product}"
         if not isinstance(rules, dict):
-            problems.append(f"{base}: expected a mapping with reserve, max, include, exclude or timeout, got {rules!r}")
+            problems.append(f"{base}: expected a mapping with reserve, max, include, exclude or timeout, got "
+                            f"{shown(rules)}")
             continue
         unknown = sorted(set(map(str, rules)) - {"reserve", "max", "include", "exclude", "timeout"})
         if unknown:
@@ -272,7 +276,7 @@ def parse_policy(extra: Mapping[str, Any]) -> tuple[Policy, list[str]]:
                     continue
                 if isinstance(seats, bool) or not isinstance(seats, int) or seats < (1 if kind == "reserve" else 0):
                     low = 1 if kind == "reserve" else 0
-                    problems.append(f"{where}.seats: expected an integer >= {low}, got {seats!r}")
+                    problems.append(f"{where}.seats: expected an integer >= {low}, got {shown(seats)}")
                     continue
                 counted[kind].append(Rule(seats, subj))
         lists: dict[str, list[Subject]] = {"include": [], "exclude": []}
@@ -289,7 +293,7 @@ def parse_policy(extra: Mapping[str, Any]) -> tuple[Policy, list[str]]:
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < MIN_IDLE_TIMEOUT:
                 problems.append(f"{base}.timeout: expected seconds >= {MIN_IDLE_TIMEOUT:g} (the minimum idle "
-                                f"timeout), got {timeout!r}")
+                                f"timeout), got {shown(timeout)}")
                 timeout = None
             else:
                 timeout = float(timeout)

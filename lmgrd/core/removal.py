@@ -14,6 +14,7 @@ from typing import Any
 
 from lmgrd.core.ledger import LeaseInfo
 from protocol.errors import ErrorCode, ProtocolError
+from protocol.validation import shown
 
 __all__ = ["MIN_TOKEN_PREFIX", "match_leases"]
 
@@ -42,7 +43,7 @@ def _text(args: Mapping[str, Any], key: str) -> str | None:
     if v is None:
         return None
     if not isinstance(v, str) or not v.strip():
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"lmremove: '{key}' must be a non-empty string, got {v!r}",
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"lmremove: '{key}' must be a non-empty string, got {shown(v)}",
                             "give PRODUCT USER HOST, or --token TOKEN")
     return v.strip()
 
@@ -82,14 +83,14 @@ def _by_token(leases: list[LeaseInfo], token: str) -> LeaseInfo:
     if exact:
         return exact[0]
     if len(t) < MIN_TOKEN_PREFIX:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"lmremove: token prefix {token!r} is too short",
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"lmremove: token prefix {shown(token)} is too short",
                             f"give at least {MIN_TOKEN_PREFIX} characters; lmstat -a shows 8")
     found = [x for x in leases if x.token.startswith(t)]
     if not found:
-        raise ProtocolError(ErrorCode.LEASE_NOT_FOUND, f"lmremove: no lease token starts with {token!r}; nothing "
+        raise ProtocolError(ErrorCode.LEASE_NOT_FOUND, f"lmremove: no lease token starts with {shown(token)}; nothing "
                             f"was removed; {_held(leases)}", "copy the token from lmutil lmstat -a")
     if len(found) > 1:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"lmremove: token prefix {token!r} matches {len(found)} leases "
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"lmremove: token prefix {shown(token)} matches {len(found)} leases "
                             f"({', '.join(x.token[:12] for x in found[:_LISTED])}); nothing was removed",
                             "give more characters of the token (lmutil lmstat -a --json shows whole tokens)")
     return found[0]

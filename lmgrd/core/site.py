@@ -17,7 +17,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from protocol.validation import normalize_ip
+from protocol.validation import normalize_ip, shown
 
 __all__ = ["LAN_NETWORKS", "Network", "Site", "parse_networks", "site_networks_problems"]
 
@@ -46,16 +46,16 @@ def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
 def site_networks_problems(value: Any, key: str = "site_networks") -> list[str]:
     """Config validation: every problem with a ``site_networks:`` setting, each naming its path and value."""
     if not isinstance(value, list):
-        return [f"{key}: expected a list of networks such as [192.168.10.0/24], got {value!r}"]
+        return [f"{key}: expected a list of networks such as [192.168.10.0/24], got {shown(value)}"]
     problems: list[str] = []
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            problems.append(f"{key}[{i}]: expected a network such as 192.168.10.0/24, got {item!r}")
+            problems.append(f"{key}[{i}]: expected a network such as 192.168.10.0/24, got {shown(item)}")
             continue
         try:
             ipaddress.ip_network(item, strict=True)
         except ValueError as exc:
-            problems.append(f"{key}[{i}]: {item!r} is not a network ({exc}); write it as ADDRESS/PREFIX with "
+            problems.append(f"{key}[{i}]: {shown(item)} is not a network ({exc}); write it as ADDRESS/PREFIX with "
                             "the host bits zero, for example 192.168.10.0/24")
     return problems
 

@@ -19,13 +19,22 @@ from lmgrd.daemon.events import ClientView, Observers
 from lmgrd.daemon.guard import RefusalCounts
 from lmgrd.daemon.leases import Counters, WaitCtx
 from lmgrd.daemon.session import AdminHandler
+from lmgrd.storage.etcd import EtcdSeats
 from lmgrd.storage.journal import StoreError
 
-__all__ = ["ClientView", "DaemonView"]
+__all__ = ["ClientView", "CloudControl", "DaemonView"]
 
 
 class Handlers(Protocol):
     admin: AdminHandler | None
+
+
+class CloudControl(Protocol):
+    """The cloud agent (:class:`lmgrd.daemon.cloud.CloudAgent`) as ``lmutil activate`` uses it."""
+
+    async def activate_now(self, customer_id: str) -> dict[str, Any]: ...
+    def offline_request(self, customer_id: str) -> dict[str, Any]: ...
+    def install_offline(self, text: str) -> dict[str, Any]: ...
 
 
 class DaemonView(Protocol):
@@ -36,6 +45,7 @@ class DaemonView(Protocol):
     ledger: Ledger
     observers: Observers
     metrics: Any
+    cloud: CloudControl | None
     request_timer: Callable[[type, float], None] | None
     loop: asyncio.AbstractEventLoop
     closing: bool
@@ -47,6 +57,8 @@ class DaemonView(Protocol):
     admin_token: str
     admin_token_path: Path | None
     stopped: asyncio.Event
+    #: HA (``store: etcd``): the cluster-wide seat store; None with the embedded journal.
+    cluster: EtcdSeats | None
     refusals: RefusalCounts
 
     @property

@@ -30,6 +30,7 @@ class EndReason(enum.StrEnum):
     EXPIRY = "expiry"  # no heartbeat for a lease timeout
     REVOKED = "revoked"  # the vendor revoked the customer ID
     UNLICENSED = "unlicensed"  # restored from the journal for a pool the licenses no longer name
+    STORE_LOST = "store_lost"  # HA: the seat left the cluster store (etcd unreachable for a lease timeout)
     UNRECORDED = "unrecorded"  # granted, but the journal could not record it: undone before the client was told
 
 

@@ -20,21 +20,32 @@ once; their records wait in memory and are written, in order, when the store rec
 Queued checkouts live here too (a waiter is a grant not yet made): their wait timers, a waiter that left
 before its grant, and the denial when a wait runs out. Denials of every kind go through :meth:`deny`.
 
+**The store seam.** With the embedded journal (the default) a grant is decided by the ledger alone and is
+synchronous: the hot path pays one ``if self.cluster is None``. With ``store: etcd`` (HA, several nodes) the
+ledger's grant is *tentative* until :class:`~lmgrd.storage.etcd.EtcdSeats` has written the seat to etcd in one
+transaction that can never exceed the count across nodes; the reply waits for etcd. A refusal from etcd takes
+the tentative lease back (nobody was told of it, nothing journalled) and the checkout is queued or denied as it
+would be locally (``NO_SEATS``; ``STORE_UNAVAILABLE`` when etcd cannot answer). Ends go to etcd too, from the
+one place every end passes (:meth:`_ended`). A client resuming a token this node never granted is *adopted*
+(:meth:`adopt`): the seat moves to this node in etcd and into this node's ledger.
+
 Imports the core, the journal store protocol and ``protocol``; never the transport, admin or monitoring.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from lmgrd.core.ledger import HolderLike, LeaseInfo, Ledger, PoolKey, Waiter
 from lmgrd.daemon.events import ClientView, EndReason, Observers
 from lmgrd.daemon.outbox import Outbox, Writable
+from lmgrd.storage.etcd import EtcdSeats, StoreUnavailable
 from lmgrd.storage.journal import LeaseRecord, LeaseStore, StoreError, StoreWriteError
-from protocol import ErrorCode, ErrorReply, Granted, LostSeat, encode_frame
+from protocol import ErrorCode, ErrorReply, Granted, LostSeat, Resumed, encode_frame
 
 __all__ = ["REMOVED_MEMORY", "Counters", "LeaseLifecycle", "WaitCtx"]
 
@@ -51,6 +62,7 @@ LOST_CODE: Mapping[EndReason, ErrorCode] = {
     EndReason.IDLE: ErrorCode.IDLE_TIMEOUT,
     EndReason.EXPIRY: ErrorCode.LEASE_EXPIRED,
     EndReason.REVOKED: ErrorCode.LICENSE_REVOKED,
+    EndReason.STORE_LOST: ErrorCode.STORE_UNAVAILABLE,
 }
 
 
@@ -94,6 +106,7 @@ class WaitCtx:
     pool: PoolKey
     share_key: tuple[str, ...]
     timer: Cancellable | None = None
+    until: float = 0.0  # when the wait runs out (monotonic)
 
 
 @dataclass(slots=True)
@@ -105,6 +118,8 @@ class Counters:
     released: int = 0
     expired: int = 0
     connections: int = 0
+    #: Connections dropped because no hello came within handshake_timeout (silent or trickling clients).
+    handshake_timeouts: int = 0
 
 
 class LeaseLifecycle:
@@ -125,6 +140,7 @@ class LeaseLifecycle:
         lease_timeout: float,
         heartbeat_interval: float,
         arm: Callable[[], None] = lambda: None,
+        cluster: EtcdSeats | None = None,
     ) -> None:
         self.ledger = ledger
         self.store = store
@@ -147,16 +163,187 @@ class LeaseLifecycle:
         #: rather than LEASE_NOT_FOUND (bounded).
         self.removed: dict[str, tuple[str, LostSeat]] = {}
         outbox.undo = self.undo_grants
+        #: The cluster-wide seat store (HA, ``store: etcd``); None: this node's ledger decides alone.
+        self.cluster = cluster
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: Checkouts etcd refused, waiting for a seat another node frees: pool -> waiter ids in arrival order.
+        self.cluster_queue: dict[PoolKey, list[int]] = {}
 
     # -- grants ------------------------------------------------------------------------------------------------
     def checkout(self, client: Client, rid: int, pool: PoolKey, share_key: tuple[str, ...], holder: HolderLike,
-                 version: str, now: float, wall: float) -> bool:
-        """Grant a seat of ``pool`` now if the ledger has one; False when it needs a new seat and none is free."""
+                 version: str, now: float, wall: float, wait: float = 0.0) -> bool:
+        """Grant a seat of ``pool`` now if the ledger has one; False when it needs a new seat and none is free.
+
+        With a cluster store, True means the checkout is answered later (granted, queued for up to ``wait``
+        seconds, or denied), once etcd has decided.
+        """
         lease = self.ledger.checkout(pool, share_key, holder, version, now, wall)
         if lease is None:
             return False
-        self._granted(client, rid, lease, 0.0)
+        if self.cluster is None:
+            self._granted(client, rid, lease, 0.0)
+        else:
+            self._spawn(self._claim(client, rid, lease, now, now + wait))
         return True
+
+    # -- the cluster store (HA) ---------------------------------------------------------------------------------
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _claim(self, client: Client, rid: int, lease: LeaseInfo, started: float, until: float) -> None:
+        """Make the ledger's tentative ``lease`` a cluster-wide seat, then answer; or take it back and refuse."""
+        cluster = self.cluster
+        assert cluster is not None
+        error = ""
+        if not cluster.up:
+            ok, error = False, "etcd was unreachable or without quorum at the last attempt"
+        else:
+            try:
+                ok = await cluster.acquire(lease.to_record(), self.count_of(lease.pool), lease.session or 0,
+                                           lease.share_key)
+            except StoreUnavailable as exc:
+                ok, error = False, str(exc)
+        if self.ledger.get(lease.token) is not lease:  # ended while etcd decided (pool removed, lmremove)
+            if ok:
+                cluster.release(lease.token, lease.pool[0])
+            if error:
+                self.deny(client, rid, lease.pool[1], lease.version, ErrorCode.STORE_UNAVAILABLE,
+                          "the license servers' shared seat store (etcd) cannot be reached",
+                          "try again shortly; if it persists, ask the administrator to check the etcd cluster",
+                          log=f"store unavailable: {error}", customer_id=lease.pool[0])
+            else:
+                self.deny(client, rid, lease.pool[1], lease.version, ErrorCode.NO_SEATS,
+                          f"the seat of {lease.pool[1]} ended before it could be granted (the licenses were "
+                          "reloaded or the seat was removed)", "check out again", customer_id=lease.pool[0])
+            return
+        t = client.transport
+        if ok and (t is None or t.is_closing()):
+            logger.info("client left before its grant of %s; seat released", lease.pool[1])
+            cluster.release(lease.token, lease.pool[0])
+            self._take_back(lease)
+            return
+        if ok:
+            self._granted(client, rid, lease, self.clock() - started)
+            return
+        self._take_back(lease)
+        product, version = lease.pool[1], lease.version
+        if error:
+            self.deny(client, rid, product, version, ErrorCode.STORE_UNAVAILABLE,
+                      "the license servers' shared seat store (etcd) cannot be reached",
+                      "try again shortly; if it persists, ask the administrator to check the etcd cluster",
+                      log=f"store unavailable: {error}", customer_id=lease.pool[0])
+            return
+        now = self.clock()
+        if until > now and t is not None and not t.is_closing():
+            share_key = () if lease.share_key == (lease.token,) else lease.share_key
+            self._cluster_enqueue(WaitCtx(client, rid, product, version, started, lease.pool, share_key,
+                                          until=until))
+            return
+        count = self.count_of(lease.pool)
+        self.deny(client, rid, product, version, ErrorCode.NO_SEATS,
+                  f"all {count} seat(s) of {product} are in use across the license server cluster",
+                  "try again later, or check out with a wait", log="cluster-wide: all seats in use",
+                  customer_id=lease.pool[0])
+
+    def _cluster_enqueue(self, ctx: WaitCtx) -> None:
+        """Queue a checkout etcd refused (the seats are held on other nodes) until ``ctx.until``.
+
+        Kept here, not in the ledger (whose seats are free): :meth:`serve_cluster` retries it when the cluster
+        view shows a free seat; the wait timer and a leaving client are handled as for any waiter.
+        """
+        waiter_id = self.next_waiter
+        self.next_waiter += 1
+        ctx.timer = self.timers.call_later(max(0.0, ctx.until - self.clock()), self._wait_expired, waiter_id)
+        self.waits[waiter_id] = ctx
+        ctx.client.waiters[waiter_id] = ctx.request_id
+        queue = self.cluster_queue.setdefault(ctx.pool, [])
+        queue.append(waiter_id)
+        logger.info("QUEUED %s %s for %s (cluster-wide, position %d)", ctx.product, ctx.version, ctx.client.who(),
+                    len(queue))
+
+    def _take_back(self, lease: LeaseInfo) -> None:
+        """Undo a tentative grant nobody was told of (no record, no counter, no event)."""
+        _, served = self.ledger.release(lease.token, self.clock(), self.wall())
+        if served:
+            self._serve(served)
+
+    def adopt(self, client: Client, rid: int, resumed: list[str], lost: list[LostSeat], tokens: list[str]) -> None:
+        """Resume ``tokens`` this node does not hold from the cluster store, then send the ``Resumed`` reply."""
+        self._spawn(self._adopt(client, rid, resumed, lost, tokens))
+
+    async def _adopt(self, client: Client, rid: int, resumed: list[str], lost: list[LostSeat],
+                     tokens: list[str]) -> None:
+        cluster = self.cluster
+        assert cluster is not None
+        owner = str(getattr(client, "owner", ""))
+
+        def holds(rec: LeaseRecord) -> bool:  # as Session.holds: the lease's owner, or (unbound) user and host
+            return rec.owner == owner if rec.owner else (rec.user == client.user and rec.host == client.host)
+
+        results = await asyncio.gather(*(cluster.adopt(token, holds) for token in tokens), return_exceptions=True)
+        now = self.clock()
+        session = getattr(client, "session", 0)
+        for token, res in zip(tokens, results, strict=True):
+            if isinstance(res, BaseException):
+                lost.append(LostSeat(token, ErrorCode.STORE_UNAVAILABLE,
+                                     "the license servers' shared seat store (etcd) cannot be reached"))
+                continue
+            if res is None:
+                lost.append(LostSeat(token, ErrorCode.LEASE_NOT_FOUND,
+                                     "this seat is no longer held: it lapsed, was checked in or was removed"))
+                continue
+            if self.ledger.get(token) is None:
+                self.ledger.restore([res], now)
+            self.ledger.resume(token, session, now)
+            resumed.append(token)
+            logger.info("ADOPTED %s %s of %s@%s lease %s from another node", res.product, res.version, res.user,
+                        res.host, token[:8])
+        logger.info("RESUME %s: %d seat(s) resumed, %d lost", client.who(), len(resumed), len(lost))
+        self.outbox.reply(client, Resumed, encode_frame(Resumed(rid, tuple(resumed), tuple(lost)).to_wire()))
+        self.arm()
+
+    def store_lost(self, tokens: Iterable[str]) -> int:
+        """End the leases whose seat is gone from the cluster store (their etcd lease lapsed)."""
+        n = 0
+        cluster = self.cluster
+        for token in tokens:
+            if cluster is not None:
+                cluster.drop_local(token)
+            if self.end(token, EndReason.STORE_LOST, "the shared seat store lost this seat") is not None:
+                n += 1
+        return n
+
+    def serve_cluster(self) -> None:
+        """Offer seats freed on other nodes to this node's queue (called after each read of the cluster view)."""
+        cluster = self.cluster
+        if cluster is None:
+            return
+        now, wall = self.clock(), self.wall()
+        for pool in self.ledger.pools():
+            free = self.count_of(pool) - cluster.held(pool)
+            if free <= 0:
+                continue
+            if self.ledger.queued(pool):
+                self.serve_pool(pool)
+            queue = self.cluster_queue.get(pool)
+            while queue and free > 0:
+                ctx = self._take_wait(queue.pop(0))
+                if ctx is None:
+                    continue
+                t = ctx.client.transport
+                if t is None or t.is_closing():
+                    continue
+                lease = self.ledger.checkout(pool, ctx.share_key, cast(HolderLike, ctx.client), ctx.version, now,
+                                             wall)
+                if lease is None:  # this node is full itself: wait in the cluster queue again
+                    self._cluster_enqueue(ctx)
+                    break
+                free -= 1
+                self._spawn(self._claim(ctx.client, ctx.request_id, lease, ctx.started, ctx.until))
+            if not queue:
+                self.cluster_queue.pop(pool, None)
 
     def _granted(self, client: Client, rid: int, lease: LeaseInfo, waited: float) -> None:
         self.store.record_grant(lease.to_record())
@@ -210,7 +397,7 @@ class LeaseLifecycle:
         """Queue a checkout the ledger refused for up to ``wait`` seconds; returns its position."""
         waiter_id = self.next_waiter
         self.next_waiter += 1
-        ctx = WaitCtx(client, rid, product, version, now, pool, share_key)
+        ctx = WaitCtx(client, rid, product, version, now, pool, share_key, until=now + wait)
         position = self.ledger.enqueue(Waiter(waiter_id, pool, share_key, holder, version, ctx))
         ctx.timer = self.timers.call_later(wait, self._wait_expired, waiter_id)
         self.waits[waiter_id] = ctx
@@ -275,7 +462,10 @@ class LeaseLifecycle:
                 _, more = self.ledger.release(lease.token, now, self.wall())
                 served.extend(more)
                 continue
-            self._granted(ctx.client, ctx.request_id, lease, now - ctx.started)
+            if self.cluster is None:
+                self._granted(ctx.client, ctx.request_id, lease, now - ctx.started)
+            else:
+                self._spawn(self._claim(ctx.client, ctx.request_id, lease, ctx.started, ctx.until))
 
     # -- denials -------------------------------------------------------------------------------------------------
     def deny(self, client: Client, rid: int, product: str, version: str, code: ErrorCode, message: str,
@@ -350,6 +540,8 @@ class LeaseLifecycle:
 
     def _ended(self, lease: LeaseInfo, reason: EndReason, why: str, client: Client | None) -> None:
         self.store.record_release(lease.token)
+        if self.cluster is not None:
+            self.cluster.release(lease.token, lease.pool[0])
         if self.observers.any:
             self.observers.release(lease, reason)
         if reason is _CHECKIN:  # the hot path: nobody to tell, one log line

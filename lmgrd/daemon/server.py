@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -36,6 +37,7 @@ from lmgrd.daemon.leases import Counters, LeaseLifecycle, Timers, WaitCtx
 from lmgrd.daemon.outbox import Outbox
 from lmgrd.daemon.session import Handlers, Session, refuse
 from lmgrd.daemon.transport import ClientProtocol
+from lmgrd.storage.etcd import EtcdSeats, StoreUnavailable
 from lmgrd.storage.journal import LeaseStore, StoreError
 from protocol import ErrorCode, ErrorReply, ProtocolError, error_frame
 
@@ -81,6 +83,7 @@ class Server:
         clock: Callable[[], float] | None = None,
         wall: Callable[[], float] = time.time,
         reload: Callable[[], tuple[Licensing, list[str]]] | None = None,
+        cluster: EtcdSeats | None = None,
     ) -> None:
         self.cfg = cfg
         self.reload_fn = reload
@@ -89,6 +92,9 @@ class Server:
         #: Set by lmgrd.monitoring.metrics.attach: the Metrics object and the per-request timer.
         self.metrics: Any = None
         self.request_timer: Callable[[type, float], None] | None = None
+        #: Set by lmgrd.cli when a served license has a cloud_url: the agent talking to the activation service
+        #: (lmgrd.daemon.cloud.CloudAgent), which lmutil activate reaches through lmgrd.admin.
+        self.cloud: Any = None
         self.licensing = licensing
         self.store = store
         self.loop = asyncio.get_running_loop()
@@ -111,7 +117,10 @@ class Server:
             self.ledger, store, self.outbox, self.observers, sessions=self.sessions,
             count_of=lambda pool: self.licensing.count(pool), timers=cast(Timers, self.loop), clock=self.clock,
             wall=wall, lease_timeout=cfg.lease_timeout, heartbeat_interval=cfg.heartbeat_interval,
-            arm=self.arm)
+            arm=self.arm, cluster=cluster)
+        #: The cluster-wide seat store (HA, ``store: etcd``), or None.
+        self.cluster = cluster
+        self._cluster_tasks: list[asyncio.Task[None]] = []
         self.handlers = Handlers(
             self, self.leases, self.outbox, cast(dict[int, Session], self.sessions),
             heartbeat_interval=cfg.heartbeat_interval, lease_timeout=cfg.lease_timeout,
@@ -173,6 +182,14 @@ class Server:
     # -- start-up and shutdown -----------------------------------------------------------------------------
     async def start(self) -> None:
         host = self.cfg.bind or None
+        cluster = self.cluster
+        if cluster is not None:  # HA: reach etcd before taking clients (a first checkout must not find it unknown)
+            node_info = {"node": cluster.node, "host": socket.gethostname(), "port": self.cfg.port,
+                         "bind": self.cfg.bind, "pid": os.getpid(), "version": __version__,
+                         "started": self.started_wall}
+            for _path, lic in self.licensing.served:  # an HA license's servers are the cluster's nodes (lmstat)
+                cluster.known_nodes.update(name.split(".")[0] for name, _ip in lic.servers)
+            await cluster.connect(node_info)
         srv = await self.loop.create_server(
             lambda: ClientProtocol(self), host=host, port=self.cfg.port, backlog=self.cfg.backlog,
             reuse_address=True,
@@ -186,6 +203,11 @@ class Server:
         self.sync_handle = self.loop.call_later(self.cfg.sync_interval, self._sync_tick)
         if self.cfg.idle_connection_timeout:
             self.idle_handle = self.loop.call_later(self._idle_sweep_interval(), self._idle_tick)
+        if cluster is not None:
+            if self.ports and self.ports[0] != self.cfg.port:  # port 0: announce the one the kernel picked
+                await cluster.announce({"port": self.ports[0]})
+            self._cluster_tasks = [self.loop.create_task(self._keepalive_loop()),
+                                   self.loop.create_task(self._view_loop())]
 
     def _idle_sweep_interval(self) -> float:
         # A connection is closed between 1 and 1.25 idle timeouts after its last request (at most 30 s late).
@@ -213,6 +235,38 @@ class Server:
                              "seat and sent nothing for %g s (idle_connection_timeout)", s.who(), s.peer, timeout)
             self.outbox.send(s, None)
         self.idle_handle = self.loop.call_later(self._idle_sweep_interval(), self._idle_tick)
+
+    # -- the cluster store (HA) -------------------------------------------------------------------------------
+    async def _keepalive_loop(self) -> None:
+        """Keep alive the etcd leases of every seat this node serves (TTL/3); end seats etcd no longer has."""
+        cluster = self.cluster
+        assert cluster is not None
+        period = cluster.ttl / 3
+        while not self.closing:
+            await asyncio.sleep(period)
+            try:  # bounded: ending seats in time must not wait for a slow etcd
+                lost = await asyncio.wait_for(cluster.maintain(), max(0.05, cluster.time_left()))
+            except TimeoutError:
+                lost = []
+            if not lost and cluster.overdue():
+                lost = list(cluster.token_seat)
+            if lost:
+                n = self.leases.store_lost(lost)
+                if n:
+                    logger.warning("%d seat(s) ended: the shared seat store no longer holds them", n)
+
+    async def _view_loop(self) -> None:
+        """Read the cluster's seats and nodes twice a second: lmstat, metrics and the cluster-wide queue."""
+        cluster = self.cluster
+        assert cluster is not None
+        while not self.closing:
+            try:
+                await cluster.refresh_view()
+            except StoreUnavailable:
+                pass
+            else:
+                self.leases.serve_cluster()
+            await asyncio.sleep(0.5)
 
     def request_shutdown(self, why: str) -> None:
         """Stop in stages: no new connections, clients told, wait up to ``shutdown_timeout`` for them to
@@ -262,6 +316,11 @@ class Server:
                          "them; no grant was acknowledged without its record", exc)
         except OSError as exc:
             logger.error("could not sync the lease journal at shutdown: %s", exc)
+        for task in self._cluster_tasks:
+            task.cancel()
+        if self.cluster is not None:
+            # The seats stay in etcd, on their clients' etcd leases: the clients resume them on another node.
+            await self.cluster.close()
         if self.timer is not None:
             self.timer.cancel()
         if self.sync_handle is not None:
@@ -324,6 +383,8 @@ class Server:
         self.leases.drop_waits(proto)
         if proto.session:
             self.sessions.pop(proto.session, None)
+            if self.cluster is not None:
+                self.cluster.forget_session(proto.session)
             detached = self.ledger.detach_session(proto.session, self.clock(), self.cfg.grace)
             if detached:
                 logger.info("client %s disconnected holding %d seat(s); kept %.0f s for a reconnect",
@@ -410,7 +471,7 @@ class Server:
         return self.ledger.reserved(pool)
 
     def status(self) -> dict[str, Any]:
-        pools = []
+        pools: list[dict[str, Any]] = []
         for pool, count in sorted(self.licensing.pools().items()):
             lic = self.licensing.license_for(pool)
             prod = lic.product(pool[1]) if lic else None
@@ -422,7 +483,16 @@ class Server:
                 "share": lic.share if lic else "",
                 "activation": self.licensing.activation_state(pool[0], datetime.fromtimestamp(self.wall(), UTC)),
             })
+        cluster = self.cluster
+        if cluster is not None:  # HA: seat counts are the cluster's; in_use_here is this node's share
+            for entry in pools:
+                here = int(entry["in_use"])
+                entry["in_use_here"] = here
+                entry["in_use"] = max(cluster.held((str(entry["customer_id"]), str(entry["product"]))), here)
         return {
+            **({"cluster": {"node": cluster.node, "store": "etcd", "store_up": cluster.up,
+                            "endpoints": list(cluster.settings.endpoints), "nodes": cluster.node_lines(),
+                            "view_at": cluster.view_at}} if cluster is not None else {}),
             "server_version": __version__,
             "uptime_seconds": round(self.clock() - self.started, 3),
             "heartbeat_interval": self.hb_interval,
@@ -430,9 +500,21 @@ class Server:
             "connections": len(self.sessions),
             "pools": pools,
             "refused_licenses": self.licensing.refusals(),
+            "cloud": self.cloud_status(),
             "store": {"writable": self.outbox.store_error is None,
                       "error": str(self.outbox.store_error) if self.outbox.store_error is not None else None},
         }
+
+    def cloud_status(self) -> list[dict[str, Any]]:
+        """Each license activated by the vendor's activation service: state, certificate, last contact, and
+        the warning while the service is unreachable near the certificate's end (lmstat --json/--extended)."""
+        acts = self.licensing.activations
+        cloud = acts.cloud if acts is not None else None
+        if cloud is None:
+            return []
+        now = datetime.fromtimestamp(self.wall(), UTC)
+        return [cloud.view(lic, now) for _p, lic in self.licensing.served
+                if lic.cloud_url is not None and lic.customer_id in cloud.licenses]
 
 
 def install_signal_handlers(server: Server) -> None:

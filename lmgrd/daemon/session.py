@@ -11,9 +11,10 @@ handlers directly with a recording transport.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -56,8 +57,10 @@ logger = logging.getLogger(__name__)
 
 _CHECKIN = EndReason.CHECKIN
 
-#: Runs one admin command for a session: (session, command, args, auth) -> reply data, or ProtocolError.
-AdminHandler = Callable[["Session", str, dict[str, Any], str], dict[str, Any]]
+#: Runs one admin command for a session: (session, command, args, auth) -> reply data, or ProtocolError. A
+#: command that waits on something outside the daemon (``activate`` asking the vendor's activation service)
+#: returns an awaitable of the reply data instead; the reply is sent when it completes.
+AdminHandler = Callable[["Session", str, dict[str, Any], str], "dict[str, Any] | Awaitable[dict[str, Any]]"]
 
 
 class Session:
@@ -151,6 +154,8 @@ class Handlers:
         self.next_session = 1
         #: Set by the composition root (lmgrd.cli) to lmgrd.admin's handler; without it admin is refused.
         self.admin: AdminHandler | None = None
+        #: Admin commands still waiting on their answer (kept referenced so the loop cannot drop them).
+        self._admin_tasks: set[asyncio.Future[dict[str, Any]]] = set()
         #: Every message class the connection can hand over, and its handler.
         self.routes: dict[type, Callable[[Session, Any], None]] = {
             Heartbeat: self.heartbeat, Checkout: self.checkout, Checkin: self.checkin, Hello: self.hello,
@@ -224,7 +229,7 @@ class Handlers:
         user, host = holder.user, holder.host
         for lic in decision.licenses:
             if leases.checkout(s, req.id, (lic.customer_id, req.product), share_key_for(lic.share, user, host),
-                               holder, req.version, now, wall):
+                               holder, req.version, now, wall, req.wait if not self.daemon.closing else 0.0):
                 return
         first = decision.licenses[0]
         reasons = {self.ledger.refusal((lic.customer_id, req.product), share_key_for(lic.share, user, host), user,
@@ -289,6 +294,8 @@ class Handlers:
         lost: list[LostSeat] = []
         removed = self.leases.removed
         ledger = self.ledger
+        unknown: list[str] = []  # HA: tokens another node granted (its client moved here): adopted from etcd
+        cluster = self.leases.cluster is not None
         for token in req.tokens:
             before = ledger.get(token)
             if before is None or not s.holds(before):
@@ -296,6 +303,9 @@ class Handlers:
                 if gone is not None and gone[0] == s.owner:
                     del removed[token]
                     lost.append(gone[1])
+                    continue
+                if cluster and before is None:
+                    unknown.append(token)  # adopted only if etcd's record of it names this client's owner
                     continue
                 self.token_refused(s, "resume", token, before)
                 # The same answer for a lease that is someone else's as for one that does not exist.
@@ -316,6 +326,9 @@ class Handlers:
                     logger.info("lease %s moved from %s (session %d) to %s (session %d)", token[:8], old.peer,
                                 old_session, s.peer, s.session)
             resumed.append(token)
+        if unknown:
+            self.leases.adopt(s, req.id, resumed, lost, unknown)  # answers once etcd has
+            return
         logger.info("RESUME %s: %d seat(s) resumed, %d lost", s.who(), len(resumed), len(lost))
         self.outbox.reply(s, Resumed, encode_frame(Resumed(req.id, tuple(resumed), tuple(lost)).to_wire()))
 
@@ -329,8 +342,29 @@ class Handlers:
             data = self.admin(s, req.command, req.args, req.auth)
         except ProtocolError as exc:
             self.error(s, req.id, exc.code, exc.message, exc.hint)
-        else:
+            return
+        if isinstance(data, dict):
             self.outbox.reply(s, StatusReply, encode_frame(StatusReply(req.id, data).to_wire()))
+            return
+        task = asyncio.ensure_future(data)
+        self._admin_tasks.add(task)
+        task.add_done_callback(lambda t: self._admin_done(s, req, t))
+
+    def _admin_done(self, s: Session, req: Admin, task: asyncio.Future[dict[str, Any]]) -> None:
+        """Answer an admin command that had to wait (its session may have gone meanwhile: nothing is sent)."""
+        self._admin_tasks.discard(task)
+        if task.cancelled():
+            self.error(s, req.id, ErrorCode.SHUTTING_DOWN, f"admin command '{req.command}' was cancelled",
+                       "the license server is shutting down; run it again when it is back")
+            return
+        exc = task.exception()
+        if isinstance(exc, ProtocolError):
+            self.error(s, req.id, exc.code, exc.message, exc.hint)
+        elif exc is not None:
+            logger.error("admin command %r failed: %r", req.command, exc, exc_info=exc)
+            self.error(s, req.id, ErrorCode.INTERNAL_ERROR, f"admin command '{req.command}' failed: {exc!r}")
+        else:
+            self.outbox.reply(s, StatusReply, encode_frame(StatusReply(req.id, task.result()).to_wire()))
 
 
 def _no_timer(delay: float, callback: Callable[..., None], *args: object) -> None:

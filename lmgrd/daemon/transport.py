@@ -144,6 +144,7 @@ class ClientProtocol(Session, asyncio.Protocol):
     def handshake_expired(self) -> None:
         self.handshake_timer = None
         if self.conn.hello is None:
+            self.server.counters.handshake_timeouts += 1
             timeout = self.server.cfg.handshake_timeout
             self.server.refusal_log("handshake timeouts", logging.INFO, "client %s sent no hello within %.1f s; "
                                     "dropped", self.peer, timeout)

@@ -2,11 +2,16 @@
 
 A deliberately small HTTP/1.1 server on the daemon's own event loop: an ``asyncio.Protocol`` that feeds the bytes
 it receives to an ``h11.Connection(h11.SERVER)`` (sans-I/O, the model :mod:`protocol` follows) and sends the
-bytes h11 frames. GET only; one request per connection, answered with ``Connection: close`` (pipelined requests
-after the first are not read); the request head bounded to :data:`MAX_REQUEST_BYTES` however it arrives; a
-per-connection deadline (:data:`REQUEST_TIMEOUT`) and a cap on concurrent connections (:data:`MAX_CONNECTIONS`),
-so a slow or hostile scraper costs little and can never hold up license traffic. A request h11 cannot read is
-answered with the 4xx it hints (400, or 431 for a head too large), never a traceback. Everything it shows is read
+bytes h11 frames. GET only. Every cost a client can impose is bounded by an :class:`HTTPLimits` (the
+``metrics_*`` settings): the request head (``metrics_max_header_bytes``, however it arrives) and body
+(``metrics_max_body_bytes``) sizes; the time to deliver a head (``metrics_header_timeout``) and a whole request
+(``metrics_request_timeout``); the idle time of a kept-alive HTTP/1.1 connection between requests
+(``metrics_keepalive_timeout``; 0 answers every request with ``Connection: close``); and the connections open at
+once (``metrics_max_connections``; at the cap the connection idle or slow the longest is evicted, so a flood of
+slow connections cannot lock honest scrapers out). Connections cut by a deadline or evicted are counted in
+``lmgrd_http_connections_dropped_total{reason}``. A slow or hostile scraper costs little and can never hold up
+license traffic. A request h11 cannot read is answered with the 4xx it hints (400, 413 or 431 for a body or head
+too large), never a traceback. Everything it shows is read
 from the server at request time; it changes nothing. If the port cannot be bound the daemon says why and keeps
 serving licenses.
 
@@ -26,29 +31,27 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import h11
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from lmgrd import __version__
 from lmgrd.admin import commands as admin
+from lmgrd.config import DaemonConfig
 from lmgrd.monitoring.metrics import CONTENT_TYPE, Metrics, TextfileWriter, activation_state, attach, reserved_seats
 
 if TYPE_CHECKING:
-    from lmgrd.config import DaemonConfig
+    from collections.abc import Iterator
+
     from lmgrd.daemon.api import DaemonView as Server
 
 logger = logging.getLogger(__name__)
 
-#: Largest request head (request line and headers) accepted; a GET needs far less.
-MAX_REQUEST_BYTES = 8 * 1024
-#: A connection must deliver its request and take its answer within this many seconds.
-REQUEST_TIMEOUT = 10.0
-#: Concurrent monitoring connections; more are closed at once (Prometheus uses one).
-MAX_CONNECTIONS = 64
 #: Holders listed per product on the status page (the page stays small with thousands of leases).
 MAX_HOLDERS_SHOWN = 200
 #: Seconds between the status page's own refreshes.
 REFRESH_SECONDS = 5
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
             431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 _HTML = "text/html; charset=utf-8"
 _TEXT = "text/plain; charset=utf-8"
@@ -65,6 +68,11 @@ def health(server: Server) -> tuple[bool, str]:
     """
     if server.closing:
         return False, "shutting down"
+    cluster = server.cluster
+    if cluster is not None and not cluster.up:
+        return False, (f"degraded: the shared seat store (etcd {','.join(cluster.settings.endpoints)}) is unreachable "
+                       "or has no quorum; new checkouts are refused with STORE_UNAVAILABLE, held seats are kept for "
+                       "at most the lease timeout")
     if server.store_error is not None:
         return False, f"degraded, new checkouts refused (STORE_UNAVAILABLE): {server.store_error}"
     now = datetime.now(UTC)
@@ -222,99 +230,230 @@ def render_status(server: Server, metrics: Metrics | None) -> str:
 
 
 # --------------------------------------------------------------------------- HTTP
+@dataclass(frozen=True, slots=True)
+class HTTPLimits:
+    """What one monitoring connection may cost: the ``metrics_*`` settings of :class:`lmgrd.config.DaemonConfig`
+    (their defaults are written there once; :meth:`from_config` copies them)."""
+
+    max_connections: int
+    header_timeout: float
+    request_timeout: float
+    keepalive_timeout: float
+    max_header_bytes: int
+    max_body_bytes: int
+
+    @classmethod
+    def from_config(cls, cfg: DaemonConfig) -> HTTPLimits:
+        return cls(cfg.metrics_max_connections, cfg.metrics_header_timeout, cfg.metrics_request_timeout,
+                   cfg.metrics_keepalive_timeout, cfg.metrics_max_header_bytes, cfg.metrics_max_body_bytes)
+
+
+#: Why the listener cut a connection itself (lmgrd_http_connections_dropped_total{reason}).
+DROP_REASONS = ("header_timeout", "request_timeout", "evicted")
+
+
 class HTTPProtocol(asyncio.Protocol):
-    """One monitoring connection: h11 reads one request; it is answered, then the connection closes."""
+    """One monitoring connection: h11 reads requests one at a time and each is answered in turn.
+
+    A request's head must arrive within ``header_timeout`` and the whole request (head, body, and the client
+    taking the answer) within ``request_timeout``, both counted from its first byte (from the connection's start
+    for the first request); past either the connection is aborted. Between requests an idle kept-alive connection
+    is closed after ``keepalive_timeout`` (0: every answer closes the connection). Reading is paused while an
+    answer waits to be taken, so a client that pipelines without reading holds at most one answer and one read.
+    """
 
     def __init__(self, app: MonitorHTTP) -> None:
         self.app = app
-        # h11 never holds more than MAX_REQUEST_BYTES of an unfinished head: data_received feeds it no more.
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
-        self.fed = 0  # bytes given to h11 so far (all of them part of the one request head we read)
+        self.limits = app.limits
+        # h11 holds no more than max_header_bytes of an unfinished head; a head that arrives whole is measured
+        # in _process (h11's limit only applies to an incomplete one).
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=app.limits.max_header_bytes)
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.answered = False
+        self.idle = False  # between requests of a kept-alive connection
+        self.closing = False  # the last answer said Connection: close; what the client still sends is discarded
+        self.draining = False  # an answer is written but the client has not taken it all yet
+        self.fed = 0  # bytes of this request cycle given to h11 (leftovers of the previous cycle included)
+        self.body_bytes = 0
+        self.header_deadline = 0.0
+        self.request_deadline = 0.0
+        self.request: h11.Request | None = None
+        self.keep_alive = False
         self.method = b""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.app.connections.add(self)
-        if len(self.app.connections) > self.app.max_connections:
-            transport.abort()  # type: ignore[attr-defined]
+    # -- timers ------------------------------------------------------------------------------------------
+    def _arm(self, when: float, why: str) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_at(when, self._expired, why)
+
+    def _start_request(self) -> None:
+        """The first byte of a request (or the connection itself): both deadlines start now."""
+        now = asyncio.get_running_loop().time()
+        self.idle = False
+        self.header_deadline = now + self.limits.header_timeout
+        self.request_deadline = now + self.limits.request_timeout
+        if self.header_deadline < self.request_deadline:
+            self._arm(self.header_deadline, "header_timeout")
+        else:
+            self._arm(self.request_deadline, "request_timeout")
+
+    def _expired(self, why: str) -> None:
+        self.timer = None
+        t = self.transport
+        if t is None or t.is_closing():
             return
-        self.timer = asyncio.get_running_loop().call_later(self.app.request_timeout, self._timed_out)
+        if self.idle:  # a kept-alive connection nobody used: closing it is routine, not a drop
+            t.close()
+            return
+        if why == "header_timeout" and self.request is not None:  # the head came; the request deadline remains
+            self._arm(self.request_deadline, "request_timeout")
+            return
+        if not self.closing:
+            self.app.dropped[why] += 1
+        t.abort()
+
+    # -- asyncio callbacks ---------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = transport  # type: ignore[assignment]
+        # high=0: pause_writing as soon as an answer is not written at once, resume_writing once it all is.
+        t.set_write_buffer_limits(high=0)  # type: ignore[attr-defined]
+        self.app.admit(self)
+        self._start_request()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.app.connections.discard(self)
+        self.app.connections.pop(self, None)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
 
-    def _timed_out(self) -> None:
-        self.timer = None
-        if self.transport is not None:
-            self.transport.abort()
-
     def data_received(self, data: bytes) -> None:
-        if self.answered:
-            return  # a pipelined request, or the tail of a refused one: not read
-        # Give h11 at most MAX_REQUEST_BYTES in all: a head that is complete within them is read whole, one
-        # that is not is too large, whether it came in one piece or a byte at a time. (h11's own limit only
-        # applies to an incomplete head, so a large head arriving in one piece would otherwise pass.)
-        chunk = data[:MAX_REQUEST_BYTES - self.fed]
-        self.fed += len(chunk)
-        if chunk:  # an empty receive_data() means EOF to h11
-            self.conn.receive_data(chunk)
-        try:
-            event = self.conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            self._refuse(exc)
-            return
-        if event is h11.NEED_DATA:
-            if self.fed >= MAX_REQUEST_BYTES:
-                self.respond(431, _TEXT, f"request head larger than {MAX_REQUEST_BYTES} bytes\n".encode())
-            return
-        if isinstance(event, h11.Request):
-            self._handle(event)
+        if self.closing:
+            return  # the tail of a refused request, or requests after a Connection: close answer: not read
+        if self.idle:
+            self._start_request()
+        self.fed += len(data)
+        self.conn.receive_data(data)
+        if not self.draining:
+            self._process()
+
+    def eof_received(self) -> bool | None:
+        return None  # the client is done: close the transport
+
+    def pause_writing(self) -> None:
+        if self.draining and self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.draining:
+            self.draining = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+                self._next_cycle()
+                self._process()
+
+    # -- requests ------------------------------------------------------------------------------------------
+    def _unread(self) -> int:
+        return len(self.conn.trailing_data[0])
+
+    def _process(self) -> None:
+        """Read the events h11 has for us until it needs more bytes, answering each request when it is whole."""
+        limits = self.limits
+        while not self.closing and not self.draining:
+            if self.request is None and self.fed > limits.max_header_bytes and not self._head_fits():
+                self._too_large_head()  # before h11 parses it: a huge head is refused for its size alone
+                return
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._refuse(exc)
+                return
+            if event is h11.NEED_DATA:
+                if self.request is None and self._unread() >= limits.max_header_bytes:
+                    self._too_large_head()
+                return
+            if isinstance(event, h11.Request):
+                if self.fed - self._unread() > limits.max_header_bytes:
+                    self._too_large_head()
+                    return
+                self.request = event
+                self._check_request(event)
+            elif isinstance(event, h11.Data):
+                self.body_bytes += len(event.data)
+                if self.body_bytes > limits.max_body_bytes:
+                    self._too_large_body()
+                    return
+            elif isinstance(event, h11.EndOfMessage):
+                request = self.request
+                if request is not None:
+                    self._answer(request)
+            else:  # ConnectionClosed or PAUSED: nothing more to read on this cycle
+                return
+
+    def _head_fits(self) -> bool:
+        """Whether the next request head ends within max_header_bytes of the unread bytes (or has not come)."""
+        limit = self.limits.max_header_bytes
+        start = self.conn.trailing_data[0][: limit + 4]
+        return len(start) <= limit or b"\r\n\r\n" in start or b"\n\n" in start
+
+    def _too_large_head(self) -> None:
+        self.respond(431, _TEXT, f"request head larger than {self.limits.max_header_bytes} bytes\n".encode(),
+                     close=True)
+
+    def _too_large_body(self) -> None:
+        self.respond(413, _TEXT, f"request body larger than {self.limits.max_body_bytes} bytes\n".encode(),
+                     close=True)
 
     def _refuse(self, exc: h11.RemoteProtocolError) -> None:
         """Answer a request h11 could not read with the status it hints and what was wrong."""
         reason = str(exc)
         if reason.startswith(("illegal request line", "no request line")):
-            self.respond(400, _TEXT, _BAD_REQUEST_LINE)
+            self.respond(400, _TEXT, _BAD_REQUEST_LINE, close=True)
         elif exc.error_status_hint == 431:
-            self.respond(431, _TEXT, f"request head larger than {MAX_REQUEST_BYTES} bytes\n".encode())
+            self._too_large_head()
         else:
             # h11 names what it refused ("Missing mandatory Host: header", "illegal header line: ..."). Its
             # one other hint, 501 for a transfer coding other than chunked, is a client's fault here too: 400.
-            self.respond(400, _TEXT, f"bad request: {reason[:200]}\n".encode("utf-8", "replace"))
+            self.respond(400, _TEXT, f"bad request: {reason[:200]}\n".encode("utf-8", "replace"), close=True)
 
-    def _handle(self, request: h11.Request) -> None:
+    def _check_request(self, request: h11.Request) -> None:
+        """Refuse at once what will not be served (before reading any body); otherwise read on."""
         self.method = request.method
         if not request.http_version.startswith(b"1."):
-            self.respond(400, _TEXT, _BAD_REQUEST_LINE)
+            self.respond(400, _TEXT, _BAD_REQUEST_LINE, close=True)
             return
         if request.method != b"GET":
-            self.respond(405, _TEXT, b"only GET is supported\n", (("Allow", "GET"),))
+            self.respond(405, _TEXT, b"only GET is supported\n", (("Allow", "GET"),), close=True)
             return
+        for name, value in request.headers:
+            if name == b"content-length" and int(value) > self.limits.max_body_bytes:  # h11 checked the digits
+                self._too_large_body()
+                return
+        tokens = {t.strip() for name, v in request.headers if name == b"connection" for t in v.lower().split(b",")}
+        self.keep_alive = (self.limits.keepalive_timeout > 0 and request.http_version == b"1.1"
+                           and b"close" not in tokens)
+
+    def _answer(self, request: h11.Request) -> None:
         try:
             path = urlsplit(request.target.decode("latin-1")).path
         except ValueError as exc:  # "Invalid IPv6 URL" for a target like http://[/
-            self.respond(400, _TEXT, f"bad request: cannot read the request target: {exc}\n".encode())
+            self.respond(400, _TEXT, f"bad request: cannot read the request target: {exc}\n".encode(), close=True)
             return
         status, ctype, body = self.app.route(path)
-        self.respond(status, ctype, body)
+        self.respond(status, ctype, body, close=not self.keep_alive)
 
-    def respond(self, status: int, ctype: str, body: bytes, extra: tuple[tuple[str, str], ...] = ()) -> None:
-        self.answered = True
+    def respond(self, status: int, ctype: str, body: bytes, extra: tuple[tuple[str, str], ...] = (), *,
+                close: bool) -> None:
         t = self.transport
         if t is None or t.is_closing():
             return
-        headers = [("Content-Type", ctype), ("Content-Length", str(len(body))), ("Connection", "close"),
-                   ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
-                   ("Server", f"lmgrd/{__version__}")]
+        headers = [("Content-Type", ctype), ("Content-Length", str(len(body))), ("Cache-Control", "no-store"),
+                   ("X-Content-Type-Options", "nosniff"), ("Server", f"lmgrd/{__version__}")]
         if ctype == _HTML:
             headers.append(("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"))
         headers.extend(extra)
+        if close:  # last, where h11 puts it when the client asked for the close itself
+            headers.append(("Connection", "close"))
         try:
             out = self.conn.send(h11.Response(status_code=status, headers=headers,
                                               reason=_REASONS.get(status, "Unknown")))
@@ -325,32 +464,75 @@ class HTTPProtocol(asyncio.Protocol):
             logger.exception("monitoring: cannot frame a %d answer", status)
             t.abort()
             return
+        if close or self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
+            self.closing = True
+            t.write(out)
+            # Close our side once the answer is flushed, and keep discarding what the client still sends until
+            # it closes (or the request deadline): closing at once with unread data would reset the connection,
+            # and a reset can destroy the answer before the client reads it (a refused head still arriving).
+            if t.can_write_eof():
+                t.write_eof()
+            else:
+                t.close()
+            return
+        self.draining = True
+        self.app.touch(self)
         t.write(out)
-        # Close our side once the answer is flushed, and keep discarding what the client still sends until it
-        # closes (or the deadline): closing at once with unread data would reset the connection, and a reset
-        # can destroy the answer before the client reads it (a refused head that is still arriving).
-        if t.can_write_eof():
-            t.write_eof()
+        if t.get_write_buffer_size() == 0:  # written at once (the usual case): no resume_writing will come
+            self.draining = False
+            self._next_cycle()
         else:
-            t.close()
+            t.pause_reading()
 
-    def eof_received(self) -> bool | None:
-        return None  # the client is done: close the transport
+    def _next_cycle(self) -> None:
+        """The answer is taken: wait (keepalive_timeout) for the next request, or time the pipelined one (the
+        caller's ``_process`` loop reads it: never from here, so pipelined requests never recurse)."""
+        self.conn.start_next_cycle()
+        self.request = None
+        self.body_bytes = 0
+        self.method = b""
+        self.fed = self._unread()  # bytes of the next request already here
+        if self.fed:
+            self._start_request()
+        else:
+            self.idle = True
+            self._arm(asyncio.get_running_loop().time() + self.limits.keepalive_timeout, "keepalive")
 
 
 class MonitorHTTP:
     """Routes and the listening socket(s) of the monitoring port."""
 
-    def __init__(self, server: Server, metrics: Metrics, *, request_timeout: float = REQUEST_TIMEOUT,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+    def __init__(self, server: Server, metrics: Metrics, limits: HTTPLimits | None = None) -> None:
         self.server = server
         self.metrics = metrics
-        self.request_timeout = request_timeout
-        self.max_connections = max_connections
-        self.connections: set[HTTPProtocol] = set()
+        self.limits = limits if limits is not None else HTTPLimits.from_config(DaemonConfig())
+        # Open connections, oldest activity first (connected, or last answered): the one to evict at the cap.
+        self.connections: dict[HTTPProtocol, None] = {}
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
         self.listener: asyncio.AbstractServer | None = None
         self.port = 0
         self.urls: list[str] = []
+        metrics.registry.register(_HTTPCollector(self))
+
+    def admit(self, proto: HTTPProtocol) -> None:
+        """A new connection: at the cap, the connection idle or slow the longest makes room for it.
+
+        Evicting the oldest rather than refusing the newest keeps the port usable under a flood of slow
+        connections: an honest scraper sends its request at once and is answered long before max_connections
+        newer connections push it to the front, while a slowloris connection ages there and is cut.
+        """
+        while len(self.connections) >= self.limits.max_connections:
+            oldest = next(iter(self.connections))
+            del self.connections[oldest]
+            self.dropped["evicted"] += 1
+            if oldest.transport is not None:
+                oldest.transport.abort()
+        self.connections[proto] = None
+
+    def touch(self, proto: HTTPProtocol) -> None:
+        """``proto`` was just answered: it goes to the back of the eviction order."""
+        if self.connections.pop(proto, 0) is None:
+            self.connections[proto] = None
 
     def route(self, path: str) -> tuple[int, str, bytes]:
         try:
@@ -366,12 +548,18 @@ class MonitorHTTP:
             return 503, _TEXT, b"internal error rendering this page; see the lmgrd log\n"
         return 404, _TEXT, b"not found; try /metrics, /healthz or /\n"
 
-    async def start(self, bind: str, port: int) -> bool:
-        """Listen; on failure log why and return False (licenses keep being served either way)."""
+    async def start(self, bind: str, port: int, backlog: int | None = None) -> bool:
+        """Listen; on failure log why and return False (licenses keep being served either way).
+
+        ``backlog`` is the listen queue (default: the daemon's ``backlog`` setting). asyncio's own default of 100
+        is too short for a flood of connections: once it is full the kernel drops handshakes, and honest scrapers
+        wait for SYN retransmits (a second or more) however fast the connections ahead of them are shed.
+        """
         loop = asyncio.get_running_loop()
         try:
             self.listener = await loop.create_server(lambda: HTTPProtocol(self), host=bind or None, port=port,
-                                                     reuse_address=True)
+                                                     reuse_address=True,
+                                                     backlog=backlog if backlog is not None else DaemonConfig().backlog)
         except OSError as exc:
             logger.error("cannot serve metrics and the status page on %s port %d: %s; licenses are still served. "
                          "Choose another --metrics-port (0 turns it off) or --metrics-bind",
@@ -399,6 +587,23 @@ class MonitorHTTP:
             self.listener = None
 
 
+class _HTTPCollector(Collector):
+    """The monitoring port's own gauges and counters, read at scrape time."""
+
+    def __init__(self, http: MonitorHTTP) -> None:
+        self.http = http
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("lmgrd_http_connections", "Connections open to the monitoring port",
+                                value=len(self.http.connections))
+        dropped = CounterMetricFamily("lmgrd_http_connections_dropped", "Monitoring connections the daemon cut: a "
+                                      "request head or whole request too slow, or evicted at metrics_max_connections",
+                                      labels=["reason"])
+        for reason, n in self.http.dropped.items():
+            dropped.add_metric([reason], n)
+        yield dropped
+
+
 @dataclass
 class Monitor:
     """What :func:`start_monitoring` started; ``close()`` stops it."""
@@ -419,10 +624,10 @@ async def start_monitoring(server: Server, cfg: DaemonConfig) -> Monitor:
     metrics = attach(server)
     http: MonitorHTTP | None = None
     if cfg.metrics_port:
-        http = MonitorHTTP(server, metrics)
+        http = MonitorHTTP(server, metrics, HTTPLimits.from_config(cfg))
         bind = cfg.metrics_bind if cfg.metrics_bind is not None else cfg.bind
         port = 0 if cfg.metrics_port == "auto" else cfg.metrics_port
-        if not await http.start(bind, port):
+        if not await http.start(bind, port, cfg.backlog):
             http = None
     else:
         logger.info("metrics port off (metrics_port 0); lmutil lmstat --prometheus still prints the metrics")

@@ -107,6 +107,35 @@ class _OpHistogram:
         self.total = 0.0
 
 
+class StoreTimer:
+    """``timer(op, seconds)``: ``lmgrd_store_request_duration_seconds``, fed by the etcd store after each call."""
+
+    __slots__ = ("by_op",)
+
+    def __init__(self) -> None:
+        self.by_op: dict[str, _OpHistogram] = {}
+
+    def __call__(self, op: str, seconds: float) -> None:
+        h = self.by_op.get(op)
+        if h is None:
+            h = self.by_op[op] = _OpHistogram()
+        h.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        h.total += seconds
+
+    def family(self) -> HistogramMetricFamily:
+        fam = HistogramMetricFamily("lmgrd_store_request_duration_seconds",
+                                    "HA: time of each call to the seat store (etcd), by operation",
+                                    labels=["op"])
+        for op, h in sorted(self.by_op.items()):
+            cum = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, n in zip((*map(repr, DURATION_BUCKETS), "+Inf"), h.counts, strict=True):
+                cum += n
+                buckets.append((bound, cum))
+            fam.add_metric([op], buckets, h.total)
+        return fam
+
+
 class RequestTimer:
     """``timer(request_type, seconds)``: the hot-path half of ``lmgrd_request_duration_seconds``.
 
@@ -163,6 +192,9 @@ class Metrics:
         self.server = server
         self.registry = registry if registry is not None else CollectorRegistry()
         self.timer = RequestTimer()
+        self.store_timer = StoreTimer()
+        if server.cluster is not None:
+            server.cluster.observe = self.store_timer
         self.recent_denials: deque[Denial] = deque(maxlen=RECENT_DENIALS)
         self._primed_of: object = None
         # Plain dicts, not prometheus_client Counters: bumped on the loop thread only, no lock, no _created
@@ -245,7 +277,10 @@ class StateCollector(Collector):
         for pool in sorted(ledger.pools()):
             cid, product = pool
             seats.add_metric([cid, product, "issued"], ledger.count(pool))
-            seats.add_metric([cid, product, "in_use"], ledger.in_use(pool))
+            in_use = ledger.in_use(pool)
+            if server.cluster is not None:  # HA: the cluster-wide count (this node's share: lmgrd_cluster_seats)
+                in_use = max(in_use, server.cluster.held(pool))
+            seats.add_metric([cid, product, "in_use"], in_use)
             seats.add_metric([cid, product, "reserved"], reserved_seats(server, pool))
             seats.add_metric([cid, product, "queued"], ledger.queued(pool))
         yield seats
@@ -268,8 +303,30 @@ class StateCollector(Collector):
         yield expiry
         yield activated
         yield served
+        yield from _cloud_families(server)
         yield GaugeMetricFamily("lmgrd_up", "1 while serving licenses, 0 once shutting down",
                                 value=0 if server.closing else 1)
+        cluster = server.cluster
+        yield GaugeMetricFamily("lmgrd_store_up", "1 while this node can use its seat store (the embedded journal, "
+                                "or with store: etcd the etcd cluster answers with a leader), else 0",
+                                value=1 if server.store_error is None and (cluster is None or cluster.up) else 0)
+        yield m.store_timer.family()
+        if cluster is not None:
+            held = GaugeMetricFamily("lmgrd_cluster_seats", "HA: seats in use cluster-wide, by the node holding "
+                                     "the client (as this node last read etcd)",
+                                     labels=["customer_id", "product", "node"])
+            for (cid, product), seats_ in sorted(cluster.view.items()):
+                by_node: dict[str, int] = {}
+                for seat in seats_:
+                    by_node[str(seat.get("node", ""))] = by_node.get(str(seat.get("node", "")), 0) + 1
+                for node, n in sorted(by_node.items()):
+                    held.add_metric([cid, product, node], n)
+            yield held
+            node_up = GaugeMetricFamily("lmgrd_cluster_node_up", "HA: 1 for each lmgrd node registered in etcd, "
+                                      "0 for a known node that is not", labels=["node"])
+            for line in cluster.node_lines():
+                node_up.add_metric([line["node"]], 1 if line["up"] else 0)
+            yield node_up
         yield GaugeMetricFamily("lmgrd_store_writable", "1 while the lease journal can be written, 0 while the "
                                 "state directory is full or read-only (new checkouts refused, retried by itself)",
                                 value=1 if server.store_error is None else 0)
@@ -294,6 +351,9 @@ class StateCollector(Collector):
         yield denials
         yield CounterMetricFamily("lmgrd_lease_expirations", "Leases reclaimed because their client stopped "
                                   "heartbeating", value=m.expirations)
+        yield CounterMetricFamily("lmgrd_handshake_timeouts", "Connections dropped because they sent no complete "
+                                  "hello within handshake_timeout (silent or slow clients)",
+                                  value=server.counters.handshake_timeouts)
         yield from refusal_families(server)
 
 
@@ -326,6 +386,33 @@ def refusal_families(server: Server) -> Iterator[Metric]:
     yield CounterMetricFamily("lmgrd_refusal_log_lines_suppressed", "Log lines about refusals not written "
                               "because of the log's rate limit (each refusal is still counted above)",
                               value=r.log_suppressed)
+
+
+def _cloud_families(server: Server) -> Iterator[Metric]:
+    """The licenses activated by the vendor's activation service: certificate end, last contact, warning."""
+    fn = getattr(server, "cloud_status", None)
+    try:
+        views = fn() if fn is not None else []
+    except Exception:  # a bug here must not break a scrape
+        logger.exception("reading the activation service state failed")
+        views = []
+    valid = GaugeMetricFamily("lmgrd_cloud_certificate_valid_until_timestamp_seconds", "When the activation "
+                              "certificate of each cloud license ends (Unix time; absent without one, or for an "
+                              "offline certificate of a license that never expires)", labels=["customer_id"])
+    reached = GaugeMetricFamily("lmgrd_cloud_last_reached_timestamp_seconds", "When the vendor's activation "
+                                "service was last reached for each cloud license (Unix time)", labels=["customer_id"])
+    warning = GaugeMetricFamily("lmgrd_cloud_unreachable_warning", "1 while the activation service cannot be "
+                                "reached and the certificate ends within 7 days (or has ended), else 0",
+                                labels=["customer_id"])
+    for v in views:
+        if v.get("valid_until_epoch") is not None:
+            valid.add_metric([v["customer_id"]], v["valid_until_epoch"])
+        if v.get("last_reached_epoch") is not None:
+            reached.add_metric([v["customer_id"]], v["last_reached_epoch"])
+        warning.add_metric([v["customer_id"]], 1 if v.get("warning") else 0)
+    yield valid
+    yield reached
+    yield warning
 
 
 class ProcessCollector(Collector):

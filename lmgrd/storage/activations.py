@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lmgrd.core.activation import Activations
+from lmgrd.core.documents import load_json
 from lmgrd.storage.atomic import write_atomic
 from protocol.activation import ActivationRecord
 from protocol.fingerprint import Fingerprint
@@ -36,7 +37,7 @@ def _read(path: Path) -> tuple[dict[str, ActivationRecord], dict[str, Any], list
         problems.append(f"{path}: cannot read the activation records: {exc.strerror or exc}")
         return records, raw, problems
     try:
-        doc = json.loads(data)
+        doc = load_json(data)
         entries = doc["activations"]
         if not isinstance(entries, dict):
             raise TypeError("'activations' is not a mapping")

@@ -21,10 +21,12 @@ from pathlib import Path
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from lmgrd import LmgrdError
 from lmgrd.config import DaemonConfig
 from lmgrd.core.licensing import Licensing, Refusal, revocation_reason
 from lmgrd.core.site import parse_networks
 from lmgrd.storage.activations import open_activations
+from lmgrd.storage.cloud import open_cloud
 from lmgrd.storage.host import this_fingerprint
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.license import (
@@ -225,8 +227,10 @@ def state_dir(cfg: DaemonConfig) -> Path:
     return Path(platformdirs.user_state_dir("lmgrd"))
 
 
-def load_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
-    """Load every license; return what serves and the list of problems (each naming its file)."""
+def load_licensing(cfg: DaemonConfig, *, create_key: bool = True) -> tuple[Licensing, list[str]]:
+    """Load every license; return what serves and the list of problems (each naming its file).
+
+    ``create_key`` False (``lmgrd --check``): the installation key of cloud licenses is not made if missing."""
     problems: list[str] = []
     assert cfg.vendor_key is not None
     try:
@@ -267,6 +271,13 @@ def load_licensing(cfg: DaemonConfig) -> tuple[Licensing, list[str]]:
             continue
         seen[lic.customer_id] = path
         served.append((path, lic))
+    try:
+        activations.cloud = open_cloud(state_dir(cfg), (lic for _p, lic in served), key, activations.fingerprint,
+                                       create_key=create_key)
+    except LmgrdError as exc:
+        problems.append(f"{exc}; the licenses activated by the vendor's activation service serve nothing")
+    if activations.cloud is not None:
+        problems.extend(activations.cloud.problems)
     policy = cfg.policy  # parsed (and its problems refused) with the config
     problems.extend(cfg.options_problems)  # bad options-file lines: ignored, reported, never fatal
     for _path, lic in served:

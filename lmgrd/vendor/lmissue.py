@@ -20,6 +20,7 @@ from typing import TextIO
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from lmgrd.core.documents import load_yaml
 from lmgrd.storage.atomic import write_atomic
 from lmgrd.storage.files import read_public_key_file
 from lmgrd.vendor.signing import (
@@ -72,6 +73,8 @@ The registration request is YAML:
   license_type: multi            # multi (floating, license server) | single (node-locked PC)
   customer: Example Engineering Tokyo
   host: {hostname: licsrv01, ip: 192.0.2.10}   # the license server (multi) or the PC (single)
+  # or, for an HA license served by 2 or 3 lmgrd nodes on one etcd cluster (each serves it only if it is one):
+  # hosts: [{hostname: lic1, ip: 192.0.2.11}, {hostname: lic2, ip: 192.0.2.12}, {hostname: lic3, ip: 192.0.2.13}]
   products:
     - {name: CADPRO, version: "2.1", count: 25}
   expires: 2027-12-31            # optional; omit for no expiry
@@ -154,7 +157,7 @@ def _write_text(path: Path, text: str, force: bool) -> None:
 def _load_request(path: str) -> object:
     text = _read_text(path, "registration request")
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text, path)
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
@@ -185,7 +188,8 @@ def _license_summary(lic: License) -> list[str]:
         f"customer ID:   {lic.customer_id}",
         f"license type:  {kind}",
         f"customer:      {lic.customer}",
-        f"host:          {lic.hostname} ({lic.ip})",
+        f"host:          {lic.hostname} ({lic.ip})" if not lic.servers else
+        "hosts (HA):    " + ", ".join(f"{n} ({ip})" for n, ip in lic.servers),
         f"issued at:     {lic.issued_at.strftime('%Y-%m-%d %H:%M:%S')} UTC",
         f"expires:       {lic.expires.isoformat() + ' (end of day, UTC)' if lic.expires else 'never'}",
         f"share:         {lic.share}",

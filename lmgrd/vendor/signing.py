@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from protocol.license import (
     DATE_RE,
+    HA_SERVERS,
     LICENSE_FORMAT,
     LICENSE_TYPES,
     SHARE_MODES,
@@ -46,6 +47,7 @@ from protocol.validation import (
     normalize_ip,
     parse_version,
     product_problem,
+    short_hostname,
     text_field_problem,
 )
 
@@ -128,6 +130,7 @@ def format_license(lic: License, signature: bytes) -> str:
         _line("expires", lic.expires.isoformat() if lic.expires is not None else "never"),
         _line("share", lic.share),
     ]
+    out += [_line("server", f"{name} {ip}") for name, ip in lic.servers]
     if lic.cloud_url is not None:
         out.append(_line("cloud_url", lic.cloud_url))
     out += [_line("site_network", net) for net in lic.site_networks]
@@ -232,6 +235,7 @@ class RequestSpec:
     expires: date | None
     site_networks: tuple[str, ...]
     share: ShareMode
+    servers: tuple[tuple[str, str], ...] = ()  # an HA license's servers (the request's ``hosts:``)
     cloud_url: str | None = None
 
     def to_license(self, customer_id: str, issued_at: datetime) -> License:
@@ -247,11 +251,13 @@ class RequestSpec:
             expires=self.expires,
             site_networks=self.site_networks,
             share=self.share,
+            servers=self.servers,
             cloud_url=self.cloud_url,
         )
 
 
-_REQUEST_KEYS = ("license_type", "customer", "host", "products", "expires", "site_networks", "share", "cloud_url")
+_REQUEST_KEYS = ("license_type", "customer", "host", "hosts", "products", "expires", "site_networks", "share",
+                 "cloud_url")
 _HOST_KEYS = ("hostname", "ip")
 _PRODUCT_KEYS = ("name", "version", "count")
 _MISSING = object()
@@ -382,39 +388,64 @@ def _check_products(value: object, license_type: object, problems: list[FieldPro
     return tuple(products) if ok else None
 
 
-def _check_host(value: object, problems: list[FieldProblem]) -> tuple[str, str] | None:
+def _check_hosts(value: object, license_type: object, problems: list[FieldProblem]
+                 ) -> tuple[tuple[str, str], ...] | None:
+    """``hosts:`` of an HA license: 2 or 3 ``{hostname, ip}``, like a triad's SERVER lines."""
+    if not isinstance(value, list) or len(value) not in HA_SERVERS:
+        problems.append(FieldProblem("hosts", "must list 2 or 3 servers of an HA license, each {hostname: NAME, "
+                                     f"ip: ADDRESS}}, got {value!r}"))
+        return None
+    if license_type == "single":
+        problems.append(FieldProblem("hosts", "a single-user (node-locked) license has one host: use host:"))
+        return None
+    out = []
+    for i, item in enumerate(value):
+        host = _check_host(item, problems, f"hosts[{i}]")
+        if host is not None:
+            out.append(host)
+    if len(out) != len(value):
+        return None
+    names = [short_hostname(h) for h, _ in out]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            problems.append(FieldProblem(f"hosts[{i}].hostname", f"{name!r} is listed twice"))
+            return None
+    return tuple(out)
+
+
+def _check_host(value: object, problems: list[FieldProblem], path: str = "host") -> tuple[str, str] | None:
     if value is _MISSING:
-        problems.append(FieldProblem("host", "missing required field: {hostname: NAME, ip: ADDRESS}"))
+        problems.append(FieldProblem(path, "missing required field: {hostname: NAME, ip: ADDRESS}"))
         return None
     if not isinstance(value, dict):
-        problems.append(FieldProblem("host", f"must be a mapping {{hostname: NAME, ip: ADDRESS}}, got {value!r}"))
+        problems.append(FieldProblem(path, f"must be a mapping {{hostname: NAME, ip: ADDRESS}}, got {value!r}"))
         return None
-    _check_keys(value, _HOST_KEYS, "host", problems)
+    _check_keys(value, _HOST_KEYS, path, problems)
     hostname = value.get("hostname", _MISSING)
     ip = value.get("ip", _MISSING)
     result_name: str | None = None
     result_ip: str | None = None
     if hostname is _MISSING:
         problems.append(
-            FieldProblem("host.hostname", "missing required field: the license server's (or PC's) hostname")
+            FieldProblem(f"{path}.hostname", "missing required field: the license server's (or PC's) hostname")
         )
     else:
         problem = hostname_problem(cast(str, hostname))
         if problem:
-            problems.append(FieldProblem("host.hostname", problem))
+            problems.append(FieldProblem(f"{path}.hostname", problem))
         else:
             result_name = cast(str, hostname)
     if ip is _MISSING:
-        problems.append(FieldProblem("host.ip", "missing required field: the host's IP address"))
+        problems.append(FieldProblem(f"{path}.ip", "missing required field: the host's IP address"))
     else:
         try:
             addr = normalize_ip(cast(str, ip))
         except ValueError as exc:
-            problems.append(FieldProblem("host.ip", str(exc)))
+            problems.append(FieldProblem(f"{path}.ip", str(exc)))
         else:
             if addr.is_unspecified or addr.is_multicast:
                 problems.append(
-                    FieldProblem("host.ip", f"{ip!r} is not the address of one host; give the host's own address")
+                    FieldProblem(f"{path}.ip", f"{ip!r} is not the address of one host; give the host's own address")
                 )
             else:
                 result_ip = str(addr)
@@ -525,7 +556,17 @@ def check_request(data: object, today: date) -> tuple[RequestSpec | None, list[F
         if problem:
             problems.append(FieldProblem("customer", problem))
 
-    host = _check_host(data.get("host", _MISSING), problems)
+    servers: tuple[tuple[str, str], ...] = ()
+    if "hosts" in data and "host" in data:
+        problems.append(FieldProblem("hosts", "give either host: (one license server) or hosts: (an HA license's "
+                                     "2 or 3 servers), not both"))
+        host = None
+    elif "hosts" in data:
+        checked = _check_hosts(data["hosts"], license_type, problems)
+        host = checked[0] if checked else None
+        servers = checked or ()
+    else:
+        host = _check_host(data.get("host", _MISSING), problems)
     products = _check_products(data.get("products", _MISSING), license_type, problems)
     expires_ok, expires = _check_expires(data.get("expires", _MISSING), today, problems)
     networks = _check_networks(data.get("site_networks", _MISSING), problems)
@@ -557,6 +598,7 @@ def check_request(data: object, today: date) -> tuple[RequestSpec | None, list[F
         expires=expires,
         site_networks=networks,
         share=cast(ShareMode, share),
+        servers=servers,
         cloud_url=cast("str | None", cloud_url),
     )
     return spec, problems

@@ -63,3 +63,22 @@ def test_example_config_is_valid() -> None:
     assert cfg.admin_token_file == Path("/run/lmgrd/admin-27000.token")
     assert cfg.usage_log == Path("/var/log/lmgrd/usage.log")
     assert (cfg.usage_log_max_bytes, cfg.usage_log_backups) == (10 * 1024 * 1024, 5)
+
+
+HA_UNIT = REPO / "deploy" / "lmgrd-etcd.service"
+HA_CONFIG = REPO / "deploy" / "lmgrd-ha.yaml"
+
+
+def test_ha_examples_etcd_unit_compacts_and_the_node_config_is_valid(tmp_path: Path) -> None:
+    s = _settings(HA_UNIT.read_text(encoding="utf-8"))
+    start = " ".join(HA_UNIT.read_text(encoding="utf-8").split("ExecStart=", 1)[1].split("\\\n"))
+    assert "--auto-compaction-mode revision --auto-compaction-retention 10000" in " ".join(start.split())
+    assert s["Restart"] == ["on-failure"] and s["EnvironmentFile"] == ["/etc/lmgrd/etcd.env"]
+    cfg = build_config(load_config_file(HA_CONFIG), {}, str(HA_CONFIG))
+    assert cfg.store == "etcd" and len(cfg.etcd_endpoints) == 3
+    if shutil.which("systemd-analyze") and shutil.which("etcd"):
+        unit = tmp_path / "lmgrd-etcd.service"
+        unit.write_text(HA_UNIT.read_text(encoding="utf-8").replace("/usr/bin/etcd", shutil.which("etcd") or ""))
+        r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+        problems = [ln for ln in (r.stdout + r.stderr).splitlines() if "lmgrd-etcd.service" in ln]
+        assert r.returncode == 0 and problems == [], r.stdout + r.stderr

@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "lmgrd.lmstat_text": 4,  # lmutil's FlexNet lmstat text (pure formatting; imports only the standard library)
     "lmgrd.i18n": 4,  # lmutil's gettext catalog (standard library only; the daemon never translates)
     "lmgrd.report": 4,
+    "lmgrd.cloudcheck": 4,  # lmutil cloud-check's diagnosis (uses the daemon's HTTP settings)
     "lmgrd.vendor": 4,
 }
 

@@ -9,11 +9,12 @@ from hypothesis import strategies as st
 
 from protocol import FrameDecoder, FrameTooLarge, MalformedMessage, encode_frame
 from protocol.framing import HEADER, decode_body
+from protocol.validation import nesting_depth_exceeds
 
 scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text()
 maps = st.dictionaries(st.text(max_size=20), st.recursive(scalars, lambda c: st.lists(c, max_size=4)
                                                          | st.dictionaries(st.text(max_size=8), c, max_size=4)),
-                       max_size=8)
+                       max_size=8).filter(lambda m: not nesting_depth_exceeds(m))  # deeper is refused by design
 
 
 @given(st.lists(maps, min_size=1, max_size=6), st.data())

@@ -40,7 +40,7 @@ from protocol.messages import (
     parse_reply,
     parse_request,
 )
-from protocol.validation import MAX_SECRET_LENGTH, MAX_VERSION_LENGTH
+from protocol.validation import MAX_SECRET_LENGTH, MAX_VERSION_LENGTH, shown
 
 CHECKOUT_VERSION_LIMIT = MAX_VERSION_LENGTH  # 32, the one version limit (protocol/validation.py)
 TEN_YEARS = 10 * 365 * 86400.0
@@ -231,7 +231,7 @@ def test_a_token_list_is_bounded_in_length_and_items(name: str, f: F) -> None:
     assert getattr(parse(side, dict(msg.to_wire(), **{f.key: ["t" * MAX_TEXT]})), f.key) == ("t" * MAX_TEXT,)
     for bad in (7, None, "t" * (MAX_TEXT + 1)):
         assert refusal(side, dict(msg.to_wire(), **{f.key: ["ok", bad]})) == (
-            f"{op}: field '{f.key}[1]' must be a string, got {bad!r:.60}"
+            f"{op}: field '{f.key}[1]' must be a string, got {shown(bad)}"
         )
 
 
@@ -293,7 +293,7 @@ def test_the_hot_path_frames_equal_the_encoded_messages() -> None:
 @pytest.mark.parametrize("protos", [[], [0], [65536], [True], ["1"], [1.0], list(range(1, 18))])
 def test_hello_proto_must_list_one_to_sixteen_versions_from_1_to_65535(protos: list[Any]) -> None:
     d = dict(SCHEMA["hello"][1].to_wire(), proto=protos)
-    assert refusal("request", d) == f"hello: field 'proto' must list 1 to 16 positive integers, got {protos!r:.60}"
+    assert refusal("request", d) == f"hello: field 'proto' must list 1 to 16 positive integers, got {shown(protos)}"
 
 
 def test_hello_proto_limits_are_inclusive_and_missing_or_wrong_type_is_named() -> None:
@@ -354,7 +354,7 @@ def test_a_wrong_value_is_quoted_to_sixty_characters() -> None:
     base = SCHEMA["checkout"][1].to_wire()
     bad = list(range(100))
     assert refusal("request", dict(base, product=bad)) == (
-        f"checkout: field 'product' must be a string of at most 64 characters, got list {bad!r:.60}"
+        f"checkout: field 'product' must be a string of at most 64 characters, got list {shown(bad)}"
     )
 
 
@@ -363,7 +363,7 @@ def test_unknown_ops_are_refused_listing_the_known_ones() -> None:
     assert refusal("request", {"op": "fly", "id": 1}) == f"unknown op 'fly'; known ops: {known_requests}"
     assert refusal("request", {"op": b"hello", "id": 1}) == f"unknown op b'hello'; known ops: {known_requests}"
     assert refusal("request", {"op": "granted", "id": 1}) == f"unknown op 'granted'; known ops: {known_requests}"
-    assert refusal("request", {"op": "o" * 50}) == f"unknown op {'o' * 50!r:.40}; known ops: {known_requests}"
+    assert refusal("request", {"op": "o" * 50}) == f"unknown op {shown('o' * 50, 40)}; known ops: {known_requests}"
     # A decoded map may hold any msgpack value as its op, unhashable ones included.
     assert refusal("request", {"op": ["hello"], "id": 1}) == f"unknown op ['hello']; known ops: {known_requests}"
     known_replies = "checked_in, error, granted, heartbeat_ack, resumed, status, welcome"
@@ -371,7 +371,7 @@ def test_unknown_ops_are_refused_listing_the_known_ones() -> None:
     assert refusal("reply", {"op": "hello", "id": 1}) == f"unknown reply op 'hello'; known: {known_replies}"
     assert refusal("reply", {"id": 1}) == f"unknown reply op None; known: {known_replies}"
     assert refusal("reply", {"op": 5}) == f"unknown reply op 5; known: {known_replies}"
-    assert refusal("reply", {"op": "r" * 50}) == f"unknown reply op {'r' * 50!r:.40}; known: {known_replies}"
+    assert refusal("reply", {"op": "r" * 50}) == f"unknown reply op {shown('r' * 50, 40)}; known: {known_replies}"
 
 
 def test_status_is_a_request_without_data_and_a_reply_with_it() -> None:
