@@ -174,7 +174,7 @@ async def measure_heartbeats(ns: argparse.Namespace, conns: list[tuple[Any, Sink
     for _p, t in conns:
         if unpackb(t.last[4:]).get("op") != "granted":
             raise SystemExit(f"a checkout was not granted: {unpackb(t.last[4:])}")
-    beat = frame({"op": "heartbeat", "id": 4, "idle": False, "idle_for": 0.0})
+    beat = frame({"op": "heartbeat", "id": 4, "idle": False})  # what load.py and client_stub send
     results = []
     for _ in range(ns.repeat):
         t0 = time.process_time()
