@@ -11,6 +11,7 @@ CPU microseconds (``time.process_time``) per request over R rounds, best of N.
 
     python benchmarks/hotpath.py                 # 100 connections, 200 rounds, best of 5
     python benchmarks/hotpath.py --connections 1000 --rounds 40
+    python benchmarks/hotpath.py --op heartbeat   # the heartbeat storm's request: one seat renewed each
 """
 
 from __future__ import annotations
@@ -129,6 +130,10 @@ async def measure(ns: argparse.Namespace, workdir: Path) -> list[float]:
     assert sum(server.ledger.in_use(pool) for pool in server.licensing.pools()) == ns.held, "fill failed"
     checkout = frame({"op": "checkout", "id": 2, "product": "CHURN", "version": "1.0", "wait": 0.0})
     unpackb = msgpack.unpackb
+    if ns.op == "heartbeat":
+        results = await measure_heartbeats(ns, conns, checkout)
+        store.close()
+        return results
     results = []
     for _ in range(ns.repeat):
         t0 = time.process_time()
@@ -159,6 +164,34 @@ async def measure(ns: argparse.Namespace, workdir: Path) -> list[float]:
     return results
 
 
+async def measure_heartbeats(ns: argparse.Namespace, conns: list[tuple[Any, Sink]], checkout: bytes) -> list[float]:
+    """``--op heartbeat``: every connection holds one seat and sends a heartbeat per round (the storm's
+    request); CPU microseconds per heartbeat, each ack checked to have renewed exactly that seat."""
+    unpackb = msgpack.unpackb
+    for p, _t in conns:
+        p.data_received(checkout)
+    await asyncio.sleep(0)
+    for _p, t in conns:
+        if unpackb(t.last[4:]).get("op") != "granted":
+            raise SystemExit(f"a checkout was not granted: {unpackb(t.last[4:])}")
+    beat = frame({"op": "heartbeat", "id": 4, "idle": False})  # what load.py and client_stub send
+    results = []
+    for _ in range(ns.repeat):
+        t0 = time.process_time()
+        for _r in range(ns.rounds):
+            for p, _t in conns:
+                p.data_received(beat)
+            await asyncio.sleep(0)
+        results.append(1e6 * (time.process_time() - t0) / (ns.rounds * len(conns)))
+    for p, t in conns:
+        ack = unpackb(t.last[4:])
+        if ack.get("op") != "heartbeat_ack" or ack.get("renewed") != 1 or ack.get("lost"):
+            raise SystemExit(f"a heartbeat did not renew its one seat: {ack}")
+        t.closing = True
+        p.connection_lost(None)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--connections", type=int, default=100)
@@ -168,13 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--products", type=int, default=1, help="other products the held leases spread over")
     p.add_argument("--target", choices=("lmgrd", "ceiling"), default="lmgrd",
                    help="ceiling: the same driver against benchmarks/ceiling.py's protocol")
+    p.add_argument("--op", choices=("churn", "heartbeat"), default="churn",
+                   help="churn: checkout then checkin per round; heartbeat: each connection holds a seat and "
+                        "heartbeats once per round")
     ns = p.parse_args(argv)
     import uvloop
 
     with tempfile.TemporaryDirectory(prefix="lmgrd-hotpath-") as tmp, \
             asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         res = runner.run(measure(ns, Path(tmp)))
-    print(f"{ns.target} CPU per request (checkout or checkin), {ns.connections} connections, {ns.held} other "
+    what = "checkout or checkin" if ns.op == "churn" else "heartbeat, each renewing one seat"
+    print(f"{ns.target} CPU per request ({what}), {ns.connections} connections, {ns.held} other "
           f"leases held on {ns.products} products: best "
           f"{min(res):.2f} us, median {statistics.median(res):.2f} us over {ns.repeat} x {ns.rounds} rounds")
     return 0

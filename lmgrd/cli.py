@@ -295,8 +295,9 @@ async def serve(cfg: DaemonConfig, licensing: Licensing) -> int:
     def reload() -> tuple[Licensing, list[str]]:
         result = reload_licensing(cfg)
         # Once the server has the reread licenses (this runs inside Server.reload): a license with a cloud_url
-        # that is new asks the activation service now, starting the agent if none ran.
-        server.loop.call_soon(start_cloud_agent, server, state)
+        # that is new asks the activation service now, starting the agent if none ran, with the cloud settings
+        # of the config as reread (a cloud_proxy or cloud_ca_file added beside the first cloud license).
+        server.loop.call_soon(start_cloud_agent, server, state, _RUNNING_CONFIG or cfg)
         return result
 
     server = Server(cfg, licensing, store, reload=reload, wall=daemon_wall_clock(clock_offset()), cluster=cluster)
@@ -335,24 +336,28 @@ def _host_for_cloud() -> tuple[str, list[str]]:
     return host.hostname, addrs
 
 
-def start_cloud_agent(server: Any, state: Path) -> Any:
-    """Start talking to the vendor's activation service if a served license has a ``cloud_url`` (after a
-    reread: wake the running agent, so a newly added license is asked about at once)."""
+def start_cloud_agent(server: Any, state: Path, cfg: DaemonConfig | None = None) -> Any:
+    """Start talking to the vendor's activation service if a served license has a ``cloud_url``, with the
+    cloud settings of ``cfg`` (default: the server's). After a reread: the running agent takes the reread
+    settings and wakes, so a newly added license is asked about at once."""
+    cfg = cfg or server.cfg
     if server.cloud is not None:
+        server.cloud.configure(cfg)
         server.cloud.wake()
         return server.cloud
     acts = server.licensing.activations
     if acts is None or acts.cloud is None or server.closing:
         return None
     from lmgrd.daemon.cloud import CloudAgent
+    from lmgrd.daemon.cloudhttp import proxy_text
     from lmgrd.storage.cloud import installation_key
 
-    agent = CloudAgent(server, installation_key(state), _host_for_cloud)
+    agent = CloudAgent(server, installation_key(state), _host_for_cloud, cfg=cfg)
     server.cloud = agent
     agent.start()
     urls = sorted({lic.cloud_url for _p, lic in server.licensing.served if lic.cloud_url})
-    logger.info("activation service: %s (poll every %g s while pending, check in every %g s)", ", ".join(urls),
-                server.cfg.cloud_poll_interval, server.cfg.cloud_check_in_interval)
+    logger.info("activation service: %s (poll every %g s while pending, check in every %g s; cloud_proxy %s)",
+                ", ".join(urls), agent.poll_interval, agent.check_in_interval, proxy_text(cfg.cloud_proxy))
     return agent
 
 

@@ -58,11 +58,16 @@ def decode_body(body: bytes) -> dict[str, Any]:
         raise MalformedMessage(f"frame body is not valid msgpack: {exc}") from None
     if not isinstance(obj, dict):
         raise MalformedMessage(f"a message must be a msgpack map, got {type(obj).__name__}")
-    for key in obj:
+    nested = False
+    for key, value in obj.items():
         if type(key) is not str:  # msgpack's strict_map_key still lets binary (bytes) keys through
             raise MalformedMessage(f"frame body is not valid msgpack for this protocol: map key {shown(key, 40)} is "
                                    f"{type(key).__name__}, keys must be strings")
-    if nesting_depth_exceeds(obj):
+        if isinstance(value, list | tuple | dict):
+            nested = True
+    # A flat map (checkout, checkin, heartbeat: every hot-path request) is one level deep: only a message
+    # holding lists or maps is walked.
+    if nested and nesting_depth_exceeds(obj):
         raise MalformedMessage(f"frame body nests lists and maps more than {MAX_NESTING_DEPTH} levels deep; "
                                "no message of this protocol needs that many")
     return obj

@@ -23,12 +23,22 @@ import random
 import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from lmgrd.config import DaemonConfig
 from lmgrd.core.cloud import CloudActivations
-from lmgrd.daemon.cloudhttp import ACTIVATIONS_PATH, CHECK_INS_PATH, CloudHttp, Reached, Unreachable
+from lmgrd.daemon.cloudhttp import (
+    ACTIVATIONS_PATH,
+    CHECK_INS_PATH,
+    TIMEOUT_SECONDS,
+    CloudHttp,
+    Reached,
+    Unreachable,
+    proxy_text,
+)
 from lmgrd.daemon.events import EndReason
 from lmgrd.daemon.server import Server
 from protocol.cloud import (
@@ -66,20 +76,45 @@ class CloudAgent:
     """Talks to the activation service for the daemon ``server`` (started by :mod:`lmgrd.cli`)."""
 
     def __init__(self, server: Server, key: Ed25519PrivateKey, host: Callable[[], tuple[str, list[str]]], *,
-                 rand: Callable[[], float] = random.random) -> None:
+                 cfg: DaemonConfig | None = None, rand: Callable[[], float] = random.random) -> None:
         self.server = server
         self.key = key
         self.key_text = installation_key_text(key.public_key())
         self.host = host  # () -> (hostname, addresses), read from the OS when a request is made
         self.rand = rand
-        cfg = server.cfg
-        self.http = CloudHttp(cfg.cloud_ca_file, cfg.cloud_proxy)
-        self.poll_interval = cfg.cloud_poll_interval
-        self.check_in_interval = cfg.cloud_check_in_interval
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._busy: dict[str, asyncio.Lock] = {}
         self._jitter: dict[str, float] = {}
+        self._retired: set[asyncio.Task[None]] = set()
+        self._http_settings: tuple[Path | None, str | None] | None = None
+        self.configure(cfg or server.cfg)
+
+    def configure(self, cfg: DaemonConfig) -> None:
+        """Take the cloud settings of ``cfg`` (at start, and from the config a reread produced): the intervals,
+        and the HTTP client when ``cloud_ca_file`` or ``cloud_proxy`` changed."""
+        self.poll_interval = cfg.cloud_poll_interval
+        self.check_in_interval = cfg.cloud_check_in_interval
+        settings = (cfg.cloud_ca_file, cfg.cloud_proxy)
+        if settings == self._http_settings:
+            return
+        old = getattr(self, "http", None)
+        self.http = CloudHttp(*settings)
+        self._http_settings = settings
+        if old is not None:
+            # A request already under way finishes on the old client; it is closed once that budget has passed.
+            task = self.server.loop.create_task(self._close_later(old), name="lmgrd-cloud-http-close")
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+            logger.info("activation service: new HTTP settings from the reread configuration (cloud_ca_file %s, "
+                        "cloud_proxy %s)", cfg.cloud_ca_file or "none", proxy_text(cfg.cloud_proxy))
+
+    @staticmethod
+    async def _close_later(http: CloudHttp) -> None:
+        try:
+            await asyncio.sleep(TIMEOUT_SECONDS + 1)
+        finally:
+            await http.close()
 
     # -- the licenses -----------------------------------------------------------------------------------------
     @property
@@ -104,10 +139,10 @@ class CloudAgent:
         self._wake.set()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in [*([self._task] if self._task is not None else []), *self._retired]:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         await self.http.close()
 
     async def _run(self) -> None:

@@ -13,6 +13,7 @@ for the service's word.
 from __future__ import annotations
 
 import ssl
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import httpx
 
 __all__ = ["ACTIVATIONS_PATH", "CHECK_INS_PATH", "HEALTHZ_PATH", "TIMEOUT_SECONDS", "CloudHttp", "Reached",
-           "Unreachable", "client_settings", "describe_error"]
+           "Unreachable", "client_settings", "describe_error", "proxy_text"]
 
 ACTIVATIONS_PATH = "/v1/activations"
 CHECK_INS_PATH = "/v1/check-ins"
@@ -61,6 +62,15 @@ def client_settings(ca_file: Path | None, proxy: str | None) -> dict[str, Any]:
     if proxy:
         settings["proxy"] = proxy
     return settings
+
+
+def proxy_text(proxy: str | None) -> str:
+    """A proxy URL as logs show it: scheme, host and port, never a user name or password it carries."""
+    if not proxy:
+        return "none (HTTPS_PROXY / NO_PROXY apply)"
+    parts = urllib.parse.urlsplit(proxy)
+    host = parts.hostname or "?"
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
 def describe_error(url: str, exc: BaseException) -> str:

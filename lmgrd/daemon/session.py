@@ -275,10 +275,10 @@ class Handlers:
         elif s.idle_since is not None:
             s.idle_since = None
         renewed = self.ledger.renew_session(s.session, now)
-        lost = tuple(s.lost)
+        lost = s.lost
+        self.outbox.reply(s, HeartbeatAck, HeartbeatAck.frame(req.id, renewed, lost))  # encoded here, so:
         if lost:
-            s.lost.clear()
-        self.outbox.reply(s, HeartbeatAck, encode_frame(HeartbeatAck(req.id, renewed, lost).to_wire()))
+            lost.clear()
 
     def reclaim_idle(self, s: Session, idle_for: float) -> None:
         """End this session's seats of products whose policy ``timeout`` its idle time has passed."""

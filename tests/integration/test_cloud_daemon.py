@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from protocol import Checkout, ErrorReply, Granted, Heartbeat, HeartbeatAck
+from lmgrd.cloudcheck import MAX_SKEW_SECONDS
+from protocol import CheckedIn, Checkin, Checkout, ErrorReply, Granted, Heartbeat, HeartbeatAck
 from tests.cloud_client_harness import (
     TLS,
     Service,
@@ -32,7 +34,7 @@ from tests.cloud_client_harness import (
     show,
     write_private_key,
 )
-from tests.harness import REPO, Daemon, RawClient, write_keys
+from tests.harness import REPO, Daemon, RawClient, write_keys, write_license
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs Linux (unshare, tinyproxy)")
 
@@ -182,6 +184,42 @@ def test_automatic_activation_24_hours_after_issue_by_the_service_clock(world: W
     assert show(world.db, cid)["activations"][0]["how"] == "automatic"
 
 
+def test_lmreread_adding_the_first_cloud_license_starts_the_agent_and_activates_it(
+        world: World, daemons: Callable[..., CloudDaemon], tmp_path: Path) -> None:
+    plain = tmp_path / "plain.lic"
+    write_license(plain, world.key, (("VIEWER", "1.0", 2),))  # 25 hours old, no cloud_url: no agent
+    config = tmp_path / "lmgrd.yaml"
+    config.write_text(f"licenses: [{plain}]\n", encoding="utf-8")
+    d = daemons([], extra=(*FAST, "--config", str(config)))
+    _c, reply = checkout(d)
+    assert code_of(reply) != "Granted"
+    assert "activation service" not in d.log()  # no cloud license: no agent started
+    # The service's clock is 25 h ahead: the agent the reread starts activates it with no admin action, with
+    # the settings of the config as reread (the cloud_proxy added beside the license).
+    proxy = TinyProxy(tmp_path / "proxy", [world.svc24.port]).start()
+    try:
+        lic, cid = world.license(world.svc24.url)
+        config.write_text(f"licenses: [{plain}, {lic}]\ncloud_proxy: {proxy.url}\n", encoding="utf-8")
+        r = lmutil(d, "lmreread")
+        assert r.returncode == 0, r.stdout + r.stderr
+        d.wait_for_log(rf"activation service: {world.svc24.url}")
+        d.wait_for_log(rf"ACTIVATED license {cid}: automatic by the activation service")
+        assert f"CONNECT 127.0.0.1:{world.svc24.port}" in proxy.connects()
+    finally:
+        proxy.stop()
+    _c, reply = checkout(d)
+    assert isinstance(reply, Granted), reply
+    assert cloud_status(d)["state"] == "active"
+    assert show(world.db, cid)["activations"][0]["how"] == "automatic"
+    # The proxy is gone; a reread that drops cloud_proxy gives the running agent a direct client: check-ins
+    # succeed again (through the dead proxy they could not).
+    config.write_text(f"licenses: [{plain}, {lic}]\n", encoding="utf-8")
+    assert lmutil(d, "lmreread").returncode == 0
+    d.wait_for_log(r"new HTTP settings from the reread configuration .*cloud_proxy none")
+    seq = cloud_status(d)["sequence"]
+    wait_until("two check-ins without the proxy", lambda: (cloud_status(d)["sequence"] or 0) >= seq + 2)
+
+
 def test_supersede_ends_held_seats_within_a_check_in_and_a_heartbeat(world: World,
                                                                       daemons: Callable[..., CloudDaemon]) -> None:
     lic, cid = world.license(world.svc.url)
@@ -250,6 +288,47 @@ def test_service_down_serves_until_valid_until_then_refuses_naming_the_service_a
     d.wait_for_log(rf"ACTIVATED license {cid}: manual by the activation service", timeout=30)
     _c, reply = checkout(d, user="carol")
     assert isinstance(reply, Granted)
+
+
+def test_held_seats_keep_running_past_valid_until_in_a_running_daemon(world: World,
+                                                                      daemons: Callable[..., CloudDaemon]) -> None:
+    # Certificates are valid 60 s by the service's clock; the daemon's clock runs 57 s ahead, so a certificate
+    # the daemon holds expires 3 s after its last renewal: the same daemon, not a restarted one, crosses it.
+    svc = world.service(valid_for=60)
+    lic, cid = world.license(svc.url)
+    d = daemons([lic], env={"LMGRD_CLOCK_OFFSET_SECONDS": "57"}, lease_timeout=3.0)
+    assert lmutil(d, "activate", cid).returncode == 0
+    c, reply = checkout(d)
+    assert isinstance(reply, Granted)
+
+    def beat() -> None:  # the holder heartbeats as a product does (every half second)
+        ack = c.request(Heartbeat(c.id()))
+        assert isinstance(ack, HeartbeatAck) and ack.renewed == 1 and not ack.lost, ack
+
+    svc.stop()  # the outage: check-ins are refused from now on
+    deadline = time.monotonic() + 30
+    while True:
+        _c2, refused = checkout(d, user="bob")
+        if not isinstance(refused, Granted):
+            break
+        # Granted while the certificate still held: bob gives it back at once.
+        assert isinstance(_c2.request(Checkin(_c2.id(), refused.token)), CheckedIn)
+        assert time.monotonic() < deadline, "the certificate never expired"
+        beat()
+        time.sleep(0.5)
+    assert code_of(refused) == "LICENSE_NOT_ACTIVATED", refused
+    assert svc.url in refused.message and "expired" in refused.message and "last reached" in refused.message
+    # The held seat outlives its lease timeout past valid_until: every heartbeat renews it, none ends it.
+    until = time.monotonic() + d.lease_timeout + 0.5
+    while time.monotonic() < until:
+        beat()
+        time.sleep(0.5)
+    r = lmutil(d, "lmstat", "--json")
+    assert r.returncode == 0, r.stderr
+    status = json.loads(r.stdout)
+    (pool,) = status["pools"]
+    assert pool["activation"] == "expired" and pool["in_use"] == 1, pool  # alice's seat
+    assert status["cloud"][0]["state"] == "expired"
 
 
 # --------------------------------------------------------------------------- one machine per customer ID
@@ -349,6 +428,57 @@ def test_requests_go_through_a_real_connect_proxy_and_cloud_check_passes(
         assert r.returncode == 1 and "reachability: FAILED" in r.stdout and "refused" in r.stdout, r.stdout
     finally:
         proxy.stop()
+
+
+def test_cloud_proxy_setting_and_flag_then_no_proxy_bypasses_a_dead_https_proxy(
+        world: World, daemons: Callable[..., CloudDaemon], tmp_path: Path) -> None:
+    proxy = TinyProxy(tmp_path / "proxy", [world.svc.port]).start()
+    connect = f"CONNECT 127.0.0.1:{world.svc.port}"
+    try:
+        # cloud_proxy in the config file, HTTPS_PROXY unset (CloudDaemon drops every *_proxy variable).
+        config = tmp_path / "lmgrd.yaml"
+        config.write_text(f"cloud_proxy: {proxy.url}\n", encoding="utf-8")
+        lic, cid = world.license(world.svc.url)
+        d = daemons([lic], extra=(*FAST, "--config", str(config)))
+        assert "HTTPS_PROXY" not in d.env() and "https_proxy" not in d.env()
+        assert lmutil(d, "activate", cid).returncode == 0
+        seen = proxy.connects().count(connect)
+        assert seen >= 1, proxy.connects()
+        # The same through --cloud-proxy: the activation request the agent makes at start goes through it.
+        lic2, cid2 = world.license(world.svc.url)
+        d2 = daemons([lic2], extra=(*FAST, "--cloud-proxy", proxy.url))
+        d2.wait_for_log(rf"license {cid2} is pending at the activation service")
+        assert proxy.connects().count(connect) > seen, proxy.connects()
+    finally:
+        proxy.stop()
+    # HTTPS_PROXY names a dead port; NO_PROXY names the service's host: the request goes direct, and works.
+    dead = f"http://127.0.0.1:{free_port()}"
+    lic3, cid3 = world.license(world.svc.url)
+    d3 = daemons([lic3], env={"HTTPS_PROXY": dead, "NO_PROXY": "127.0.0.1"})
+    r = lmutil(d3, "activate", cid3, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["state"] == "active"
+    assert "could not reach" not in d3.log()
+    # The control: without NO_PROXY the dead proxy is used, and the service is not reached.
+    lic4, cid4 = world.license(world.svc.url)
+    d4 = daemons([lic4], env={"HTTPS_PROXY": dead, "NO_PROXY": ""})
+    d4.wait_for_log(rf"activation \(automatic\) of license {cid4}: could not reach the activation service")
+
+
+def test_cloud_check_fails_on_clock_skew_and_says_so(world: World) -> None:
+    # svc24's clock runs 25 hours ahead of this machine's: far beyond the tolerated skew.
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    r = subprocess.run([sys.executable, "-m", "lmgrd.lmutil", "cloud-check", world.svc24.url, "--cloud-ca-file",
+                        str(world.tls.ca_file)], capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = dict(x.split(": ", 1) for x in r.stdout.splitlines()[1:])
+    assert list(lines) == ["dns", "proxy", "tls", "clock", "reachability"], r.stdout
+    assert all(lines[k].startswith("ok: ") for k in ("dns", "proxy", "tls", "reachability")), r.stdout
+    clock = lines["clock"]
+    assert clock.startswith("FAILED: "), clock
+    m = re.search(r"clock is (\d+) s behind the service's \(more than (\d+) s: set the clock", clock)
+    assert m is not None, clock
+    assert abs(int(m.group(1)) - 25 * 3600) < 60 and int(m.group(2)) == int(MAX_SKEW_SECONDS), clock
 
 
 # --------------------------------------------------------------------------- offline

@@ -298,3 +298,14 @@ def test_a_check_in_the_service_knows_nothing_about_leads_to_a_new_activation(st
     assert cloud.check(LIC, NOW) is None  # the certificate still serves until valid_until
     assert cloud.due(CID, poll_interval=5, check_in_interval=86400, rand=0.0) == ("activate",
                                                                                  NOW + timedelta(seconds=5))
+
+
+@pytest.mark.parametrize(("proxy", "shown"), [
+    ("http://user:s3cret@proxy.example:3128", "http://proxy.example:3128"),
+    ("https://proxy.example/", "https://proxy.example"),
+    (None, "none (HTTPS_PROXY / NO_PROXY apply)"),
+])
+def test_a_logged_proxy_never_shows_its_credentials(proxy: str | None, shown: str) -> None:
+    from lmgrd.daemon.cloudhttp import proxy_text
+
+    assert proxy_text(proxy) == shown

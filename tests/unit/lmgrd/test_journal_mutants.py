@@ -209,6 +209,23 @@ def test_a_whole_number_grant_time_and_a_release_of_an_unknown_token_are_fine(tm
     assert isinstance(got.share_key, tuple)
 
 
+def test_a_release_record_is_the_packed_list_byte_for_byte(tmp_path: Path) -> None:
+    # Tokens of every msgpack string width the store can see (fixstr, str8, str16).
+    tokens = ["t", "x" * 31, "f" * 32, "y" * 255, "z" * 256]
+    store = JournalStore(tmp_path)
+    for i, token in enumerate(tokens):
+        store.record_grant(rec(i, token=token))
+    store.flush()
+    start = (tmp_path / JOURNAL_NAME).stat().st_size
+    for token in tokens:
+        store.record_release(token)
+    store.flush()
+    store.close()
+    tail = (tmp_path / JOURNAL_NAME).read_bytes()[start:]
+    assert tail == b"".join(release(t) for t in tokens)
+    assert read_journal(tmp_path / JOURNAL_NAME) == []
+
+
 def test_a_lease_granted_twice_is_corruption_naming_it(tmp_path: Path) -> None:
     r = rec(1, token="abcdefghijkl")
     path = write(tmp_path, grant(r), grant(rec(2)), grant(r))

@@ -107,3 +107,14 @@ def test_shown_keeps_short_values_whole() -> None:
     assert shown([1, [2, [3]]]) == "[1, [2, [3]]]"
     assert shown(nested(10)).startswith("[[[[")
     assert msgpack.unpackb(msgpack.packb({"a": 1})) == {"a": 1}
+
+
+@pytest.mark.parametrize("wrap", ["list", "map"])
+def test_depth_is_found_behind_flat_fields_and_inside_a_map_value(wrap: str) -> None:
+    # decode_body walks only maps holding a list or map; the deep one here is the last of several fields.
+    inner: Any = nested(MAX_NESTING_DEPTH)
+    value = inner if wrap == "list" else {"k": inner}
+    body = msgpack.packb({"op": "status", "id": 1, "a": "x", "b": 2.0, "z": value})
+    with pytest.raises(MalformedMessage, match="levels deep"):
+        decode_body(body)
+    assert decode_body(msgpack.packb({"op": "status", "id": 1, "a": "x", "z": nested(MAX_NESTING_DEPTH - 2)}))

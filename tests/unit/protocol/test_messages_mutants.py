@@ -276,6 +276,15 @@ def test_the_hot_path_frames_equal_the_encoded_messages() -> None:
     assert Granted.frame(9, "t", "C1", "P", "2.1", 30.0, 10.0, 1.5) == encode_frame(g.to_wire())
     assert CheckedIn.frame(11, True) == encode_frame(CheckedIn(11, True).to_wire())
     assert CheckedIn.frame(11, False) == encode_frame(CheckedIn(11, False).to_wire())
+    lost = LostSeat("tok", ErrorCode.SEAT_REMOVED, "freed")
+    for rid in (0, 1, 127, 128, 65535, 2**32 - 1, 2**53):  # every msgpack width of an id
+        assert Granted.frame(rid, "t" * 32, "C1", "P", "2.1", 30.0, 10.0, 0.0) == encode_frame(
+            Granted(rid, "t" * 32, "C1", "P", "2.1", 30.0, 10.0, 0.0).to_wire())
+        assert CheckedIn.frame(rid, True) == encode_frame(CheckedIn(rid, True).to_wire())
+        for renewed in (0, 1, 300):
+            assert HeartbeatAck.frame(rid, renewed) == encode_frame(HeartbeatAck(rid, renewed).to_wire())
+            assert HeartbeatAck.frame(rid, renewed, [lost]) == encode_frame(
+                HeartbeatAck(rid, renewed, (lost,)).to_wire())
 
 
 # -- special fields -----------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def test_decoding_the_recorded_bytes_gives_the_message(vector: dict[str, Any]) -
 
 
 def test_hot_path_frame_builders_match_the_vectors() -> None:
-    from protocol import CheckedIn, Granted
+    from protocol import CheckedIn, Granted, HeartbeatAck
 
     by = {v["name"]: bytes.fromhex(v["frame_hex"]) for v in VECTORS}
     g = BY_NAME["granted"]
@@ -52,3 +52,6 @@ def test_hot_path_frame_builders_match_the_vectors() -> None:
                          g.heartbeat_interval, g.waited) == by["granted"]
     c = BY_NAME["checked_in"]
     assert CheckedIn.frame(c.id, c.released) == by["checked_in"]
+    for name in ("heartbeat_ack", "heartbeat_ack_lost", "heartbeat_ack_moved"):
+        h = BY_NAME[name]
+        assert HeartbeatAck.frame(h.id, h.renewed, h.lost) == by[name]
