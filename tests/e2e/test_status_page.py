@@ -92,8 +92,10 @@ def client(d: Daemon, user: str) -> RawClient:
 
 def test_status_page_in_chromium_shows_the_seats(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
     browser = chromium()
+    # These raw clients never heartbeat: a lease long enough that no seat lapses while chromium starts on a busy
+    # machine (with the harness's 3 s the page could show the seats already freed).
     d = daemon_factory((("CADPRO", "2.1", 3), ("VIEWER", "1.0", 10), ("SIMX", "4.0", 1)),
-                       extra=["--metrics-port", "auto"])
+                       extra=["--metrics-port", "auto"], lease_timeout=300.0)
     url = d.metrics_url()
     ann, ben, cat = client(d, "ann"), client(d, "ben"), client(d, "cat")
     for c, product, version in ((ann, "CADPRO", "2.1"), (ben, "CADPRO", "2.1"), (ben, "VIEWER", "1.0"),
