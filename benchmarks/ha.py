@@ -47,7 +47,8 @@ def start_lmgrd(work: Path, lic: Path, pub: Path, store: list[str], name: str, *
     work.mkdir(parents=True, exist_ok=True)
     port = free_ports(1)[0]
     args = [PY, "-m", "lmgrd", "--license", str(lic), "--vendor-key", str(pub), "--port", str(port), "--bind",
-            "127.0.0.1", "--state-dir", str(work / "state"), "--max-connections-per-address", "0", "--log-level",
+            "127.0.0.1", "--state-dir", str(work / "state"), "--max-connections-per-address", "0",
+            "--max-requests-per-second", "0", "--log-level",
             level, "--admin-token-file", str(work / "admin.token"), "--metrics-port", "0", "--heartbeat-interval",
             str(hb), "--lease-timeout", str(lease), "--node-name", name, *store]
     log = open(work / "lmgrd.log", "wb")  # noqa: SIM115 - closed with the process

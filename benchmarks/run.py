@@ -10,8 +10,8 @@
 The targets, started fresh for every measurement (127.0.0.1, a free port, a temporary directory):
 
 - ``lmgrd``: the daemon as a subprocess (a license signed for this host with a throwaway vendor key, share
-  mode ``none`` so each checkout takes its own seat, ``--max-connections-per-address 0``, ``--log-level
-  warning``, the journal in a temporary state directory);
+  mode ``none`` so each checkout takes its own seat, ``--max-connections-per-address 0``,
+  ``--max-requests-per-second 0``, ``--log-level warning``, the journal in a temporary state directory);
 - ``ceiling``: ``benchmarks/ceiling.py``, the minimal uvloop server (raw msgpack, two dicts, nothing from
   ``protocol/``); ``ceiling_protocol``: ``benchmarks/ceiling_protocol.py``, the same built on ``protocol/``'s
   decoder, parser and message classes (the old ceiling, a second row);
@@ -180,7 +180,8 @@ def start_daemon(setup: Setup, licenses: Sequence[Path], *, extra: Sequence[str]
     port = port or free_port()
     log = run_dir / "lmgrd.log"
     args = [PY, "-m", "lmgrd", "--vendor-key", str(setup.pub), "--port", str(port), "--bind", "127.0.0.1",
-            "--state-dir", str(run_dir / "state"), "--max-connections-per-address", "0", "--log-level", "warning",
+            "--state-dir", str(run_dir / "state"), "--max-connections-per-address", "0",
+            "--max-requests-per-second", "0", "--log-level", "warning",
             "--admin-token-file", str(run_dir / "admin.token"), *extra]
     for lic in licenses:
         args += ["--license", str(lic)]
