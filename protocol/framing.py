@@ -89,6 +89,11 @@ class FrameDecoder:
         self._buf = bytearray()
         self._failed: MalformedMessage | None = None
 
+    @property
+    def buffered(self) -> bool:
+        """Whether bytes of an incomplete frame are waiting for the rest (or the stream has failed)."""
+        return bool(self._buf) or self._failed is not None
+
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         """Add received bytes; return every message now complete, in order.
 

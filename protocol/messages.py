@@ -177,6 +177,32 @@ class Hello:
                    secret)
 
 
+# -- the hot path's shapes ------------------------------------------------------------------------------------
+# Checkout, checkin and heartbeat as clients send them: every field of the exact type msgpack decodes to and
+# within its limit. Each predicate accepts a subset of what the checked readers (``_uint``, ``_text``...) accept,
+# reading the same values, so ``from_wire`` takes the fast branch when it holds and the checked one otherwise
+# (an error then names the field). :data:`HOT_REQUESTS` adds the key count: a map holding nothing but the
+# fields a predicate checked has only string keys and nothing nested, so it needs no other check at all
+# (the framing's key and depth walk included).
+
+
+def _exact_checkout(d: dict[str, Any]) -> bool:
+    rid, product, version, wait = d.get("id"), d.get("product"), d.get("version"), d.get("wait", 0.0)
+    return (type(rid) is int and 0 <= rid <= MAX_ID and type(product) is str and len(product) <= MAX_PRODUCT_LENGTH
+            and type(version) is str and len(version) <= MAX_VERSION_LENGTH and type(wait) is float
+            and 0.0 <= wait <= MAX_WAIT_SECONDS)
+
+
+def _exact_checkin(d: dict[str, Any]) -> bool:
+    rid, token = d.get("id"), d.get("token")
+    return type(rid) is int and 0 <= rid <= MAX_ID and type(token) is str and len(token) <= MAX_TOKEN_LENGTH
+
+
+def _exact_heartbeat(d: dict[str, Any]) -> bool:
+    rid = d.get("id")
+    return "idle_for" not in d and type(rid) is int and 0 <= rid <= MAX_ID and type(d.get("idle", False)) is bool
+
+
 @dataclass(frozen=True, slots=True)
 class Checkout:
     """Ask for a seat of ``product`` at ``version``; wait up to ``wait`` seconds in the queue if none is free."""
@@ -196,11 +222,8 @@ class Checkout:
         # The hot path: every field of the exact type msgpack decodes to and within its limit (a subset of
         # what the checked readers below accept, giving the same values); anything else takes them, so an
         # error still names the field.
-        rid, product, version, wait = d.get("id"), d.get("product"), d.get("version"), d.get("wait", 0.0)
-        if (type(rid) is int and 0 <= rid <= MAX_ID and type(product) is str and len(product) <= MAX_PRODUCT_LENGTH
-                and type(version) is str and len(version) <= MAX_VERSION_LENGTH and type(wait) is float
-                and 0.0 <= wait <= MAX_WAIT_SECONDS):
-            return cls(rid, product, version, wait)
+        if _exact_checkout(d):
+            return cls(d["id"], d["product"], d["version"], d.get("wait", 0.0))
         return cls(_uint(d, "id", "checkout"), _text(d, "product", "checkout", limit=MAX_PRODUCT_LENGTH),
                    _text(d, "version", "checkout", limit=MAX_VERSION_LENGTH),
                    _seconds(d, "wait", "checkout", MAX_WAIT_SECONDS, default=0.0))
@@ -227,10 +250,8 @@ class Heartbeat:
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Heartbeat:
-        if "idle_for" not in d:  # the hot path, as in Checkout.from_wire
-            rid, idle = d.get("id"), d.get("idle", False)
-            if type(rid) is int and 0 <= rid <= MAX_ID and type(idle) is bool:
-                return cls(rid, idle, 0.0)
+        if _exact_heartbeat(d):  # the hot path, as in Checkout.from_wire
+            return cls(d["id"], d.get("idle", False), 0.0)
         return cls(_uint(d, "id", "heartbeat"), _bool(d, "idle", "heartbeat", False),
                    _seconds(d, "idle_for", "heartbeat", MAX_IDLE_FOR_SECONDS, 0.0))
 
@@ -248,9 +269,8 @@ class Checkin:
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Checkin:
-        rid, token = d.get("id"), d.get("token")  # the hot path, as in Checkout.from_wire
-        if type(rid) is int and 0 <= rid <= MAX_ID and type(token) is str and len(token) <= MAX_TOKEN_LENGTH:
-            return cls(rid, token)
+        if _exact_checkin(d):  # the hot path, as in Checkout.from_wire
+            return cls(d["id"], d["token"])
         return cls(_uint(d, "id", "checkin"), _text(d, "token", "checkin", limit=MAX_TOKEN_LENGTH))
 
 
@@ -308,6 +328,33 @@ Request = Hello | Checkout | Heartbeat | Checkin | Resume | Status | Admin
 REQUEST_TYPES: dict[str, Callable[[dict[str, Any]], Request]] = {
     cls.OP: cls.from_wire for cls in (Hello, Checkout, Heartbeat, Checkin, Resume, Status, Admin)
 }
+
+
+#: op -> (message class, shape predicate, optional fields): the requests :meth:`protocol.Connection.receive_hot`
+#: hands over as their decoded map. A map is hot when its predicate holds and it has no key beyond ``op``, the
+#: class's required fields and those of its optional ones present (``wait``; ``idle``).
+HOT_REQUESTS: dict[str, tuple[type[Request], Callable[[dict[str, Any]], bool], int, str]] = {
+    "checkout": (Checkout, _exact_checkout, 4, "wait"),
+    "checkin": (Checkin, _exact_checkin, 3, ""),
+    "heartbeat": (Heartbeat, _exact_heartbeat, 2, "idle"),
+}
+
+
+def hot_request(d: dict[str, Any]) -> type[Request] | None:
+    """The class of ``d`` if it is a hot request in its exact shape (see :data:`HOT_REQUESTS`), else None.
+
+    When it returns a class, ``parse_request(d)`` would return an instance of it built from ``d["id"]`` and
+    the fields of the same names (``d.get("wait", 0.0)``, ``d.get("idle", False)``): the hot path reads them
+    from ``d`` instead of building the message.
+    """
+    op = d.get("op")
+    entry = HOT_REQUESTS.get(op) if type(op) is str else None
+    if entry is None:
+        return None
+    kind, exact, required, optional = entry
+    if len(d) != required + (optional in d) or not exact(d):
+        return None
+    return kind
 
 
 def parse_request(d: dict[str, Any]) -> Request:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lmgrd.core.activation import ACTIVE, Activations
 from lmgrd.core.ledger import PoolKey
@@ -61,9 +61,10 @@ class Refusal:
                 "customer_id": self.customer_id, "products": list(self.products)}
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """Either the licenses that may serve this checkout, best first, or the error to answer."""
+class Decision(NamedTuple):
+    """Either the licenses that may serve this checkout, best first, or the error to answer.
+
+    A NamedTuple, not a frozen dataclass: one is made per checkout (0.1 us against 0.5 us here)."""
 
     licenses: tuple[License, ...]
     error: tuple[ErrorCode, str, str] | None = None
