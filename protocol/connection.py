@@ -26,9 +26,9 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, NoReturn, TypeVar, overload
 
-from protocol.errors import ErrorCode, LocalProtocolError, MalformedMessage, ProtocolError
 import msgpack
 
+from protocol.errors import ErrorCode, LocalProtocolError, MalformedMessage, ProtocolError
 from protocol.framing import DEFAULT_MAX_FRAME_BYTES, HEADER, FrameDecoder, encode_frame
 from protocol.messages import (
     REPLY_TYPES,
