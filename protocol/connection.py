@@ -29,7 +29,7 @@ from typing import Any, Generic, Literal, NoReturn, TypeVar, overload
 import msgpack
 
 from protocol.errors import ErrorCode, LocalProtocolError, MalformedMessage, ProtocolError
-from protocol.framing import DEFAULT_MAX_FRAME_BYTES, HEADER, FrameDecoder, encode_frame
+from protocol.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame
 from protocol.messages import (
     REPLY_TYPES,
     REQUEST_TYPES,
@@ -348,13 +348,13 @@ class Connection(Generic[_EventT]):
         the same bytes to :meth:`receive_data`, which decodes, checks and refuses as always (a bad frame is
         decoded twice, which only a bad frame pays).
         """
-        if self.state is not _READY or self._decoder.buffered:
+        if self.state is not _READY:
             return None
-        size = len(data) - _HEADER_SIZE
-        if size <= 0 or _HEADER_UNPACK(data)[0] != size or size > self._decoder.max_frame_bytes:
+        body = self._decoder.whole(data)
+        if body is None:
             return None
         try:
-            d = _unpackb(data[_HEADER_SIZE:])
+            d = _unpackb(body)
         except Exception:  # any msgpack failure: receive_data turns it into the precise error
             return None
         if type(d) is not dict:
@@ -370,8 +370,6 @@ class Connection(Generic[_EventT]):
 
 
 _READY = State.READY
-_HEADER_SIZE = HEADER.size
-_HEADER_UNPACK = HEADER.unpack_from
 #: msgpack's unpacking with decode_body's options (msgpack's defaults: str keys only, lists, no raw bytes as str).
 _unpackb = msgpack.unpackb
 # Every kind receive_hot hands over goes from READY to READY for a client: receive_hot moves no state.

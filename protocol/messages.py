@@ -51,6 +51,13 @@ _header = HEADER.pack
 _CHECKED_IN_HEAD: bytes = b"\x83" + _pack("op") + _pack("checked_in") + _pack("id")
 _CHECKED_IN_TAIL: dict[bool, bytes] = {True: _pack("released") + _pack(True), False: _pack("released") + _pack(False)}
 _CHECKED_IN_FIXED = len(_CHECKED_IN_HEAD) + len(_CHECKED_IN_TAIL[True])
+#: Granted.frame's parts: the fixed head, and the encoded pool names and timing seen so far (bounded: a daemon
+#: has as many pools as its licenses name, and one timing; waited varies only for queued checkouts).
+_GRANTED_HEAD: bytes = b"\x89" + _pack("op") + _pack("granted") + _pack("id")
+_GRANTED_TOKEN: bytes = _pack("token")
+_GRANTED_POOLS: dict[tuple[str, str], bytes] = {}
+_GRANTED_TAILS: dict[tuple[float, float, float], bytes] = {}
+_GRANTED_PARTS_LIMIT = 4096
 _HEARTBEAT_ACK_HEAD: bytes = b"\x84" + _pack("op") + _pack("heartbeat_ack") + _pack("id")
 _HEARTBEAT_ACK_RENEWED: bytes = _pack("renewed")
 _HEARTBEAT_ACK_NONE_LOST: bytes = _pack("lost") + _pack([])
@@ -330,13 +337,25 @@ REQUEST_TYPES: dict[str, Callable[[dict[str, Any]], Request]] = {
 }
 
 
-#: op -> (message class, shape predicate, optional fields): the requests :meth:`protocol.Connection.receive_hot`
-#: hands over as their decoded map. A map is hot when its predicate holds and it has no key beyond ``op``, the
-#: class's required fields and those of its optional ones present (``wait``; ``idle``).
-HOT_REQUESTS: dict[str, tuple[type[Request], Callable[[dict[str, Any]], bool], int, str]] = {
-    "checkout": (Checkout, _exact_checkout, 4, "wait"),
-    "checkin": (Checkin, _exact_checkin, 3, ""),
-    "heartbeat": (Heartbeat, _exact_heartbeat, 2, "idle"),
+def _hot_checkout(d: dict[str, Any]) -> bool:
+    return len(d) == 4 + ("wait" in d) and _exact_checkout(d)
+
+
+def _hot_checkin(d: dict[str, Any]) -> bool:
+    return len(d) == 3 and _exact_checkin(d)
+
+
+def _hot_heartbeat(d: dict[str, Any]) -> bool:
+    return len(d) == 2 + ("idle" in d) and _exact_heartbeat(d)
+
+
+#: op -> (message class, hot shape): the requests :meth:`protocol.Connection.receive_hot` hands over as their
+#: decoded map. A map has the hot shape when the class's exact-type predicate holds and it has no key beyond
+#: ``op``, the required fields and the optional ones present (``wait``; ``idle``).
+HOT_REQUESTS: dict[str, tuple[type[Request], Callable[[dict[str, Any]], bool]]] = {
+    "checkout": (Checkout, _hot_checkout),
+    "checkin": (Checkin, _hot_checkin),
+    "heartbeat": (Heartbeat, _hot_heartbeat),
 }
 
 
@@ -349,12 +368,9 @@ def hot_request(d: dict[str, Any]) -> type[Request] | None:
     """
     op = d.get("op")
     entry = HOT_REQUESTS.get(op) if type(op) is str else None
-    if entry is None:
+    if entry is None or not entry[1](d):
         return None
-    kind, exact, required, optional = entry
-    if len(d) != required + (optional in d) or not exact(d):
-        return None
-    return kind
+    return entry[0]
 
 
 def parse_request(d: dict[str, Any]) -> Request:
@@ -420,10 +436,23 @@ class Granted:
     @staticmethod
     def frame(id: int, token: str, customer_id: str, product: str, version: str, lease_timeout: float,
               heartbeat_interval: float, waited: float) -> bytes:
-        """The encoded frame of ``Granted(...)``, byte for byte, without building the object (the hot path)."""
-        return encode_frame({"op": "granted", "id": id, "token": token, "customer_id": customer_id,
-                             "product": product, "version": version, "lease_timeout": lease_timeout,
-                             "heartbeat_interval": heartbeat_interval, "waited": waited})
+        """The encoded frame of ``Granted(...)``, byte for byte, without building the object (the hot path): the
+        parts that repeat from grant to grant (the pool's names, the daemon's timing) are encoded once."""
+        pool = _GRANTED_POOLS.get((customer_id, product))
+        if pool is None:
+            if len(_GRANTED_POOLS) >= _GRANTED_PARTS_LIMIT:
+                _GRANTED_POOLS.clear()
+            pool = _GRANTED_POOLS[(customer_id, product)] = (
+                _pack("customer_id") + _pack(customer_id) + _pack("product") + _pack(product) + _pack("version"))
+        tail = _GRANTED_TAILS.get((lease_timeout, heartbeat_interval, waited))
+        if tail is None:
+            if len(_GRANTED_TAILS) >= _GRANTED_PARTS_LIMIT:
+                _GRANTED_TAILS.clear()
+            tail = _GRANTED_TAILS[(lease_timeout, heartbeat_interval, waited)] = (
+                _pack("lease_timeout") + _pack(lease_timeout) + _pack("heartbeat_interval")
+                + _pack(heartbeat_interval) + _pack("waited") + _pack(waited))
+        body = b"".join((_GRANTED_HEAD, _pack(id), _GRANTED_TOKEN, _pack(token), pool, _pack(version), tail))
+        return _header(len(body)) + body
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Granted:
