@@ -127,6 +127,8 @@ class Server:
             heartbeat_interval=cfg.heartbeat_interval, lease_timeout=cfg.lease_timeout,
             max_frame_bytes=cfg.max_frame_bytes, clock=self.clock, wall=wall, fail=self.fail,
             refusals=self.refusals, refusal_log=self.refusal_log)
+        #: The handlers' hot routes (Handlers.hot), one attribute away for every hot read of the transport.
+        self.hot_routes = self.handlers.hot
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self.timer_when = 0.0
         self.sync_handle: asyncio.TimerHandle | None = None

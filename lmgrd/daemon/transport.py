@@ -65,26 +65,26 @@ class ClientProtocol(Session, asyncio.Protocol):
         # from its decoded map by the same handler code as any request; rate and timing as below for one request.
         server = self.server
         now = server.clock()
-        rate = server.request_rate
         kind, d = hot
+        rate = server.request_rate
         if rate:
             allowance = self.allowance + (now - self.last_active) * rate
             if allowance > server.request_burst:
                 allowance = server.request_burst
-            self.last_active = now
             if allowance < 1.0:
+                self.last_active = now
                 self.allowance = allowance
                 server.handlers.rate_limited(self, parse_request(d))
                 return
             self.allowance = allowance - 1.0
-        else:
-            self.last_active = now
+        self.last_active = now
+        handler = server.hot_routes[kind]
         timer = server.request_timer
         if timer is None:
-            server.handlers.hot[kind](self, d)
+            handler(self, d)
         else:
             t0 = perf_counter()
-            server.handlers.hot[kind](self, d)
+            handler(self, d)
             timer(kind, perf_counter() - t0)
 
     def _received(self, data: bytes) -> None:
