@@ -57,6 +57,10 @@ _ATTEMPTS = 4
 _RETRY_PAUSE = 0.2
 #: Candidates per transaction in a pool larger than MAX_CANDIDATES, picked at random from the slots last seen free.
 WIDE_CANDIDATES = 4
+#: Operations (acquires, joins, releases) sent in one etcd transaction, at most (etcd's --max-txn-ops is 128).
+MAX_BATCH = 64
+#: Batches waiting for etcd at once; the operations queued meanwhile go in the next one (group commit).
+MAX_BATCHES_IN_FLIGHT = 2
 
 
 class StoreUnavailable(LmgrdError):
@@ -141,7 +145,13 @@ class EtcdSeats:
         self._rpc: Any = None
         self._free_hint: dict[PoolKey, set[int]] = {}
         self._inflight: dict[SeatKey, asyncio.Future[None]] = {}
-        self._releasing: set[asyncio.Task[bool]] = set()
+        self._releasing: set[asyncio.Task[Any]] = set()
+        #: Operations waiting for the next batch, whether one is scheduled, and batches in flight.
+        self._queue: list[_Op] = []
+        self._flush_soon = False
+        self._batches = 0
+        #: How many batches of each size were sent (the benchmark reads it from the log).
+        self.batch_sizes: dict[int, int] = {}
 
     # -- connection ------------------------------------------------------------------------------------------
     async def connect(self, node_info: dict[str, Any]) -> None:
@@ -330,11 +340,12 @@ class EtcdSeats:
         token_key = self._token_key(rec.token)
         if claim is not None:  # the seat exists on this node: a join takes no slot
             value = self._token_value(rec, claim.slot)
-            joined = await self._txn_checked("join", retry=True, req=rpc.TxnRequest(
+            join = rpc.TxnRequest(
                 compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=claim.slot,
                                      mod_revision=claim.rev)],
                 success=[rpc.RequestOp(request_put=rpc.PutRequest(key=token_key, value=value, lease=lease))],
-                failure=[]))
+                failure=[])
+            _rev, joined = await self._batched("join", _fixed(join, token_key), retry=True)
             if joined.succeeded:
                 claim.tokens.add(rec.token)
                 self.token_seat[rec.token] = sk
@@ -348,18 +359,32 @@ class EtcdSeats:
             return False
         pool = (rec.customer_id, rec.product)
         prefix = self._seat_prefix(rec.customer_id, rec.product)
-        for _ in range(_ATTEMPTS):
-            cands = self._candidates(pool, count)
+        cands: list[int] = []
+
+        def build(taken: set[bytes]) -> Any:
+            # Called when the batch is put together: the candidates avoid the slots other operations of the
+            # same transaction write (etcd refuses a transaction that could write one key twice).
+            nonlocal cands
+            if token_key in taken:
+                return None
+            cands = self._candidates(pool, count, prefix, taken)
             if not cands:
-                return False
+                return None
+            taken.add(token_key)
+            taken.update(prefix + b"%05d" % i for i in cands)
             # Guarded by "our token key does not exist yet", so a retry after an answer lost in transit (a
             # leader change) finds the first attempt's seat instead of taking a second one.
-            req = rpc.TxnRequest(
+            return rpc.TxnRequest(
                 compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=token_key,
                                      create_revision=0)],
                 success=[rpc.RequestOp(request_txn=self._acquire_txn(rec, prefix, cands, lease, token_key))],
                 failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=token_key))])
-            resp = await self._txn_checked("acquire", req, retry=True)
+
+        # A small pool's acquire names every slot: two in one batch would write the same keys, so each is sent
+        # alone (concurrently, as before batching); a large pool's acquires share the batch.
+        alone = count <= MAX_CANDIDATES
+        for _ in range(_ATTEMPTS):
+            rev, resp = await self._batched("acquire", build, retry=True, alone=alone)
             if not resp.succeeded:  # an earlier attempt of this very grant committed
                 kv = resp.responses[0].response_range.kvs[0]
                 slot = json.loads(kv.value)["slot"].encode()
@@ -370,7 +395,7 @@ class EtcdSeats:
             for i in cands:
                 if node.succeeded:
                     slot = prefix + b"%05d" % i
-                    self.claims[sk] = Claim(slot, resp.header.revision, lease, {rec.token})
+                    self.claims[sk] = Claim(slot, rev, lease, {rec.token})
                     self.token_seat[rec.token] = sk
                     self._free_hint.get(pool, set()).discard(i)
                     return True
@@ -385,15 +410,41 @@ class EtcdSeats:
             self._free_hint[pool] = set(range(count)) - live
         return False
 
-    def _candidates(self, pool: PoolKey, count: int) -> list[int]:
+    def _candidates(self, pool: PoolKey, count: int, prefix: bytes, taken: set[bytes]) -> list[int]:
+        """Slots to try, none of them in ``taken``.
+
+        A small pool: every slot, the ones this node's view shows held last (one round trip gives a grant or a
+        linearizable "full"). A large one: a few picked at random from the slots last seen free (the free-slot
+        hint an earlier ``Else`` read, else any not held in this node's view); the innermost ``Else`` reads the
+        pool if every candidate was taken.
+        """
+        held = self._held_slots(pool)
         if count <= MAX_CANDIDATES:
-            cands = list(range(count))
-            random.shuffle(cands)  # nodes racing for the same pool rarely collide on their first choice
-            return cands
+            free = [i for i in range(count) if prefix + b"%05d" % i not in taken]
+            random.shuffle(free)  # nodes racing for the same pool rarely collide on their first choice
+            free.sort(key=held.__contains__)  # stable: the shuffled free-looking ones first
+            return free
         hint = self._free_hint.get(pool)
-        if hint:
-            return random.sample(sorted(hint), min(WIDE_CANDIDATES, len(hint)))
-        return random.sample(range(count), WIDE_CANDIDATES)
+        pick: list[int] = []
+        for source in (sorted(hint) if hint else [], range(count)):
+            for i in random.sample(source, min(len(source), 4 * WIDE_CANDIDATES)):
+                if i not in held and i not in pick and prefix + b"%05d" % i not in taken:
+                    pick.append(i)
+                    if len(pick) == WIDE_CANDIDATES:
+                        return pick
+        if not pick:  # the view shows the pool full: any slots, and the innermost Else reads it
+            pick = [i for i in random.sample(range(count), 4 * WIDE_CANDIDATES)
+                    if prefix + b"%05d" % i not in taken][:WIDE_CANDIDATES]
+        return pick
+
+    def _held_slots(self, pool: PoolKey) -> set[int]:
+        """Slots of ``pool`` this node knows are held: its own seats and those of the last cluster view."""
+        held = {int(s["slot"]) for s in self.view.get(pool, ()) if str(s.get("slot", "")).isdigit()}
+        for (cid, product, _share), claim in self.claims.items():
+            if (cid, product) == pool:
+                with contextlib.suppress(ValueError):
+                    held.add(int(claim.slot.rsplit(b"/", 1)[1]))
+        return held
 
     def _acquire_txn(self, rec: LeaseRecord, prefix: bytes, cands: list[int], lease: int, token_key: bytes) -> Any:
         rpc = self._rpc
@@ -414,19 +465,6 @@ class EtcdSeats:
                 failure=[rpc.RequestOp(request_txn=inner)])
         return inner
 
-    async def _txn_checked(self, op: str, req: Any, retry: bool = False) -> Any:
-        """A transaction; ``retry``: once more after a short pause if etcd failed (an idempotent one only)."""
-        for attempt in range(2 if retry else 1):
-            try:
-                return await self._call(op, self._kv.Txn(req, timeout=self.timeout, metadata=self._metadata))
-            except StoreUnavailable as exc:
-                if "lease not found" in str(exc):
-                    raise _LeaseGone from None
-                if attempt or not retry or "DEADLINE_EXCEEDED" in str(exc):  # a whole deadline spent: no more
-                    raise
-                await asyncio.sleep(_RETRY_PAUSE)
-        raise AssertionError("unreachable")  # pragma: no cover
-
     def _seat_value(self, rec: LeaseRecord, node: str | None = None) -> bytes:
         return json.dumps({"node": self.node if node is None else node, "token": rec.token, "user": rec.user,
                            "host": rec.host, "pid": rec.pid, "display": rec.display, "version": rec.version,
@@ -435,9 +473,123 @@ class EtcdSeats:
     def _token_value(self, rec: LeaseRecord, slot: bytes) -> bytes:
         return json.dumps({"slot": slot.decode(), "node": self.node, "record": list(rec)}).encode()
 
+    # -- batching: the operations of one loop iteration in one etcd transaction ------------------------------
+    async def _batched(self, op: str, build: Callable[[set[bytes]], Any], retry: bool = False,
+                       alone: bool = False) -> tuple[int, Any]:
+        """Run the transaction ``build`` returns as one branch of the next batch; (revision, its response).
+
+        ``retry``: once more after a short pause if etcd failed fast (an idempotent operation only). ``alone``:
+        in a transaction of its own, sent now.
+        """
+        for attempt in range(2 if retry else 1):
+            fut: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
+            o = _Op(op, build, fut)
+            if alone:
+                await self._send(op, [o], self._top([self._rpc.RequestOp(request_txn=build(set()))]),
+                                 counted=False)
+            else:
+                self._queue.append(o)
+                self._kick()
+            try:
+                return await fut
+            except StoreUnavailable as exc:
+                if attempt or not retry or "DEADLINE_EXCEEDED" in str(exc):  # a whole deadline spent: no more
+                    raise
+                await asyncio.sleep(_RETRY_PAUSE)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _top(self, ops: list[Any]) -> Any:
+        """The transaction around a batch. Its compare is always true but names a key under the prefix: etcd 3.4
+        checks the permissions of a transaction's own compares and operations, not those nested in it, so a
+        client without the right to the prefix (wrong password, no token) is refused here, not let through."""
+        rpc = self._rpc
+        return rpc.TxnRequest(compare=[rpc.Compare(result=rpc.Compare.LESS, target=rpc.Compare.MOD,
+                                                   key=self._node_key(self.node), mod_revision=1 << 62)],
+                              success=ops, failure=[])
+
+    def _kick(self) -> None:
+        if not self._flush_soon and self._queue and self._batches < MAX_BATCHES_IN_FLIGHT:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send the queued operations as one transaction: each is a nested transaction of the top one with its
+        own compares, so one's failed compare takes only its own ``Else`` (etcd runs all of them or none: an
+        error of one, e.g. its lease gone, fails the batch, which is then sent again one by one)."""
+        self._flush_soon = False
+        if self._batches >= MAX_BATCHES_IN_FLIGHT or not self._queue:
+            return
+        rpc = self._rpc
+        queue, self._queue = self._queue, []
+        queue.sort(key=lambda o: o.op != "release")  # stable: a released slot is not a candidate of the batch
+        taken: set[bytes] = set()
+        batch: list[_Op] = []
+        reqs: list[Any] = []
+        for o in queue:
+            if o.fut.done():  # its caller gave up (cancelled)
+                continue
+            if len(batch) >= MAX_BATCH or (batch and (o.solo or batch[0].solo)):
+                self._queue.append(o)
+                continue
+            try:
+                req = o.build(taken)
+            except Exception as exc:  # handed to the caller
+                o.fut.set_exception(exc)
+                continue
+            if req is None:  # it would write a key another operation of this batch writes: the next batch
+                self._queue.append(o)
+                continue
+            batch.append(o)
+            reqs.append(req)
+        if not batch:
+            return
+        self._batches += 1
+        names = {o.op for o in batch}
+        top = self._top([rpc.RequestOp(request_txn=r) for r in reqs])
+        task = asyncio.get_running_loop().create_task(self._send(names.pop() if len(names) == 1 else "batch",
+                                                                 batch, top))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _send(self, op: str, batch: list[_Op], top: Any, counted: bool = True) -> None:
+        """Send one batch (``counted``: it holds one of the MAX_BATCHES_IN_FLIGHT places) and answer its futures."""
+        self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
+        try:
+            resp = await self._call(op, self._kv.Txn(top, timeout=self.timeout, metadata=self._metadata))
+        except StoreUnavailable as exc:
+            gone = "lease not found" in str(exc)
+            if gone and len(batch) > 1:  # one of them named a lapsed lease: each again alone, to find which
+                for o in batch:
+                    o.solo = True
+                self._queue[:0] = batch
+                return
+            for o in batch:
+                if not o.fut.done():
+                    o.fut.set_exception(_LeaseGone() if gone else exc)
+            return
+        except BaseException as exc:  # cancelled (shutdown): the callers are told
+            for o in batch:
+                if not o.fut.done():
+                    o.fut.set_exception(StoreUnavailable(f"etcd {op} was cancelled: {exc!r}"))
+            raise
+        finally:
+            if counted:
+                self._batches -= 1
+                self._kick()
+        if not resp.succeeded:  # pragma: no cover - the compare of _top always holds
+            for o in batch:
+                if not o.fut.done():
+                    o.fut.set_exception(StoreUnavailable(f"etcd {op}: the batch's guard did not hold"))
+            return
+        rev = int(resp.header.revision)
+        for o, r in zip(batch, resp.responses, strict=True):
+            if not o.fut.done():
+                o.fut.set_result((rev, r.response_txn))
+
     # -- ends ------------------------------------------------------------------------------------------------
     def release(self, token: str, customer: str) -> None:
-        """Queue the end of ``token`` in etcd (sent at once; retried by :meth:`maintain` if etcd is down)."""
+        """Queue the end of ``token`` in etcd (sent with the loop iteration's batch; retried by :meth:`maintain`
+        if etcd is down)."""
         sk = self.token_seat.pop(token, None)
         self.token_lease.pop(token, None)
         token_key = self._token_key(token)
@@ -468,20 +620,20 @@ class EtcdSeats:
             compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=slot, mod_revision=rev)],
             success=ops, failure=[])
         try:
-            await self._call("release", self._kv.Txn(req, timeout=self.timeout, metadata=self._metadata))
-        except StoreUnavailable:
+            await self._batched("release", _fixed(req, token_key, *((slot,) if last else ())))
+        except (StoreUnavailable, _LeaseGone):
             if queue:
                 self.pending.append(item)
             return False
         return True
 
     async def flush_releases(self) -> None:
-        """Retry the releases etcd did not confirm (stops at the first that fails again)."""
-        while self.pending:
-            item = self.pending[0]  # removed only once etcd confirmed it (a cancelled retry keeps it queued)
-            if not await self._release_one(item, queue=False):
-                return
-            self.pending.remove(item)
+        """Retry the releases etcd did not confirm (in one batch; the confirmed ones leave the queue)."""
+        items = list(self.pending)  # removed only once etcd confirmed them (a cancelled retry keeps them queued)
+        done = await asyncio.gather(*(self._release_one(item, queue=False) for item in items))
+        for item, ok in zip(items, done, strict=True):
+            if ok:
+                self.pending.remove(item)
 
     # -- resume on another node ------------------------------------------------------------------------------
     async def adopt(self, token: str, holds: Callable[[LeaseRecord], bool] = lambda rec: True
@@ -691,6 +843,30 @@ class NullStore:
 
 class _LeaseGone(Exception):
     """etcd says the session lease a write named no longer exists."""
+
+
+@dataclass(slots=True)
+class _Op:
+    """One operation waiting for the next batch: ``build(taken)`` returns its transaction (adding the keys it may
+    write to ``taken``), or None when it would write a key already in ``taken`` (it waits for the next batch)."""
+
+    op: str
+    build: Callable[[set[bytes]], Any]
+    fut: asyncio.Future[tuple[int, Any]]
+    #: Sent alone (after a batch failed for one of its operations' leases).
+    solo: bool = False
+
+
+def _fixed(req: Any, *keys: bytes) -> Callable[[set[bytes]], Any]:
+    """The builder of a transaction that writes exactly ``keys``."""
+
+    def build(taken: set[bytes]) -> Any:
+        if not taken.isdisjoint(keys):
+            return None
+        taken.update(keys)
+        return req
+
+    return build
 
 
 def _range_end(prefix: bytes) -> bytes:

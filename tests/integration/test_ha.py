@@ -512,6 +512,62 @@ def test_a_late_release_by_the_old_node_never_frees_the_seat_its_client_moved(ha
         c.close()
 
 
+def test_batched_acquires_and_releases_fill_a_large_pool_exactly_even_when_one_lease_lapsed(ha: HA) -> None:
+    """A pool larger than one transaction's candidates: concurrent acquires go to etcd in batches (one
+    transaction, each acquire a nested one with its own compares), so are the releases. 60 acquires race for
+    40 seats: exactly 40 get one, the other 20 are told the pool is full; one acquire's session lease was revoked
+    behind the store's back, which fails its whole batch in etcd: the batch is sent again one by one and that
+    acquire gets a new lease. Then every seat is released in batches, each guarded by its own revision."""
+    from lmgrd.core.ledger import LeaseRecord
+    from lmgrd.storage.etcd import MAX_CANDIDATES, EtcdSeats, EtcdSettings
+
+    count = 40
+    assert count > MAX_CANDIDATES  # the batched path (a small pool's acquire names every slot and goes alone)
+    etcd = ha.etcd(1)
+    oracle = ha.oracle(etcd)
+    tokens = [f"{i:032x}" for i in range(60)]
+
+    async def run() -> None:
+        seats = EtcdSeats(EtcdSettings((etcd.members[0].endpoint,)), "n1", 10)
+        await seats.connect({"node": "n1"})
+        try:
+            recs = [LeaseRecord(t, "CID", "P", (t,), f"u{i}", "h", 1, "1.0", "", time.time())
+                    for i, t in enumerate(tokens)]
+            for i in range(len(recs)):
+                await seats._lease_for(i)
+            rpc = seats._rpc
+            leases = dict(seats.session_lease)
+            await seats._lease.LeaseRevoke(rpc.LeaseRevokeRequest(ID=leases[7]), timeout=5)
+            got = await asyncio.gather(*(seats.acquire(r, count, i, r.share_key) for i, r in enumerate(recs)))
+            assert sum(got) == count
+            assert got[7]  # among the first batch (all seats free): granted on its new lease
+            assert max(seats.batch_sizes) > 1 and 1 in seats.batch_sizes  # batched; re-sent one by one
+            # Only the acquire whose lease lapsed got a new one (the others of its batch kept theirs).
+            assert seats.session_lease[7] != leases[7]
+            assert {i: seats.session_lease[i] for i in leases if i != 7} == {i: v for i, v in leases.items() if i != 7}
+            await seats.refresh_view()
+            assert seats.held(("CID", "P")) == count
+            before = dict(seats.batch_sizes)
+            for r, ok in zip(recs, got, strict=True):
+                if ok:
+                    seats.release(r.token, "CID")
+            while seats._releasing:
+                await asyncio.gather(*list(seats._releasing))
+            assert not seats.pending
+            sent = sum(seats.batch_sizes.values()) - sum(before.values())
+            assert sent < count  # fewer transactions than releases
+            await seats.refresh_view()
+            assert seats.held(("CID", "P")) == 0
+        finally:
+            await seats.close()
+
+    asyncio.run(run())
+    oracle.stop()
+    rep = oracle.check(count)
+    assert rep["max_live"] == {"/lmgrd/c/CID/seats/P": count}
+    assert len(rep["granted"]) == count and len(rep["deletes"]) == count and not rep["live"]
+
+
 def test_tls_client_certificates_and_etcd_authentication(ha: HA) -> None:
     """etcd with TLS (client certificates required) and authentication on: the store connects with the CA,
     its certificate and the user's password; a wrong password is refused by etcd (the store is down)."""
