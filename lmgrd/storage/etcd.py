@@ -132,8 +132,11 @@ class EtcdSeats:
         #: Releases etcd did not confirm yet (retried by the keepalive loop): (slot, our revision, last token of
         #: the seat, token key).
         self.pending: list[tuple[bytes, int, bool, bytes]] = []
-        #: The cluster's seats as last read (every node's): pool -> list of seat values.
-        self.view: dict[PoolKey, list[dict[str, Any]]] = {}
+        #: The cluster's seats as last read or watched (every node's): pool -> slot -> the seat's value (JSON,
+        #: decoded only for lmstat and metrics: :attr:`view`).
+        self._seats: dict[PoolKey, dict[str, bytes]] = {}
+        #: True while the watch of the seats and nodes runs (else the view is read every poll interval).
+        self.watching = False
         self.nodes: dict[str, dict[str, Any]] = {}
         #: Every node seen up since start (and those the license names): lmstat shows the ones not up as down.
         self.known_nodes: set[str] = {node}
@@ -247,7 +250,8 @@ class EtcdSeats:
                 with contextlib.suppress(StoreUnavailable):  # expired token: a new one for the next call
                     await self._authenticate()
                 raise StoreUnavailable(f"etcd {op} failed: {exc.code().name}: {details}") from None
-            self._mark_down()
+            if exc.code() != grpc.StatusCode.NOT_FOUND:  # a lapsed lease is one session's, etcd answered
+                self._mark_down()
             raise StoreUnavailable(f"etcd {op} failed: {exc.code().name}: {details}") from None
         except (TimeoutError, OSError) as exc:
             self._mark_down()
@@ -273,6 +277,9 @@ class EtcdSeats:
 
     def _token_key(self, token: str) -> bytes:
         return f"{self.prefix}/tokens/{_q(token)}".encode()
+
+    def _seats_prefix(self) -> bytes:
+        return f"{self.prefix}/c/".encode()
 
     def _node_key(self, node: str) -> bytes:
         return f"{self.prefix}/nodes/{_q(node)}".encode()
@@ -439,7 +446,7 @@ class EtcdSeats:
 
     def _held_slots(self, pool: PoolKey) -> set[int]:
         """Slots of ``pool`` this node knows are held: its own seats and those of the last cluster view."""
-        held = {int(s["slot"]) for s in self.view.get(pool, ()) if str(s.get("slot", "")).isdigit()}
+        held = {int(slot) for slot in self._seats.get(pool, ()) if slot.isdigit()}
         for (cid, product, _share), claim in self.claims.items():
             if (cid, product) == pool:
                 with contextlib.suppress(ValueError):
@@ -781,27 +788,111 @@ class EtcdSeats:
         await self._call("keepalive", asyncio.wait_for(run(), min(self.timeout, self.ttl / 3)))
         return out
 
-    async def refresh_view(self) -> None:
-        """Read every seat and node of the cluster (lmstat, metrics and the cluster-wide queue use it)."""
+    async def refresh_view(self) -> int:
+        """Read every seat and node of the cluster (lmstat, metrics and the cluster-wide queue use it); returns
+        the revision read at (a watch from the next one misses nothing)."""
         rpc = self._rpc
-        start = f"{self.prefix}/".encode()
-        r = await self._call("get", self._kv.Range(rpc.RangeRequest(key=start, range_end=_range_end(start)),
-                                                   timeout=self.timeout, metadata=self._metadata))
-        view: dict[PoolKey, list[dict[str, Any]]] = {}
-        nodes: dict[str, dict[str, Any]] = {}
-        base = len(self.prefix) + 1
-        for kv in r.kvs:
-            parts = kv.key.decode()[base:].split("/")
-            if parts[0] == "nodes" and len(parts) == 2:
-                nodes[unquote(parts[1])] = json.loads(kv.value)
-            elif parts[0] == "c" and len(parts) == 5 and parts[2] == "seats":
-                seat = json.loads(kv.value)
-                seat["slot"] = parts[4]
-                view.setdefault((unquote(parts[1]), unquote(parts[3])), []).append(seat)
-        self.view = view
-        self.nodes = nodes
-        self.known_nodes.update(nodes)
+        seats, nodes = self._seats_prefix(), self._node_key("")
+        r = await self._call("get", self._kv.Txn(rpc.TxnRequest(success=[
+            rpc.RequestOp(request_range=rpc.RangeRequest(key=seats, range_end=_range_end(seats))),
+            rpc.RequestOp(request_range=rpc.RangeRequest(key=nodes, range_end=_range_end(nodes)))], failure=[]),
+            timeout=self.timeout, metadata=self._metadata))
+        self._seats = {}
+        self.nodes = {}
+        for resp in r.responses:
+            for kv in resp.response_range.kvs:
+                self._apply_put(kv.key, kv.value)
+        self.known_nodes.update(self.nodes)
         self.view_at = time.time()
+        return int(r.header.revision)
+
+    def _apply_put(self, key: bytes, value: bytes) -> None:
+        parts = key.decode()[len(self.prefix) + 1:].split("/")
+        if parts[0] == "nodes" and len(parts) == 2:
+            name = unquote(parts[1])
+            self.nodes[name] = json.loads(value)
+            self.known_nodes.add(name)
+        elif parts[0] == "c" and len(parts) == 5 and parts[2] == "seats":
+            self._seats.setdefault((unquote(parts[1]), unquote(parts[3])), {})[parts[4]] = value
+
+    def _apply_delete(self, key: bytes) -> bool:
+        """Forget a deleted key; True if it was a seat (a seat came free)."""
+        parts = key.decode()[len(self.prefix) + 1:].split("/")
+        if parts[0] == "nodes" and len(parts) == 2:
+            self.nodes.pop(unquote(parts[1]), None)
+        elif parts[0] == "c" and len(parts) == 5 and parts[2] == "seats":
+            pool = (unquote(parts[1]), unquote(parts[3]))
+            held = self._seats.get(pool)
+            if held is not None:
+                held.pop(parts[4], None)
+                if not held:
+                    del self._seats[pool]
+            return True
+        return False
+
+    @property
+    def view(self) -> dict[PoolKey, list[dict[str, Any]]]:
+        """The cluster's seats (every node's) as last read or watched: pool -> seat records, each with its slot."""
+        return {pool: [{**json.loads(v), "slot": slot} for slot, v in sorted(held.items())]
+                for pool, held in self._seats.items()}
+
+    async def follow(self, freed: Callable[[], None], poll: float = 0.5) -> None:
+        """Keep the cluster view current until cancelled: one read, then a watch on the seat and node keys from
+        the revision after it; ``freed()`` is called after each read and each watched batch that freed a seat (a
+        seat freed on another node reaches this node's cluster queue within a round trip). While the watch is
+        broken (the member it was on died, no leader, history compacted past it) the view is read every ``poll``
+        seconds until a new watch starts."""
+        while True:
+            try:
+                rev = await self.refresh_view()
+            except StoreUnavailable:
+                await asyncio.sleep(poll)
+                continue
+            freed()
+            try:
+                await self._watch(rev + 1, freed)
+            except StoreUnavailable as exc:
+                logger.info("the watch of the cluster's seats broke (%s); reading them every %g s until a new "
+                            "one starts", exc, poll)
+            finally:
+                self.watching = False
+            await asyncio.sleep(poll)
+
+    async def _watch(self, start: int, freed: Callable[[], None]) -> None:
+        """Apply every change to seats and nodes from revision ``start``; returns or raises when the stream ends."""
+        import grpc
+
+        rpc = self._rpc
+        call = rpc.WatchStub(self._channel).Watch(metadata=self._metadata)
+        try:
+            for key in (self._seats_prefix(), self._node_key("")):
+                await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+                    key=key, range_end=_range_end(key), start_revision=start)))
+            created = 0
+            while True:
+                resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    raise StoreUnavailable("etcd ended the watch stream")
+                if resp.canceled or resp.compact_revision:
+                    raise StoreUnavailable(f"etcd cancelled the watch ({resp.cancel_reason or 'compacted to '}"
+                                           f"{resp.compact_revision or ''})")
+                if resp.created:
+                    created += 1
+                    self.watching = created == 2
+                came_free = False
+                for ev in resp.events:
+                    if ev.type == ev.DELETE:
+                        came_free |= self._apply_delete(ev.kv.key)
+                    else:
+                        self._apply_put(ev.kv.key, ev.kv.value)
+                if resp.events:
+                    self.view_at = time.time()
+                if came_free:
+                    freed()
+        except grpc.aio.AioRpcError as exc:
+            raise StoreUnavailable(f"etcd watch failed: {exc.code().name}: {exc.details() or ''}") from None
+        finally:
+            call.cancel()
 
     def node_lines(self) -> list[dict[str, Any]]:
         """Every known node, this one first: name, host, port, and whether it is up (registered in etcd)."""
@@ -814,8 +905,8 @@ class EtcdSeats:
         return out
 
     def held(self, pool: PoolKey) -> int:
-        """Seats of ``pool`` held cluster-wide, as last read."""
-        return len(self.view.get(pool, ()))
+        """Seats of ``pool`` held cluster-wide, as last read or watched."""
+        return len(self._seats.get(pool, ()))
 
 
 class NullStore:

@@ -400,6 +400,54 @@ def test_lmstat_metrics_and_healthz_show_the_cluster(ha: HA) -> None:
     asyncio.run(run())
 
 
+def store_calls(d: Daemon, op: str) -> float:
+    """How many etcd calls of kind ``op`` node ``d`` made (its ``lmgrd_store_request_duration_seconds`` count)."""
+    status, text = http_get(d.metrics_url() + "metrics")
+    assert status == 200
+    for line in text.splitlines():
+        if line.startswith(f'lmgrd_store_request_duration_seconds_count{{op="{op}"}} '):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_seat_freed_on_one_node_goes_to_the_waiters_of_the_other_in_order_by_the_watch(ha: HA) -> None:
+    """Two checkouts wait on node a (the only seat is held through node b): b's client checks in, and etcd's
+    watch (not a poll: a's reads of the whole view do not grow meanwhile) gives the seat to a's first waiter;
+    when that one checks in, the second gets it."""
+    ha.license(1)
+    etcd = ha.etcd(1)
+    oracle = ha.oracle(etcd)
+    a = ha.node("a", etcd.endpoints)
+    b = ha.node("b", etcd.endpoints)
+
+    async def run() -> None:
+        holder, w1, w2 = client(b.address, "holder"), client(a.address, "first"), client(a.address, "second")
+        try:
+            held = await holder.checkout(PRODUCT, VERSION)
+            a.wait_for_log(r"etcd store is up")
+            t1 = asyncio.create_task(try_checkout(w1, wait=60))
+            await asyncio.to_thread(a.wait_for_log, r"QUEUED CADPRO 2\.1 for first@.*cluster-wide, position 1")
+            t2 = asyncio.create_task(try_checkout(w2, wait=60))
+            await asyncio.to_thread(a.wait_for_log, r"QUEUED CADPRO 2\.1 for second@.*cluster-wide, position 2")
+            reads = await asyncio.to_thread(store_calls, a, "get")
+            await held.checkin()
+            s1 = await asyncio.wait_for(t1, 30)
+            assert isinstance(s1, AsyncSeat), s1
+            assert not t2.done()  # one seat: the second waiter is still waiting, in order
+            assert await asyncio.to_thread(store_calls, a, "get") == reads  # the watch told a, not a poll
+            await s1.checkin()
+            s2 = await asyncio.wait_for(t2, 30)
+            assert isinstance(s2, AsyncSeat), s2
+            await s2.checkin()
+        finally:
+            await asyncio.gather(*(cl.close() for cl in (holder, w1, w2)))
+
+    asyncio.run(run())
+    oracle.stop()
+    rep = oracle.check(1)
+    assert len(rep["granted"]) == 3 and len(rep["deletes"]) == 3
+
+
 class NsDaemon(Daemon):
     """lmgrd in its own network namespace with its own hostname: a separate host, as far as it can tell."""
 
@@ -540,9 +588,10 @@ def test_batched_acquires_and_releases_fill_a_large_pool_exactly_even_when_one_l
             await seats._lease.LeaseRevoke(rpc.LeaseRevokeRequest(ID=leases[7]), timeout=5)
             got = await asyncio.gather(*(seats.acquire(r, count, i, r.share_key) for i, r in enumerate(recs)))
             assert sum(got) == count
-            assert got[7]  # among the first batch (all seats free): granted on its new lease
             assert max(seats.batch_sizes) > 1 and 1 in seats.batch_sizes  # batched; re-sent one by one
-            # Only the acquire whose lease lapsed got a new one (the others of its batch kept theirs).
+            # Only the acquire whose lease lapsed got a new one (the others of its batch kept theirs); the store
+            # stayed up (a lapsed lease is the session's problem, not etcd's).
+            assert seats.up
             assert seats.session_lease[7] != leases[7]
             assert {i: seats.session_lease[i] for i in leases if i != 7} == {i: v for i, v in leases.items() if i != 7}
             await seats.refresh_view()
