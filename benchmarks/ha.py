@@ -301,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         for target in ns.targets.split(","):
             r = run_churn(tmp, lic, pub, target, ns.connections, ns.duration, ns.warmup)
             print(f"churn {target}: {r['cycles_per_second']:.0f} cycles/s p50 {r['p50_ms']:.2f} ms p99 "
-                  f"{r['p99_ms']:.2f} ms server CPU {r['server_cpu_percent']:.0f} % errors {len(r['errors'])} "
+                  f"{r['p99_ms']:.2f} ms server CPU {r['server_cpu_percent']:.0f} % "
+                  f"({r['server_cpu_us_per_request']:.0f} us a request) errors {len(r['errors'])} "
                   f"etcd per cycle {r.get('etcd_per_cycle')}", flush=True)
             res["churn"].append(r)
         if ns.no_failover:

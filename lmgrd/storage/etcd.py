@@ -368,24 +368,23 @@ class EtcdSeats:
         prefix = self._seat_prefix(rec.customer_id, rec.product)
         cands: list[int] = []
 
-        def build(taken: set[bytes]) -> Any:
+        def build(taken: set[bytes], into: Any) -> bool:
             # Called when the batch is put together: the candidates avoid the slots other operations of the
             # same transaction write (etcd refuses a transaction that could write one key twice).
             nonlocal cands
             if token_key in taken:
-                return None
+                return False
             cands = self._candidates(pool, count, prefix, taken)
             if not cands:
-                return None
+                return False
             taken.add(token_key)
             taken.update(prefix + b"%05d" % i for i in cands)
             # Guarded by "our token key does not exist yet", so a retry after an answer lost in transit (a
             # leader change) finds the first attempt's seat instead of taking a second one.
-            return rpc.TxnRequest(
-                compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=token_key,
-                                     create_revision=0)],
-                success=[rpc.RequestOp(request_txn=self._acquire_txn(rec, prefix, cands, lease, token_key))],
-                failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=token_key))])
+            into.compare.add(result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=token_key, create_revision=0)
+            self._acquire_txn(rec, prefix, cands, lease, token_key, into.success.add().request_txn)
+            into.failure.add().request_range.key = token_key
+            return True
 
         # A small pool's acquire names every slot: two in one batch would write the same keys, so each is sent
         # alone (concurrently, as before batching); a large pool's acquires share the batch.
@@ -453,24 +452,27 @@ class EtcdSeats:
                     held.add(int(claim.slot.rsplit(b"/", 1)[1]))
         return held
 
-    def _acquire_txn(self, rec: LeaseRecord, prefix: bytes, cands: list[int], lease: int, token_key: bytes) -> Any:
+    def _acquire_txn(self, rec: LeaseRecord, prefix: bytes, cands: list[int], lease: int, token_key: bytes,
+                     into: Any) -> None:
+        """Fill ``into``: ``If create_revision(slot_a) == 0 Then put(slot_a), put(token) Else Txn(If ...)`` over
+        ``cands``, the innermost ``Else`` reading the pool's held slots. Built in place (protobuf copies a
+        message assigned into another: building inside-out would copy the chain at every level)."""
         rpc = self._rpc
-        inner = rpc.TxnRequest(success=[rpc.RequestOp(request_range=rpc.RangeRequest(
-            key=prefix, range_end=_range_end(prefix), keys_only=True))])
         seat_value = self._seat_value(rec)
         record = json.dumps(list(rec)).encode()
-        node = json.dumps(self.node).encode()
-        for i in reversed(cands):
+        node_name = json.dumps(self.node).encode()
+        node = into
+        for i in cands:
             slot = prefix + b"%05d" % i
-            inner = rpc.TxnRequest(
-                compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=slot,
-                                     create_revision=0)],
-                success=[rpc.RequestOp(request_put=rpc.PutRequest(key=slot, value=seat_value, lease=lease)),
-                         rpc.RequestOp(request_put=rpc.PutRequest(key=token_key, value=b'{"slot":"' + slot
-                                                                  + b'","node":' + node + b',"record":' + record
-                                                                  + b"}", lease=lease))],
-                failure=[rpc.RequestOp(request_txn=inner)])
-        return inner
+            node.compare.add(result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=slot, create_revision=0)
+            put = node.success.add().request_put
+            put.key, put.value, put.lease = slot, seat_value, lease
+            put = node.success.add().request_put
+            put.key, put.lease = token_key, lease
+            put.value = b'{"slot":"' + slot + b'","node":' + node_name + b',"record":' + record + b"}"
+            node = node.failure.add().request_txn
+        read = node.success.add().request_range
+        read.key, read.range_end, read.keys_only = prefix, _range_end(prefix), True
 
     def _seat_value(self, rec: LeaseRecord, node: str | None = None) -> bytes:
         return json.dumps({"node": self.node if node is None else node, "token": rec.token, "user": rec.user,
@@ -481,9 +483,9 @@ class EtcdSeats:
         return json.dumps({"slot": slot.decode(), "node": self.node, "record": list(rec)}).encode()
 
     # -- batching: the operations of one loop iteration in one etcd transaction ------------------------------
-    async def _batched(self, op: str, build: Callable[[set[bytes]], Any], retry: bool = False,
+    async def _batched(self, op: str, build: Callable[[set[bytes], Any], bool], retry: bool = False,
                        alone: bool = False) -> tuple[int, Any]:
-        """Run the transaction ``build`` returns as one branch of the next batch; (revision, its response).
+        """Run the transaction ``build`` fills as one branch of the next batch; (revision, its response).
 
         ``retry``: once more after a short pause if etcd failed fast (an idempotent operation only). ``alone``:
         in a transaction of its own, sent now.
@@ -492,8 +494,9 @@ class EtcdSeats:
             fut: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
             o = _Op(op, build, fut)
             if alone:
-                await self._send(op, [o], self._top([self._rpc.RequestOp(request_txn=build(set()))]),
-                                 counted=False)
+                top = self._top()
+                build(set(), top.success.add().request_txn)
+                await self._send(op, [o], top, counted=False)
             else:
                 self._queue.append(o)
                 self._kick()
@@ -505,14 +508,15 @@ class EtcdSeats:
                 await asyncio.sleep(_RETRY_PAUSE)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _top(self, ops: list[Any]) -> Any:
+    def _top(self) -> Any:
         """The transaction around a batch. Its compare is always true but names a key under the prefix: etcd 3.4
         checks the permissions of a transaction's own compares and operations, not those nested in it, so a
         client without the right to the prefix (wrong password, no token) is refused here, not let through."""
         rpc = self._rpc
-        return rpc.TxnRequest(compare=[rpc.Compare(result=rpc.Compare.LESS, target=rpc.Compare.MOD,
-                                                   key=self._node_key(self.node), mod_revision=1 << 62)],
-                              success=ops, failure=[])
+        top = rpc.TxnRequest()
+        top.compare.add(result=rpc.Compare.LESS, target=rpc.Compare.MOD, key=self._node_key(self.node),
+                        mod_revision=1 << 62)
+        return top
 
     def _kick(self) -> None:
         if not self._flush_soon and self._queue and self._batches < MAX_BATCHES_IN_FLIGHT:
@@ -526,12 +530,11 @@ class EtcdSeats:
         self._flush_soon = False
         if self._batches >= MAX_BATCHES_IN_FLIGHT or not self._queue:
             return
-        rpc = self._rpc
         queue, self._queue = self._queue, []
         queue.sort(key=lambda o: o.op != "release")  # stable: a released slot is not a candidate of the batch
         taken: set[bytes] = set()
         batch: list[_Op] = []
-        reqs: list[Any] = []
+        top = self._top()
         for o in queue:
             if o.fut.done():  # its caller gave up (cancelled)
                 continue
@@ -539,20 +542,20 @@ class EtcdSeats:
                 self._queue.append(o)
                 continue
             try:
-                req = o.build(taken)
+                ok = o.build(taken, top.success.add().request_txn)
             except Exception as exc:  # handed to the caller
+                del top.success[-1]
                 o.fut.set_exception(exc)
                 continue
-            if req is None:  # it would write a key another operation of this batch writes: the next batch
+            if not ok:  # it would write a key another operation of this batch writes: the next batch
+                del top.success[-1]
                 self._queue.append(o)
                 continue
             batch.append(o)
-            reqs.append(req)
         if not batch:
             return
         self._batches += 1
         names = {o.op for o in batch}
-        top = self._top([rpc.RequestOp(request_txn=r) for r in reqs])
         task = asyncio.get_running_loop().create_task(self._send(names.pop() if len(names) == 1 else "batch",
                                                                  batch, top))
         self._releasing.add(task)
@@ -938,24 +941,26 @@ class _LeaseGone(Exception):
 
 @dataclass(slots=True)
 class _Op:
-    """One operation waiting for the next batch: ``build(taken)`` returns its transaction (adding the keys it may
-    write to ``taken``), or None when it would write a key already in ``taken`` (it waits for the next batch)."""
+    """One operation waiting for the next batch: ``build(taken, into)`` fills ``into`` with its transaction (and
+    adds the keys it may write to ``taken``), or returns False when it would write a key already in ``taken`` (it
+    waits for the next batch)."""
 
     op: str
-    build: Callable[[set[bytes]], Any]
+    build: Callable[[set[bytes], Any], bool]
     fut: asyncio.Future[tuple[int, Any]]
     #: Sent alone (after a batch failed for one of its operations' leases).
     solo: bool = False
 
 
-def _fixed(req: Any, *keys: bytes) -> Callable[[set[bytes]], Any]:
+def _fixed(req: Any, *keys: bytes) -> Callable[[set[bytes], Any], bool]:
     """The builder of a transaction that writes exactly ``keys``."""
 
-    def build(taken: set[bytes]) -> Any:
+    def build(taken: set[bytes], into: Any) -> bool:
         if not taken.isdisjoint(keys):
-            return None
+            return False
         taken.update(keys)
-        return req
+        into.CopyFrom(req)
+        return True
 
     return build
 
