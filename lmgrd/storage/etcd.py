@@ -19,6 +19,12 @@ Several lmgrd nodes share one etcd cluster; any node can serve any client. The l
   (rewrites the slot with itself as holder, same etcd lease) and keeps the lease alive: no seat is lost, and the
   seat is freed only when the client stops heartbeating (its node ends the lease) or no node refreshes its etcd
   lease for the TTL.
+- **Batches**: the acquires of a pool larger than ``MAX_CANDIDATES``, the joins and the releases queued in one
+  loop iteration go in one transaction (:meth:`EtcdSeats._flush`), each a nested transaction with its own
+  compares, on disjoint keys (etcd refuses a transaction that could write a key twice); at most
+  ``MAX_BATCHES_IN_FLIGHT`` at once (group commit). A small pool's acquire names every slot and goes alone.
+- **The cluster view** (every node's seats, for lmstat, metrics and the cluster-wide queue) is one read and
+  then an etcd watch on the seat and node keys (:meth:`EtcdSeats.follow`); polled only while the watch is broken.
 - Every call has a deadline (``timeout``) and carries gRPC metadata ``hasleader=true``: without quorum etcd
   answers "no leader" at once instead of hanging; both become :class:`StoreUnavailable`.
 
