@@ -366,7 +366,8 @@ class EtcdSeats:
             # The seat is no longer this node's in etcd (it lapsed, or its holder resumed elsewhere): the local
             # holders keep it until told; this lease needs a seat of its own.
             logger.warning("seat %s of %s is no longer held by this node in etcd", claim.slot.decode(), sk[1])
-            del self.claims[sk]
+            if self.claims.get(sk) is claim:  # (a release of its last other token may have dropped it meanwhile)
+                del self.claims[sk]
             claim = None
         if count <= 0:
             return False
@@ -585,8 +586,12 @@ class EtcdSeats:
             return
         except BaseException as exc:  # cancelled (shutdown): the callers are told
             for o in batch:
-                if not o.fut.done():
+                if o.fut.done():
+                    continue
+                if counted:
                     o.fut.set_exception(StoreUnavailable(f"etcd {op} was cancelled: {exc!r}"))
+                else:  # sent alone: its caller was the one cancelled
+                    o.fut.cancel()
             raise
         finally:
             if counted:
