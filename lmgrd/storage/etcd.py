@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 #: --max-txn-ops is 128: each level has 2 puts).
 MAX_CANDIDATES = 32
 #: Attempts of one acquire when the pool is larger than MAX_CANDIDATES and the candidates were all taken.
-_ATTEMPTS = 4
+_ATTEMPTS = 8
 #: Pause before the one retry of an idempotent call (a leader change, an overloaded member).
 _RETRY_PAUSE = 0.2
 #: Candidates per transaction in a pool larger than MAX_CANDIDATES, picked at random from the slots last seen free.
@@ -159,6 +159,8 @@ class EtcdSeats:
         self._queue: list[_Op] = []
         self._flush_soon = False
         self._batches = 0
+        #: Keys the batches in flight may write (the next batch's candidates avoid them).
+        self._flying: set[bytes] = set()
         #: How many batches of each size were sent (the benchmark reads it from the log).
         self.batch_sizes: dict[int, int] = {}
 
@@ -437,18 +439,30 @@ class EtcdSeats:
             random.shuffle(free)  # nodes racing for the same pool rarely collide on their first choice
             free.sort(key=held.__contains__)  # stable: the shuffled free-looking ones first
             return free
+        flying = self._flying
+
+        def ok(i: int) -> bool:
+            key = prefix + b"%05d" % i
+            return i not in held and key not in taken and key not in flying
+
         hint = self._free_hint.get(pool)
         pick: list[int] = []
         for source in (sorted(hint) if hint else [], range(count)):
             for i in random.sample(source, min(len(source), 4 * WIDE_CANDIDATES)):
-                if i not in held and i not in pick and prefix + b"%05d" % i not in taken:
+                if i not in pick and ok(i):
                     pick.append(i)
                     if len(pick) == WIDE_CANDIDATES:
                         return pick
-        if not pick:  # the view shows the pool full: any slots, and the innermost Else reads it
-            pick = [i for i in random.sample(range(count), 4 * WIDE_CANDIDATES)
+        if pick:
+            return pick
+        # Sampling found no free-looking slot: the pool looks (nearly) full; look at every slot.
+        free = [i for i in range(count) if i not in held]
+        if not free:  # the view shows it full: any slots, and the innermost Else reads the pool
+            return [i for i in random.sample(range(count), 4 * WIDE_CANDIDATES)
                     if prefix + b"%05d" % i not in taken][:WIDE_CANDIDATES]
-        return pick
+        free = [i for i in free if ok(i)]
+        # None: every free-looking slot is being written by this batch or one in flight: wait for the next batch.
+        return random.sample(free, min(WIDE_CANDIDATES, len(free)))
 
     def _held_slots(self, pool: PoolKey) -> set[int]:
         """Slots of ``pool`` this node knows are held: its own seats and those of the last cluster view."""
@@ -562,14 +576,17 @@ class EtcdSeats:
         if not batch:
             return
         self._batches += 1
+        self._flying |= taken
         names = {o.op for o in batch}
         task = asyncio.get_running_loop().create_task(self._send(names.pop() if len(names) == 1 else "batch",
-                                                                 batch, top))
+                                                                 batch, top, keys=taken))
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
-    async def _send(self, op: str, batch: list[_Op], top: Any, counted: bool = True) -> None:
-        """Send one batch (``counted``: it holds one of the MAX_BATCHES_IN_FLIGHT places) and answer its futures."""
+    async def _send(self, op: str, batch: list[_Op], top: Any, counted: bool = True,
+                    keys: frozenset[bytes] | set[bytes] = frozenset()) -> None:
+        """Send one batch (``counted``: it holds one of the MAX_BATCHES_IN_FLIGHT places; ``keys``: those it may
+        write, which the acquires of the next batch avoid meanwhile) and answer its futures."""
         self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
         try:
             resp = await self._call(op, self._kv.Txn(top, timeout=self.timeout, metadata=self._metadata))
@@ -596,6 +613,7 @@ class EtcdSeats:
         finally:
             if counted:
                 self._batches -= 1
+                self._flying -= keys
                 self._kick()
         if not resp.succeeded:  # pragma: no cover - the compare of _top always holds
             for o in batch:

@@ -617,6 +617,39 @@ def test_batched_acquires_and_releases_fill_a_large_pool_exactly_even_when_one_l
     assert len(rep["granted"]) == count and len(rep["deletes"]) == count and not rep["live"]
 
 
+def test_a_large_pool_fills_to_its_last_seat_under_concurrent_acquires(ha: HA) -> None:
+    """As many concurrent acquires as a large pool has seats, on one node: every one gets a seat (the batches in
+    flight and the next one never pick the same free slots, and a nearly full pool is searched slot by slot),
+    and one more is told the pool is full."""
+    from lmgrd.core.ledger import LeaseRecord
+    from lmgrd.storage.etcd import EtcdSeats, EtcdSettings
+
+    count = 300
+    etcd = ha.etcd(1)
+    oracle = ha.oracle(etcd)
+
+    async def run() -> None:
+        seats = EtcdSeats(EtcdSettings((etcd.members[0].endpoint,)), "n1", 10)
+        await seats.connect({"node": "n1"})
+        follow = asyncio.create_task(seats.follow(lambda: None))  # the cluster view, as a daemon keeps it
+        try:
+            while not seats.watching:
+                await asyncio.sleep(0.01)
+            recs = [LeaseRecord(f"{i:032x}", "CID", "P", (f"{i:032x}",), f"u{i}", "h", 1, "1.0", "", time.time())
+                    for i in range(count + 1)]
+            got = await asyncio.gather(*(seats.acquire(r, count, 0, r.share_key) for r in recs[:count]))
+            assert all(got), f"{got.count(False)} of {count} acquires refused with seats free"
+            assert not await seats.acquire(recs[count], count, 0, recs[count].share_key)
+        finally:
+            follow.cancel()
+            await seats.close()
+
+    asyncio.run(run())
+    oracle.stop()
+    rep = oracle.check(count)
+    assert rep["max_live"] == {"/lmgrd/c/CID/seats/P": count} and len(rep["granted"]) == count
+
+
 def test_tls_client_certificates_and_etcd_authentication(ha: HA) -> None:
     """etcd with TLS (client certificates required) and authentication on: the store connects with the CA,
     its certificate and the user's password; a wrong password is refused by etcd (the store is down)."""
