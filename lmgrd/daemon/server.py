@@ -37,7 +37,7 @@ from lmgrd.daemon.leases import Counters, LeaseLifecycle, Timers, WaitCtx
 from lmgrd.daemon.outbox import Outbox
 from lmgrd.daemon.session import Handlers, Session, refuse
 from lmgrd.daemon.transport import ClientProtocol
-from lmgrd.storage.etcd import EtcdSeats, StoreUnavailable
+from lmgrd.storage.etcd import EtcdSeats
 from lmgrd.storage.journal import LeaseStore, StoreError
 from protocol import ErrorCode, ErrorReply, ProtocolError, error_frame
 
@@ -259,17 +259,11 @@ class Server:
                     logger.warning("%d seat(s) ended: the shared seat store no longer holds them", n)
 
     async def _view_loop(self) -> None:
-        """Read the cluster's seats and nodes twice a second: lmstat, metrics and the cluster-wide queue."""
+        """The cluster's seats and nodes (lmstat, metrics and the cluster-wide queue), kept current by a watch;
+        a seat freed on another node is offered to this node's cluster queue at once."""
         cluster = self.cluster
         assert cluster is not None
-        while not self.closing:
-            try:
-                await cluster.refresh_view()
-            except StoreUnavailable:
-                pass
-            else:
-                self.leases.serve_cluster()
-            await asyncio.sleep(0.5)
+        await cluster.follow(self.leases.serve_cluster)
 
     def request_shutdown(self, why: str) -> None:
         """Stop in stages: no new connections, clients told, wait up to ``shutdown_timeout`` for them to
