@@ -66,18 +66,21 @@ AdminHandler = Callable[["Session", str, dict[str, Any], str], "dict[str, Any] |
 class Session:
     """One client connection's state. Plain attributes: the transport subclass adds the asyncio callbacks."""
 
-    # Kept small: one per connection, and a license server holds thousands (benchmarks' idle scenario).
+    # Kept small: one per connection, and a license server holds thousands (benchmarks' idle scenario). What
+    # most clients never need is allocated on first use: ``lost`` (a seat lost between two heartbeats) and
+    # ``waiters`` (a queued checkout); the peer string is built only for the log lines that name it.
     __slots__ = (
-        "addr", "allowance", "conn", "display", "handshake_timer", "host", "idle_since", "label", "last_active",
-        "lost", "owner", "paused_since", "peer", "pid", "session", "transport", "user", "waiters",
+        "addr", "allowance", "conn", "display", "host", "idle_since", "label", "last_active", "lost", "owner",
+        "paused_since", "pid", "port", "session", "transport", "user", "waiters",
     )
 
     def __init__(self, max_frame_bytes: int) -> None:
         self.conn = Connection(Role.SERVER, max_frame_bytes)
         self.transport: Transport | None = None
         self.session = 0  # set at hello; 0 = not yet identified
+        #: The normalized address the client connects from (one shared string per address), and its port.
         self.addr = ""
-        self.peer = ""
+        self.port = 0
         # Who this client is, set at hello: the session is the ledger's holder (lmgrd.core.ledger.HolderLike).
         self.user = ""
         self.host = ""
@@ -90,11 +93,39 @@ class Session:
         #: Monotonic time of the last bytes received, and what is left of the request-rate allowance.
         self.last_active = 0.0
         self.allowance = 0.0
-        self.lost: list[LostSeat] = []
-        self.waiters: dict[int, int] = {}  # waiter_id -> request id
-        self.handshake_timer: Any = None
+        #: Seats lost since the last heartbeat, told in its ack: ``()`` (shared, empty) until the first one.
+        self.lost: list[LostSeat] | tuple[()] = ()
+        #: This client's queued checkouts, waiter_id -> request id: ``None`` until the first one.
+        self.waiters: dict[int, int] | None = None
         self.paused_since: float | None = None
         self.idle_since: float | None = None  # monotonic time of the first heartbeat saying "idle"
+
+    @property
+    def peer(self) -> str:
+        """``address:port`` of the client, for log lines (built when one is written, not kept)."""
+        return f"{self.addr}:{self.port}" if self.port else self.addr
+
+    def tell(self, seat: LostSeat) -> None:
+        """Tell this client at its next heartbeat that it lost ``seat``."""
+        if self.lost:
+            self.lost.append(seat)
+        else:
+            self.lost = [seat]
+
+    def add_waiter(self, waiter_id: int, request_id: int) -> None:
+        """A checkout of this client was queued (``waiter_id`` in the lease lifecycle)."""
+        if self.waiters is None:
+            self.waiters = {waiter_id: request_id}
+        else:
+            self.waiters[waiter_id] = request_id
+
+    def drop_waiter(self, waiter_id: int) -> None:
+        """A queued checkout of this client was served, refused or cancelled."""
+        w = self.waiters
+        if w is not None:
+            w.pop(waiter_id, None)
+            if not w:
+                self.waiters = None
 
     def identify(self, session: int, user: str, host: str, pid: int, display: str, owner: str = "") -> None:
         """Record who this client is (at hello)."""
@@ -137,7 +168,8 @@ class Handlers:
     def __init__(self, daemon: Daemon, leases: LeaseLifecycle, outbox: Outbox, sessions: dict[int, Session], *,
                  heartbeat_interval: float, lease_timeout: float, max_frame_bytes: int,
                  clock: Callable[[], float], wall: Callable[[], float], fail: Callable[..., None],
-                 refusals: RefusalCounts | None = None, refusal_log: RefusalLog | None = None) -> None:
+                 refusals: RefusalCounts | None = None, refusal_log: RefusalLog | None = None,
+                 awaiting_hello: dict[Any, float] | None = None) -> None:
         self.daemon = daemon
         self.leases = leases
         self.ledger = leases.ledger
@@ -152,6 +184,8 @@ class Handlers:
         self.refusals = refusals if refusals is not None else RefusalCounts()
         self.refusal_log = refusal_log if refusal_log is not None else RefusalLog(clock, _no_timer, self.refusals)
         self.next_session = 1
+        #: Connections that owe a hello, with its deadline (the server's handshake sweep; a hello removes its own).
+        self.awaiting_hello: dict[Any, float] = awaiting_hello if awaiting_hello is not None else {}
         #: Set by the composition root (lmgrd.cli) to lmgrd.admin's handler; without it admin is refused.
         self.admin: AdminHandler | None = None
         #: Admin commands still waiting on their answer (kept referenced so the loop cannot drop them).
@@ -190,9 +224,7 @@ class Handlers:
 
     # -- hello -----------------------------------------------------------------------------------------------
     def hello(self, s: Session, req: Hello) -> None:
-        if s.handshake_timer is not None:
-            s.handshake_timer.cancel()
-            s.handshake_timer = None
+        self.awaiting_hello.pop(s, None)  # the handshake timeout no longer applies
         problem = hostname_problem(req.host)
         if problem is not None:
             logger.warning("refused client %s: %s", s.peer, problem)
@@ -322,9 +354,9 @@ class Handlers:
                 if old is not None:
                     # The holder came back on a new connection while the old one is still open (half-open
                     # after a network blip, or a second process with the same secret): the old one is told.
-                    old.lost.append(LostSeat(token, ErrorCode.SEAT_MOVED,
-                                             f"this seat of {before.pool[1]} moved to another connection of "
-                                             f"this client ({s.peer}), which resumed it"))
+                    old.tell(LostSeat(token, ErrorCode.SEAT_MOVED,
+                                      f"this seat of {before.pool[1]} moved to another connection of "
+                                      f"this client ({s.peer}), which resumed it"))
                     logger.info("lease %s moved from %s (session %d) to %s (session %d)", token[:8], old.peer,
                                 old_session, s.peer, s.session)
             resumed.append(token)
