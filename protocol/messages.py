@@ -342,6 +342,29 @@ class Welcome:
                 "heartbeat_interval": self.heartbeat_interval, "lease_timeout": self.lease_timeout,
                 "max_frame": self.max_frame, "session": self.session}
 
+    @staticmethod
+    def framer(server_version: str, heartbeat_interval: float, lease_timeout: float,
+               max_frame: int) -> Callable[[int, int, int], bytes]:
+        """A server's welcome builder: ``(id, proto, session) -> frame``, byte for byte the frame of
+        ``Welcome(id, proto, server_version, heartbeat_interval, lease_timeout, max_frame, session)``.
+
+        Every welcome of one daemon differs only in those three, so the rest is encoded once, here (every
+        connection's hello is answered with one: the burst of clients connecting at once).
+        """
+        head = b"\x88" + _pack("op") + _pack("welcome") + _pack("id")
+        proto_key = _pack("proto")
+        middle = (_pack("server_version") + _pack(server_version) + _pack("heartbeat_interval")
+                  + _pack(heartbeat_interval) + _pack("lease_timeout") + _pack(lease_timeout) + _pack("max_frame")
+                  + _pack(max_frame) + _pack("session"))
+        fixed = len(head) + len(proto_key) + len(middle)
+        pack = _pack
+
+        def frame(id: int, proto: int, session: int) -> bytes:
+            i, p, s = pack(id), pack(proto), pack(session)
+            return b"".join((_header(fixed + len(i) + len(p) + len(s)), head, i, proto_key, p, middle, s))
+
+        return frame
+
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Welcome:
         return cls(_uint(d, "id", "welcome"), _uint(d, "proto", "welcome", MAX_PROTOCOL_VERSION),

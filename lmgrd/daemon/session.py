@@ -12,6 +12,7 @@ handlers directly with a recording transport.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -68,10 +69,11 @@ class Session:
 
     # Kept small: one per connection, and a license server holds thousands (benchmarks' idle scenario). What
     # most clients never need is allocated on first use: ``lost`` (a seat lost between two heartbeats) and
-    # ``waiters`` (a queued checkout); the peer string is built only for the log lines that name it.
+    # ``waiters`` (a queued checkout); the peer string and ``user@host`` are built only for the log lines that
+    # name them; clients of one host share its name's string (``_short_host``).
     __slots__ = (
-        "addr", "allowance", "conn", "display", "host", "idle_since", "label", "last_active", "lost", "owner",
-        "paused_since", "pid", "port", "session", "transport", "user", "waiters",
+        "addr", "allowance", "conn", "display", "host", "idle_since", "last_active", "lost", "owner", "paused_since",
+        "pid", "port", "session", "transport", "user", "waiters",
     )
 
     def __init__(self, max_frame_bytes: int) -> None:
@@ -88,8 +90,6 @@ class Session:
         self.display = ""
         #: Who may resume or check in this client's leases from another connection (owner_digest at hello).
         self.owner = ""
-        #: ``user@host`` escaped for log lines (lmgrd.core.logtext), computed once at hello.
-        self.label = ""
         #: Monotonic time of the last bytes received, and what is left of the request-rate allowance.
         self.last_active = 0.0
         self.allowance = 0.0
@@ -135,11 +135,12 @@ class Session:
         self.pid = pid
         self.display = display
         self.owner = owner or f"connection:{os.urandom(16).hex()}"
-        self.label = f"{printable(user)}@{host}" if user else ""
 
     def who(self) -> str:
         """The client as log lines name it: ``user@host`` (escaped: the user name is the client's choice)."""
-        return self.label or self.peer
+        # Built per log line, not kept per connection: a line written costs microseconds anyway, and the
+        # user is the client's own choice, escaped (lmgrd.core.logtext) so it cannot forge a line.
+        return f"{printable(self.user)}@{self.host}" if self.user else self.peer
 
     def holds(self, lease: LeaseInfo) -> bool:
         """May this client resume or check in ``lease``? Its own connection's, or its holder's: the same
@@ -178,6 +179,8 @@ class Handlers:
         self.hb_interval = heartbeat_interval
         self.lease_timeout = lease_timeout
         self.max_frame_bytes = max_frame_bytes
+        #: (request id, proto, session) -> the welcome frame; the rest of it is this daemon's, encoded once.
+        self.welcome = Welcome.framer(__version__, heartbeat_interval, lease_timeout, max_frame_bytes)
         self.clock = clock
         self.wall = wall
         self.fail = fail
@@ -231,7 +234,7 @@ class Handlers:
             self.fail(s, ProtocolError(ErrorCode.INVALID_HOSTNAME, problem, "rename the client PC, then try again"),
                       req.id)
             return
-        host = short_hostname(req.host)
+        host = _short_host(req.host)
         # A client without a secret (protocol 1) gets an owner of this connection's own: its leases can be
         # resumed by no other connection, since nothing would prove it is the same client.
         s.identify(self.next_session, req.user, host, req.pid, "".join(req.display.split()) or host,
@@ -239,9 +242,7 @@ class Handlers:
         self.next_session += 1
         self.sessions[s.session] = s
         logger.debug("hello from %s (%s pid %d, client %s)", s.who(), s.peer, s.pid, req.client_version)
-        self.outbox.reply(s, Welcome, encode_frame(Welcome(
-            req.id, s.conn.proto, __version__, self.hb_interval, self.lease_timeout, self.max_frame_bytes,
-            s.session).to_wire()))
+        self.outbox.reply(s, Welcome, self.welcome(req.id, s.conn.proto, s.session))
 
     # -- checkout and checkin ----------------------------------------------------------------------------------
     def checkout(self, s: Session, req: Checkout) -> None:
@@ -399,6 +400,13 @@ class Handlers:
             self.error(s, req.id, ErrorCode.INTERNAL_ERROR, f"admin command '{req.command}' failed: {exc!r}")
         else:
             self.outbox.reply(s, StatusReply, encode_frame(StatusReply(req.id, task.result()).to_wire()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _short_host(name: str) -> str:
+    """:func:`protocol.validation.short_hostname`, cached: the clients of one host share one string (a product
+    often opens several connections from each PC), and a hostile stream of names only evicts entries."""
+    return short_hostname(name)
 
 
 def _no_timer(delay: float, callback: Callable[..., None], *args: object) -> None:

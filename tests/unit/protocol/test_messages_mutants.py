@@ -286,6 +286,14 @@ def test_the_hot_path_frames_equal_the_encoded_messages() -> None:
             assert HeartbeatAck.frame(rid, renewed, [lost]) == encode_frame(
                 HeartbeatAck(rid, renewed, (lost,)).to_wire())
 
+    # The welcome builder, for the values a daemon's configuration can give (ints or floats of seconds).
+    for version, hb, lt, mf in (("1.0.0", 30.0, 90.0, 65536), ("0.9.1+dev", 1, 3, 16), ("", 0.25, 1e9, 2**32)):
+        welcome = Welcome.framer(version, hb, lt, mf)
+        for rid in (0, 1, 127, 128, 65535, 2**32 - 1, 2**53):
+            for proto, session in ((1, 1), (2, 255), (65535, 2**31)):
+                assert welcome(rid, proto, session) == encode_frame(
+                    Welcome(rid, proto, version, hb, lt, mf, session).to_wire()), (version, rid, proto, session)
+
 
 # -- special fields -----------------------------------------------------------------------------------------
 
