@@ -241,7 +241,8 @@ class Handlers:
                    owner_digest(req.user, host, req.secret) if req.secret else "")
         self.next_session += 1
         self.sessions[s.session] = s
-        logger.debug("hello from %s (%s pid %d, client %s)", s.who(), s.peer, s.pid, req.client_version)
+        if logger.isEnabledFor(logging.DEBUG):  # who() and peer are built for the line: only when it is written
+            logger.debug("hello from %s (%s pid %d, client %s)", s.who(), s.peer, s.pid, req.client_version)
         self.outbox.reply(s, Welcome, self.welcome(req.id, s.conn.proto, s.session))
 
     # -- checkout and checkin ----------------------------------------------------------------------------------
