@@ -13,9 +13,13 @@ the hello ``benchmarks/load.py`` sends (protocol 1 with a secret).
   for every server); ``run.py``'s idle RSS includes them.
 - ``connect``: CPU (``time.process_time``) per connect+hello (``connection_made``, the hello, the welcome
   flushed) and per disconnect of a client that held nothing, N clients per round, best of ``--repeat``.
+- ``burst``: the burst scenario's daemon side: N clients connect and say hello, then all check out at once
+  against ``--seats`` seats (the counts checked exactly: granted = seats, the rest NO_SEATS); CPU per client,
+  best of ``--repeat`` (a fresh daemon each).
 
     python benchmarks/conncost.py memory --clients 4000 --top 15
     python benchmarks/conncost.py connect --clients 2000 --repeat 7
+    python benchmarks/conncost.py burst --clients 10000 --seats 8000 --repeat 3
 """
 
 from __future__ import annotations
@@ -209,11 +213,49 @@ async def connect_cpu(ns: argparse.Namespace, workdir: Path) -> None:
           f"(median {sorted(drop_us)[len(drop_us) // 2]:.2f}) CPU per client")
 
 
+async def burst(ns: argparse.Namespace, workdir: Path) -> float:
+    n, seats = ns.clients, ns.seats
+    server, store = build(workdir, seats)
+    sinks = [Sink(20000 + i) for i in range(n)]
+    hellos = [hello_frame(i) for i in range(n)]
+    gc.collect()
+    t0 = time.process_time()
+    protos = await connect(server, sinks, hellos, 0)
+    for p in protos:
+        p.data_received(CHECKOUT)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    spent = time.process_time() - t0
+    outcomes: dict[str, int] = {}
+    for t in sinks:
+        r = _unpackb(t.last[4:])
+        k = r["op"] if r["op"] == "granted" else str(r.get("code"))
+        outcomes[k] = outcomes.get(k, 0) + 1
+    if outcomes != {"granted": seats, "NO_SEATS": n - seats}:
+        raise SystemExit(f"burst: wrong outcomes {outcomes}")
+    for p, t in zip(protos, sinks, strict=True):
+        t.closing = True
+        p.connection_lost(None)
+    store.close()
+    return 1e6 * spent / n
+
+
+async def bursts(ns: argparse.Namespace, workdir: Path) -> None:
+    res = []
+    for i in range(ns.repeat):
+        d = workdir / f"run{i}"
+        d.mkdir()
+        res.append(await burst(ns, d))
+    print(f"burst: {ns.clients} clients connect, say hello and check out against {ns.seats} seats (counts exact), "
+          f"best of {ns.repeat}: {min(res):.2f} us CPU per client (median {sorted(res)[len(res) // 2]:.2f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("memory", "connect"))
+    p.add_argument("what", choices=("memory", "connect", "burst"))
     p.add_argument("--clients", type=int, default=4000)
     p.add_argument("--repeat", type=int, default=7, help="connect: rounds (best of)")
+    p.add_argument("--seats", type=int, default=8000, help="burst: seats (default 8000)")
     p.add_argument("--top", type=int, default=0, help="memory: list the N allocation sites that grew most")
     p.add_argument("--frames", type=int, default=1, help="memory: traceback depth of each site (--top)")
     ns = p.parse_args(argv)
@@ -221,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="lmgrd-conncost-") as tmp, \
             asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(memory(ns, Path(tmp)) if ns.what == "memory" else connect_cpu(ns, Path(tmp)))
+        what = {"memory": memory, "connect": connect_cpu, "burst": bursts}[ns.what]
+        runner.run(what(ns, Path(tmp)))
     return 0
 
 

@@ -153,6 +153,23 @@ class Hello:
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Hello:
+        # Once per connection (a burst of clients connecting at once): as in Checkout.from_wire, every field of
+        # the exact type msgpack decodes to and within its limits takes this path (a subset of what the checked
+        # readers below accept, giving the same values); anything else takes them, so an error names the field.
+        rid, protos, host, user, pid = d.get("id"), d.get("proto"), d.get("host"), d.get("user"), d.get("pid")
+        cv, display, secret = d.get("client_version", ""), d.get("display", ""), d.get("secret", "")
+        if (type(rid) is int and 0 <= rid <= MAX_ID and type(protos) is list
+                and 0 < len(protos) <= MAX_PROTOCOLS_OFFERED and type(host) is str and len(host) <= MAX_TEXT
+                and type(user) is str and len(user) <= MAX_TEXT
+                and type(pid) is int and 0 <= pid <= MAX_PID and type(cv) is str and len(cv) <= MAX_TEXT
+                and type(display) is str and len(display) <= MAX_TEXT and type(secret) is str):
+            for p in protos:
+                if type(p) is not int or not 0 < p <= MAX_PROTOCOL_VERSION:
+                    break
+            else:
+                if (MIN_SECRET_LENGTH <= len(secret) <= MAX_SECRET_LENGTH if secret
+                        else SECRET_SINCE_PROTOCOL not in protos):
+                    return cls(rid, tuple(protos), host, user, pid, cv, display, secret)
         protos = _get(d, "proto", list, "a list of protocol version integers", "hello")
         if not protos or len(protos) > MAX_PROTOCOLS_OFFERED or not all(
             isinstance(p, int) and not isinstance(p, bool) and 0 < p <= MAX_PROTOCOL_VERSION for p in protos
