@@ -51,21 +51,22 @@ EXPIRE_BATCH = 2000
 
 class _TokenSource:
     """Lease tokens: 128 random bits each, hex, cut from 4 KiB reads of the OS CSPRNG (one getrandom(2) per
-    256 tokens instead of one per token; the bits are the same ``os.urandom`` bits ``secrets`` uses)."""
+    256 tokens instead of one per token; the bits are the same ``os.urandom`` bits ``secrets`` uses), each read
+    hex-encoded at once (a token is then one string slice)."""
 
     __slots__ = ("buf", "pos")
 
     def __init__(self) -> None:
-        self.buf = b""
+        self.buf = ""
         self.pos = 0
 
     def __call__(self) -> str:
         pos = self.pos
         if pos >= len(self.buf):
-            self.buf = os.urandom(4096)
+            self.buf = os.urandom(4096).hex()
             pos = 0
-        self.pos = pos + 16
-        return self.buf[pos:pos + 16].hex()
+        self.pos = pos + 32
+        return self.buf[pos:pos + 32]
 
 
 new_token = _TokenSource()
@@ -131,6 +132,8 @@ class Server:
             max_frame_bytes=cfg.max_frame_bytes, clock=self.clock, wall=wall, fail=self.fail,
             refusals=self.refusals, refusal_log=self.refusal_log,
             awaiting_hello=cast(dict[Any, float], self.awaiting_hello))
+        #: The handlers' hot routes (Handlers.hot), one attribute away for every hot read of the transport.
+        self.hot_routes = self.handlers.hot
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self.timer_when = 0.0
         self.sync_handle: asyncio.TimerHandle | None = None
