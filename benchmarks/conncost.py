@@ -40,6 +40,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import msgpack  # noqa: E402
+from hotpath import Sink  # noqa: E402
 
 from lmgrd.config import build_config  # noqa: E402
 from lmgrd.daemon.server import Server  # noqa: E402
@@ -66,43 +67,6 @@ def hello_frame(i: int) -> bytes:
 
 
 CHECKOUT = frame({"op": "checkout", "id": 2, "product": "IDLE", "version": "1.0", "wait": 0.0})
-
-
-class Sink:
-    """A transport that keeps only the last reply (checked by the driver)."""
-
-    __slots__ = ("closing", "last", "port")
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.last = b""
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.last = data
-
-    def close(self) -> None:
-        self.closing = True
-
-    def abort(self) -> None:
-        self.closing = True
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        # A new tuple, address string and port int on every call, as uvloop's transports build them: what the
-        # daemon keeps of them is counted.
-        return (".".join(("127", "0", "0", "1")), self.port + 0) if name == "peername" else default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 def build(workdir: Path, seats: int) -> tuple[Server, JournalStore]:

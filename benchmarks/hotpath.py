@@ -49,11 +49,13 @@ def frame(m: dict[str, Any]) -> bytes:
 
 
 class Sink:
-    """A transport that keeps only the last frame written (the reply the client would read)."""
+    """A transport that keeps only the last frame written (the reply the client would read). Also used by
+    ``benchmarks/conncost.py``."""
 
-    __slots__ = ("closing", "last")
+    __slots__ = ("closing", "last", "port")
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 40000) -> None:
+        self.port = port
         self.last = b""
         self.closing = False
 
@@ -70,7 +72,9 @@ class Sink:
         return self.closing
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
+        # A new tuple, address string and port int on every call, as uvloop's transports build them (what the
+        # daemon keeps of them is what conncost.py's memory count sees).
+        return (".".join(("127", "0", "0", "1")), self.port + 0) if name == "peername" else default
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass
