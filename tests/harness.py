@@ -104,7 +104,7 @@ class Daemon:
         """The daemon's environment: its admin token goes to a runtime dir of this test's own."""
         return {**os.environ, "LMGRD_RUNTIME_DIR": str(self.workdir / "run")}
 
-    def start(self, timeout: float = 20.0) -> Daemon:
+    def start(self, timeout: float = 60.0) -> Daemon:
         self.starts += 1
         with open(self.log_path, "ab") as log:
             self._log_offset = log.tell()
