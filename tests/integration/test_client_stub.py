@@ -10,11 +10,10 @@ import asyncio
 import signal
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from harness import Daemon
+from harness import Daemon, Factory, wait_until
 
 from client_stub import (
     AsyncLicenseClient,
@@ -29,16 +28,6 @@ from client_stub import (
 from client_stub.aio import RATE_RETRIES
 from client_stub.backoff import Backoff
 from protocol import ErrorCode
-
-Factory = Callable[..., Daemon]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def in_use(lm: LicenseClient, product: str = "CADPRO") -> int:
