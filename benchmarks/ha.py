@@ -43,14 +43,15 @@ PY = sys.executable
 
 
 def start_lmgrd(work: Path, lic: Path, pub: Path, store: list[str], name: str, *, hb: float = 2.0,
-                lease: float = 10.0, level: str = "warning") -> tuple[subprocess.Popen[bytes], int]:
+                lease: float = 10.0, level: str = "warning", metrics_port: int = 0
+                ) -> tuple[subprocess.Popen[bytes], int]:
     work.mkdir(parents=True, exist_ok=True)
     port = free_ports(1)[0]
     args = [PY, "-m", "lmgrd", "--license", str(lic), "--vendor-key", str(pub), "--port", str(port), "--bind",
             "127.0.0.1", "--state-dir", str(work / "state"), "--max-connections-per-address", "0",
-            "--max-requests-per-second", "0", "--log-level",
-            level, "--admin-token-file", str(work / "admin.token"), "--metrics-port", "0", "--heartbeat-interval",
-            str(hb), "--lease-timeout", str(lease), "--node-name", name, *store]
+            "--max-requests-per-second", "0", "--log-level", level, "--admin-token-file",
+            str(work / "admin.token"), "--metrics-port", str(metrics_port), "--heartbeat-interval", str(hb),
+            "--lease-timeout", str(lease), "--node-name", name, *store]
     log = open(work / "lmgrd.log", "wb")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(args, stdout=log, stderr=log, cwd=REPO,
                             env={**os.environ, "LMGRD_RUNTIME_DIR": str(work / "run")})
@@ -91,8 +92,37 @@ def churn(port: int, pid: int, connections: int, duration: float, warmup: float)
     return r
 
 
+def scrape(url: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Sum of every sample of each metric in ``names`` (all label sets) on a Prometheus text page."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as resp:  # loopback
+        text = resp.read().decode()
+    out = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        name, _, rest = line.partition(" ")
+        base = name.split("{", 1)[0]
+        if base == "grpc_server_handled_total" and 'grpc_type="unary"' not in name:
+            continue  # calls, not streams (the keepalive and watch streams)
+        if base == LMGRD_GRANTED and 'result="granted"' not in name:
+            continue
+        if base in out:
+            out[base] += float(rest.split()[0])
+    return out
+
+
+#: etcd's own counters (every member's /metrics) and lmgrd's grant counter: etcd work per checkout+checkin cycle.
+ETCD_COUNTERS = ("etcd_server_proposals_committed_total", "etcd_disk_wal_fsync_duration_seconds_count",
+                 "grpc_server_handled_total")
+LMGRD_GRANTED = "lmgrd_checkouts_total"
+
+
 def run_churn(tmp: Path, lic: Path, pub: Path, target: str, connections: int, duration: float,
               warmup: float) -> dict[str, Any]:
+    import psutil
+
     cluster = None
     proc = None
     try:
@@ -100,9 +130,35 @@ def run_churn(tmp: Path, lic: Path, pub: Path, target: str, connections: int, du
         if target != "journal":
             cluster = EtcdCluster(tmp / f"etcd-{target}", int(target[0]), fast=False).start()
             store = ["--store", "etcd", "--etcd-endpoints", cluster.endpoints]
-        proc, port = start_lmgrd(tmp / f"lmgrd-{target}", lic, pub, store, "bench")
+        mport = free_ports(1)[0]
+        proc, port = start_lmgrd(tmp / f"lmgrd-{target}", lic, pub, store, "bench", metrics_port=mport)
+        murl = f"http://127.0.0.1:{mport}/metrics"
+        members = [] if cluster is None else [m for m in cluster.members if m.proc is not None]
+        etcd_procs = [psutil.Process(m.proc.pid) for m in members if m.proc is not None]
+
+        def counters() -> dict[str, float]:
+            c = {"cycles": scrape(murl, (LMGRD_GRANTED,))[LMGRD_GRANTED]}
+            for m in members:
+                for k, v in scrape(f"http://{m.endpoint}/metrics", ETCD_COUNTERS).items():
+                    c[k] = c.get(k, 0.0) + v
+            c["etcd_cpu"] = sum(sum(p.cpu_times()[:2]) for p in etcd_procs)
+            return c
+
+        before = counters()
         r = churn(port, proc.pid, connections, duration, warmup)
+        after = counters()
         r["target"] = target
+        if cluster is not None:
+            # Over the whole churn run (warm-up and ramp included), per granted checkout (= one cycle; every
+            # grant of the churn is checked in). Summed over the members: a 3-member cluster counts each
+            # committed proposal and each fsync once per member.
+            cycles = max(1.0, after["cycles"] - before["cycles"])
+            r["etcd_per_cycle"] = {
+                "proposals": (after[ETCD_COUNTERS[0]] - before[ETCD_COUNTERS[0]]) / cycles / len(members),
+                "wal_fsyncs": (after[ETCD_COUNTERS[1]] - before[ETCD_COUNTERS[1]]) / cycles / len(members),
+                "grpc_calls": (after[ETCD_COUNTERS[2]] - before[ETCD_COUNTERS[2]]) / cycles,
+                "etcd_cpu_ms": 1000 * (after["etcd_cpu"] - before["etcd_cpu"]) / cycles,
+            }
         return r
     finally:
         stop(proc)
@@ -192,12 +248,17 @@ def machine() -> dict[str, Any]:
 
 
 def write_md(res: dict[str, Any]) -> str:
-    rows = ["| target | cycles/s | round trips/s | p50 ms | p99 ms | server CPU % | errors |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| target | cycles/s | round trips/s | p50 ms | p99 ms | server CPU % | server CPU us/request | "
+            "etcd txns/cycle | etcd proposals/cycle | WAL fsyncs/cycle | etcd CPU ms/cycle | errors |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["churn"]:
+        e = r.get("etcd_per_cycle")
+        etcd = ("| - | - | - | - " if e is None else
+                f"| {e['grpc_calls']:.3f} | {e['proposals']:.3f} | {e['wal_fsyncs']:.3f} | {e['etcd_cpu_ms']:.3f} ")
         rows.append(f"| lmgrd, {r['target'] if r['target'] == 'journal' else r['target'] + ' etcd'} | "
                     f"{r['cycles_per_second']:,.0f} | {r['requests_per_second']:,.0f} | {r['p50_ms']:.2f} | "
-                    f"{r['p99_ms']:.2f} | {r['server_cpu_percent']:.0f} | {len(r['errors'])} |")
+                    f"{r['p99_ms']:.2f} | {r['server_cpu_percent']:.0f} | {r['server_cpu_us_per_request']:.0f} "
+                    f"{etcd}| {len(r['errors'])} |")
     fo = res["failover"]
     lines = [
         "## HA: embedded journal vs etcd, and failover (`make bench-ha`)", "",
@@ -206,6 +267,11 @@ def write_md(res: dict[str, Any]) -> str:
         f"- churn: {res['connections']} connections each looping checkout -> checkin on 1,000 seats, "
         f"{res['duration']:g} s window after {res['warmup']:g} s warm-up, same load generator for every target",
         "", *rows, "",
+        "- etcd columns: etcd's own counters (`etcd_server_proposals_committed_total`, "
+        "`etcd_disk_wal_fsync_duration_seconds_count`, unary `grpc_server_handled_total`) and the members' CPU, "
+        "over the whole churn run, divided by lmgrd's granted checkouts (`lmgrd_checkouts_total`); proposals and "
+        "fsyncs per member. They do not depend on the machine's load, unlike cycles/s: a node batches the "
+        "acquires and releases of one event-loop turn into one etcd transaction.",
         f"- failover: {fo['clients']} clients (client_stub, server list a,b) holding a seat on node a of 2 nodes on "
         f"a 3-member etcd; node a SIGKILLed: **all {fo['clients']} seats held by node b after "
         f"{fo['failover_seconds'] if fo['failover_seconds'] is None else round(fo['failover_seconds'], 2)} s**; "
@@ -226,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--targets", default="journal,1,3", help="churn targets, comma-separated (journal, 1, 3)")
+    p.add_argument("--no-failover", action="store_true", help="skip the failover run (prints only)")
     ns = p.parse_args(argv)
     if ns.mode == "clients":
         asyncio.run(hold_clients(ns.servers, ns.clients))
@@ -240,11 +308,15 @@ def main(argv: list[str] | None = None) -> int:
         res: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
                                "connections": ns.connections, "duration": ns.duration, "warmup": ns.warmup,
                                "churn": []}
-        for target in ("journal", "1", "3"):
+        for target in ns.targets.split(","):
             r = run_churn(tmp, lic, pub, target, ns.connections, ns.duration, ns.warmup)
             print(f"churn {target}: {r['cycles_per_second']:.0f} cycles/s p50 {r['p50_ms']:.2f} ms p99 "
-                  f"{r['p99_ms']:.2f} ms errors {len(r['errors'])}", flush=True)
+                  f"{r['p99_ms']:.2f} ms server CPU {r['server_cpu_percent']:.0f} % "
+                  f"({r['server_cpu_us_per_request']:.0f} us a request) errors {len(r['errors'])} "
+                  f"etcd per cycle {r.get('etcd_per_cycle')}", flush=True)
             res["churn"].append(r)
+        if ns.no_failover:
+            return 0
         res["failover"] = run_failover(tmp, lic, pub, ns.clients)
         print(f"failover: {res['failover']}", flush=True)
     md = write_md(res)

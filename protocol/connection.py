@@ -26,6 +26,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, NoReturn, TypeVar, overload
 
+import msgpack
+
 from protocol.errors import ErrorCode, LocalProtocolError, MalformedMessage, ProtocolError
 from protocol.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame
 from protocol.messages import (
@@ -47,6 +49,7 @@ from protocol.messages import (
     Status,
     StatusReply,
     Welcome,
+    hot_request,
     parse_reply,
     parse_request,
 )
@@ -335,9 +338,43 @@ class Connection(Generic[_EventT]):
             self.state = State.ERROR
             raise
 
+    def receive_hot(self, data: bytes) -> tuple[type[Request], dict[str, Any]] | None:
+        """The hot path's twin of :meth:`receive_data`, for a server's commonest read: exactly one whole frame
+        holding a checkout, checkin or heartbeat in its exact shape (``protocol.messages.hot_request``) on a
+        READY connection. Returns the message class and the decoded map (whose fields are the message's, read
+        by name), having moved nothing: the table takes each of these kinds from READY to READY.
+
+        Returns ``None`` for anything else, with nothing consumed and no state changed: the caller then passes
+        the same bytes to :meth:`receive_data`, which decodes, checks and refuses as always (a bad frame is
+        decoded twice, which only a bad frame pays).
+        """
+        if self.state is not _READY:
+            return None
+        body = self._decoder.whole(data)
+        if body is None:
+            return None
+        try:
+            d = _unpackb(body)
+        except Exception:  # any msgpack failure: receive_data turns it into the precise error
+            return None
+        if type(d) is not dict:
+            return None
+        kind = hot_request(d)
+        if kind is None:
+            return None
+        return kind, d
+
     def close(self) -> None:
         """The transport is gone: nothing more is sent or received."""
         self.state = State.CLOSED
+
+
+_READY = State.READY
+#: msgpack's unpacking with decode_body's options (msgpack's defaults: str keys only, lists, no raw bytes as str).
+_unpackb = msgpack.unpackb
+# Every kind receive_hot hands over goes from READY to READY for a client: receive_hot moves no state.
+if any(TRANSITIONS.get((State.READY, Role.CLIENT, kind)) is not State.READY for kind in (Checkout, Checkin, Heartbeat)):
+    raise TypeError("protocol.connection.receive_hot needs READY -> READY for checkout, checkin and heartbeat")
 
 
 def error_frame(request_id: int, exc: ProtocolError) -> bytes:

@@ -89,6 +89,16 @@ class FrameDecoder:
         self._buf = bytearray()
         self._failed: MalformedMessage | None = None
 
+    def whole(self, data: bytes) -> bytes | None:
+        """The body of ``data`` if it is exactly one whole frame within the limit and nothing is buffered or
+        failed before it (the commonest read of a request/reply connection), else None. Consumes nothing."""
+        if self._buf or self._failed is not None or len(data) <= HEADER_SIZE:
+            return None
+        (size,) = HEADER.unpack_from(data)
+        if size != len(data) - HEADER_SIZE or size > self.max_frame_bytes:
+            return None
+        return data[HEADER_SIZE:]
+
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         """Add received bytes; return every message now complete, in order.
 
@@ -97,17 +107,16 @@ class FrameDecoder:
         """
         if self._failed is not None:
             raise self._failed
-        buf = self._buf
-        if not buf and len(data) > HEADER_SIZE:
+        body = self.whole(data)
+        if body is not None:
             # The common case on a request/reply connection: the read holds exactly one whole frame. Decode it
             # from ``data`` itself, without copying it into the buffer and out again; the same checks apply.
-            (size,) = HEADER.unpack_from(data)
-            if size == len(data) - HEADER_SIZE and size <= self.max_frame_bytes:
-                try:
-                    return [decode_body(data[HEADER_SIZE:])]
-                except MalformedMessage as exc:
-                    self._failed = exc
-                    raise
+            try:
+                return [decode_body(body)]
+            except MalformedMessage as exc:
+                self._failed = exc
+                raise
+        buf = self._buf
         buf += data
         out: list[dict[str, Any]] = []
         pos = 0

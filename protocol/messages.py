@@ -51,6 +51,13 @@ _header = HEADER.pack
 _CHECKED_IN_HEAD: bytes = b"\x83" + _pack("op") + _pack("checked_in") + _pack("id")
 _CHECKED_IN_TAIL: dict[bool, bytes] = {True: _pack("released") + _pack(True), False: _pack("released") + _pack(False)}
 _CHECKED_IN_FIXED = len(_CHECKED_IN_HEAD) + len(_CHECKED_IN_TAIL[True])
+#: Granted.frame's parts: the fixed head, and the encoded pool names and timing seen so far (bounded: a daemon
+#: has as many pools as its licenses name, and one timing; waited varies only for queued checkouts).
+_GRANTED_HEAD: bytes = b"\x89" + _pack("op") + _pack("granted") + _pack("id")
+_GRANTED_TOKEN: bytes = _pack("token")
+_GRANTED_POOLS: dict[tuple[str, str], bytes] = {}
+_GRANTED_TAILS: dict[tuple[float, float, float], bytes] = {}
+_GRANTED_PARTS_LIMIT = 4096
 _HEARTBEAT_ACK_HEAD: bytes = b"\x84" + _pack("op") + _pack("heartbeat_ack") + _pack("id")
 _HEARTBEAT_ACK_RENEWED: bytes = _pack("renewed")
 _HEARTBEAT_ACK_NONE_LOST: bytes = _pack("lost") + _pack([])
@@ -177,6 +184,32 @@ class Hello:
                    secret)
 
 
+# -- the hot path's shapes ------------------------------------------------------------------------------------
+# Checkout, checkin and heartbeat as clients send them: every field of the exact type msgpack decodes to and
+# within its limit. Each predicate accepts a subset of what the checked readers (``_uint``, ``_text``...) accept,
+# reading the same values, so ``from_wire`` takes the fast branch when it holds and the checked one otherwise
+# (an error then names the field). :data:`HOT_REQUESTS` adds the key count: a map holding nothing but the
+# fields a predicate checked has only string keys and nothing nested, so it needs no other check at all
+# (the framing's key and depth walk included).
+
+
+def _exact_checkout(d: dict[str, Any]) -> bool:
+    rid, product, version, wait = d.get("id"), d.get("product"), d.get("version"), d.get("wait", 0.0)
+    return (type(rid) is int and 0 <= rid <= MAX_ID and type(product) is str and len(product) <= MAX_PRODUCT_LENGTH
+            and type(version) is str and len(version) <= MAX_VERSION_LENGTH and type(wait) is float
+            and 0.0 <= wait <= MAX_WAIT_SECONDS)
+
+
+def _exact_checkin(d: dict[str, Any]) -> bool:
+    rid, token = d.get("id"), d.get("token")
+    return type(rid) is int and 0 <= rid <= MAX_ID and type(token) is str and len(token) <= MAX_TOKEN_LENGTH
+
+
+def _exact_heartbeat(d: dict[str, Any]) -> bool:
+    rid = d.get("id")
+    return "idle_for" not in d and type(rid) is int and 0 <= rid <= MAX_ID and type(d.get("idle", False)) is bool
+
+
 @dataclass(frozen=True, slots=True)
 class Checkout:
     """Ask for a seat of ``product`` at ``version``; wait up to ``wait`` seconds in the queue if none is free."""
@@ -196,11 +229,8 @@ class Checkout:
         # The hot path: every field of the exact type msgpack decodes to and within its limit (a subset of
         # what the checked readers below accept, giving the same values); anything else takes them, so an
         # error still names the field.
-        rid, product, version, wait = d.get("id"), d.get("product"), d.get("version"), d.get("wait", 0.0)
-        if (type(rid) is int and 0 <= rid <= MAX_ID and type(product) is str and len(product) <= MAX_PRODUCT_LENGTH
-                and type(version) is str and len(version) <= MAX_VERSION_LENGTH and type(wait) is float
-                and 0.0 <= wait <= MAX_WAIT_SECONDS):
-            return cls(rid, product, version, wait)
+        if _exact_checkout(d):
+            return cls(d["id"], d["product"], d["version"], d.get("wait", 0.0))
         return cls(_uint(d, "id", "checkout"), _text(d, "product", "checkout", limit=MAX_PRODUCT_LENGTH),
                    _text(d, "version", "checkout", limit=MAX_VERSION_LENGTH),
                    _seconds(d, "wait", "checkout", MAX_WAIT_SECONDS, default=0.0))
@@ -227,10 +257,8 @@ class Heartbeat:
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Heartbeat:
-        if "idle_for" not in d:  # the hot path, as in Checkout.from_wire
-            rid, idle = d.get("id"), d.get("idle", False)
-            if type(rid) is int and 0 <= rid <= MAX_ID and type(idle) is bool:
-                return cls(rid, idle, 0.0)
+        if _exact_heartbeat(d):  # the hot path, as in Checkout.from_wire
+            return cls(d["id"], d.get("idle", False), 0.0)
         return cls(_uint(d, "id", "heartbeat"), _bool(d, "idle", "heartbeat", False),
                    _seconds(d, "idle_for", "heartbeat", MAX_IDLE_FOR_SECONDS, 0.0))
 
@@ -248,9 +276,8 @@ class Checkin:
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Checkin:
-        rid, token = d.get("id"), d.get("token")  # the hot path, as in Checkout.from_wire
-        if type(rid) is int and 0 <= rid <= MAX_ID and type(token) is str and len(token) <= MAX_TOKEN_LENGTH:
-            return cls(rid, token)
+        if _exact_checkin(d):  # the hot path, as in Checkout.from_wire
+            return cls(d["id"], d["token"])
         return cls(_uint(d, "id", "checkin"), _text(d, "token", "checkin", limit=MAX_TOKEN_LENGTH))
 
 
@@ -308,6 +335,42 @@ Request = Hello | Checkout | Heartbeat | Checkin | Resume | Status | Admin
 REQUEST_TYPES: dict[str, Callable[[dict[str, Any]], Request]] = {
     cls.OP: cls.from_wire for cls in (Hello, Checkout, Heartbeat, Checkin, Resume, Status, Admin)
 }
+
+
+def _hot_checkout(d: dict[str, Any]) -> bool:
+    return len(d) == 4 + ("wait" in d) and _exact_checkout(d)
+
+
+def _hot_checkin(d: dict[str, Any]) -> bool:
+    return len(d) == 3 and _exact_checkin(d)
+
+
+def _hot_heartbeat(d: dict[str, Any]) -> bool:
+    return len(d) == 2 + ("idle" in d) and _exact_heartbeat(d)
+
+
+#: op -> (message class, hot shape): the requests :meth:`protocol.Connection.receive_hot` hands over as their
+#: decoded map. A map has the hot shape when the class's exact-type predicate holds and it has no key beyond
+#: ``op``, the required fields and the optional ones present (``wait``; ``idle``).
+HOT_REQUESTS: dict[str, tuple[type[Request], Callable[[dict[str, Any]], bool]]] = {
+    "checkout": (Checkout, _hot_checkout),
+    "checkin": (Checkin, _hot_checkin),
+    "heartbeat": (Heartbeat, _hot_heartbeat),
+}
+
+
+def hot_request(d: dict[str, Any]) -> type[Request] | None:
+    """The class of ``d`` if it is a hot request in its exact shape (see :data:`HOT_REQUESTS`), else None.
+
+    When it returns a class, ``parse_request(d)`` would return an instance of it built from ``d["id"]`` and
+    the fields of the same names (``d.get("wait", 0.0)``, ``d.get("idle", False)``): the hot path reads them
+    from ``d`` instead of building the message.
+    """
+    op = d.get("op")
+    entry = HOT_REQUESTS.get(op) if type(op) is str else None
+    if entry is None or not entry[1](d):
+        return None
+    return entry[0]
 
 
 def parse_request(d: dict[str, Any]) -> Request:
@@ -373,10 +436,23 @@ class Granted:
     @staticmethod
     def frame(id: int, token: str, customer_id: str, product: str, version: str, lease_timeout: float,
               heartbeat_interval: float, waited: float) -> bytes:
-        """The encoded frame of ``Granted(...)``, byte for byte, without building the object (the hot path)."""
-        return encode_frame({"op": "granted", "id": id, "token": token, "customer_id": customer_id,
-                             "product": product, "version": version, "lease_timeout": lease_timeout,
-                             "heartbeat_interval": heartbeat_interval, "waited": waited})
+        """The encoded frame of ``Granted(...)``, byte for byte, without building the object (the hot path): the
+        parts that repeat from grant to grant (the pool's names, the daemon's timing) are encoded once."""
+        pool = _GRANTED_POOLS.get((customer_id, product))
+        if pool is None:
+            if len(_GRANTED_POOLS) >= _GRANTED_PARTS_LIMIT:
+                _GRANTED_POOLS.clear()
+            pool = _GRANTED_POOLS[(customer_id, product)] = (
+                _pack("customer_id") + _pack(customer_id) + _pack("product") + _pack(product) + _pack("version"))
+        tail = _GRANTED_TAILS.get((lease_timeout, heartbeat_interval, waited))
+        if tail is None:
+            if len(_GRANTED_TAILS) >= _GRANTED_PARTS_LIMIT:
+                _GRANTED_TAILS.clear()
+            tail = _GRANTED_TAILS[(lease_timeout, heartbeat_interval, waited)] = (
+                _pack("lease_timeout") + _pack(lease_timeout) + _pack("heartbeat_interval")
+                + _pack(heartbeat_interval) + _pack("waited") + _pack(waited))
+        body = b"".join((_GRANTED_HEAD, _pack(id), _GRANTED_TOKEN, _pack(token), pool, _pack(version), tail))
+        return _header(len(body)) + body
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Granted:

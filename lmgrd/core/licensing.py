@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lmgrd.core.activation import ACTIVE, Activations
 from lmgrd.core.ledger import PoolKey
@@ -46,6 +46,10 @@ _HINTS = {
 }
 
 
+#: At most this many (customer ID, product, version) verdicts are remembered; then they are forgotten at once.
+_VERDICTS_LIMIT = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """A license file the daemon does not serve, and why."""
@@ -61,9 +65,10 @@ class Refusal:
                 "customer_id": self.customer_id, "products": list(self.products)}
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """Either the licenses that may serve this checkout, best first, or the error to answer."""
+class Decision(NamedTuple):
+    """Either the licenses that may serve this checkout, best first, or the error to answer.
+
+    A NamedTuple, not a frozen dataclass: one is made per checkout (0.1 us against 0.5 us here)."""
 
     licenses: tuple[License, ...]
     error: tuple[ErrorCode, str, str] | None = None
@@ -103,6 +108,9 @@ class Licensing:
                 self._refused_by_product.setdefault(name, ref)
         self._all_products = ", ".join(sorted(self._by_product)) or "none"
         self._customer_of: dict[str, str] | None = None
+        #: Caches of :meth:`_use` (a Licensing is never changed after it is made; a reload makes a new one).
+        self._expires_at: dict[str, datetime | None] = {}
+        self._verdicts: dict[tuple[str, str, str], tuple[ErrorCode, str] | None] = {}
 
     def pools(self) -> dict[PoolKey, int]:
         return self._pools
@@ -154,7 +162,7 @@ class Licensing:
             # Host (and signature, revocation) were decided at load; here: site, activation, then the rest.
             err = self._site_and_activation(lic, addr, now)
             if err is None:
-                use = evaluate_use(lic, product, version, now)
+                use = self._use(lic, product, version, now)
                 err = None if use is None else (use[0], use[1], _HINTS.get(use[0], ""))
             if err is None:
                 ok.append(lic)
@@ -171,6 +179,24 @@ class Licensing:
         if worst[0] is ErrorCode.OUTSIDE_SITE:
             logger.warning("OUTSIDE_SITE: refused %s from %s: %s", product, addr, worst[1])
         return Decision((), worst)
+
+    def _use(self, lic: License, product: str, version: str, now: datetime) -> tuple[ErrorCode, str] | None:
+        """:func:`evaluate_use`, remembered: once ``now`` is inside the license's term, the verdict depends on
+        the product and version alone (pure), so it is kept per (customer ID, product, version); the expiry
+        day's end is computed once per license. Bounded: versions are the clients' choice."""
+        cid = lic.customer_id
+        expires_at = self._expires_at.get(cid, lic)
+        if expires_at is lic:
+            expires_at = self._expires_at[cid] = lic.expires_at
+        if expires_at is not None and now > expires_at:  # type: ignore[operator]
+            return evaluate_use(lic, product, version, now)  # expired first, as evaluate_use checks it
+        key = (cid, product, version)
+        verdict = self._verdicts.get(key, key)
+        if verdict is key:
+            if len(self._verdicts) >= _VERDICTS_LIMIT:
+                self._verdicts.clear()
+            verdict = self._verdicts[key] = evaluate_use(lic, product, version, now)
+        return verdict  # type: ignore[return-value]
 
     def _site_and_activation(self, lic: License, addr: str, now: datetime) -> tuple[ErrorCode, str, str] | None:
         site = self._sites[lic.customer_id]

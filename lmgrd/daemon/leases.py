@@ -266,9 +266,13 @@ class LeaseLifecycle:
         self.waits[waiter_id] = ctx
         ctx.client.waiters[waiter_id] = ctx.request_id
         queue = self.cluster_queue.setdefault(ctx.pool, [])
-        queue.append(waiter_id)
+        # In arrival order: a waiter offered a seat that another node took first comes back to its place.
+        pos = len(queue)
+        while pos and (ahead := self.waits.get(queue[pos - 1])) is not None and ahead.started > ctx.started:
+            pos -= 1
+        queue.insert(pos, waiter_id)
         logger.info("QUEUED %s %s for %s (cluster-wide, position %d)", ctx.product, ctx.version, ctx.client.who(),
-                    len(queue))
+                    pos + 1)
 
     def _take_back(self, lease: LeaseInfo) -> None:
         """Undo a tentative grant nobody was told of (no record, no counter, no event)."""
@@ -323,13 +327,15 @@ class LeaseLifecycle:
         return n
 
     def serve_cluster(self) -> None:
-        """Offer seats freed on other nodes to this node's queue (called after each read of the cluster view)."""
+        """Offer seats freed on other nodes to this node's queue (called when the watch of the cluster's seats
+        sees one freed, and after each read of the whole view)."""
         cluster = self.cluster
         if cluster is None:
             return
         now, wall = self.clock(), self.wall()
         for pool in self.ledger.pools():
-            free = self.count_of(pool) - cluster.held(pool)
+            # This node's seats being written to etcd are in its ledger before the cluster view shows them.
+            free = self.count_of(pool) - max(cluster.held(pool), self.ledger.in_use(pool))
             if free <= 0:
                 continue
             if self.ledger.queued(pool):

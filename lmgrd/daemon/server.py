@@ -37,7 +37,7 @@ from lmgrd.daemon.leases import Counters, LeaseLifecycle, Timers, WaitCtx
 from lmgrd.daemon.outbox import Outbox
 from lmgrd.daemon.session import Handlers, Session, refuse
 from lmgrd.daemon.transport import ClientProtocol
-from lmgrd.storage.etcd import EtcdSeats, StoreUnavailable
+from lmgrd.storage.etcd import EtcdSeats
 from lmgrd.storage.journal import LeaseStore, StoreError
 from protocol import ErrorCode, ErrorReply, ProtocolError, error_frame
 
@@ -51,21 +51,22 @@ EXPIRE_BATCH = 2000
 
 class _TokenSource:
     """Lease tokens: 128 random bits each, hex, cut from 4 KiB reads of the OS CSPRNG (one getrandom(2) per
-    256 tokens instead of one per token; the bits are the same ``os.urandom`` bits ``secrets`` uses)."""
+    256 tokens instead of one per token; the bits are the same ``os.urandom`` bits ``secrets`` uses), each read
+    hex-encoded at once (a token is then one string slice)."""
 
     __slots__ = ("buf", "pos")
 
     def __init__(self) -> None:
-        self.buf = b""
+        self.buf = ""
         self.pos = 0
 
     def __call__(self) -> str:
         pos = self.pos
         if pos >= len(self.buf):
-            self.buf = os.urandom(4096)
+            self.buf = os.urandom(4096).hex()
             pos = 0
-        self.pos = pos + 16
-        return self.buf[pos:pos + 16].hex()
+        self.pos = pos + 32
+        return self.buf[pos:pos + 32]
 
 
 new_token = _TokenSource()
@@ -126,6 +127,8 @@ class Server:
             heartbeat_interval=cfg.heartbeat_interval, lease_timeout=cfg.lease_timeout,
             max_frame_bytes=cfg.max_frame_bytes, clock=self.clock, wall=wall, fail=self.fail,
             refusals=self.refusals, refusal_log=self.refusal_log)
+        #: The handlers' hot routes (Handlers.hot), one attribute away for every hot read of the transport.
+        self.hot_routes = self.handlers.hot
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self.timer_when = 0.0
         self.sync_handle: asyncio.TimerHandle | None = None
@@ -256,17 +259,11 @@ class Server:
                     logger.warning("%d seat(s) ended: the shared seat store no longer holds them", n)
 
     async def _view_loop(self) -> None:
-        """Read the cluster's seats and nodes twice a second: lmstat, metrics and the cluster-wide queue."""
+        """The cluster's seats and nodes (lmstat, metrics and the cluster-wide queue), kept current by a watch;
+        a seat freed on another node is offered to this node's cluster queue at once."""
         cluster = self.cluster
         assert cluster is not None
-        while not self.closing:
-            try:
-                await cluster.refresh_view()
-            except StoreUnavailable:
-                pass
-            else:
-                self.leases.serve_cluster()
-            await asyncio.sleep(0.5)
+        await cluster.follow(self.leases.serve_cluster)
 
     def request_shutdown(self, why: str) -> None:
         """Stop in stages: no new connections, clients told, wait up to ``shutdown_timeout`` for them to

@@ -161,6 +161,11 @@ class Handlers:
             Heartbeat: self.heartbeat, Checkout: self.checkout, Checkin: self.checkin, Hello: self.hello,
             Resume: self.resume, Status: self.status, Admin: self.admin_command, BadRequest: self.bad_request,
         }
+        #: The same handlers for a request the connection handed over as its decoded map
+        #: (``Connection.receive_hot``): its fields read by name, no message object.
+        self.hot: dict[type, Callable[[Session, dict[str, Any]], None]] = {
+            Checkout: self._checkout_map, Checkin: self._checkin_map, Heartbeat: self._heartbeat_map,
+        }
 
     def dispatch(self, s: Session, req: Any) -> None:
         """Run the handler of ``req``'s message class (one dict lookup: this is every request's path)."""
@@ -213,46 +218,60 @@ class Handlers:
 
     # -- checkout and checkin ----------------------------------------------------------------------------------
     def checkout(self, s: Session, req: Checkout) -> None:
+        self.check_out(s, req.id, req.product, req.version, req.wait)
+
+    def _checkout_map(self, s: Session, d: dict[str, Any]) -> None:
+        self.check_out(s, d["id"], d["product"], d["version"], d.get("wait", 0.0))
+
+    def check_out(self, s: Session, rid: int, product: str, version: str, wait: float) -> None:
+        """A checkout: licensing checks in the documented order, then the lease lifecycle grants, queues or
+        denies (the one path of every checkout, whichever way the request was decoded)."""
         holder = s  # the session is the holder; the connection state machine admits checkout only after hello
         now = self.clock()
         wall = self.wall()
         licensing = self.daemon.licensing
-        decision = licensing.candidates(req.product, req.version, s.addr, holder.user, holder.host,
+        decision = licensing.candidates(product, version, s.addr, holder.user, holder.host,
                                         datetime.fromtimestamp(wall, UTC), holder.display)
         leases = self.leases
         if decision.error is not None:
             code, message, hint = decision.error
-            leases.deny(s, req.id, req.product, req.version, code, message, hint)
+            leases.deny(s, rid, product, version, code, message, hint)
             return
-        if leases.outbox.store_error is not None and leases.store_refusal(s, req.id, req.product, req.version):
+        if leases.outbox.store_error is not None and leases.store_refusal(s, rid, product, version):
             return
         user, host = holder.user, holder.host
         for lic in decision.licenses:
-            if leases.checkout(s, req.id, (lic.customer_id, req.product), share_key_for(lic.share, user, host),
-                               holder, req.version, now, wall, req.wait if not self.daemon.closing else 0.0):
+            if leases.checkout(s, rid, (lic.customer_id, product), share_key_for(lic.share, user, host),
+                               holder, version, now, wall, wait if not self.daemon.closing else 0.0):
                 return
         first = decision.licenses[0]
         addr, display = holder.addr, holder.display
-        reasons = {self.ledger.refusal((lic.customer_id, req.product), share_key_for(lic.share, user, host), user,
+        reasons = {self.ledger.refusal((lic.customer_id, product), share_key_for(lic.share, user, host), user,
                                        host, addr, display) for lic in decision.licenses}
-        code, message, hint = seat_refusal(req.product, decision.licenses, reasons, licensing.policy, user, host,
+        code, message, hint = seat_refusal(product, decision.licenses, reasons, licensing.policy, user, host,
                                            addr, display)
-        if code is not ErrorCode.MAX_REACHED and req.wait > 0 and not self.daemon.closing:
-            leases.enqueue(s, req.id, req.product, req.version, (first.customer_id, req.product),
-                           share_key_for(first.share, user, host), holder, req.wait, now)
+        if code is not ErrorCode.MAX_REACHED and wait > 0 and not self.daemon.closing:
+            leases.enqueue(s, rid, product, version, (first.customer_id, product),
+                           share_key_for(first.share, user, host), holder, wait, now)
             return
-        leases.deny(s, req.id, req.product, req.version, code, message, hint)
+        leases.deny(s, rid, product, version, code, message, hint)
 
     def checkin(self, s: Session, req: Checkin) -> None:
-        held = self.ledger.get(req.token)
+        self.check_in(s, req.id, req.token)
+
+    def _checkin_map(self, s: Session, d: dict[str, Any]) -> None:
+        self.check_in(s, d["id"], d["token"])
+
+    def check_in(self, s: Session, rid: int, token: str) -> None:
+        held = self.ledger.get(token)
         if held is None or (held.session != s.session and not s.holds(held)):  # own connection's: no call
             # Someone else's seat, or none: nothing is freed, and the answer is the same either way (no
             # oracle for which tokens exist).
-            self.token_refused(s, "checkin", req.token, held)
-            self.outbox.reply(s, CheckedIn, CheckedIn.frame(req.id, False))
+            self.token_refused(s, "checkin", token, held)
+            self.outbox.reply(s, CheckedIn, CheckedIn.frame(rid, False))
             return
-        lease = self.leases.end(req.token, _CHECKIN, "", s)
-        self.outbox.reply(s, CheckedIn, CheckedIn.frame(req.id, lease is not None))
+        lease = self.leases.end(token, _CHECKIN, "", s)
+        self.outbox.reply(s, CheckedIn, CheckedIn.frame(rid, lease is not None))
 
     def token_refused(self, s: Session, request: str, token: str, lease: LeaseInfo | None) -> None:
         """Count (and, rate-limited, log) a checkin or resume of a lease this client does not hold."""
@@ -266,17 +285,24 @@ class Handlers:
 
     # -- heartbeat, idle and resume --------------------------------------------------------------------------
     def heartbeat(self, s: Session, req: Heartbeat) -> None:
+        self.beat(s, req.id, req.idle, req.idle_for)
+
+    def _heartbeat_map(self, s: Session, d: dict[str, Any]) -> None:
+        self.beat(s, d["id"], d.get("idle", False), 0.0)
+
+    def beat(self, s: Session, rid: int, idle: bool, idle_for: float) -> None:
+        """A heartbeat: renew this session's leases, reclaim idle seats under a usage policy, say what was lost."""
         now = self.clock()
-        if req.idle:
+        if idle:
             if s.idle_since is None:
                 s.idle_since = now
             if self.daemon.licensing.policy.active:
-                self.reclaim_idle(s, max(req.idle_for, now - s.idle_since))
+                self.reclaim_idle(s, max(idle_for, now - s.idle_since))
         elif s.idle_since is not None:
             s.idle_since = None
         renewed = self.ledger.renew_session(s.session, now)
         lost = s.lost
-        self.outbox.reply(s, HeartbeatAck, HeartbeatAck.frame(req.id, renewed, lost))  # encoded here, so:
+        self.outbox.reply(s, HeartbeatAck, HeartbeatAck.frame(rid, renewed, lost))  # encoded here, so:
         if lost:
             lost.clear()
 

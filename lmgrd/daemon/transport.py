@@ -17,7 +17,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from lmgrd.daemon.session import Session
-from protocol import ErrorCode, ProtocolError, State
+from protocol import ErrorCode, ProtocolError, State, parse_request
 from protocol.validation import normalize_ip
 
 if TYPE_CHECKING:
@@ -57,6 +57,38 @@ class ClientProtocol(Session, asyncio.Protocol):
         self.server.on_connect(self)
 
     def data_received(self, data: bytes) -> None:
+        hot = self.conn.receive_hot(data)
+        if hot is None:
+            self._received(data)
+            return
+        # The commonest read: one whole checkout, checkin or heartbeat (protocol.Connection.receive_hot), served
+        # from its decoded map by the same handler code as any request; rate and timing as below for one request.
+        server = self.server
+        now = server.clock()
+        kind, d = hot
+        rate = server.request_rate
+        if rate:
+            allowance = self.allowance + (now - self.last_active) * rate
+            if allowance > server.request_burst:
+                allowance = server.request_burst
+            if allowance < 1.0:
+                self.last_active = now
+                self.allowance = allowance
+                server.handlers.rate_limited(self, parse_request(d))
+                return
+            self.allowance = allowance - 1.0
+        self.last_active = now
+        handler = server.hot_routes[kind]
+        timer = server.request_timer
+        if timer is None:
+            handler(self, d)
+        else:
+            t0 = perf_counter()
+            handler(self, d)
+            timer(kind, perf_counter() - t0)
+
+    def _received(self, data: bytes) -> None:
+        """Every other read: any number of frames, in any split, each through the connection's table."""
         try:
             requests = self.conn.receive_data(data)
         except ProtocolError as exc:

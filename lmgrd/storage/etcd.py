@@ -19,6 +19,12 @@ Several lmgrd nodes share one etcd cluster; any node can serve any client. The l
   (rewrites the slot with itself as holder, same etcd lease) and keeps the lease alive: no seat is lost, and the
   seat is freed only when the client stops heartbeating (its node ends the lease) or no node refreshes its etcd
   lease for the TTL.
+- **Batches**: the acquires of a pool larger than ``MAX_CANDIDATES``, the joins and the releases queued in one
+  loop iteration go in one transaction (:meth:`EtcdSeats._flush`), each a nested transaction with its own
+  compares, on disjoint keys (etcd refuses a transaction that could write a key twice); at most
+  ``MAX_BATCHES_IN_FLIGHT`` at once (group commit). A small pool's acquire names every slot and goes alone.
+- **The cluster view** (every node's seats, for lmstat, metrics and the cluster-wide queue) is one read and
+  then an etcd watch on the seat and node keys (:meth:`EtcdSeats.follow`); polled only while the watch is broken.
 - Every call has a deadline (``timeout``) and carries gRPC metadata ``hasleader=true``: without quorum etcd
   answers "no leader" at once instead of hanging; both become :class:`StoreUnavailable`.
 
@@ -52,11 +58,15 @@ logger = logging.getLogger(__name__)
 #: --max-txn-ops is 128: each level has 2 puts).
 MAX_CANDIDATES = 32
 #: Attempts of one acquire when the pool is larger than MAX_CANDIDATES and the candidates were all taken.
-_ATTEMPTS = 4
+_ATTEMPTS = 8
 #: Pause before the one retry of an idempotent call (a leader change, an overloaded member).
 _RETRY_PAUSE = 0.2
 #: Candidates per transaction in a pool larger than MAX_CANDIDATES, picked at random from the slots last seen free.
 WIDE_CANDIDATES = 4
+#: Operations (acquires, joins, releases) sent in one etcd transaction, at most (etcd's --max-txn-ops is 128).
+MAX_BATCH = 64
+#: Batches waiting for etcd at once; the operations queued meanwhile go in the next one (group commit).
+MAX_BATCHES_IN_FLIGHT = 2
 
 
 class StoreUnavailable(LmgrdError):
@@ -128,8 +138,11 @@ class EtcdSeats:
         #: Releases etcd did not confirm yet (retried by the keepalive loop): (slot, our revision, last token of
         #: the seat, token key).
         self.pending: list[tuple[bytes, int, bool, bytes]] = []
-        #: The cluster's seats as last read (every node's): pool -> list of seat values.
-        self.view: dict[PoolKey, list[dict[str, Any]]] = {}
+        #: The cluster's seats as last read or watched (every node's): pool -> slot -> the seat's value (JSON,
+        #: decoded only for lmstat and metrics: :attr:`view`).
+        self._seats: dict[PoolKey, dict[str, bytes]] = {}
+        #: True while the watch of the seats and nodes runs (else the view is read every poll interval).
+        self.watching = False
         self.nodes: dict[str, dict[str, Any]] = {}
         #: Every node seen up since start (and those the license names): lmstat shows the ones not up as down.
         self.known_nodes: set[str] = {node}
@@ -141,7 +154,15 @@ class EtcdSeats:
         self._rpc: Any = None
         self._free_hint: dict[PoolKey, set[int]] = {}
         self._inflight: dict[SeatKey, asyncio.Future[None]] = {}
-        self._releasing: set[asyncio.Task[bool]] = set()
+        self._releasing: set[asyncio.Task[Any]] = set()
+        #: Operations waiting for the next batch, whether one is scheduled, and batches in flight.
+        self._queue: list[_Op] = []
+        self._flush_soon = False
+        self._batches = 0
+        #: Keys the batches in flight may write (the next batch's candidates avoid them).
+        self._flying: set[bytes] = set()
+        #: How many batches of each size were sent (the benchmark reads it from the log).
+        self.batch_sizes: dict[int, int] = {}
 
     # -- connection ------------------------------------------------------------------------------------------
     async def connect(self, node_info: dict[str, Any]) -> None:
@@ -237,7 +258,8 @@ class EtcdSeats:
                 with contextlib.suppress(StoreUnavailable):  # expired token: a new one for the next call
                     await self._authenticate()
                 raise StoreUnavailable(f"etcd {op} failed: {exc.code().name}: {details}") from None
-            self._mark_down()
+            if exc.code() != grpc.StatusCode.NOT_FOUND:  # a lapsed lease is one session's, etcd answered
+                self._mark_down()
             raise StoreUnavailable(f"etcd {op} failed: {exc.code().name}: {details}") from None
         except (TimeoutError, OSError) as exc:
             self._mark_down()
@@ -263,6 +285,9 @@ class EtcdSeats:
 
     def _token_key(self, token: str) -> bytes:
         return f"{self.prefix}/tokens/{_q(token)}".encode()
+
+    def _seats_prefix(self) -> bytes:
+        return f"{self.prefix}/c/".encode()
 
     def _node_key(self, node: str) -> bytes:
         return f"{self.prefix}/nodes/{_q(node)}".encode()
@@ -330,11 +355,12 @@ class EtcdSeats:
         token_key = self._token_key(rec.token)
         if claim is not None:  # the seat exists on this node: a join takes no slot
             value = self._token_value(rec, claim.slot)
-            joined = await self._txn_checked("join", retry=True, req=rpc.TxnRequest(
+            join = rpc.TxnRequest(
                 compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=claim.slot,
                                      mod_revision=claim.rev)],
                 success=[rpc.RequestOp(request_put=rpc.PutRequest(key=token_key, value=value, lease=lease))],
-                failure=[]))
+                failure=[])
+            _rev, joined = await self._batched("join", _fixed(join, token_key), retry=True)
             if joined.succeeded:
                 claim.tokens.add(rec.token)
                 self.token_seat[rec.token] = sk
@@ -342,24 +368,38 @@ class EtcdSeats:
             # The seat is no longer this node's in etcd (it lapsed, or its holder resumed elsewhere): the local
             # holders keep it until told; this lease needs a seat of its own.
             logger.warning("seat %s of %s is no longer held by this node in etcd", claim.slot.decode(), sk[1])
-            del self.claims[sk]
+            if self.claims.get(sk) is claim:  # (a release of its last other token may have dropped it meanwhile)
+                del self.claims[sk]
             claim = None
         if count <= 0:
             return False
         pool = (rec.customer_id, rec.product)
         prefix = self._seat_prefix(rec.customer_id, rec.product)
-        for _ in range(_ATTEMPTS):
-            cands = self._candidates(pool, count)
+        cands: list[int] = []
+
+        def build(taken: set[bytes], into: Any) -> bool:
+            # Called when the batch is put together: the candidates avoid the slots other operations of the
+            # same transaction write (etcd refuses a transaction that could write one key twice).
+            nonlocal cands
+            if token_key in taken:
+                return False
+            cands = self._candidates(pool, count, prefix, taken)
             if not cands:
                 return False
+            taken.add(token_key)
+            taken.update(prefix + b"%05d" % i for i in cands)
             # Guarded by "our token key does not exist yet", so a retry after an answer lost in transit (a
             # leader change) finds the first attempt's seat instead of taking a second one.
-            req = rpc.TxnRequest(
-                compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=token_key,
-                                     create_revision=0)],
-                success=[rpc.RequestOp(request_txn=self._acquire_txn(rec, prefix, cands, lease, token_key))],
-                failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=token_key))])
-            resp = await self._txn_checked("acquire", req, retry=True)
+            into.compare.add(result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=token_key, create_revision=0)
+            self._acquire_txn(rec, prefix, cands, lease, token_key, into.success.add().request_txn)
+            into.failure.add().request_range.key = token_key
+            return True
+
+        # A small pool's acquire names every slot: two in one batch would write the same keys, so each is sent
+        # alone (concurrently, as before batching); a large pool's acquires share the batch.
+        alone = count <= MAX_CANDIDATES
+        for _ in range(_ATTEMPTS):
+            rev, resp = await self._batched("acquire", build, retry=True, alone=alone)
             if not resp.succeeded:  # an earlier attempt of this very grant committed
                 kv = resp.responses[0].response_range.kvs[0]
                 slot = json.loads(kv.value)["slot"].encode()
@@ -370,7 +410,7 @@ class EtcdSeats:
             for i in cands:
                 if node.succeeded:
                     slot = prefix + b"%05d" % i
-                    self.claims[sk] = Claim(slot, resp.header.revision, lease, {rec.token})
+                    self.claims[sk] = Claim(slot, rev, lease, {rec.token})
                     self.token_seat[rec.token] = sk
                     self._free_hint.get(pool, set()).discard(i)
                     return True
@@ -385,47 +425,75 @@ class EtcdSeats:
             self._free_hint[pool] = set(range(count)) - live
         return False
 
-    def _candidates(self, pool: PoolKey, count: int) -> list[int]:
-        if count <= MAX_CANDIDATES:
-            cands = list(range(count))
-            random.shuffle(cands)  # nodes racing for the same pool rarely collide on their first choice
-            return cands
-        hint = self._free_hint.get(pool)
-        if hint:
-            return random.sample(sorted(hint), min(WIDE_CANDIDATES, len(hint)))
-        return random.sample(range(count), WIDE_CANDIDATES)
+    def _candidates(self, pool: PoolKey, count: int, prefix: bytes, taken: set[bytes]) -> list[int]:
+        """Slots to try, none of them in ``taken``.
 
-    def _acquire_txn(self, rec: LeaseRecord, prefix: bytes, cands: list[int], lease: int, token_key: bytes) -> Any:
+        A small pool: every slot, the ones this node's view shows held last (one round trip gives a grant or a
+        linearizable "full"). A large one: a few picked at random from the slots last seen free (the free-slot
+        hint an earlier ``Else`` read, else any not held in this node's view); the innermost ``Else`` reads the
+        pool if every candidate was taken.
+        """
+        held = self._held_slots(pool)
+        if count <= MAX_CANDIDATES:
+            free = [i for i in range(count) if prefix + b"%05d" % i not in taken]
+            random.shuffle(free)  # nodes racing for the same pool rarely collide on their first choice
+            free.sort(key=held.__contains__)  # stable: the shuffled free-looking ones first
+            return free
+        flying = self._flying
+
+        def ok(i: int) -> bool:
+            key = prefix + b"%05d" % i
+            return i not in held and key not in taken and key not in flying
+
+        hint = self._free_hint.get(pool)
+        pick: list[int] = []
+        for source in (sorted(hint) if hint else [], range(count)):
+            for i in random.sample(source, min(len(source), 4 * WIDE_CANDIDATES)):
+                if i not in pick and ok(i):
+                    pick.append(i)
+                    if len(pick) == WIDE_CANDIDATES:
+                        return pick
+        if pick:
+            return pick
+        # Sampling found no free-looking slot: the pool looks (nearly) full; look at every slot.
+        free = [i for i in range(count) if i not in held]
+        if not free:  # the view shows it full: any slots, and the innermost Else reads the pool
+            return [i for i in random.sample(range(count), 4 * WIDE_CANDIDATES)
+                    if prefix + b"%05d" % i not in taken][:WIDE_CANDIDATES]
+        free = [i for i in free if ok(i)]
+        # None: every free-looking slot is being written by this batch or one in flight: wait for the next batch.
+        return random.sample(free, min(WIDE_CANDIDATES, len(free)))
+
+    def _held_slots(self, pool: PoolKey) -> set[int]:
+        """Slots of ``pool`` this node knows are held: its own seats and those of the last cluster view."""
+        held = {int(slot) for slot in self._seats.get(pool, ()) if slot.isdigit()}
+        for (cid, product, _share), claim in self.claims.items():
+            if (cid, product) == pool:
+                with contextlib.suppress(ValueError):
+                    held.add(int(claim.slot.rsplit(b"/", 1)[1]))
+        return held
+
+    def _acquire_txn(self, rec: LeaseRecord, prefix: bytes, cands: list[int], lease: int, token_key: bytes,
+                     into: Any) -> None:
+        """Fill ``into``: ``If create_revision(slot_a) == 0 Then put(slot_a), put(token) Else Txn(If ...)`` over
+        ``cands``, the innermost ``Else`` reading the pool's held slots. Built in place (protobuf copies a
+        message assigned into another: building inside-out would copy the chain at every level)."""
         rpc = self._rpc
-        inner = rpc.TxnRequest(success=[rpc.RequestOp(request_range=rpc.RangeRequest(
-            key=prefix, range_end=_range_end(prefix), keys_only=True))])
         seat_value = self._seat_value(rec)
         record = json.dumps(list(rec)).encode()
-        node = json.dumps(self.node).encode()
-        for i in reversed(cands):
+        node_name = json.dumps(self.node).encode()
+        node = into
+        for i in cands:
             slot = prefix + b"%05d" % i
-            inner = rpc.TxnRequest(
-                compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=slot,
-                                     create_revision=0)],
-                success=[rpc.RequestOp(request_put=rpc.PutRequest(key=slot, value=seat_value, lease=lease)),
-                         rpc.RequestOp(request_put=rpc.PutRequest(key=token_key, value=b'{"slot":"' + slot
-                                                                  + b'","node":' + node + b',"record":' + record
-                                                                  + b"}", lease=lease))],
-                failure=[rpc.RequestOp(request_txn=inner)])
-        return inner
-
-    async def _txn_checked(self, op: str, req: Any, retry: bool = False) -> Any:
-        """A transaction; ``retry``: once more after a short pause if etcd failed (an idempotent one only)."""
-        for attempt in range(2 if retry else 1):
-            try:
-                return await self._call(op, self._kv.Txn(req, timeout=self.timeout, metadata=self._metadata))
-            except StoreUnavailable as exc:
-                if "lease not found" in str(exc):
-                    raise _LeaseGone from None
-                if attempt or not retry or "DEADLINE_EXCEEDED" in str(exc):  # a whole deadline spent: no more
-                    raise
-                await asyncio.sleep(_RETRY_PAUSE)
-        raise AssertionError("unreachable")  # pragma: no cover
+            node.compare.add(result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=slot, create_revision=0)
+            put = node.success.add().request_put
+            put.key, put.value, put.lease = slot, seat_value, lease
+            put = node.success.add().request_put
+            put.key, put.lease = token_key, lease
+            put.value = b'{"slot":"' + slot + b'","node":' + node_name + b',"record":' + record + b"}"
+            node = node.failure.add().request_txn
+        read = node.success.add().request_range
+        read.key, read.range_end, read.keys_only = prefix, _range_end(prefix), True
 
     def _seat_value(self, rec: LeaseRecord, node: str | None = None) -> bytes:
         return json.dumps({"node": self.node if node is None else node, "token": rec.token, "user": rec.user,
@@ -435,9 +503,132 @@ class EtcdSeats:
     def _token_value(self, rec: LeaseRecord, slot: bytes) -> bytes:
         return json.dumps({"slot": slot.decode(), "node": self.node, "record": list(rec)}).encode()
 
+    # -- batching: the operations of one loop iteration in one etcd transaction ------------------------------
+    async def _batched(self, op: str, build: Callable[[set[bytes], Any], bool], retry: bool = False,
+                       alone: bool = False) -> tuple[int, Any]:
+        """Run the transaction ``build`` fills as one branch of the next batch; (revision, its response).
+
+        ``retry``: once more after a short pause if etcd failed fast (an idempotent operation only). ``alone``:
+        in a transaction of its own, sent now.
+        """
+        for attempt in range(2 if retry else 1):
+            fut: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
+            o = _Op(op, build, fut)
+            if alone:
+                top = self._top()
+                build(set(), top.success.add().request_txn)
+                await self._send(op, [o], top, counted=False)
+            else:
+                self._queue.append(o)
+                self._kick()
+            try:
+                return await fut
+            except StoreUnavailable as exc:
+                if attempt or not retry or "DEADLINE_EXCEEDED" in str(exc):  # a whole deadline spent: no more
+                    raise
+                await asyncio.sleep(_RETRY_PAUSE)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _top(self) -> Any:
+        """The transaction around a batch. Its compare is always true but names a key under the prefix: etcd 3.4
+        checks the permissions of a transaction's own compares and operations, not those nested in it, so a
+        client without the right to the prefix (wrong password, no token) is refused here, not let through."""
+        rpc = self._rpc
+        top = rpc.TxnRequest()
+        top.compare.add(result=rpc.Compare.LESS, target=rpc.Compare.MOD, key=self._node_key(self.node),
+                        mod_revision=1 << 62)
+        return top
+
+    def _kick(self) -> None:
+        if not self._flush_soon and self._queue and self._batches < MAX_BATCHES_IN_FLIGHT:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send the queued operations as one transaction: each is a nested transaction of the top one with its
+        own compares, so one's failed compare takes only its own ``Else`` (etcd runs all of them or none: an
+        error of one, e.g. its lease gone, fails the batch, which is then sent again one by one)."""
+        self._flush_soon = False
+        if self._batches >= MAX_BATCHES_IN_FLIGHT or not self._queue:
+            return
+        queue, self._queue = self._queue, []
+        queue.sort(key=lambda o: o.op != "release")  # stable: a released slot is not a candidate of the batch
+        taken: set[bytes] = set()
+        batch: list[_Op] = []
+        top = self._top()
+        for o in queue:
+            if o.fut.done():  # its caller gave up (cancelled)
+                continue
+            if len(batch) >= MAX_BATCH or (batch and (o.solo or batch[0].solo)):
+                self._queue.append(o)
+                continue
+            try:
+                ok = o.build(taken, top.success.add().request_txn)
+            except Exception as exc:  # handed to the caller
+                del top.success[-1]
+                o.fut.set_exception(exc)
+                continue
+            if not ok:  # it would write a key another operation of this batch writes: the next batch
+                del top.success[-1]
+                self._queue.append(o)
+                continue
+            batch.append(o)
+        if not batch:
+            return
+        self._batches += 1
+        self._flying |= taken
+        names = {o.op for o in batch}
+        task = asyncio.get_running_loop().create_task(self._send(names.pop() if len(names) == 1 else "batch",
+                                                                 batch, top, keys=taken))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _send(self, op: str, batch: list[_Op], top: Any, counted: bool = True,
+                    keys: frozenset[bytes] | set[bytes] = frozenset()) -> None:
+        """Send one batch (``counted``: it holds one of the MAX_BATCHES_IN_FLIGHT places; ``keys``: those it may
+        write, which the acquires of the next batch avoid meanwhile) and answer its futures."""
+        self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
+        try:
+            resp = await self._call(op, self._kv.Txn(top, timeout=self.timeout, metadata=self._metadata))
+        except StoreUnavailable as exc:
+            gone = "lease not found" in str(exc)
+            if gone and len(batch) > 1:  # one of them named a lapsed lease: each again alone, to find which
+                for o in batch:
+                    o.solo = True
+                self._queue[:0] = batch
+                return
+            for o in batch:
+                if not o.fut.done():
+                    o.fut.set_exception(_LeaseGone() if gone else exc)
+            return
+        except BaseException as exc:  # cancelled (shutdown): the callers are told
+            for o in batch:
+                if o.fut.done():
+                    continue
+                if counted:
+                    o.fut.set_exception(StoreUnavailable(f"etcd {op} was cancelled: {exc!r}"))
+                else:  # sent alone: its caller was the one cancelled
+                    o.fut.cancel()
+            raise
+        finally:
+            if counted:
+                self._batches -= 1
+                self._flying -= keys
+                self._kick()
+        if not resp.succeeded:  # pragma: no cover - the compare of _top always holds
+            for o in batch:
+                if not o.fut.done():
+                    o.fut.set_exception(StoreUnavailable(f"etcd {op}: the batch's guard did not hold"))
+            return
+        rev = int(resp.header.revision)
+        for o, r in zip(batch, resp.responses, strict=True):
+            if not o.fut.done():
+                o.fut.set_result((rev, r.response_txn))
+
     # -- ends ------------------------------------------------------------------------------------------------
     def release(self, token: str, customer: str) -> None:
-        """Queue the end of ``token`` in etcd (sent at once; retried by :meth:`maintain` if etcd is down)."""
+        """Queue the end of ``token`` in etcd (sent with the loop iteration's batch; retried by :meth:`maintain`
+        if etcd is down)."""
         sk = self.token_seat.pop(token, None)
         self.token_lease.pop(token, None)
         token_key = self._token_key(token)
@@ -468,20 +659,20 @@ class EtcdSeats:
             compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=slot, mod_revision=rev)],
             success=ops, failure=[])
         try:
-            await self._call("release", self._kv.Txn(req, timeout=self.timeout, metadata=self._metadata))
-        except StoreUnavailable:
+            await self._batched("release", _fixed(req, token_key, *((slot,) if last else ())))
+        except (StoreUnavailable, _LeaseGone):
             if queue:
                 self.pending.append(item)
             return False
         return True
 
     async def flush_releases(self) -> None:
-        """Retry the releases etcd did not confirm (stops at the first that fails again)."""
-        while self.pending:
-            item = self.pending[0]  # removed only once etcd confirmed it (a cancelled retry keeps it queued)
-            if not await self._release_one(item, queue=False):
-                return
-            self.pending.remove(item)
+        """Retry the releases etcd did not confirm (in one batch; the confirmed ones leave the queue)."""
+        items = list(self.pending)  # removed only once etcd confirmed them (a cancelled retry keeps them queued)
+        done = await asyncio.gather(*(self._release_one(item, queue=False) for item in items))
+        for item, ok in zip(items, done, strict=True):
+            if ok:
+                self.pending.remove(item)
 
     # -- resume on another node ------------------------------------------------------------------------------
     async def adopt(self, token: str, holds: Callable[[LeaseRecord], bool] = lambda rec: True
@@ -629,27 +820,111 @@ class EtcdSeats:
         await self._call("keepalive", asyncio.wait_for(run(), min(self.timeout, self.ttl / 3)))
         return out
 
-    async def refresh_view(self) -> None:
-        """Read every seat and node of the cluster (lmstat, metrics and the cluster-wide queue use it)."""
+    async def refresh_view(self) -> int:
+        """Read every seat and node of the cluster (lmstat, metrics and the cluster-wide queue use it); returns
+        the revision read at (a watch from the next one misses nothing)."""
         rpc = self._rpc
-        start = f"{self.prefix}/".encode()
-        r = await self._call("get", self._kv.Range(rpc.RangeRequest(key=start, range_end=_range_end(start)),
-                                                   timeout=self.timeout, metadata=self._metadata))
-        view: dict[PoolKey, list[dict[str, Any]]] = {}
-        nodes: dict[str, dict[str, Any]] = {}
-        base = len(self.prefix) + 1
-        for kv in r.kvs:
-            parts = kv.key.decode()[base:].split("/")
-            if parts[0] == "nodes" and len(parts) == 2:
-                nodes[unquote(parts[1])] = json.loads(kv.value)
-            elif parts[0] == "c" and len(parts) == 5 and parts[2] == "seats":
-                seat = json.loads(kv.value)
-                seat["slot"] = parts[4]
-                view.setdefault((unquote(parts[1]), unquote(parts[3])), []).append(seat)
-        self.view = view
-        self.nodes = nodes
-        self.known_nodes.update(nodes)
+        seats, nodes = self._seats_prefix(), self._node_key("")
+        r = await self._call("get", self._kv.Txn(rpc.TxnRequest(success=[
+            rpc.RequestOp(request_range=rpc.RangeRequest(key=seats, range_end=_range_end(seats))),
+            rpc.RequestOp(request_range=rpc.RangeRequest(key=nodes, range_end=_range_end(nodes)))], failure=[]),
+            timeout=self.timeout, metadata=self._metadata))
+        self._seats = {}
+        self.nodes = {}
+        for resp in r.responses:
+            for kv in resp.response_range.kvs:
+                self._apply_put(kv.key, kv.value)
+        self.known_nodes.update(self.nodes)
         self.view_at = time.time()
+        return int(r.header.revision)
+
+    def _apply_put(self, key: bytes, value: bytes) -> None:
+        parts = key.decode()[len(self.prefix) + 1:].split("/")
+        if parts[0] == "nodes" and len(parts) == 2:
+            name = unquote(parts[1])
+            self.nodes[name] = json.loads(value)
+            self.known_nodes.add(name)
+        elif parts[0] == "c" and len(parts) == 5 and parts[2] == "seats":
+            self._seats.setdefault((unquote(parts[1]), unquote(parts[3])), {})[parts[4]] = value
+
+    def _apply_delete(self, key: bytes) -> bool:
+        """Forget a deleted key; True if it was a seat (a seat came free)."""
+        parts = key.decode()[len(self.prefix) + 1:].split("/")
+        if parts[0] == "nodes" and len(parts) == 2:
+            self.nodes.pop(unquote(parts[1]), None)
+        elif parts[0] == "c" and len(parts) == 5 and parts[2] == "seats":
+            pool = (unquote(parts[1]), unquote(parts[3]))
+            held = self._seats.get(pool)
+            if held is not None:
+                held.pop(parts[4], None)
+                if not held:
+                    del self._seats[pool]
+            return True
+        return False
+
+    @property
+    def view(self) -> dict[PoolKey, list[dict[str, Any]]]:
+        """The cluster's seats (every node's) as last read or watched: pool -> seat records, each with its slot."""
+        return {pool: [{**json.loads(v), "slot": slot} for slot, v in sorted(held.items())]
+                for pool, held in self._seats.items()}
+
+    async def follow(self, freed: Callable[[], None], poll: float = 0.5) -> None:
+        """Keep the cluster view current until cancelled: one read, then a watch on the seat and node keys from
+        the revision after it; ``freed()`` is called after each read and each watched batch that freed a seat (a
+        seat freed on another node reaches this node's cluster queue within a round trip). While the watch is
+        broken (the member it was on died, no leader, history compacted past it) the view is read every ``poll``
+        seconds until a new watch starts."""
+        while True:
+            try:
+                rev = await self.refresh_view()
+            except StoreUnavailable:
+                await asyncio.sleep(poll)
+                continue
+            freed()
+            try:
+                await self._watch(rev + 1, freed)
+            except StoreUnavailable as exc:
+                logger.info("the watch of the cluster's seats broke (%s); reading them every %g s until a new "
+                            "one starts", exc, poll)
+            finally:
+                self.watching = False
+            await asyncio.sleep(poll)
+
+    async def _watch(self, start: int, freed: Callable[[], None]) -> None:
+        """Apply every change to seats and nodes from revision ``start``; returns or raises when the stream ends."""
+        import grpc
+
+        rpc = self._rpc
+        call = rpc.WatchStub(self._channel).Watch(metadata=self._metadata)
+        try:
+            for key in (self._seats_prefix(), self._node_key("")):
+                await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+                    key=key, range_end=_range_end(key), start_revision=start)))
+            created = 0
+            while True:
+                resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    raise StoreUnavailable("etcd ended the watch stream")
+                if resp.canceled or resp.compact_revision:
+                    raise StoreUnavailable(f"etcd cancelled the watch ({resp.cancel_reason or 'compacted to '}"
+                                           f"{resp.compact_revision or ''})")
+                if resp.created:
+                    created += 1
+                    self.watching = created == 2
+                came_free = False
+                for ev in resp.events:
+                    if ev.type == ev.DELETE:
+                        came_free |= self._apply_delete(ev.kv.key)
+                    else:
+                        self._apply_put(ev.kv.key, ev.kv.value)
+                if resp.events:
+                    self.view_at = time.time()
+                if came_free:
+                    freed()
+        except grpc.aio.AioRpcError as exc:
+            raise StoreUnavailable(f"etcd watch failed: {exc.code().name}: {exc.details() or ''}") from None
+        finally:
+            call.cancel()
 
     def node_lines(self) -> list[dict[str, Any]]:
         """Every known node, this one first: name, host, port, and whether it is up (registered in etcd)."""
@@ -662,8 +937,8 @@ class EtcdSeats:
         return out
 
     def held(self, pool: PoolKey) -> int:
-        """Seats of ``pool`` held cluster-wide, as last read."""
-        return len(self.view.get(pool, ()))
+        """Seats of ``pool`` held cluster-wide, as last read or watched."""
+        return len(self._seats.get(pool, ()))
 
 
 class NullStore:
@@ -691,6 +966,32 @@ class NullStore:
 
 class _LeaseGone(Exception):
     """etcd says the session lease a write named no longer exists."""
+
+
+@dataclass(slots=True)
+class _Op:
+    """One operation waiting for the next batch: ``build(taken, into)`` fills ``into`` with its transaction (and
+    adds the keys it may write to ``taken``), or returns False when it would write a key already in ``taken`` (it
+    waits for the next batch)."""
+
+    op: str
+    build: Callable[[set[bytes], Any], bool]
+    fut: asyncio.Future[tuple[int, Any]]
+    #: Sent alone (after a batch failed for one of its operations' leases).
+    solo: bool = False
+
+
+def _fixed(req: Any, *keys: bytes) -> Callable[[set[bytes], Any], bool]:
+    """The builder of a transaction that writes exactly ``keys``."""
+
+    def build(taken: set[bytes], into: Any) -> bool:
+        if not taken.isdisjoint(keys):
+            return False
+        taken.update(keys)
+        into.CopyFrom(req)
+        return True
+
+    return build
 
 
 def _range_end(prefix: bytes) -> bytes:

@@ -187,8 +187,9 @@ def _frame(payload: bytes) -> bytes:
 
 
 def _grant_payload(rec: LeaseRecord) -> list[object]:
+    # share_key stays a tuple: msgpack packs a tuple as the same array a list makes.
     return [
-        _GRANT, rec.token, rec.customer_id, rec.product, list(rec.share_key), rec.user, rec.host, rec.pid,
+        _GRANT, rec.token, rec.customer_id, rec.product, rec.share_key, rec.user, rec.host, rec.pid,
         rec.version, rec.display, rec.granted_at, rec.owner, rec.addr,
     ]  # fmt: skip
 

@@ -400,6 +400,54 @@ def test_lmstat_metrics_and_healthz_show_the_cluster(ha: HA) -> None:
     asyncio.run(run())
 
 
+def store_calls(d: Daemon, op: str) -> float:
+    """How many etcd calls of kind ``op`` node ``d`` made (its ``lmgrd_store_request_duration_seconds`` count)."""
+    status, text = http_get(d.metrics_url() + "metrics")
+    assert status == 200
+    for line in text.splitlines():
+        if line.startswith(f'lmgrd_store_request_duration_seconds_count{{op="{op}"}} '):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_seat_freed_on_one_node_goes_to_the_waiters_of_the_other_in_order_by_the_watch(ha: HA) -> None:
+    """Two checkouts wait on node a (the only seat is held through node b): b's client checks in, and etcd's
+    watch (not a poll: a's reads of the whole view do not grow meanwhile) gives the seat to a's first waiter;
+    when that one checks in, the second gets it."""
+    ha.license(1)
+    etcd = ha.etcd(1)
+    oracle = ha.oracle(etcd)
+    a = ha.node("a", etcd.endpoints)
+    b = ha.node("b", etcd.endpoints)
+
+    async def run() -> None:
+        holder, w1, w2 = client(b.address, "holder"), client(a.address, "first"), client(a.address, "second")
+        try:
+            held = await holder.checkout(PRODUCT, VERSION)
+            a.wait_for_log(r"etcd store is up")
+            t1 = asyncio.create_task(try_checkout(w1, wait=60))
+            await asyncio.to_thread(a.wait_for_log, r"QUEUED CADPRO 2\.1 for first@.*cluster-wide, position 1")
+            t2 = asyncio.create_task(try_checkout(w2, wait=60))
+            await asyncio.to_thread(a.wait_for_log, r"QUEUED CADPRO 2\.1 for second@.*cluster-wide, position 2")
+            reads = await asyncio.to_thread(store_calls, a, "get")
+            await held.checkin()
+            s1 = await asyncio.wait_for(t1, 30)
+            assert isinstance(s1, AsyncSeat), s1
+            assert not t2.done()  # one seat: the second waiter is still waiting, in order
+            assert await asyncio.to_thread(store_calls, a, "get") == reads  # the watch told a, not a poll
+            await s1.checkin()
+            s2 = await asyncio.wait_for(t2, 30)
+            assert isinstance(s2, AsyncSeat), s2
+            await s2.checkin()
+        finally:
+            await asyncio.gather(*(cl.close() for cl in (holder, w1, w2)))
+
+    asyncio.run(run())
+    oracle.stop()
+    rep = oracle.check(1)
+    assert len(rep["granted"]) == 3 and len(rep["deletes"]) == 3
+
+
 class NsDaemon(Daemon):
     """lmgrd in its own network namespace with its own hostname: a separate host, as far as it can tell."""
 
@@ -510,6 +558,96 @@ def test_a_late_release_by_the_old_node_never_frees_the_seat_its_client_moved(ha
     assert len(rep["deletes"]) == 1  # the slot was deleted once: by the checkin on b
     for c in (two, rival):
         c.close()
+
+
+def test_batched_acquires_and_releases_fill_a_large_pool_exactly_even_when_one_lease_lapsed(ha: HA) -> None:
+    """A pool larger than one transaction's candidates: concurrent acquires go to etcd in batches (one
+    transaction, each acquire a nested one with its own compares), so are the releases. 60 acquires race for
+    40 seats: exactly 40 get one, the other 20 are told the pool is full; one acquire's session lease was revoked
+    behind the store's back, which fails its whole batch in etcd: the batch is sent again one by one and that
+    acquire gets a new lease. Then every seat is released in batches, each guarded by its own revision."""
+    from lmgrd.core.ledger import LeaseRecord
+    from lmgrd.storage.etcd import MAX_CANDIDATES, EtcdSeats, EtcdSettings
+
+    count = 40
+    assert count > MAX_CANDIDATES  # the batched path (a small pool's acquire names every slot and goes alone)
+    etcd = ha.etcd(1)
+    oracle = ha.oracle(etcd)
+    tokens = [f"{i:032x}" for i in range(60)]
+
+    async def run() -> None:
+        seats = EtcdSeats(EtcdSettings((etcd.members[0].endpoint,)), "n1", 10)
+        await seats.connect({"node": "n1"})
+        try:
+            recs = [LeaseRecord(t, "CID", "P", (t,), f"u{i}", "h", 1, "1.0", "", time.time())
+                    for i, t in enumerate(tokens)]
+            for i in range(len(recs)):
+                await seats._lease_for(i)
+            rpc = seats._rpc
+            leases = dict(seats.session_lease)
+            await seats._lease.LeaseRevoke(rpc.LeaseRevokeRequest(ID=leases[7]), timeout=5)
+            got = await asyncio.gather(*(seats.acquire(r, count, i, r.share_key) for i, r in enumerate(recs)))
+            assert sum(got) == count
+            assert max(seats.batch_sizes) > 1 and 1 in seats.batch_sizes  # batched; re-sent one by one
+            # Only the acquire whose lease lapsed got a new one (the others of its batch kept theirs); the store
+            # stayed up (a lapsed lease is the session's problem, not etcd's).
+            assert seats.up
+            assert seats.session_lease[7] != leases[7]
+            assert {i: seats.session_lease[i] for i in leases if i != 7} == {i: v for i, v in leases.items() if i != 7}
+            await seats.refresh_view()
+            assert seats.held(("CID", "P")) == count
+            before = dict(seats.batch_sizes)
+            for r, ok in zip(recs, got, strict=True):
+                if ok:
+                    seats.release(r.token, "CID")
+            while seats._releasing:
+                await asyncio.gather(*list(seats._releasing))
+            assert not seats.pending
+            sent = sum(seats.batch_sizes.values()) - sum(before.values())
+            assert sent < count  # fewer transactions than releases
+            await seats.refresh_view()
+            assert seats.held(("CID", "P")) == 0
+        finally:
+            await seats.close()
+
+    asyncio.run(run())
+    oracle.stop()
+    rep = oracle.check(count)
+    assert rep["max_live"] == {"/lmgrd/c/CID/seats/P": count}
+    assert len(rep["granted"]) == count and len(rep["deletes"]) == count and not rep["live"]
+
+
+def test_a_large_pool_fills_to_its_last_seat_under_concurrent_acquires(ha: HA) -> None:
+    """As many concurrent acquires as a large pool has seats, on one node: every one gets a seat (the batches in
+    flight and the next one never pick the same free slots, and a nearly full pool is searched slot by slot),
+    and one more is told the pool is full."""
+    from lmgrd.core.ledger import LeaseRecord
+    from lmgrd.storage.etcd import EtcdSeats, EtcdSettings
+
+    count = 300
+    etcd = ha.etcd(1)
+    oracle = ha.oracle(etcd)
+
+    async def run() -> None:
+        seats = EtcdSeats(EtcdSettings((etcd.members[0].endpoint,)), "n1", 10)
+        await seats.connect({"node": "n1"})
+        follow = asyncio.create_task(seats.follow(lambda: None))  # the cluster view, as a daemon keeps it
+        try:
+            while not seats.watching:
+                await asyncio.sleep(0.01)
+            recs = [LeaseRecord(f"{i:032x}", "CID", "P", (f"{i:032x}",), f"u{i}", "h", 1, "1.0", "", time.time())
+                    for i in range(count + 1)]
+            got = await asyncio.gather(*(seats.acquire(r, count, 0, r.share_key) for r in recs[:count]))
+            assert all(got), f"{got.count(False)} of {count} acquires refused with seats free"
+            assert not await seats.acquire(recs[count], count, 0, recs[count].share_key)
+        finally:
+            follow.cancel()
+            await seats.close()
+
+    asyncio.run(run())
+    oracle.stop()
+    rep = oracle.check(count)
+    assert rep["max_live"] == {"/lmgrd/c/CID/seats/P": count} and len(rep["granted"]) == count
 
 
 def test_tls_client_certificates_and_etcd_authentication(ha: HA) -> None:

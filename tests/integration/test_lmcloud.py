@@ -241,6 +241,61 @@ def test_one_machine_per_customer_id(site: Site) -> None:
     assert len(info["activations"]) == 1
 
 
+def test_an_ha_license_activates_on_each_of_its_servers_separately(site: Site) -> None:
+    """An HA license names 2-3 servers (hosts:): each activates for itself (one activation per customer ID and
+    listed server); a machine not listed is refused; another machine posing as a listed server conflicts with
+    that server's activation only; a reinstall on one server replaces that server's activation only."""
+    import dataclasses
+
+    from lmgrd.vendor.signing import sign_license as sign
+
+    servers = (("node-a", "192.0.2.21"), ("node-b", "192.0.2.22"))
+    lic = dataclasses.replace(
+        License(new_customer_id(os.urandom(10)), "multi", "HA Customer", "node-a", "192.0.2.21",
+                (Product("CADPRO", "2.1", 5),), datetime.now(UTC) - timedelta(hours=1), date(2031, 12, 31), (),
+                "user_host", site.main.url), servers=servers)
+    path = site.work / f"{lic.customer_id}.lic"
+    path.write_text(sign(lic, site.vendor_key))
+    done = lmcloud_here("register", str(path), "--db", site.db)
+    assert done.returncode == 0, done.stderr
+    cid = lic.customer_id
+    a = Installation(cid, hostname="node-a", machine_id="machine-a", addresses=("192.0.2.21",))
+    b = Installation(cid, hostname="node-b.example.com", machine_id="machine-b", addresses=("192.0.2.22",))
+    for inst in (a, b):
+        answer = site.activate(inst)
+        assert answer.status == "active" and answer.certificate is not None, answer.message
+        assert answer.certificate.hostname == inst.hostname and answer.certificate.fingerprint.matches(inst.fingerprint)
+    # Not one of the servers (another name, or a listed name at an address the license does not give it).
+    for stranger in (Installation(cid, hostname="node-c", addresses=("192.0.2.23",)),
+                     Installation(cid, hostname="node-b", addresses=("192.0.2.99",))):
+        refused = site.activate(stranger)
+        assert refused.http_status == 403 and refused.code is ErrorCode.HOST_NOT_LICENSED, refused.message
+        assert "node-a" in refused.message and "node-b" in refused.message
+    # Another machine posing as node-a: a conflict with node-a's activation, which keeps working.
+    impostor = Installation(cid, hostname="node-a", machine_id="machine-x", addresses=("192.0.2.21",))
+    refused = site.activate(impostor)
+    assert refused.http_status == 409 and refused.code is ErrorCode.ACTIVATION_CONFLICT
+    assert refused.conflict_hostname == "node-a"
+    # Each server's token rotates on its own.
+    assert site.check_in(a).certificate.sequence == 2  # type: ignore[union-attr]
+    assert site.check_in(b).certificate.sequence == 2  # type: ignore[union-attr]
+    assert site.check_in(a).certificate.sequence == 3  # type: ignore[union-attr]
+    # node-b reinstalled (same machine, new installation key): only node-b's old installation is replaced.
+    b2 = Installation(cid, hostname="node-b.example.com", machine_id="machine-b", addresses=("192.0.2.22",))
+    assert site.activate(b2).status == "active"
+    replaced = site.check_in(b)
+    assert replaced.http_status == 409 and replaced.code is ErrorCode.ACTIVATION_CONFLICT
+    assert site.check_in(a).certificate.sequence == 4  # type: ignore[union-attr]
+    assert site.check_in(b2).certificate.sequence == 2  # type: ignore[union-attr]
+    info = site.show(cid)
+    assert info["state"] == "active" and info["servers"] == [{"hostname": n, "ip": ip} for n, ip in servers]
+    current = sorted((act["server"], act["installation_key"]) for act in info["activations"] if act["current"])
+    assert current == [("node-a", a.key_text), ("node-b", b2.key_text)]
+    assert len(info["activations"]) == 3  # a, b (ended: replaced by b2), b2
+    kinds = [e["kind"] for e in info["events"]]
+    assert kinds.count("activated") == 3 and kinds.count("conflict") == 2
+
+
 def test_a_clone_with_a_stale_token_is_caught_and_the_latest_token_keeps_working(site: Site) -> None:
     cid = site.registered()
     original = Installation(cid)

@@ -40,7 +40,8 @@ from protocol.cloud import (
 )
 from protocol.errors import ErrorCode
 from protocol.fingerprint import Fingerprint
-from protocol.license import License, LicenseFileError, format_timestamp, parse_license
+from protocol.license import License, LicenseFileError, format_timestamp, host_mismatch, parse_license
+from protocol.validation import short_hostname
 
 __all__ = [
     "EVENT_KINDS",
@@ -123,6 +124,8 @@ class Store:
         self.vendor_key = vendor_key
         self.valid_for = valid_for
         self._postgres = engine.dialect.name == "postgresql"
+        #: The servers of each HA license seen (a customer ID's license text never changes once registered).
+        self._servers: dict[str, tuple[tuple[str, str], ...]] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -136,6 +139,41 @@ class Store:
         if self._postgres:
             query = query.with_for_update()
         return (await conn.execute(query)).first()
+
+    def _servers_of(self, row: Any) -> tuple[tuple[str, str], ...]:
+        """The license's HA servers (``hosts:`` of its request), or ``()`` for a license of one server."""
+        servers = self._servers.get(row.customer_id)
+        if servers is None:
+            servers = self._servers[row.customer_id] = parse_license(row.license_text, row.customer_id)[0].servers
+        return servers
+
+    def _listed_host(self, row: Any, hostname: str, addresses: Sequence[str]) -> str | None:
+        """For an HA license, the server of its list this machine is (the name as the license spells it); None
+        for a license of one server. Each listed server has its own activation.
+
+        Raises:
+            Refusal: an HA license and this machine is none of its servers (403 ``HOST_NOT_LICENSED``).
+        """
+        servers = self._servers_of(row)
+        if not servers:
+            return None
+        lic = parse_license(row.license_text, row.customer_id)[0]
+        for name, ip in servers:
+            if not host_mismatch(dataclasses.replace(lic, hostname=name, ip=ip, servers=()), hostname, addresses):
+                return name
+        raise Refusal(403, ErrorCode.HOST_NOT_LICENSED, host_mismatch(lic, hostname, addresses)[0],
+                      "activate it on one of the servers the license names; to add or move a server, ask the "
+                      "vendor to reissue the license", metric="refused")
+
+    async def _current(self, conn: AsyncConnection, row: Any, server: str | None) -> Any:
+        """The activation in force: the customer's one, or for an HA license that of the listed ``server``."""
+        if server is None:
+            return await self._activation(conn, row.active_activation_id)
+        acts = (await conn.execute(sa.select(activations).where(
+            activations.c.customer_id == row.customer_id, activations.c.ended_at.is_(None)).order_by(
+            activations.c.id.desc()))).all()
+        mine = short_hostname(server).lower()
+        return next((a for a in acts if short_hostname(a.hostname).lower() == mine), None)
 
     @staticmethod
     async def _activation(conn: AsyncConnection, activation_id: int | None) -> Any:
@@ -198,12 +236,13 @@ class Store:
                            f"license {row.customer_id} expired at {_ts(row.expires_at)}", "ask the vendor to renew it")
         return None
 
-    def _conflict(self, row: Any, act: Any, hostname: str) -> Refusal:
+    def _conflict(self, row: Any, act: Any, hostname: str, server: str | None = None) -> Refusal:
         return Refusal(409, ErrorCode.ACTIVATION_CONFLICT,
                        f"license {row.customer_id} is already active on host {act.hostname!r} since "
-                       f"{_ts(act.activated_at)}; this machine ({hostname!r}) cannot activate it as well",
-                       "one license server per customer ID: to move a license server, ask the vendor to reissue "
-                       "the license for the new machine (a new customer ID)",
+                       f"{_ts(act.activated_at)}; this machine ({hostname!r}) cannot activate it as well"
+                       + ("" if server is None else f" (the HA license's server {server!r} is another machine)"),
+                       "one license server per customer ID (per listed server of an HA license): to move a license "
+                       "server, ask the vendor to reissue the license for the new machine (a new customer ID)",
                        conflict_hostname=act.hostname, conflict_since=act.activated_at, metric="conflict")
 
     def _certificate(self, act: Any) -> dict[str, Any]:
@@ -225,8 +264,9 @@ class Store:
                 "token": nonce_text(os.urandom(32))}
 
     async def _activate(self, conn: AsyncConnection, row: Any, req: ActivationRequest | OfflineRequest, how: str,
-                        now: int) -> Any:
-        """Insert the activation, point the customer at it (ending the previous one), record the event."""
+                        now: int, previous: Any) -> Any:
+        """Insert the activation, point the customer at it (ending ``previous``, the one it replaces: the
+        customer's, or for an HA license that of the same listed server), record the event."""
         if how == "offline":
             terms: dict[str, Any] = {"cert_issued_at": now, "valid_until": row.expires_at, "next_check_in": None,
                                      "token": None}
@@ -240,8 +280,8 @@ class Store:
             installation_key=req.installation_key, how=how, activated_at=now, last_check_in=None,
             sequence=sequence, request_nonce=req.nonce, prev_token=None, rotated_at=now, **terms))
         new_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
-        if row.active_activation_id is not None:
-            await conn.execute(activations.update().where(activations.c.id == row.active_activation_id).values(
+        if previous is not None:
+            await conn.execute(activations.update().where(activations.c.id == previous.id).values(
                 ended_at=now, ended_reason=f"replaced by a new installation on {req.hostname}"))
         await conn.execute(customers.update().where(customers.c.customer_id == row.customer_id).values(
             state="active", active_activation_id=new_id))
@@ -322,11 +362,12 @@ class Store:
             expired = self._expired(row, now)
             if expired:
                 raise expired
+            server = self._listed_host(row, req.hostname, req.addresses)
             await self._use_nonce(conn, req.nonce, req.customer_id, now)
-            act = await self._activation(conn, row.active_activation_id)
+            act = await self._current(conn, row, server)
             if act is not None:
                 if not _fingerprint(act).matches(req.fingerprint):
-                    conflict = self._conflict(row, act, req.hostname)
+                    conflict = self._conflict(row, act, req.hostname, server)
                 elif act.installation_key == req.installation_key and act.how != "offline":
                     # The same installation asks again (it lost its certificate): a fresh one, the token rotates.
                     values = {"sequence": act.sequence + 1, "prev_token": act.token, "rotated_at": now,
@@ -335,13 +376,13 @@ class Store:
                     await conn.execute(activations.update().where(activations.c.id == act.id).values(**values))
                     return Outcome("active", "already_active", certificate=self._certificate(_updated(act, values)))
                 else:  # the same machine, a new installation (reinstalled, or moving off an offline activation)
-                    new = await self._activate(conn, row, req, req.mode, now)
+                    new = await self._activate(conn, row, req, req.mode, now, act)
                     return Outcome("active", "activated", certificate=self._certificate(new))
             else:
                 activates_at = row.issued_at + int(AUTO_ACTIVATION_AFTER.total_seconds())
                 if req.mode == "manual" or now >= activates_at:
                     how = "manual" if req.mode == "manual" else "automatic"
-                    new = await self._activate(conn, row, req, how, now)
+                    new = await self._activate(conn, row, req, how, now, None)
                     return Outcome("active", "activated", certificate=self._certificate(new))
                 return Outcome("pending", "pending", activates_at=activates_at,
                                message=f"license {row.customer_id} is not active yet: the activation service "
@@ -368,7 +409,8 @@ class Store:
                 raise self._unknown(req.customer_id)
             if row.state in ("revoked", "superseded"):
                 return self._revocation(row)
-            act = await self._activation(conn, row.active_activation_id)
+            server = self._listed_host(row, req.hostname, req.addresses)
+            act = await self._current(conn, row, server)
             if act is None or act.how == "offline":
                 raise Refusal(409, ErrorCode.LICENSE_NOT_ACTIVATED,
                               f"license {req.customer_id} has no online activation to check in to",
@@ -386,7 +428,7 @@ class Store:
                 verify(act.installation_key)
                 await self._use_nonce(conn, req.nonce, req.customer_id, now)
                 if not _fingerprint(act).matches(req.fingerprint):
-                    refusal = self._conflict(row, act, req.hostname)
+                    refusal = self._conflict(row, act, req.hostname, server)
                     event = ("conflict", f"check-in from another machine ({req.hostname}) with this installation's "
                              "key: a copied state directory")
                 elif req.token == act.token and req.sequence == act.sequence:
@@ -433,11 +475,12 @@ class Store:
             expired = self._expired(row, now)
             if expired:
                 raise expired
+            server = self._listed_host(row, req.hostname, req.addresses)
             await self._use_nonce(conn, req.nonce, req.customer_id, now)
-            act = await self._activation(conn, row.active_activation_id)
+            act = await self._current(conn, row, server)
             if act is not None and not _fingerprint(act).matches(req.fingerprint):
-                raise self._conflict(row, act, req.hostname)
-            new = await self._activate(conn, row, req, "offline", now)
+                raise self._conflict(row, act, req.hostname, server)
+            new = await self._activate(conn, row, req, "offline", now, act)
             return self._certificate(new)
 
     async def prune_nonces(self, now: int) -> int:
@@ -471,17 +514,26 @@ class Store:
                 activations.c.customer_id == customer_id).order_by(activations.c.id))).all()
             evs: Sequence[Any] = (await conn.execute(sa.select(events).where(
                 events.c.customer_id == customer_id).order_by(events.c.id))).all()
+        servers = self._servers_of(row)
+        ha = bool(servers)
+
+        def server_of(hostname: str) -> str | None:  # the listed server an HA activation is for
+            return next((n for n, _ip in servers if short_hostname(n).lower() == short_hostname(hostname).lower()),
+                        None)
+
         return {
             "customer_id": row.customer_id, "state": row.state, "customer": row.customer,
             "license_type": row.license_type, "issued_at": _ts(row.issued_at),
             "activates_at": _ts(row.issued_at + int(AUTO_ACTIVATION_AFTER.total_seconds())),
             "expires_at": _ts(row.expires_at), "cloud_url": row.cloud_url, "registered_at": _ts(row.registered_at),
             "revoked_at": _ts(row.revoked_at), "reason": row.revoke_reason, "replaced_by": row.replaced_by,
+            "servers": [{"hostname": n, "ip": ip} for n, ip in servers],
             "activations": [{
                 "hostname": a.hostname, "addresses": json.loads(a.addresses), "fingerprint": a.fingerprint,
                 "how": a.how, "activated_at": _ts(a.activated_at), "last_check_in": _ts(a.last_check_in),
                 "valid_until": _ts(a.valid_until), "sequence": a.sequence, "installation_key": a.installation_key,
-                "current": a.id == row.active_activation_id, "ended_at": _ts(a.ended_at),
+                "current": (a.ended_at is None and row.state == "active") if ha else a.id == row.active_activation_id,
+                "server": server_of(a.hostname) if ha else None, "ended_at": _ts(a.ended_at),
                 "ended_reason": a.ended_reason} for a in acts],
             "events": [{"at": _ts(e.at), "kind": e.kind, "hostname": e.hostname, "detail": e.detail} for e in evs],
         }
