@@ -196,9 +196,12 @@ class Connection(Generic[_EventT]):
     Attributes:
         role: ``Role.CLIENT`` or ``Role.SERVER``.
         state: the :class:`State` of the conversation.
-        hello: the hello sent (client) or received (server), once it has passed the table.
+        hello: the hello this client sent, once it has passed the table. A server keeps none (``None``): the
+            message goes to the caller, which keeps what it needs of it, and a daemon holds one connection per
+            client for hours (about 300 bytes each, with its strings); ``proto`` says whether it arrived.
         proto: the negotiated protocol version (0 until the server has picked one: on receiving the
-            hello for a server, on receiving the welcome for a client).
+            hello for a server, on receiving the welcome for a client). On a server, non-zero exactly when
+            the hello has been received.
     """
 
     __slots__ = ("_decoder", "_parse", "_peer", "hello", "proto", "role", "state")
@@ -328,8 +331,7 @@ class Connection(Generic[_EventT]):
                     self._refuse(peer, kind, remote=True)
                 self.state = nxt
                 if kind is Hello:
-                    self.proto = negotiate(msg.proto)
-                    self.hello = msg
+                    self.proto = negotiate(msg.proto)  # >= 1: the hello arrived (the message is not kept)
                 elif kind is Welcome:
                     self.proto = msg.proto
                 out.append(msg)

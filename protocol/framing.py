@@ -63,10 +63,17 @@ def decode_body(body: bytes) -> dict[str, Any]:
         if type(key) is not str:  # msgpack's strict_map_key still lets binary (bytes) keys through
             raise MalformedMessage(f"frame body is not valid msgpack for this protocol: map key {shown(key, 40)} is "
                                    f"{type(key).__name__}, keys must be strings")
-        if isinstance(value, list | tuple | dict):
-            nested = True
-    # A flat map (checkout, checkin, heartbeat: every hot-path request) is one level deep: only a message
-    # holding lists or maps is walked.
+        if not nested and isinstance(value, list | tuple | dict):
+            if type(value) is list:
+                # A list of scalars (hello's ``proto``, resume's ``tokens``) is two levels deep: no walk for it.
+                for item in value:
+                    if isinstance(item, list | tuple | dict):
+                        nested = True
+                        break
+            else:
+                nested = True
+    # A flat map (checkout, checkin, heartbeat: every hot-path request) is one level deep, a map holding only
+    # lists of scalars (hello, resume) two: only a message holding deeper lists or maps is walked.
     if nested and nesting_depth_exceeds(obj):
         raise MalformedMessage(f"frame body nests lists and maps more than {MAX_NESTING_DEPTH} levels deep; "
                                "no message of this protocol needs that many")
@@ -86,7 +93,9 @@ class FrameDecoder:
         if max_frame_bytes < 16:
             raise ValueError(f"max_frame_bytes must be at least 16, got {max_frame_bytes!r}")
         self.max_frame_bytes = max_frame_bytes
-        self._buf = bytearray()
+        # Bytes of a frame not yet complete: allocated when a read first ends inside a frame (a connection
+        # whose reads each hold whole frames, the usual case, never needs one; a server holds thousands).
+        self._buf: bytearray | None = None
         self._failed: MalformedMessage | None = None
 
     def whole(self, data: bytes) -> bytes | None:
@@ -117,6 +126,8 @@ class FrameDecoder:
                 self._failed = exc
                 raise
         buf = self._buf
+        if buf is None:
+            buf = self._buf = bytearray()
         buf += data
         out: list[dict[str, Any]] = []
         pos = 0

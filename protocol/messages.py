@@ -160,6 +160,23 @@ class Hello:
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Hello:
+        # Once per connection (a burst of clients connecting at once): as in Checkout.from_wire, every field of
+        # the exact type msgpack decodes to and within its limits takes this path (a subset of what the checked
+        # readers below accept, giving the same values); anything else takes them, so an error names the field.
+        rid, protos, host, user, pid = d.get("id"), d.get("proto"), d.get("host"), d.get("user"), d.get("pid")
+        cv, display, secret = d.get("client_version", ""), d.get("display", ""), d.get("secret", "")
+        if (type(rid) is int and 0 <= rid <= MAX_ID and type(protos) is list
+                and 0 < len(protos) <= MAX_PROTOCOLS_OFFERED and type(host) is str and len(host) <= MAX_TEXT
+                and type(user) is str and len(user) <= MAX_TEXT
+                and type(pid) is int and 0 <= pid <= MAX_PID and type(cv) is str and len(cv) <= MAX_TEXT
+                and type(display) is str and len(display) <= MAX_TEXT and type(secret) is str):
+            for p in protos:
+                if type(p) is not int or not 0 < p <= MAX_PROTOCOL_VERSION:
+                    break
+            else:
+                if (MIN_SECRET_LENGTH <= len(secret) <= MAX_SECRET_LENGTH if secret
+                        else SECRET_SINCE_PROTOCOL not in protos):
+                    return cls(rid, tuple(protos), host, user, pid, cv, display, secret)
         protos = _get(d, "proto", list, "a list of protocol version integers", "hello")
         if not protos or len(protos) > MAX_PROTOCOLS_OFFERED or not all(
             isinstance(p, int) and not isinstance(p, bool) and 0 < p <= MAX_PROTOCOL_VERSION for p in protos
@@ -404,6 +421,29 @@ class Welcome:
         return {"op": "welcome", "id": self.id, "proto": self.proto, "server_version": self.server_version,
                 "heartbeat_interval": self.heartbeat_interval, "lease_timeout": self.lease_timeout,
                 "max_frame": self.max_frame, "session": self.session}
+
+    @staticmethod
+    def framer(server_version: str, heartbeat_interval: float, lease_timeout: float,
+               max_frame: int) -> Callable[[int, int, int], bytes]:
+        """A server's welcome builder: ``(id, proto, session) -> frame``, byte for byte the frame of
+        ``Welcome(id, proto, server_version, heartbeat_interval, lease_timeout, max_frame, session)``.
+
+        Every welcome of one daemon differs only in those three, so the rest is encoded once, here (every
+        connection's hello is answered with one: the burst of clients connecting at once).
+        """
+        head = b"\x88" + _pack("op") + _pack("welcome") + _pack("id")
+        proto_key = _pack("proto")
+        middle = (_pack("server_version") + _pack(server_version) + _pack("heartbeat_interval")
+                  + _pack(heartbeat_interval) + _pack("lease_timeout") + _pack(lease_timeout) + _pack("max_frame")
+                  + _pack(max_frame) + _pack("session"))
+        fixed = len(head) + len(proto_key) + len(middle)
+        pack = _pack
+
+        def frame(id: int, proto: int, session: int) -> bytes:
+            i, p, s = pack(id), pack(proto), pack(session)
+            return b"".join((_header(fixed + len(i) + len(p) + len(s)), head, i, proto_key, p, middle, s))
+
+        return frame
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Welcome:

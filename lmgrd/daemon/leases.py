@@ -80,10 +80,18 @@ def _store_message(err: StoreError) -> tuple[str, str]:
 
 
 class Client(Writable, ClientView, Protocol):
-    """A connected client as the lifecycle needs it: where replies go, and what it is told at heartbeat."""
+    """A connected client as the lifecycle needs it: where replies go, what it is told at heartbeat, and its
+    queued checkouts (``waiters``: waiter_id -> request id, ``None`` while it has none)."""
 
-    lost: list[LostSeat]
-    waiters: dict[int, int]
+    @property
+    def waiters(self) -> dict[int, int] | None: ...
+
+    def tell(self, seat: LostSeat) -> None:
+        """Tell the client at its next heartbeat that it lost ``seat``."""
+        ...
+
+    def add_waiter(self, waiter_id: int, request_id: int) -> None: ...
+    def drop_waiter(self, waiter_id: int) -> None: ...
 
 
 class Timers(Protocol):
@@ -264,7 +272,7 @@ class LeaseLifecycle:
         self.next_waiter += 1
         ctx.timer = self.timers.call_later(max(0.0, ctx.until - self.clock()), self._wait_expired, waiter_id)
         self.waits[waiter_id] = ctx
-        ctx.client.waiters[waiter_id] = ctx.request_id
+        ctx.client.add_waiter(waiter_id, ctx.request_id)
         queue = self.cluster_queue.setdefault(ctx.pool, [])
         # In arrival order: a waiter offered a seat that another node took first comes back to its place.
         pos = len(queue)
@@ -414,7 +422,7 @@ class LeaseLifecycle:
         position = self.ledger.enqueue(Waiter(waiter_id, pool, share_key, holder, version, ctx))
         ctx.timer = self.timers.call_later(wait, self._wait_expired, waiter_id)
         self.waits[waiter_id] = ctx
-        client.waiters[waiter_id] = rid
+        client.add_waiter(waiter_id, rid)
         logger.info("QUEUED %s %s for %s (position %d, waiting up to %g s)", product, version, client.who(),
                     position, wait)
         return position
@@ -441,12 +449,12 @@ class LeaseLifecycle:
         if ctx.timer is not None:
             ctx.timer.cancel()
             ctx.timer = None
-        ctx.client.waiters.pop(waiter_id, None)
+        ctx.client.drop_waiter(waiter_id)
         return ctx
 
     def drop_waits(self, client: Client) -> None:
         """The client left: forget its queued checkouts."""
-        for waiter_id in list(client.waiters):
+        for waiter_id in list(client.waiters or ()):
             if self._take_wait(waiter_id) is not None:
                 self.ledger.cancel_wait(waiter_id)
 
@@ -592,7 +600,7 @@ class LeaseLifecycle:
         lost = LostSeat(lease.token, LOST_CODE.get(reason, ErrorCode.LEASE_NOT_FOUND), message)
         holder = self.sessions.get(lease.session) if lease.session is not None else None
         if holder is not None:
-            holder.lost.append(lost)
+            holder.tell(lost)
         if reason is EndReason.REMOVAL:
             # Kept even when told at a heartbeat: the client may drop before that and come back with a resume.
             self.removed[lease.token] = (lease.owner, lost)

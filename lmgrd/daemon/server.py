@@ -113,6 +113,10 @@ class Server:
         self.request_rate = cfg.max_requests_per_second
         self.request_burst = max(1.0, 2.0 * cfg.max_requests_per_second)
         self.idle_handle: asyncio.TimerHandle | None = None
+        #: Connections that owe their hello, each with its deadline (``clock()`` + handshake_timeout), in arrival
+        #: order: one sweep timer serves them all (no timer per connection); a hello removes its connection.
+        self.awaiting_hello: dict[ClientProtocol, float] = {}
+        self.handshake_handle: asyncio.TimerHandle | None = None
         self.outbox = Outbox(store, self.loop.call_soon, self.loop.call_later, self.clock)
         self.leases = LeaseLifecycle(
             self.ledger, store, self.outbox, self.observers, sessions=self.sessions,
@@ -126,7 +130,8 @@ class Server:
             self, self.leases, self.outbox, cast(dict[int, Session], self.sessions),
             heartbeat_interval=cfg.heartbeat_interval, lease_timeout=cfg.lease_timeout,
             max_frame_bytes=cfg.max_frame_bytes, clock=self.clock, wall=wall, fail=self.fail,
-            refusals=self.refusals, refusal_log=self.refusal_log)
+            refusals=self.refusals, refusal_log=self.refusal_log,
+            awaiting_hello=cast(dict[Any, float], self.awaiting_hello))
         #: The handlers' hot routes (Handlers.hot), one attribute away for every hot read of the transport.
         self.hot_routes = self.handlers.hot
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
@@ -324,6 +329,8 @@ class Server:
             self.sync_handle.cancel()
         if self.idle_handle is not None:
             self.idle_handle.cancel()
+        if self.handshake_handle is not None:
+            self.handshake_handle.cancel()
         self.refusal_log.close()
         self.observers.shutdown()  # observers flush (the usage log drains its queue; the admin token goes)
         logger.info("lmgrd stopped; %d lease(s) persisted", len(self.ledger))
@@ -363,7 +370,30 @@ class Server:
                 "close idle connections, or ask the administrator to raise max_connections_per_address",
             ))
             return
-        proto.handshake_timer = self.loop.call_later(self.cfg.handshake_timeout, proto.handshake_expired)
+        timeout = self.cfg.handshake_timeout
+        self.awaiting_hello[proto] = proto.last_active + timeout
+        if self.handshake_handle is None:
+            self.handshake_handle = self.loop.call_later(timeout, self._handshake_tick)
+
+    def _handshake_tick(self) -> None:
+        """Drop the connections whose hello is overdue; re-arm at the next deadline (at most 1/16 of the timeout
+        late, so a wave of silent connections costs a few wake-ups, not one each)."""
+        self.handshake_handle = None
+        awaiting = self.awaiting_hello
+        now = self.clock()
+        due: list[ClientProtocol] = []
+        nxt = 0.0
+        for proto, deadline in awaiting.items():  # arrival order = deadline order (one timeout for all)
+            if deadline > now:
+                nxt = deadline
+                break
+            due.append(proto)
+        for proto in due:
+            del awaiting[proto]
+            proto.handshake_expired()
+        if awaiting and not self.closing:
+            delay = max(nxt - now, self.cfg.handshake_timeout / 16)
+            self.handshake_handle = self.loop.call_later(delay, self._handshake_tick)
 
     def on_disconnect(self, proto: ClientProtocol) -> None:
         self.open_connections -= 1
@@ -374,9 +404,7 @@ class Server:
             self.per_address.pop(proto.addr, None)
         else:
             self.per_address[proto.addr] = n
-        if proto.handshake_timer is not None:
-            proto.handshake_timer.cancel()
-            proto.handshake_timer = None
+        self.awaiting_hello.pop(proto, None)
         self.leases.drop_waits(proto)
         if proto.session:
             self.sessions.pop(proto.session, None)

@@ -12,6 +12,7 @@ handlers directly with a recording transport.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -66,18 +67,22 @@ AdminHandler = Callable[["Session", str, dict[str, Any], str], "dict[str, Any] |
 class Session:
     """One client connection's state. Plain attributes: the transport subclass adds the asyncio callbacks."""
 
-    # Kept small: one per connection, and a license server holds thousands (benchmarks' idle scenario).
+    # Kept small: one per connection, and a license server holds thousands (benchmarks' idle scenario). What
+    # most clients never need is allocated on first use: ``lost`` (a seat lost between two heartbeats) and
+    # ``waiters`` (a queued checkout); the peer string and ``user@host`` are built only for the log lines that
+    # name them; clients of one host share its name's string (``_short_host``).
     __slots__ = (
-        "addr", "allowance", "conn", "display", "handshake_timer", "host", "idle_since", "label", "last_active",
-        "lost", "owner", "paused_since", "peer", "pid", "session", "transport", "user", "waiters",
+        "addr", "allowance", "conn", "display", "host", "idle_since", "last_active", "lost", "owner", "paused_since",
+        "pid", "port", "session", "transport", "user", "waiters",
     )
 
     def __init__(self, max_frame_bytes: int) -> None:
         self.conn = Connection(Role.SERVER, max_frame_bytes)
         self.transport: Transport | None = None
         self.session = 0  # set at hello; 0 = not yet identified
+        #: The normalized address the client connects from (one shared string per address), and its port.
         self.addr = ""
-        self.peer = ""
+        self.port = 0
         # Who this client is, set at hello: the session is the ledger's holder (lmgrd.core.ledger.HolderLike).
         self.user = ""
         self.host = ""
@@ -85,16 +90,42 @@ class Session:
         self.display = ""
         #: Who may resume or check in this client's leases from another connection (owner_digest at hello).
         self.owner = ""
-        #: ``user@host`` escaped for log lines (lmgrd.core.logtext), computed once at hello.
-        self.label = ""
         #: Monotonic time of the last bytes received, and what is left of the request-rate allowance.
         self.last_active = 0.0
         self.allowance = 0.0
-        self.lost: list[LostSeat] = []
-        self.waiters: dict[int, int] = {}  # waiter_id -> request id
-        self.handshake_timer: Any = None
+        #: Seats lost since the last heartbeat, told in its ack: ``()`` (shared, empty) until the first one.
+        self.lost: list[LostSeat] | tuple[()] = ()
+        #: This client's queued checkouts, waiter_id -> request id: ``None`` until the first one.
+        self.waiters: dict[int, int] | None = None
         self.paused_since: float | None = None
         self.idle_since: float | None = None  # monotonic time of the first heartbeat saying "idle"
+
+    @property
+    def peer(self) -> str:
+        """``address:port`` of the client, for log lines (built when one is written, not kept)."""
+        return f"{self.addr}:{self.port}" if self.port else self.addr
+
+    def tell(self, seat: LostSeat) -> None:
+        """Tell this client at its next heartbeat that it lost ``seat``."""
+        if self.lost:
+            self.lost.append(seat)
+        else:
+            self.lost = [seat]
+
+    def add_waiter(self, waiter_id: int, request_id: int) -> None:
+        """A checkout of this client was queued (``waiter_id`` in the lease lifecycle)."""
+        if self.waiters is None:
+            self.waiters = {waiter_id: request_id}
+        else:
+            self.waiters[waiter_id] = request_id
+
+    def drop_waiter(self, waiter_id: int) -> None:
+        """A queued checkout of this client was served, refused or cancelled."""
+        w = self.waiters
+        if w is not None:
+            w.pop(waiter_id, None)
+            if not w:
+                self.waiters = None
 
     def identify(self, session: int, user: str, host: str, pid: int, display: str, owner: str = "") -> None:
         """Record who this client is (at hello)."""
@@ -104,11 +135,12 @@ class Session:
         self.pid = pid
         self.display = display
         self.owner = owner or f"connection:{os.urandom(16).hex()}"
-        self.label = f"{printable(user)}@{host}" if user else ""
 
     def who(self) -> str:
         """The client as log lines name it: ``user@host`` (escaped: the user name is the client's choice)."""
-        return self.label or self.peer
+        # Built per log line, not kept per connection: a line written costs microseconds anyway, and the
+        # user is the client's own choice, escaped (lmgrd.core.logtext) so it cannot forge a line.
+        return f"{printable(self.user)}@{self.host}" if self.user else self.peer
 
     def holds(self, lease: LeaseInfo) -> bool:
         """May this client resume or check in ``lease``? Its own connection's, or its holder's: the same
@@ -137,7 +169,8 @@ class Handlers:
     def __init__(self, daemon: Daemon, leases: LeaseLifecycle, outbox: Outbox, sessions: dict[int, Session], *,
                  heartbeat_interval: float, lease_timeout: float, max_frame_bytes: int,
                  clock: Callable[[], float], wall: Callable[[], float], fail: Callable[..., None],
-                 refusals: RefusalCounts | None = None, refusal_log: RefusalLog | None = None) -> None:
+                 refusals: RefusalCounts | None = None, refusal_log: RefusalLog | None = None,
+                 awaiting_hello: dict[Any, float] | None = None) -> None:
         self.daemon = daemon
         self.leases = leases
         self.ledger = leases.ledger
@@ -146,12 +179,16 @@ class Handlers:
         self.hb_interval = heartbeat_interval
         self.lease_timeout = lease_timeout
         self.max_frame_bytes = max_frame_bytes
+        #: (request id, proto, session) -> the welcome frame; the rest of it is this daemon's, encoded once.
+        self.welcome = Welcome.framer(__version__, heartbeat_interval, lease_timeout, max_frame_bytes)
         self.clock = clock
         self.wall = wall
         self.fail = fail
         self.refusals = refusals if refusals is not None else RefusalCounts()
         self.refusal_log = refusal_log if refusal_log is not None else RefusalLog(clock, _no_timer, self.refusals)
         self.next_session = 1
+        #: Connections that owe a hello, with its deadline (the server's handshake sweep; a hello removes its own).
+        self.awaiting_hello: dict[Any, float] = awaiting_hello if awaiting_hello is not None else {}
         #: Set by the composition root (lmgrd.cli) to lmgrd.admin's handler; without it admin is refused.
         self.admin: AdminHandler | None = None
         #: Admin commands still waiting on their answer (kept referenced so the loop cannot drop them).
@@ -195,26 +232,23 @@ class Handlers:
 
     # -- hello -----------------------------------------------------------------------------------------------
     def hello(self, s: Session, req: Hello) -> None:
-        if s.handshake_timer is not None:
-            s.handshake_timer.cancel()
-            s.handshake_timer = None
+        self.awaiting_hello.pop(s, None)  # the handshake timeout no longer applies
         problem = hostname_problem(req.host)
         if problem is not None:
             logger.warning("refused client %s: %s", s.peer, problem)
             self.fail(s, ProtocolError(ErrorCode.INVALID_HOSTNAME, problem, "rename the client PC, then try again"),
                       req.id)
             return
-        host = short_hostname(req.host)
+        host = _short_host(req.host)
         # A client without a secret (protocol 1) gets an owner of this connection's own: its leases can be
         # resumed by no other connection, since nothing would prove it is the same client.
         s.identify(self.next_session, req.user, host, req.pid, "".join(req.display.split()) or host,
                    owner_digest(req.user, host, req.secret) if req.secret else "")
         self.next_session += 1
         self.sessions[s.session] = s
-        logger.debug("hello from %s (%s pid %d, client %s)", s.who(), s.peer, s.pid, req.client_version)
-        self.outbox.reply(s, Welcome, encode_frame(Welcome(
-            req.id, s.conn.proto, __version__, self.hb_interval, self.lease_timeout, self.max_frame_bytes,
-            s.session).to_wire()))
+        if logger.isEnabledFor(logging.DEBUG):  # who() and peer are built for the line: only when it is written
+            logger.debug("hello from %s (%s pid %d, client %s)", s.who(), s.peer, s.pid, req.client_version)
+        self.outbox.reply(s, Welcome, self.welcome(req.id, s.conn.proto, s.session))
 
     # -- checkout and checkin ----------------------------------------------------------------------------------
     def checkout(self, s: Session, req: Checkout) -> None:
@@ -348,9 +382,9 @@ class Handlers:
                 if old is not None:
                     # The holder came back on a new connection while the old one is still open (half-open
                     # after a network blip, or a second process with the same secret): the old one is told.
-                    old.lost.append(LostSeat(token, ErrorCode.SEAT_MOVED,
-                                             f"this seat of {before.pool[1]} moved to another connection of "
-                                             f"this client ({s.peer}), which resumed it"))
+                    old.tell(LostSeat(token, ErrorCode.SEAT_MOVED,
+                                      f"this seat of {before.pool[1]} moved to another connection of "
+                                      f"this client ({s.peer}), which resumed it"))
                     logger.info("lease %s moved from %s (session %d) to %s (session %d)", token[:8], old.peer,
                                 old_session, s.peer, s.session)
             resumed.append(token)
@@ -393,6 +427,13 @@ class Handlers:
             self.error(s, req.id, ErrorCode.INTERNAL_ERROR, f"admin command '{req.command}' failed: {exc!r}")
         else:
             self.outbox.reply(s, StatusReply, encode_frame(StatusReply(req.id, task.result()).to_wire()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _short_host(name: str) -> str:
+    """:func:`protocol.validation.short_hostname`, cached: the clients of one host share one string (a product
+    often opens several connections from each PC), and a hostile stream of names only evicts entries."""
+    return short_hostname(name)
 
 
 def _no_timer(delay: float, callback: Callable[..., None], *args: object) -> None:

@@ -11,6 +11,7 @@ not per request, and the time of the read is kept for the server's idle-connecti
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from time import perf_counter
@@ -23,7 +24,7 @@ from protocol.validation import normalize_ip
 if TYPE_CHECKING:
     from lmgrd.daemon.server import Server
 
-__all__ = ["WRITE_HIGH_WATER", "ClientProtocol"]
+__all__ = ["WRITE_HIGH_WATER", "ClientProtocol", "client_address"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,18 @@ _NOT_SERVING = frozenset({State.MUST_CLOSE, State.ERROR, State.CLOSED})
 #: A client that does not read its replies is paused above this much unsent data; if it stays stalled for
 #: a lease timeout it is dropped (its leases then lapse like any dropped client's).
 WRITE_HIGH_WATER = 64 * 1024
+
+
+@functools.lru_cache(maxsize=4096)
+def client_address(raw: str) -> str:
+    """A peer's address as every comparison needs it (:func:`protocol.validation.normalize_ip`), or ``raw`` if
+    it is not an IP address. Cached by the raw string: parsing with ``ipaddress`` costs a few microseconds a
+    connection, and the clients of one address then share one string (a burst of reconnects after a restart
+    comes from a few hundred addresses at most; an attacker cycling through addresses only evicts entries)."""
+    try:
+        return str(normalize_ip(raw))
+    except ValueError:
+        return raw
 
 
 class ClientProtocol(Session, asyncio.Protocol):
@@ -47,12 +60,11 @@ class ClientProtocol(Session, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
-        raw = str(peer[0]) if peer else "?"
-        try:
-            self.addr = str(normalize_ip(raw))
-        except ValueError:
-            self.addr = raw
-        self.peer = f"{self.addr}:{peer[1]}" if peer else self.addr
+        if peer:
+            self.addr = client_address(str(peer[0]))
+            self.port = int(peer[1])
+        else:
+            self.addr = "?"
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
         self.server.on_connect(self)
 
@@ -174,8 +186,8 @@ class ClientProtocol(Session, asyncio.Protocol):
             t.abort()
 
     def handshake_expired(self) -> None:
-        self.handshake_timer = None
-        if self.conn.hello is None:
+        """The handshake timeout passed (the server's handshake sweep calls this): drop a client with no hello."""
+        if not self.conn.proto:  # no hello arrived (the connection keeps no hello, only its proto)
             self.server.counters.handshake_timeouts += 1
             timeout = self.server.cfg.handshake_timeout
             self.server.refusal_log("handshake timeouts", logging.INFO, "client %s sent no hello within %.1f s; "

@@ -42,9 +42,14 @@ Recovery
     intact ones is corruption in the middle: the store refuses to open, naming the file and the offset,
     since guessing would silently drop or resurrect seats.
 
+What it keeps in memory
+    Per live lease, only where its grant record is (a token -> offset map): the lease itself is the ledger's.
+    ``load`` and compaction read the records back from the file (and from the batch not yet written).
+
 Compaction
-    When the journal holds many more records than live leases, the live set is written to
-    ``leases.journal.tmp``, fsynced, and renamed over the journal (then the directory is fsynced). At
+    When the journal holds many more records than live leases, the live set (each live grant record, byte
+    for byte as written) is copied to ``leases.journal.tmp``, fsynced, and renamed over the journal (then the
+    directory is fsynced). At
     every instant one complete journal holds the live set: before the rename it is the old file (a
     leftover temporary file is deleted at the next start), after it the new one. The appending
     descriptor is the temporary file's own, so nothing is written to the replaced file afterwards.
@@ -54,11 +59,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import struct
 import sys
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -226,7 +232,7 @@ class _Scan:
     __slots__ = ("end", "live", "records", "torn")
 
     def __init__(self) -> None:
-        self.live: dict[str, LeaseRecord] = {}
+        self.live: dict[str, int] = {}  # token -> offset of its grant record, in grant order
         self.records = 0
         self.end = len(MAGIC)  # offset just past the last intact record
         self.torn = ""  # why the tail was cut, if it was
@@ -279,7 +285,7 @@ def _scan(data: bytes, path: Path) -> _Scan:
                         assert isinstance(rec, LeaseRecord)
                         if rec.token in live:
                             raise JournalCorrupt(path, off, f"lease {rec.token[:6]}... is granted twice")
-                        live[rec.token] = rec
+                        live[rec.token] = off
                     scan.records += 1
                     off = end
                     continue
@@ -302,7 +308,21 @@ def read_journal(path: str | os.PathLike[str]) -> list[LeaseRecord]:
     data = p.read_bytes()
     if len(data) < len(MAGIC) and MAGIC.startswith(data):
         return []
-    return list(_scan(data, p).live.values())
+    return [_record_at(data, off) for off in _scan(data, p).live.values()]
+
+
+def _frame_at(data: bytes | mmap.mmap, off: int) -> bytes:
+    """The whole record (header and payload) that starts at ``off``."""
+    (length,) = _HEADER.unpack_from(data, off)[:1]
+    return data[off : off + _HEADER.size + length]
+
+
+def _record_at(data: bytes | mmap.mmap, off: int) -> LeaseRecord:
+    """The grant record at ``off`` (an offset the journal itself noted: a grant, already checked once)."""
+    rec = _decode(_frame_at(data, off)[_HEADER.size :])
+    if not isinstance(rec, LeaseRecord):
+        raise StoreError(f"lease journal: no grant record at offset {off} where one was written (a bug in lmgrd)")
+    return rec
 
 
 # -- files ------------------------------------------------------------------------------------------------
@@ -384,7 +404,11 @@ class JournalStore:
         self._compact_ratio = compact_ratio
         self._packb = msgpack.Packer(use_bin_type=True).pack
         self._buf: list[bytes] = []  # encoded frames not yet written
-        self._live: dict[str, LeaseRecord] = {}  # as recorded (buffered included), grant order
+        self._pending = 0  # bytes in _buf
+        # token -> offset of its grant record, for every lease recorded and not released (buffered included:
+        # where the record lands once the batch is written, at _size + what is buffered before it), grant order.
+        # Nothing else per lease: the lease itself is the ledger's.
+        self._live: dict[str, int] = {}
         self._records = 0  # records in the file
         self._size = 0  # bytes in the file
         self._unsynced = False
@@ -438,18 +462,28 @@ class JournalStore:
     # -- the LeaseStore interface ---------------------------------------------------------------------------
 
     def load(self) -> list[LeaseRecord]:
-        """The live leases in grant order (on a fresh store: exactly what the journal held)."""
-        return list(self._live.values())
+        """The live leases in grant order (on a fresh store: exactly what the journal held), read back from the
+        journal file and the batch not yet written."""
+        self._check_open()
+        size = self._size
+        pending = b"".join(self._buf)
+        with self._mapped() as data:
+            return [_record_at(data, off) if off < size else _record_at(pending, off - size)
+                    for off in self._live.values()]
 
     def record_grant(self, rec: LeaseRecord) -> None:
         if rec.token in self._live:
             raise ValueError(f"lease {rec.token[:6]}... is already recorded as granted")
-        self._buf.append(_frame(self._packb(_grant_payload(rec))))
-        self._live[rec.token] = rec
+        frame = _frame(self._packb(_grant_payload(rec)))
+        self._buf.append(frame)
+        self._live[rec.token] = self._size + self._pending
+        self._pending += len(frame)
 
     def record_release(self, token: str) -> None:
         if self._live.pop(token, None) is not None:
-            self._buf.append(_frame(_RELEASE_HEAD + self._packb(token)))
+            frame = _frame(_RELEASE_HEAD + self._packb(token))
+            self._buf.append(frame)
+            self._pending += len(frame)
 
     def flush(self) -> None:
         """Write the buffered records with one ``write(2)``; they then survive SIGKILL.
@@ -480,6 +514,7 @@ class JournalStore:
         self._size += len(data)
         self._records += len(self._buf)
         self._buf.clear()
+        self._pending = 0
         self._unsynced = True
         if self._records > self._compact_ratio * len(self._live) + self._compact_min and (
             self._records >= self._compact_at
@@ -522,18 +557,24 @@ class JournalStore:
         if self._closed:
             raise StoreError(f"the lease journal {self.path} is closed")
 
-    def _write_snapshot(self, live: Iterable[LeaseRecord]) -> tuple[int, int]:
-        """Write ``live`` as a new journal through the temporary file; return (its fd, its size).
+    @contextlib.contextmanager
+    def _mapped(self) -> Iterator[bytes | mmap.mmap]:
+        """The journal file's intact records (its first ``_size`` bytes), mapped read-only while in use."""
+        if self._size <= len(MAGIC):
+            yield MAGIC
+            return
+        with mmap.mmap(self._fd, self._size, access=mmap.ACCESS_READ) as data:
+            yield data
+
+    def _write_snapshot(self, live: Iterable[bytes]) -> tuple[int, int]:
+        """Write the records ``live`` (whole frames) as a new journal through the temporary file; return (its fd,
+        its size).
 
         Order matters for crash safety: write and fsync the temporary file, then rename it over the
         journal, then fsync the directory. A crash before the rename leaves the old journal (and a
         temporary file deleted at the next start); after it, the new journal, complete.
         """
-        frames = [MAGIC]
-        pack = self._packb
-        for rec in live:
-            frames.append(_frame(pack(_grant_payload(rec))))
-        data = b"".join(frames)
+        data = b"".join((MAGIC, *live))
         fd = os.open(self._tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
         try:
             _write_all(fd, data)
@@ -551,9 +592,19 @@ class JournalStore:
         return fd, len(data)
 
     def _compact(self) -> None:
+        """Copy the live grant records (byte for byte) to a new journal; called with nothing buffered."""
         before = self._records
+        offsets: dict[str, int] = {}
+        frames: list[bytes] = []
+        at = len(MAGIC)
+        with self._mapped() as data:
+            for token, off in self._live.items():
+                rec = _frame_at(data, off)
+                frames.append(rec)
+                offsets[token] = at
+                at += len(rec)
         try:
-            fd, size = self._write_snapshot(self._live.values())
+            fd, size = self._write_snapshot(frames)
         except OSError as exc:
             # The old journal is intact and current; keep appending to it and retry much later.
             self._compact_at = self._records + max(self._compact_min, 1)
@@ -564,6 +615,7 @@ class JournalStore:
         os.close(self._fd)
         self._fd = fd
         self._size = size
+        self._live = offsets
         self._records = len(self._live)
         self._unsynced = False  # the snapshot was fsynced
         logger.info("lease journal %s: compacted %d records to %d live leases", self.path, before, self._records)

@@ -78,7 +78,7 @@ def _decode_all(pieces: list[bytes], max_frame: int) -> tuple[bytes, str | None,
             msgs += dec.feed(p)
     except MalformedMessage as exc:  # FrameTooLarge is one
         error = f"{type(exc).__name__}: {exc}"
-    return msgpack.packb(msgs, use_bin_type=True), error, 0 if error else len(dec._buf)
+    return msgpack.packb(msgs, use_bin_type=True), error, 0 if error else len(dec._buf or b"")
 
 
 def frame_decoder(data: bytes) -> None:

@@ -76,7 +76,7 @@ class Rig:
         s = Session(self.server.cfg.max_frame_bytes)
         t = RecordingTransport()
         s.transport = t
-        s.addr, s.peer = "127.0.0.1", "127.0.0.1:5000"
+        s.addr, s.port = "127.0.0.1", 5000
         if secret is None and 2 in proto:
             secret = holder_secret(user, host)
         hello = Hello(self.rid(), proto, host, user, pid, "test", display, secret or "")

@@ -481,8 +481,9 @@ def test_a_failed_compaction_is_retried_after_min_records_more(tmp_path: Path, m
             assert store.records == n, "retried before min_records more records"
         store.record_grant(rec(10 + n))
         store.flush()
-        assert store.records == len(store.load()), "not retried once min_records more were written"
-    assert read_journal(tmp_path / JOURNAL_NAME) == store.load()
+        live = store.load()  # read back from the file: the store keeps no record of its own
+        assert store.records == len(live), "not retried once min_records more were written"
+    assert read_journal(tmp_path / JOURNAL_NAME) == live
 
 
 # -- a failed write -----------------------------------------------------------------------------------------
@@ -572,3 +573,45 @@ def test_a_compaction_whose_rename_fails_keeps_the_store_working(tmp_path: Path,
         store.record_grant(rec(3))
         store.flush()
         assert store.load() == [rec(1), rec(3)]
+
+
+# -- the journal keeps only where each live grant is (issue 9: memory per lease) ------------------------------
+
+
+def test_load_and_compaction_read_each_live_grant_back_from_the_file_and_the_batch(
+        tmp_path: Path, file_size_limit: Callable[[int], None]) -> None:
+    """The store keeps a token -> offset map, not the records: ``load`` and compaction read them back, from
+    the file and from the batch not yet written, across a failed write, compactions and a reopen."""
+    path = tmp_path / JOURNAL_NAME
+    with JournalStore(tmp_path, compact_min_records=4, compact_ratio=1) as store:
+        store.record_grant(rec(0))
+        store.record_grant(rec(1))
+        store.flush()
+        store.record_grant(rec(2, display="x" * 300))  # buffered, not written
+        assert store.load() == [rec(0), rec(1), rec(2, display="x" * 300)]
+        file_size_limit(path.stat().st_size + 100)  # the batch cannot be written
+        try:
+            with pytest.raises(StoreWriteError):
+                store.flush()
+        finally:
+            file_size_limit(resource.RLIM_INFINITY)
+        store.record_release(rec(0).token)
+        store.record_grant(rec(3))
+        assert store.load() == [rec(1), rec(2, display="x" * 300), rec(3)]  # still buffered, in order
+        store.flush()  # 5 records, not above 1 * 3 live + 4: not compacted
+        assert store.records == 5 and store.load() == [rec(1), rec(2, display="x" * 300), rec(3)]
+        for i in (1, 3):
+            store.record_release(rec(i).token)
+        store.record_grant(rec(4))
+        store.flush()  # 8 records > 1 * 2 live + 4: compacted, every live grant copied byte for byte
+        assert store.records == 2
+        live = [rec(2, display="x" * 300), rec(4)]
+        assert store.load() == live == read_journal(path)
+        store.record_release(rec(2).token)  # an offset into the compacted file
+        store.record_grant(rec(5))
+        assert store.load() == [rec(4), rec(5)]
+    assert read_journal(path) == [rec(4), rec(5)]
+    with JournalStore(tmp_path) as again:
+        assert again.load() == [rec(4), rec(5)]
+        again.record_release(rec(4).token)
+        assert again.load() == [rec(5)]

@@ -112,7 +112,7 @@ def test_the_queue_keeps_order_ids_and_the_wait_it_cost(tmp_path: Path, vendor: 
         (granted,) = rig.replies(bob)
         assert granted["op"] == "granted" and granted["id"] == rb and granted["waited"] == 7.0
         assert rig.journal()[granted["token"]].user == "bob"
-        assert bob.waiters == {} and sorted(leases.waits) == [2]
+        assert bob.waiters is None and sorted(leases.waits) == [2]  # freed with its last wait
         assert rig.replies(cat) == []
 
     run(tmp_path, vendor, body, clock=lambda: now[0])
@@ -125,7 +125,7 @@ def test_a_client_that_leaves_takes_its_place_in_the_queue_with_it(tmp_path: Pat
         rig.server.handlers.dispatch(bob, Checkout(rig.rid(), "CADPRO", "2.1", 60))
         rig.server.handlers.dispatch(cat, Checkout(rig.rid(), "CADPRO", "2.1", 60))
         rig.server.leases.drop_waits(bob)
-        assert bob.waiters == {} and sorted(rig.server.leases.waits) == [2]
+        assert bob.waiters is None and sorted(rig.server.leases.waits) == [2]
         assert [x.user for x in rig.server.ledger.waiting(_pool(rig))] == ["cat"]
         rig.send(alice, Checkin(rig.rid(), g["token"]))
         assert rig.replies(bob) == []
@@ -210,7 +210,7 @@ def test_a_revoked_pool_ends_every_seat_and_refuses_its_queue(tmp_path: Path, ve
         assert (refused["id"], refused["code"], refused["message"], refused["hint"]) == (
             rid, ErrorCode.LICENSE_REVOKED, f"CADPRO is not served: {why}", "install the reissued license")
         assert rig.recorder.denials == [("CADPRO", "2.1", ErrorCode.LICENSE_REVOKED, "bob", pool[0])]
-        assert bob.waiters == {} and rig.server.leases.waits == {}
+        assert bob.waiters is None and rig.server.leases.waits == {}
         (ack,) = rig.send(alice, Heartbeat(rig.rid(), False))
         assert [(x["code"], x["message"]) for x in ack["lost"]] == [
             (ErrorCode.LICENSE_REVOKED, f"this seat of CADPRO is lost: {why}")]
@@ -263,7 +263,7 @@ def test_a_waiter_joins_at_once_the_seat_another_users_checkout_gave_its_host(tm
         assert (granted["op"], granted["id"]) == ("granted", rid)
         pool = _pool(rig)
         assert rig.server.ledger.in_use(pool) == 2 and rig.server.ledger.queued(pool) == 0
-        assert rig.server.leases.waits == {} and alice.waiters == {}
+        assert rig.server.leases.waits == {} and alice.waiters is None
         assert sorted(r.user for r in rig.journal().values()) == ["alice", "bob", "carol"]
 
     run(tmp_path, vendor, body, products=(("CADPRO", "2.1", 2),), share="host",
@@ -287,7 +287,7 @@ def test_two_queued_checkouts_of_one_user_share_the_seat_the_first_gets(tmp_path
         assert sorted((g["op"], g["id"]) for g in granted) == [("granted", r1), ("granted", r2)]
         pool = _pool(rig)
         assert rig.server.ledger.in_use(pool) == 1 and len(rig.server.ledger.leases(pool)) == 2
-        assert rig.server.ledger.queued(pool) == 0 and alice.waiters == {}
+        assert rig.server.ledger.queued(pool) == 0 and alice.waiters is None
 
     run(tmp_path, vendor, body)
 

@@ -287,6 +287,14 @@ def test_the_hot_path_frames_equal_the_encoded_messages() -> None:
             assert HeartbeatAck.frame(rid, renewed, [lost]) == encode_frame(
                 HeartbeatAck(rid, renewed, (lost,)).to_wire())
 
+    # The welcome builder, for the values a daemon's configuration can give (ints or floats of seconds).
+    for version, hb, lt, mf in (("1.0.0", 30.0, 90.0, 65536), ("0.9.1+dev", 1, 3, 16), ("", 0.25, 1e9, 2**32)):
+        welcome = Welcome.framer(version, hb, lt, mf)
+        for rid in (0, 1, 127, 128, 65535, 2**32 - 1, 2**53):
+            for proto, session in ((1, 1), (2, 255), (65535, 2**31)):
+                assert welcome(rid, proto, session) == encode_frame(
+                    Welcome(rid, proto, version, hb, lt, mf, session).to_wire()), (version, rid, proto, session)
+
 
 # -- special fields -----------------------------------------------------------------------------------------
 
@@ -379,3 +387,29 @@ def test_status_is_a_request_without_data_and_a_reply_with_it() -> None:
     assert parse_request({"op": "status", "id": 3, "data": {"x": 1}}) == Status(3)
     assert parse_reply({"op": "status", "id": 3}) == StatusReply(3, {})
     assert parse_reply({"op": "status", "id": 3, "data": {"x": [1]}}) == StatusReply(3, {"x": [1]})
+
+
+def test_hello_fast_path_gives_what_the_checked_readers_give() -> None:
+    """Hello.from_wire's exact-type path (once per connection) accepts only what the checked readers accept,
+    with the same values; everything at or past a limit is refused the same way."""
+    secret = "s" * 22
+    base = {"op": "hello", "id": 7, "proto": [1, 2], "host": "pc1", "user": "alice", "pid": 42,
+            "client_version": "1.0", "display": ":0", "secret": secret}
+    assert Hello.from_wire(base) == Hello(7, (1, 2), "pc1", "alice", 42, "1.0", ":0", secret)
+    bare = {k: v for k, v in base.items() if k not in ("client_version", "display", "secret")}
+    assert Hello.from_wire(dict(bare, proto=[1])) == Hello(7, (1,), "pc1", "alice", 42, "", "", "")
+    assert Hello.from_wire(dict(base, proto=[1])).secret == secret  # a secret without protocol 2 is kept
+    for key, value in (("id", MAX_ID), ("pid", 2**32), ("host", "h" * MAX_TEXT), ("secret", "s" * 128),
+                       ("proto", list(range(1, 17))), ("proto", [65535, 2])):
+        got = getattr(Hello.from_wire(dict(base, **{key: value})), key)
+        assert got == (tuple(value) if isinstance(value, list) else value), (key, got)
+    for bad in ({"id": True}, {"id": -1}, {"id": MAX_ID + 1}, {"proto": []}, {"proto": [True]}, {"proto": [0]},
+                {"proto": [1.0]}, {"proto": list(range(1, 18))}, {"proto": (1,)}, {"host": "h" * (MAX_TEXT + 1)},
+                {"user": None}, {"pid": 2**32 + 1}, {"pid": False}, {"client_version": 1}, {"display": b":0"},
+                {"secret": "s" * 21}, {"secret": "s" * 129}, {"secret": ""}, {"secret": 5}):
+        with pytest.raises(MalformedMessage):
+            Hello.from_wire(dict(base, **bad))
+    with pytest.raises(MalformedMessage, match="secret"):
+        Hello.from_wire({k: v for k, v in base.items() if k != "secret"})  # protocol 2 needs one
+    with pytest.raises(MalformedMessage, match="secret"):
+        Hello.from_wire(dict(base, proto=[1], secret="s" * 21))  # a short one is refused even on protocol 1
