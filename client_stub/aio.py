@@ -74,6 +74,8 @@ __all__ = ["CLIENT_VERSION", "AsyncLicenseClient", "AsyncSeat", "Identity", "OnL
 logger = logging.getLogger(__name__)
 
 CLIENT_VERSION = "client_stub/0.1.0"
+#: How many times one request refused RATE_LIMITED (not run) is sent again, after a backoff delay each.
+RATE_RETRIES = 6
 _READ_CHUNK = 64 * 1024
 
 #: ``on_lost(seat, error)``: called once when a seat is lost; may return an awaitable (run as a task).
@@ -173,10 +175,27 @@ class _Connection:
     async def request(self, msg: Request) -> Reply:
         """Send ``msg`` and wait for the reply with its id (no timeout: the caller owns the deadline).
 
+        A request the server refused RATE_LIMITED was not run: it is sent again under a new id after the
+        client's backoff delay (jittered, growing), at most :data:`RATE_RETRIES` times; then the refusal is
+        the reply.
+
         Raises:
             LicenseError: the connection is closed or breaks before the reply (ServerUnavailable,
                 ProtocolMismatch).
         """
+        reply = await self._request_once(msg)
+        attempt = 0
+        while isinstance(reply, ErrorReply) and reply.code is ErrorCode.RATE_LIMITED and attempt < RATE_RETRIES:
+            delay = self._client._backoff.delay(attempt)
+            attempt += 1
+            logger.info("license server %s refused '%s' for rate; sending it again in %.2f s (retry %d of %d)",
+                        self.address, msg.OP, delay, attempt, RATE_RETRIES)
+            await asyncio.sleep(delay)
+            msg = dataclasses.replace(msg, id=self._client.next_id())
+            reply = await self._request_once(msg)
+        return reply
+
+    async def _request_once(self, msg: Request) -> Reply:
         if self.error is not None:
             raise self._failure()
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
@@ -401,7 +420,8 @@ class AsyncLicenseClient:
         request_timeout: seconds for one request's reply (a checkout adds its ``wait``).
         client_version: sent in hello, shown by the server's status.
         on_lost: default ``on_lost(seat, error)`` for seats that do not pass their own.
-        backoff: reconnect delays (default: base 0.2 s, cap 10 s, full jitter).
+        backoff: reconnect delays, and the delays before a request refused RATE_LIMITED is sent again (at
+            most :data:`RATE_RETRIES` times, within the call's deadline) (default: base 0.2 s, cap 10 s, full jitter).
 
     Raises:
         LicenseError: CLIENT_CONFIG_INVALID (no or malformed server list), INVALID_HOSTNAME (checked
@@ -435,7 +455,8 @@ class AsyncLicenseClient:
         self._secret = secrets.token_hex(16)
         self._conn: _Connection | None = None
         self._connect_lock = asyncio.Lock()
-        self._keeper = LeaseKeeper(self, backoff or Backoff(0.2, 10.0))
+        self._backoff = backoff or Backoff(0.2, 10.0)
+        self._keeper = LeaseKeeper(self, self._backoff)
         self._local_seats: set[AsyncSeat] = set()
         self._callbacks: set[asyncio.Task[None]] = set()
         self._closed = False

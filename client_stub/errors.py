@@ -181,7 +181,8 @@ class LicenseError(Exception):
 
 
 class ServerUnavailable(LicenseError):
-    """No license server answered, the connection broke, or the server is shutting down. Retryable.
+    """No license server answered, the connection broke, the server is shutting down, or it refused requests
+    sent too quickly (RATE_LIMITED, after the client's own retries). Retryable.
 
     Its codes are those of :data:`protocol.RETRYABLE`; ``error_for`` maps exactly those codes here.
     """

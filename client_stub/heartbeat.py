@@ -387,7 +387,8 @@ class LeaseKeeper:
                     conn.abort(exc)
         elif isinstance(reply, ErrorReply):
             if reply.code is ErrorCode.RATE_LIMITED:
-                # Not run, not a loss: like a heartbeat that did not arrive; the next one renews the seats.
+                # Not run (after the connection's retries), not a loss: like a heartbeat that did not arrive;
+                # the next one renews the seats.
                 logger.warning("license server %s refused a heartbeat: %s", conn.address, reply.message)
                 return
             err = error_for(reply.code, reply.message, reply.hint, decision=LicenseLost)

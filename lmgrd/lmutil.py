@@ -145,6 +145,11 @@ class AdminClient:
                     raise AdminError(tr("the license server closed the connection"), 3,
                                      os_error=ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET)))
                 self.replies.extend(self.conn.receive_data(data))
+        except TimeoutError as exc:  # the connection's own timeout (lmstat -t): say which, and what to do
+            raise AdminError(tr("the license server at {port}@{host} did not answer within {seconds} s; check "
+                                "that lmgrd is running there and not overloaded, or allow longer (lmstat -t SECONDS)",
+                                port=self.port, host=self.host, seconds=f"{self.sock.gettimeout() or 0:g}"), 3,
+                             os_error=exc) from None
         except (OSError, ProtocolError) as exc:
             raise AdminError(tr("lost the connection to {port}@{host}: {error}", port=self.port, host=self.host,
                                 error=exc), 3,

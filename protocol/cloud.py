@@ -287,6 +287,19 @@ def _sequence(value: object, field: str = "sequence") -> int:
     return value
 
 
+def _key_text(value: object, field: str) -> str:
+    load_installation_key(cast(str, value), field)
+    return cast(str, value)
+
+
+def _reason(value: object, field: str) -> str:
+    text = _str(value, field, MAX_MESSAGE_LENGTH)
+    problem = text_field_problem("reason", text)
+    if problem:
+        raise CloudDocumentError(field, problem)
+    return text
+
+
 def _aware(moment: object, field: str) -> None:
     if not isinstance(moment, datetime) or moment.utcoffset() is None:
         raise ValueError(f"{field} must be a timezone-aware datetime, got {moment!r}")
@@ -300,65 +313,65 @@ def _utc(moment: datetime) -> datetime:
 # The documents
 
 
+def _optional(read: Any) -> Any:
+    return lambda v, f: None if v is None else read(v, f)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
-class ActivationRequest:
+class _Signed:
+    """Base of the signed documents. Each field's metadata ``read`` is its reader
+    ``read(value, field) -> value``, how a verifier checks and rebuilds it; at construction the
+    times are made whole seconds in UTC, then every field is checked as a verifier would check it."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["read"] is _timestamp or (f.metadata["read"] is _optional_timestamp and value is not None):
+                _aware(value, f.name)
+                object.__setattr__(self, f.name, _utc(value))
+        _from_fields(cast("type[Any]", type(self)), document_fields(cast(Document, self)))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _MachineDocument(_Signed):
+    """The fields with which an installation names itself, first in every request."""
+
+    customer_id: str = dataclasses.field(metadata={"read": _customer_id})
+    hostname: str = dataclasses.field(metadata={"read": _hostname})
+    addresses: tuple[str, ...] = dataclasses.field(metadata={"read": _addresses})
+    fingerprint: Fingerprint = dataclasses.field(metadata={"read": fingerprint_from_json})
+    installation_key: str = dataclasses.field(metadata={"read": _key_text})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ActivationRequest(_MachineDocument):
     """An installation asks the service to activate ``customer_id`` on this machine (signed by ``installation_key``)."""
 
-    customer_id: str
-    hostname: str
-    addresses: tuple[str, ...]
-    fingerprint: Fingerprint
-    installation_key: str
-    nonce: str
-    sent_at: datetime
-    mode: Mode
-
-    def __post_init__(self) -> None:
-        _aware(self.sent_at, "sent_at")
-        object.__setattr__(self, "sent_at", _utc(self.sent_at))
-        _from_fields(type(self), document_fields(self))  # every field checked as a verifier would
+    nonce: str = dataclasses.field(metadata={"read": _random_text})
+    sent_at: datetime = dataclasses.field(metadata={"read": _timestamp})
+    mode: Mode = dataclasses.field(metadata={"read": lambda v, f: _choice(v, f, MODES)})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class OfflineRequest:
+class OfflineRequest(_MachineDocument):
     """The same request for a site without internet: a file the vendor answers with ``lmcloud offline-response``."""
 
-    customer_id: str
-    hostname: str
-    addresses: tuple[str, ...]
-    fingerprint: Fingerprint
-    installation_key: str
-    nonce: str
-    sent_at: datetime
-
-    def __post_init__(self) -> None:
-        _aware(self.sent_at, "sent_at")
-        object.__setattr__(self, "sent_at", _utc(self.sent_at))
-        _from_fields(type(self), document_fields(self))
+    nonce: str = dataclasses.field(metadata={"read": _random_text})
+    sent_at: datetime = dataclasses.field(metadata={"read": _timestamp})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class CheckInRequest:
+class CheckInRequest(_MachineDocument):
     """An active installation renews its certificate, presenting the last token it was given."""
 
-    customer_id: str
-    hostname: str
-    addresses: tuple[str, ...]
-    fingerprint: Fingerprint
-    installation_key: str
-    token: str
-    sequence: int
-    nonce: str
-    sent_at: datetime
-
-    def __post_init__(self) -> None:
-        _aware(self.sent_at, "sent_at")
-        object.__setattr__(self, "sent_at", _utc(self.sent_at))
-        _from_fields(type(self), document_fields(self))
+    token: str = dataclasses.field(metadata={"read": _random_text})
+    sequence: int = dataclasses.field(metadata={"read": _sequence})
+    nonce: str = dataclasses.field(metadata={"read": _random_text})
+    sent_at: datetime = dataclasses.field(metadata={"read": _timestamp})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class ActivationCertificate:
+class ActivationCertificate(_Signed):
     """The vendor's statement that ``customer_id`` is active on the machine ``fingerprint``.
 
     Online certificates (``how`` manual or automatic) carry the check-in ``token`` and its ``sequence``
@@ -368,25 +381,17 @@ class ActivationCertificate:
     (``valid_until`` ``None`` for a license that never expires).
     """
 
-    customer_id: str
-    hostname: str
-    fingerprint: Fingerprint
-    installation_key: str
-    issued_at: datetime
-    valid_until: datetime | None
-    next_check_in: datetime | None
-    token: str | None
-    sequence: int
-    how: How
-    request_nonce: str
-
-    def __post_init__(self) -> None:
-        for name in ("issued_at", "valid_until", "next_check_in"):
-            value = getattr(self, name)
-            if value is not None or name == "issued_at":
-                _aware(value, name)
-                object.__setattr__(self, name, _utc(value))
-        _from_fields(type(self), document_fields(self))
+    customer_id: str = dataclasses.field(metadata={"read": _customer_id})
+    hostname: str = dataclasses.field(metadata={"read": _hostname})
+    fingerprint: Fingerprint = dataclasses.field(metadata={"read": fingerprint_from_json})
+    installation_key: str = dataclasses.field(metadata={"read": _key_text})
+    issued_at: datetime = dataclasses.field(metadata={"read": _timestamp})
+    valid_until: datetime | None = dataclasses.field(metadata={"read": _optional_timestamp})
+    next_check_in: datetime | None = dataclasses.field(metadata={"read": _optional_timestamp})
+    token: str | None = dataclasses.field(metadata={"read": _optional(_random_text)})
+    sequence: int = dataclasses.field(metadata={"read": _sequence})
+    how: How = dataclasses.field(metadata={"read": lambda v, f: _choice(v, f, HOW)})
+    request_nonce: str = dataclasses.field(metadata={"read": _random_text})
 
     @property
     def offline(self) -> bool:
@@ -403,18 +408,13 @@ class ActivationCertificate:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class CloudRevocation:
+class CloudRevocation(_Signed):
     """The vendor's signed statement, delivered at check-in, that ``customer_id`` must no longer be served."""
 
-    customer_id: str
-    revoked_at: datetime
-    reason: str
-    replaced_by: str | None
-
-    def __post_init__(self) -> None:
-        _aware(self.revoked_at, "revoked_at")
-        object.__setattr__(self, "revoked_at", _utc(self.revoked_at))
-        _from_fields(type(self), document_fields(self))
+    customer_id: str = dataclasses.field(metadata={"read": _customer_id})
+    revoked_at: datetime = dataclasses.field(metadata={"read": _timestamp})
+    reason: str = dataclasses.field(metadata={"read": _reason})
+    replaced_by: str | None = dataclasses.field(metadata={"read": _optional(_customer_id)})
 
 
 Document = ActivationRequest | OfflineRequest | CheckInRequest | ActivationCertificate | CloudRevocation
@@ -494,50 +494,8 @@ def loads_document(text: str | bytes, source: str) -> Any:
         raise CloudDocumentError(source, f"is not valid JSON ({exc})") from None
 
 
-def _readers(cls: type[Any]) -> dict[str, Any]:
-    """The fields of each kind, in documentation order: name -> reader(value, field) returning the value."""
-    common_machine: dict[str, Any] = {
-        "customer_id": _customer_id,
-        "hostname": _hostname,
-        "addresses": _addresses,
-        "fingerprint": fingerprint_from_json,
-        "installation_key": _key_text,
-    }
-    if cls is ActivationRequest:
-        return {**common_machine, "nonce": _random_text, "sent_at": _timestamp,
-                "mode": lambda v, f: _choice(v, f, MODES)}
-    if cls is OfflineRequest:
-        return {**common_machine, "nonce": _random_text, "sent_at": _timestamp}
-    if cls is CheckInRequest:
-        return {**common_machine, "token": _random_text, "sequence": _sequence, "nonce": _random_text,
-                "sent_at": _timestamp}
-    if cls is ActivationCertificate:
-        return {"customer_id": _customer_id, "hostname": _hostname, "fingerprint": fingerprint_from_json,
-                "installation_key": _key_text, "issued_at": _timestamp, "valid_until": _optional_timestamp,
-                "next_check_in": _optional_timestamp,
-                "token": lambda v, f: None if v is None else _random_text(v, f),
-                "sequence": _sequence, "how": lambda v, f: _choice(v, f, HOW), "request_nonce": _random_text}
-    if cls is CloudRevocation:
-        return {"customer_id": _customer_id, "revoked_at": _timestamp,
-                "reason": _reason, "replaced_by": lambda v, f: None if v is None else _customer_id(v, f)}
-    raise TypeError(f"not a cloud document class: {cls!r}")
-
-
-def _key_text(value: object, field: str) -> str:
-    load_installation_key(cast(str, value), field)
-    return cast(str, value)
-
-
-def _reason(value: object, field: str) -> str:
-    text = _str(value, field, MAX_MESSAGE_LENGTH)
-    problem = text_field_problem("reason", text)
-    if problem:
-        raise CloudDocumentError(field, problem)
-    return text
-
-
 def _from_fields(cls: type[_D], fields: object, where: str = "document") -> _D:
-    readers: dict[str, Any] = _readers(cls)
+    readers: dict[str, Any] = {f.name: f.metadata["read"] for f in dataclasses.fields(cls)}
     mapping = _mapping(fields, where, ("format", "kind", *readers))
     if mapping["format"] != CLOUD_FORMAT or isinstance(mapping["format"], bool):
         raise CloudDocumentError(f"{where}.format", f"unsupported format {mapping['format']!r:.40}; this version "

@@ -93,11 +93,12 @@ ERROR_NUMBERS: dict[ErrorCode, int] = {
 if len(set(ERROR_NUMBERS.values())) != len(ERROR_NUMBERS) or set(ERROR_NUMBERS) != set(ErrorCode):
     raise TypeError("ERROR_NUMBERS must give every ErrorCode exactly one distinct number")
 
-#: Codes a client may retry after a reconnect or a wait: the connection failed, not the request (everything
-#: else is a decision or a protocol fault). ``client_stub`` raises ``ServerUnavailable`` for exactly these.
+#: Codes a client may retry after a reconnect or a wait: the connection failed, or the request was not run
+#: (RATE_LIMITED), not decided (everything else is a decision or a protocol fault). ``client_stub`` raises
+#: ``ServerUnavailable`` for exactly these.
 RETRYABLE: frozenset[ErrorCode] = frozenset(
     {ErrorCode.SHUTTING_DOWN, ErrorCode.SERVER_UNAVAILABLE, ErrorCode.TOO_MANY_CONNECTIONS,
-     ErrorCode.HANDSHAKE_TIMEOUT}
+     ErrorCode.HANDSHAKE_TIMEOUT, ErrorCode.RATE_LIMITED}
 )
 
 

@@ -28,6 +28,7 @@ from protocol.messages import (
     Status,
     Welcome,
 )
+from protocol.samples import SAMPLES
 
 TOKEN = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 EXAMPLES: list[tuple[str, Any]] = [
@@ -46,6 +47,7 @@ EXAMPLES: list[tuple[str, Any]] = [
     ("resume", Resume(1, (TOKEN,))),
     ("resumed", Resumed(1, (TOKEN,), ())),
     ("status", Status(6)),
+    *((f"sample_{name}", msg) for name, msg in SAMPLES.items()),  # one complete message of every kind
 ]
 
 

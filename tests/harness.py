@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from lmgrd.vendor.signing import new_customer_id, sign_license
-from protocol import Connection, Hello, Reply, Request, Role
+from protocol import Connection, Hello, Reply, Request, Role, Status, StatusReply, Welcome
 from protocol.license import License, Product
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,7 +104,7 @@ class Daemon:
         """The daemon's environment: its admin token goes to a runtime dir of this test's own."""
         return {**os.environ, "LMGRD_RUNTIME_DIR": str(self.workdir / "run")}
 
-    def start(self, timeout: float = 20.0) -> Daemon:
+    def start(self, timeout: float = 60.0) -> Daemon:
         self.starts += 1
         with open(self.log_path, "ab") as log:
             self._log_offset = log.tell()
@@ -163,6 +163,41 @@ class Daemon:
 
     def connect(self, **kw: Any) -> RawClient:
         return RawClient(self.port, **kw)
+
+
+#: The ``daemon_factory`` fixture (tests/conftest.py): ``daemon_factory(products, **Daemon arguments) -> Daemon``.
+Factory = Callable[..., Daemon]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    """Poll ``predicate`` every 50 ms until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def hello_client(d: Daemon, user: str = "alice", host: str = HOSTNAME, timeout: float = 10.0) -> RawClient:
+    """A raw connection to ``d`` that said hello as ``user`` on ``host`` and was welcomed."""
+    c = RawClient(d.port, timeout=timeout)
+    w = c.hello(host=host, user=user)
+    assert isinstance(w, Welcome), w
+    return c
+
+
+def status(c: RawClient) -> dict[str, Any]:
+    """The daemon's status map, asked on ``c``."""
+    r = c.request(Status(c.id()))
+    assert isinstance(r, StatusReply), r
+    return r.data
+
+
+def in_use(c: RawClient) -> int:
+    """Seats in use in the daemon's first pool (the tests' one license)."""
+    n = status(c)["pools"][0]["in_use"]
+    assert isinstance(n, int), n
+    return n
 
 
 def holder_secret(user: str, host: str = HOSTNAME) -> str:

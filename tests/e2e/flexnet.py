@@ -163,6 +163,10 @@ class Rig:
             cfg = self.workdir / "lmgrd.yaml"
             cfg.write_text(config, encoding="utf-8")
             extra += ["--config", str(cfg)]
+        # The holders are raw clients that never heartbeat: by default a lease that cannot lapse while the
+        # test runs its lmstat processes (seconds apiece on a loaded machine). A test may pass its own.
+        kw.setdefault("heartbeat", 10.0)
+        kw.setdefault("lease_timeout", 300.0)
         d = Daemon(self.workdir / f"d{len(self.daemons)}", paths, pub, extra=extra, **kw)
         d.workdir.mkdir(parents=True, exist_ok=True)
         self.daemons.append(d)

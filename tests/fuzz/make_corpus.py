@@ -14,26 +14,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lmgrd.vendor.signing import load_private_key, sign_license, sign_revocation
-from protocol import (
-    Admin,
-    CheckedIn,
-    Checkin,
-    Checkout,
-    ErrorCode,
-    ErrorReply,
-    Granted,
-    Heartbeat,
-    HeartbeatAck,
-    Hello,
-    LostSeat,
-    Resume,
-    Resumed,
-    Status,
-    StatusReply,
-    Welcome,
-    encode_frame,
-)
+from protocol import encode_frame
 from protocol.license import License, Product, Revocation
+from protocol.samples import REPLIES, REQUESTS
 from tests.fuzz.targets import CORPUS, DEMO_KEYS
 
 CID = "CID-AAAA-BBBB-CCCC-DDDD"
@@ -42,13 +25,7 @@ AT = datetime(2026, 1, 1, 9, 30, tzinfo=UTC)
 
 def main() -> None:
     key = load_private_key((DEMO_KEYS / "demo_vendor.key").read_bytes())
-    requests = [Hello(1, (1,), "pc01", "alice", 4242, "client 1.0", ":0"), Checkout(2, "CADPRO", "2.1", 5.0),
-                Heartbeat(3, True, 60.0), Checkin(4, "t" * 22), Resume(5, ("a" * 22, "b" * 22)), Status(6),
-                Admin(7, "lmstat", {"all": True}, "secret")]
-    replies = [Welcome(1, 1, "0.1.0", 30.0, 90.0, 65536, 7), Granted(2, "t" * 22, CID, "CADPRO", "2.1", 90.0, 30.0),
-               HeartbeatAck(3, 1, (LostSeat("x" * 22, ErrorCode.LEASE_EXPIRED, "gone"),)), CheckedIn(4, True),
-               Resumed(5, ("a" * 22,), ()), StatusReply(6, {"pools": [{"product": "CADPRO", "in_use": 1}]}),
-               ErrorReply(7, ErrorCode.NO_SEATS, "all 3 seats are in use", "retry later")]
+    requests, replies = REQUESTS.values(), REPLIES.values()
     lic = License(customer_id=CID, license_type="multi", customer="Example Engineering", hostname="licsrv01",
                   ip="192.0.2.10", products=(Product("CADPRO", "2.1", 25), Product("VIEWER", "5", 100)),
                   issued_at=AT, expires=date(2099, 12, 31), site_networks=("192.0.2.0/24",), share="user_host")

@@ -15,13 +15,13 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Callable
 from typing import Any
 
 import msgpack
 import psutil
 import pytest
-from harness import HOSTNAME, Daemon, RawClient
+from harness import HOSTNAME, Daemon, Factory, RawClient, status
+from harness import hello_client as client
 
 from lmgrd.storage.host import raise_nofile
 from protocol import (
@@ -42,7 +42,6 @@ from protocol import (
     Welcome,
 )
 
-Factory = Callable[..., Daemon]
 COUNT = 5
 #: Long leases: these tests are about input handling, so no seat may lapse for want of a heartbeat while an
 #: attack (a handshake timeout, a stall) takes its few seconds.
@@ -61,23 +60,10 @@ def packed(obj: Any) -> bytes:
     return frame(body)
 
 
-def client(d: Daemon, user: str = "alice", host: str = HOSTNAME) -> RawClient:
-    c = d.connect()
-    w = c.hello(host=host, user=user)
-    assert isinstance(w, Welcome), w
-    return c
-
-
 def checkout(c: RawClient, wait: float = 0.0) -> Granted:
     g = c.request(Checkout(c.id(), "CADPRO", "2.1", wait))
     assert isinstance(g, Granted), g
     return g
-
-
-def status(c: RawClient) -> dict[str, Any]:
-    st = c.request(Status(c.id()))
-    assert isinstance(st, StatusReply), st
-    return st.data
 
 
 def expect_error(c: RawClient, code: ErrorCode, rid: int | None = None) -> ErrorReply:

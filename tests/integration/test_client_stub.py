@@ -10,11 +10,10 @@ import asyncio
 import signal
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from harness import Daemon
+from harness import Daemon, Factory, wait_until
 
 from client_stub import (
     AsyncLicenseClient,
@@ -24,19 +23,11 @@ from client_stub import (
     LicenseLost,
     Seat,
     SeatDenied,
+    ServerUnavailable,
 )
+from client_stub.aio import RATE_RETRIES
 from client_stub.backoff import Backoff
 from protocol import ErrorCode
-
-Factory = Callable[..., Daemon]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def in_use(lm: LicenseClient, product: str = "CADPRO") -> int:
@@ -155,11 +146,12 @@ def test_resume_after_sigkill_and_restart(daemon_factory: Factory) -> None:
 
 
 def test_resume_after_graceful_restart(daemon_factory: Factory) -> None:
-    d = daemon_factory((("CADPRO", "2.1", 1),), heartbeat=1.0, lease_timeout=6.0)
+    # A lease longer than a restart takes on a loaded machine: the test is about the resume, not the timeout.
+    d = daemon_factory((("CADPRO", "2.1", 1),), heartbeat=1.0, lease_timeout=60.0)
     with quick(d) as lm, lm.checkout("CADPRO", "2.1") as seat:
         assert d.stop() == 0  # SIGTERM: the client is told SHUTTING_DOWN and keeps its seat
         d.start()
-        d.wait_for_log(r"RESUME .*: 1 seat\(s\) resumed, 0 lost")
+        d.wait_for_log(r"RESUME .*: 1 seat\(s\) resumed, 0 lost", timeout=60)
         assert seat.held and in_use(lm) == 1
 
 
@@ -200,3 +192,41 @@ def test_hostname_override_is_sent(daemon_factory: Factory) -> None:
     with LicenseClient(d.address, hostname="ts-01", user="carol") as lm:
         lm.ping()
     d.wait_for_log(r"hello from carol@ts-01")
+
+
+class Ceiling:
+    """An rng at the top of the jitter range, so each backoff delay is its ceiling (reproducible waits)."""
+
+    def random(self) -> float:
+        return 0.999
+
+
+def rate_retries(caplog: pytest.LogCaptureFixture) -> int:
+    return sum("refused" in r.getMessage() and "for rate" in r.getMessage() for r in caplog.records)
+
+
+def test_requests_refused_for_rate_are_sent_again_after_a_backoff(daemon_factory: Factory,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    # 2 requests a second, bursts of 4: hello and three more are served at once, the rest are refused
+    # RATE_LIMITED until the allowance refills; the client backs off and sends them again.
+    d = daemon_factory((("CADPRO", "2.1", 1),), extra=["--max-requests-per-second", "2"])
+    caplog.set_level("INFO", logger="client_stub")
+    with LicenseClient(d.address, backoff=Backoff(0.3, 2.0, rng=Ceiling())) as lm:
+        for _ in range(6):
+            assert in_use(lm) == 0
+        with lm.checkout("CADPRO", "2.1") as seat:
+            assert seat.held and in_use(lm) == 1
+        assert in_use(lm) == 0  # the checkin went through as well
+    assert rate_retries(caplog) >= 1, "no request was refused: the test did not exercise the retry"
+    assert "rate limit:" in d.log()
+
+
+def test_a_client_refused_for_rate_gives_up_after_a_bounded_number_of_retries(
+        daemon_factory: Factory, caplog: pytest.LogCaptureFixture) -> None:
+    # One request per 100 s: hello takes the whole allowance, so everything after it is refused.
+    d = daemon_factory((("CADPRO", "2.1", 1),), extra=["--max-requests-per-second", "0.01"])
+    caplog.set_level("INFO", logger="client_stub")
+    with LicenseClient(d.address, backoff=Backoff(0.01, 0.05)) as lm, pytest.raises(ServerUnavailable) as info:
+        lm.status()
+    assert info.value.code is ErrorCode.RATE_LIMITED and info.value.retryable
+    assert rate_retries(caplog) == RATE_RETRIES

@@ -17,11 +17,12 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import HOSTNAME, REPO, Daemon, RawClient
+from harness import REPO, Daemon, Factory, RawClient, in_use, status
+from harness import hello_client as client
 
 from lmgrd.storage.journal import JOURNAL_NAME, read_journal
 from protocol import (
@@ -36,12 +37,7 @@ from protocol import (
     Reply,
     Resume,
     Resumed,
-    Status,
-    StatusReply,
-    Welcome,
 )
-
-Factory = Callable[..., Daemon]
 
 
 def _mount(args: list[str], target: Path) -> None:
@@ -113,29 +109,8 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-def client(d: Daemon, user: str) -> RawClient:
-    c = RawClient(d.port, timeout=10.0)
-    w = c.hello(host=HOSTNAME, user=user)
-    assert isinstance(w, Welcome), w
-    return c
-
-
 def checkout(c: RawClient) -> Reply:
     return c.request(Checkout(c.id(), "CADPRO", "2.1", 0.0))
-
-
-def status(c: RawClient) -> dict[str, object]:
-    r = c.request(Status(c.id()))
-    assert isinstance(r, StatusReply), r
-    return r.data
-
-
-def in_use(c: RawClient) -> int:
-    pools = status(c)["pools"]
-    assert isinstance(pools, list)
-    n = pools[0]["in_use"]
-    assert isinstance(n, int)
-    return n
 
 
 def http(url: str) -> tuple[int, str]:

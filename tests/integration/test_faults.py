@@ -20,7 +20,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,7 +27,8 @@ from typing import Any
 
 import pytest
 from faultproxy import FaultProxy
-from harness import HOSTNAME, REPO, Daemon, RawClient, write_keys, write_license
+from harness import REPO, Daemon, Factory, RawClient, in_use, status, write_keys, write_license
+from harness import hello_client as client
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -45,26 +45,13 @@ from protocol import (
     Reply,
     Resume,
     Resumed,
-    Status,
-    StatusReply,
-    Welcome,
 )
 
-Factory = Callable[..., Daemon]
 NO_METRICS = ["--metrics-port", "0"]
 
 
-def client(d: Daemon, user: str = "alice", timeout: float = 10.0) -> RawClient:
-    c = RawClient(d.port, timeout=timeout)
-    w = c.hello(host=HOSTNAME, user=user)
-    assert isinstance(w, Welcome), w
-    return c
-
-
 def pool(c: RawClient) -> dict[str, Any]:
-    st_ = c.request(Status(c.id()))
-    assert isinstance(st_, StatusReply), st_
-    p: dict[str, Any] = st_.data["pools"][0]
+    p: dict[str, Any] = status(c)["pools"][0]
     return p
 
 
@@ -459,11 +446,6 @@ def test_random_actions_never_exceed_the_count_nor_lose_a_seat(model_vendor: tup
 # to exactly what clients hold). The bounds are the documented ones (README "Faults and the bounds you can
 # rely on"): a silent connection's seats lapse one lease timeout after its last heartbeat; a closed one's are
 # kept for the reconnect grace, then freed.
-
-def in_use(c: RawClient) -> int:
-    n: int = pool(c)["in_use"]
-    return n
-
 
 def heartbeat_for(conns: dict[str, RawClient], held: dict[str, set[str]], seconds: float) -> None:
     """Heartbeat every connection every 0.5 s for ``seconds``; each must renew exactly what its client holds."""

@@ -15,10 +15,9 @@ import asyncio
 import http.client
 import re
 import time
-from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from harness import HOSTNAME, Daemon, RawClient
+from harness import HOSTNAME, Daemon, Factory, RawClient, hello_client, in_use
 from prometheus_client.parser import text_string_to_metric_families
 
 from client_stub import AsyncLicenseClient, AsyncSeat, LicenseLost
@@ -40,8 +39,6 @@ from protocol import (
     Welcome,
 )
 
-Factory = Callable[..., Daemon]
-
 
 def metrics(d: Daemon) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     u = urlsplit(d.metrics_url())
@@ -56,23 +53,7 @@ def metrics(d: Daemon) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def thief(d: Daemon, user: str = "mallory", host: str = "evilpc") -> RawClient:
-    c = d.connect()
-    assert isinstance(c.hello(host=host, user=user), Welcome)
-    return c
-
-
-def in_use(c: RawClient) -> int:
-    st = c.request(Status(c.id()))
-    assert isinstance(st, StatusReply)
-    return int(st.data["pools"][0]["in_use"])
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    return hello_client(d, user, host)
 
 
 # --------------------------------------------------------------------------- tokens bound to their holder

@@ -221,3 +221,24 @@ def test_argparse_speaks_the_language_only_inside_the_block(module: str, monkeyp
     english = argparse.ArgumentParser(prog="demo")  # outside: argparse's English again
     english.print_help()
     assert capsys.readouterr().out.startswith("usage: demo [-h]")
+
+
+_PRINTF = re.compile(r"%\(\w+\)[sr]|%[sr]")
+
+
+def test_the_argparse_twins_agree_and_every_message_has_its_japanese() -> None:
+    """``client_stub`` and ``lmgrd`` may not import each other, so each has its ``ARGPARSE_MESSAGES`` and
+    ``argparse_in_language``: the same messages, the same function, and in both catalogs the same Japanese for
+    every message, with argparse's ``%`` placeholders (and trailing newline) kept."""
+    import inspect
+
+    assert i18n.ARGPARSE_MESSAGES == lmgrd.i18n.ARGPARSE_MESSAGES
+    assert len(set(i18n.ARGPARSE_MESSAGES)) == len(i18n.ARGPARSE_MESSAGES)
+    assert inspect.getsource(i18n.argparse_in_language) == inspect.getsource(lmgrd.i18n.argparse_in_language)
+    for msgid in i18n.ARGPARSE_MESSAGES:
+        japanese = i18n.catalog("ja").gettext(msgid)
+        assert japanese != msgid and JAPANESE.search(japanese), f"client_stub: no Japanese for {msgid!r}"
+        assert lmgrd.i18n.catalog("ja").gettext(msgid) == japanese, f"the twins translate {msgid!r} differently"
+        assert sorted(_PRINTF.findall(japanese)) == sorted(_PRINTF.findall(msgid)), f"placeholders of {msgid!r}"
+        assert japanese.endswith("\n") == msgid.endswith("\n"), msgid
+        assert i18n.catalog("en").gettext(msgid) == msgid

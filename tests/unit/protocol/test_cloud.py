@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
+import dataclasses
+import hashlib
 import json
 import os
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -250,3 +253,93 @@ def test_any_json_is_a_document_or_a_cloud_document_error(data: object) -> None:
             verify(data)
     with contextlib.suppress(CloudDocumentError):
         parse_answer(400, json.dumps(data).encode(), VENDOR.public_key())
+
+
+# --------------------------------------------------------------------------- the wire format, pinned
+_FIXED_KEY = base64.b64encode(bytes(range(32))).decode()
+_N1, _N2 = nonce_text(bytes(range(16))), nonce_text(bytes(range(16, 48)))
+#: sha256 of the canonical bytes of fixed documents, from before the document classes shared a base: any change
+#: to a field, its order in the signed map, a domain or the encoding changes a digest (and breaks every signature
+#: already issued).
+PINNED = [
+    (ActivationRequest(CID, "licsrv01", ("192.0.2.10", "2001:db8::10"), FP, _FIXED_KEY, _N1, NOW, "automatic"),
+     "74c0d452f1928ea4d842104ba19ab51099293343eef04c4e826314d4d6f9babc"),
+    (OfflineRequest(CID, "licsrv01", ("192.0.2.10",), FP, _FIXED_KEY, _N1, NOW),
+     "a7765bcf31d4966812c48b85f40229cde153505cffe5db944b9897cded399ac9"),
+    (CheckInRequest(CID, "licsrv01", (), FP, _FIXED_KEY, _N2, 7, _N1, NOW),
+     "039817cba877508024c93b667d73516db3ec51912089f993071d52b5f6ed1e57"),
+    (ActivationCertificate(CID, "licsrv01", FP, _FIXED_KEY, NOW, NOW + timedelta(days=30), NOW + timedelta(days=1),
+                           _N2, 1, "manual", _N1),
+     "47419e0d6c3c8d519901ca6ecf5e09256514fab4d09882fdbd1cb884c1b03c58"),
+    (ActivationCertificate(CID, "licsrv01", FP, _FIXED_KEY, NOW, None, None, None, 0, "offline", _N1),
+     "96fe4bbaeb3918b0e3391ac3a48c0f61d3f4cb5f260ea372d3682d73ec6f4519"),
+    (CloudRevocation(CID, NOW, "license server replaced", "CID-EEEE-FFFF-GGGG-HHHH"),
+     "104914e40c7571c6a8f9307ac775e3f8e13944a0a4008cc50b5ee1241d72b8e5"),
+]
+
+
+@pytest.mark.parametrize(("doc", "digest"), PINNED, ids=lambda x: type(x).__name__ if not isinstance(x, str) else "")
+def test_the_canonical_bytes_of_every_kind_are_pinned(doc: Any, digest: str) -> None:
+    assert hashlib.sha256(canonical_bytes(doc)).hexdigest() == digest
+
+
+def test_constructing_a_document_checks_its_times_and_fields() -> None:
+    with pytest.raises(ValueError, match="sent_at must be a timezone-aware datetime"):
+        OfflineRequest(CID, "licsrv01", (), FP, KEY, nonce(), datetime(2026, 3, 1))
+    with pytest.raises(ValueError, match="issued_at must be a timezone-aware datetime"):
+        ActivationCertificate(CID, "licsrv01", FP, KEY, None, None, None, None, 0, "offline", nonce())  # type: ignore[arg-type]
+    with pytest.raises(CloudDocumentError, match=r"document\.hostname"):
+        CheckInRequest(CID, "設計pc", (), FP, KEY, nonce(), 1, nonce(), NOW)
+    local = datetime(2026, 3, 1, 21, 0, 0, 999, tzinfo=timezone(timedelta(hours=9)))
+    assert OfflineRequest(CID, "licsrv01", (), FP, KEY, nonce(), local).sent_at == NOW  # UTC, whole seconds
+
+
+_times = st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2200, 1, 1),
+                      timezones=st.just(UTC))
+_nonces = st.binary(min_size=16, max_size=64).map(nonce_text)
+_hosts = st.from_regex(r"[a-z]([a-z0-9-]{0,18}[a-z0-9])?", fullmatch=True)
+_ips = st.lists(st.ip_addresses().map(str), max_size=4, unique=True).map(tuple)
+_cids = st.just(CID) | st.just("CID-EEEE-FFFF-GGGG-HHHH")
+_macs = st.lists(st.text("0123456789abcdef", min_size=12, max_size=12), max_size=3, unique=True)
+_fps = st.builds(Fingerprint.of, _hosts, st.text("0123456789abcdef", min_size=8, max_size=32), _macs)
+
+
+@st.composite
+def _certificates(draw: st.DrawFn) -> ActivationCertificate:
+    issued = draw(_times)
+    if draw(st.booleans()):
+        return ActivationCertificate(draw(_cids), draw(_hosts), draw(_fps), KEY, issued,
+                                     draw(st.none() | st.just(issued + timedelta(days=365))), None, None, 0, "offline",
+                                     draw(_nonces))
+    return ActivationCertificate(draw(_cids), draw(_hosts), draw(_fps), KEY, issued, issued + timedelta(days=30),
+                                 issued + timedelta(days=1), draw(_nonces), draw(st.integers(1, 2**53)),
+                                 draw(st.sampled_from(["manual", "automatic"])), draw(_nonces))
+
+
+_documents = st.one_of(
+    st.builds(ActivationRequest, _cids, _hosts, _ips, _fps, st.just(KEY), _nonces, _times,
+              st.sampled_from(["manual", "automatic"])),
+    st.builds(OfflineRequest, _cids, _hosts, _ips, _fps, st.just(KEY), _nonces, _times),
+    st.builds(CheckInRequest, _cids, _hosts, _ips, _fps, st.just(KEY), _nonces, st.integers(0, 2**53), _nonces, _times),
+    _certificates(),
+    st.builds(CloudRevocation, _cids, _times, st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1,
+                                                      max_size=80).filter(str.strip), st.none() | _cids),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_documents)
+def test_every_document_round_trips_through_its_signed_json(doc: Any) -> None:
+    """Any valid document of any kind: signed, sent as JSON text, parsed and verified, it is the same document with
+    the same canonical bytes, and the fields of its JSON are those of its class in order."""
+    key = VENDOR if isinstance(doc, ActivationCertificate | CloudRevocation) else INSTALL
+    signed = wire(doc, key)
+    verify: Any = {ActivationRequest: verify_activation_request, OfflineRequest: verify_offline_request,
+                   CheckInRequest: lambda d: verify_check_in_request(d, KEY),
+                   ActivationCertificate: lambda d: verify_certificate(d, VENDOR.public_key()),
+                   CloudRevocation: lambda d: verify_cloud_revocation(d, VENDOR.public_key())}[type(doc)]
+    back = verify(signed)
+    assert back == doc and type(back) is type(doc)
+    assert canonical_bytes(back) == canonical_bytes(doc)
+    assert list(signed["document"])[2:] == [f.name for f in dataclasses.fields(doc)]
+    assert json.loads(dumps_document(signed)) == signed

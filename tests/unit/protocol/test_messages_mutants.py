@@ -40,6 +40,7 @@ from protocol.messages import (
     parse_reply,
     parse_request,
 )
+from protocol.samples import SAMPLES
 from protocol.validation import MAX_SECRET_LENGTH, MAX_VERSION_LENGTH, shown
 
 CHECKOUT_VERSION_LIMIT = MAX_VERSION_LENGTH  # 32, the one version limit (protocol/validation.py)
@@ -58,47 +59,47 @@ class F:
 
 REQUIRED = "REQUIRED"
 
-# op -> (request or reply, a full valid message, its fields)
+# op -> (request or reply, a full valid message (protocol/samples.py), its fields)
 SCHEMA: dict[str, tuple[str, Any, list[F]]] = {
-    "hello": ("request", Hello(1, (1, 2), "pc1", "alice", 77, "cv 1", ":0", "s" * 32), [
+    "hello": ("request", SAMPLES["hello"], [
         F("id", "uint", MAX_ID), F("host", "text", MAX_TEXT), F("user", "text", MAX_TEXT),
         F("pid", "uint", 2**32), F("client_version", "text", MAX_TEXT, ""), F("display", "text", MAX_TEXT, ""),
         F("secret", "text", MAX_SECRET_LENGTH),  # required: the example offers protocol 2
     ]),
-    "checkout": ("request", Checkout(2, "CADPRO", "2.1", 5.0), [
+    "checkout": ("request", SAMPLES["checkout"], [
         F("id", "uint", MAX_ID), F("product", "text", 64), F("version", "text", CHECKOUT_VERSION_LIMIT),
         F("wait", "seconds", MAX_WAIT_SECONDS, 0.0),
     ]),
-    "heartbeat": ("request", Heartbeat(3, True, 30.0), [
+    "heartbeat": ("request", SAMPLES["heartbeat"], [
         F("id", "uint", MAX_ID), F("idle", "bool", 0, False), F("idle_for", "seconds", TEN_YEARS, 0.0),
     ]),
-    "checkin": ("request", Checkin(4, "tok-1"), [F("id", "uint", MAX_ID), F("token", "text", 64)]),
-    "resume": ("request", Resume(5, ("t1", "t2")), [F("id", "uint", MAX_ID), F("tokens", "texts", MAX_TOKENS)]),
-    "status": ("request", Status(6), [F("id", "uint", MAX_ID)]),
-    "admin": ("request", Admin(7, "lmremove", {"token": "t1"}, "secret"), [
+    "checkin": ("request", SAMPLES["checkin"], [F("id", "uint", MAX_ID), F("token", "text", 64)]),
+    "resume": ("request", SAMPLES["resume"], [F("id", "uint", MAX_ID), F("tokens", "texts", MAX_TOKENS)]),
+    "status": ("request", SAMPLES["status"], [F("id", "uint", MAX_ID)]),
+    "admin": ("request", SAMPLES["admin"], [
         F("id", "uint", MAX_ID), F("command", "text", 64), F("args", "map", 0, {}),
         F("auth", "text", MAX_TEXT, ""),
     ]),
-    "welcome": ("reply", Welcome(8, 1, "lmgrd 1.0", 10.0, 30.0, 1 << 20, 42), [
+    "welcome": ("reply", SAMPLES["welcome"], [
         F("id", "uint", MAX_ID), F("proto", "uint", 65535), F("server_version", "text", MAX_TEXT),
         F("heartbeat_interval", "seconds", 86_400.0), F("lease_timeout", "seconds", 864_000.0),
         F("max_frame", "uint", MAX_ID), F("session", "uint", MAX_ID),
     ]),
-    "granted": ("reply", Granted(9, "tok-9", "C1", "CADPRO", "2.1", 30.0, 10.0, 1.5), [
+    "granted": ("reply", SAMPLES["granted"], [
         F("id", "uint", MAX_ID), F("token", "text", 64), F("customer_id", "text", MAX_TEXT),
         F("product", "text", MAX_TEXT), F("version", "text", MAX_TEXT),
         F("lease_timeout", "seconds", 864_000.0), F("heartbeat_interval", "seconds", 86_400.0),
         F("waited", "seconds", MAX_WAIT_SECONDS * 2, 0.0),
     ]),
-    "heartbeat_ack": ("reply", HeartbeatAck(10, 3, (LostSeat("t", ErrorCode.LEASE_EXPIRED, "gone"),)), [
+    "heartbeat_ack": ("reply", SAMPLES["heartbeat_ack"], [
         F("id", "uint", MAX_ID), F("renewed", "uint", MAX_ID),
     ]),
-    "checked_in": ("reply", CheckedIn(11, True), [F("id", "uint", MAX_ID), F("released", "bool", 0, False)]),
-    "resumed": ("reply", Resumed(12, ("t1",), (LostSeat("t2", ErrorCode.LEASE_NOT_FOUND, "no such lease"),)), [
+    "checked_in": ("reply", SAMPLES["checked_in"], [F("id", "uint", MAX_ID), F("released", "bool", 0, False)]),
+    "resumed": ("reply", SAMPLES["resumed"], [
         F("id", "uint", MAX_ID), F("resumed", "texts", MAX_TOKENS),
     ]),
-    "status_reply": ("reply", StatusReply(13, {"pools": [1, 2]}), [F("id", "uint", MAX_ID), F("data", "map", 0, {})]),
-    "error": ("reply", ErrorReply(14, ErrorCode.NO_SEATS, "all 3 seats in use", "wait or ask"), [
+    "status_reply": ("reply", SAMPLES["status_reply"], [F("id", "uint", MAX_ID), F("data", "map", 0, {})]),
+    "error": ("reply", SAMPLES["error"], [
         F("id", "uint", MAX_ID), F("message", "text", 4096), F("hint", "text", 4096, ""),
     ]),
 }
