@@ -5,10 +5,11 @@ Real files in tmp_path; time is passed in, so the 24-hour rule is proved to the 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,18 @@ def test_site_comes_before_activation_and_activation_before_expiry(tmp_path: Pat
     d = licensing.candidates("CADPRO", "9.0", "192.0.2.5", "alice", "pc1", now)
     assert d.error is not None and d.error[0] is ErrorCode.VERSION_NOT_PERMITTED
     assert licensing.candidates("CADPRO", "2.1", "192.0.2.5", "alice", "pc1", now).licenses == (lic,)
+
+
+def test_a_license_that_expires_while_served_stops_serving_though_its_verdicts_are_remembered(tmp_path: Path) -> None:
+    """Licensing remembers a license's product/version verdict (Licensing._use); the expiry is checked first
+    on every checkout, so a license granted at 23:59 of its last day refuses at 00:00 the next."""
+    lic = dataclasses.replace(make_license(), expires=date(2026, 6, 30))
+    licensing = Licensing([(tmp_path / "a.lic", lic)], [])
+    last_minute = datetime(2026, 6, 30, 23, 59, tzinfo=UTC)
+    assert licensing.candidates("CADPRO", "2.1", "127.0.0.1", "alice", "pc1", last_minute).licenses == (lic,)
+    d = licensing.candidates("CADPRO", "9.0", "127.0.0.1", "alice", "pc1", last_minute)
+    assert d.error is not None and d.error[0] is ErrorCode.VERSION_NOT_PERMITTED
+    next_day = datetime(2026, 7, 1, 0, 0, tzinfo=UTC)
+    for version in ("2.1", "9.0"):  # both verdicts were remembered before the expiry
+        d = licensing.candidates("CADPRO", version, "127.0.0.1", "alice", "pc1", next_day)
+        assert d.error is not None and d.error[0] is ErrorCode.LICENSE_EXPIRED, (version, d)

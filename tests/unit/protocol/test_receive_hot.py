@@ -149,3 +149,39 @@ def test_msgpack_defaults_match_decode_body() -> None:
     assert msgpack.unpackb(body) == msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
     with pytest.raises(ValueError):
         msgpack.unpackb(msgpack.packb({1: 2}))  # strict_map_key by default
+
+
+@pytest.mark.parametrize("body", [
+    msgpack.packb([1, 2]), msgpack.packb(7), msgpack.packb("checkout"), msgpack.packb(None),  # not maps at all
+    msgpack.packb({"op": "heartbeat", "id": 1, b"x": 1}),  # no idle, a binary key: decode_body refuses it
+    msgpack.packb({"op": "heartbeat", "id": 1, "idle": True, b"x": 1}),
+])
+def test_receive_hot_declines_a_frame_that_is_not_a_hot_map(body: bytes) -> None:
+    conn = ready()
+    frame = len(body).to_bytes(4, "big") + body
+    assert conn.receive_hot(frame) is None
+    assert conn.state is State.READY
+
+
+def test_receive_hot_declines_a_whole_frame_behind_buffered_bytes() -> None:
+    """A whole frame arriving while part of an earlier one is buffered belongs after that one: the hot path must
+    not serve it first (the decoder then sees both in order)."""
+    conn = ready()
+    first = encode_frame(Heartbeat(5).to_wire())
+    conn.receive_data(first[:3])
+    second = encode_frame(Checkin(6, "t" * 32).to_wire())
+    assert conn.receive_hot(second) is None
+    assert conn.receive_data(first[3:] + second) == [Heartbeat(5), Checkin(6, "t" * 32)]
+
+
+def test_receive_hot_declines_a_frame_over_the_limit() -> None:
+    conn: Connection[Any] = Connection(Role.SERVER, max_frame_bytes=80)  # the hello is 74 bytes
+    conn.receive_data(encode_frame(_HELLO.to_wire()))
+    from protocol import Welcome
+
+    conn.send(Welcome(1, 1, "x", 30.0, 90.0, 80, 1))
+    frame = encode_frame(Checkout(1, "P" * 60, "1.0").to_wire())
+    assert len(frame) - 4 > 80
+    assert conn.receive_hot(frame) is None
+    with pytest.raises(Exception):  # noqa: B017 - FrameTooLarge, a ProtocolError
+        conn.receive_data(frame)
