@@ -107,6 +107,19 @@ class _OpHistogram:
         self.total = 0.0
 
 
+def _family(name: str, documentation: str, by_op: dict[str, _OpHistogram]) -> HistogramMetricFamily:
+    """One histogram family labelled ``op``, cumulative buckets as Prometheus wants them."""
+    fam = HistogramMetricFamily(name, documentation, labels=["op"])
+    for op, h in sorted(by_op.items()):
+        cum = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, n in zip((*map(repr, DURATION_BUCKETS), "+Inf"), h.counts, strict=True):
+            cum += n
+            buckets.append((bound, cum))
+        fam.add_metric([op], buckets, h.total)
+    return fam
+
+
 class StoreTimer:
     """``timer(op, seconds)``: ``lmgrd_store_request_duration_seconds``, fed by the etcd store after each call."""
 
@@ -123,17 +136,8 @@ class StoreTimer:
         h.total += seconds
 
     def family(self) -> HistogramMetricFamily:
-        fam = HistogramMetricFamily("lmgrd_store_request_duration_seconds",
-                                    "HA: time of each call to the seat store (etcd), by operation",
-                                    labels=["op"])
-        for op, h in sorted(self.by_op.items()):
-            cum = 0
-            buckets: list[tuple[str, float]] = []
-            for bound, n in zip((*map(repr, DURATION_BUCKETS), "+Inf"), h.counts, strict=True):
-                cum += n
-                buckets.append((bound, cum))
-            fam.add_metric([op], buckets, h.total)
-        return fam
+        return _family("lmgrd_store_request_duration_seconds",
+                       "HA: time of each call to the seat store (etcd), by operation", self.by_op)
 
 
 class RequestTimer:
@@ -158,17 +162,8 @@ class RequestTimer:
         h.total += seconds
 
     def family(self) -> HistogramMetricFamily:
-        fam = HistogramMetricFamily("lmgrd_request_duration_seconds",
-                                    "Time spent handling one client request on the event loop, by operation "
-                                    "(excludes the batched journal write)", labels=["op"])
-        for op, h in sorted(self.by_op.items()):
-            cum = 0
-            buckets: list[tuple[str, float]] = []
-            for bound, n in zip((*map(repr, DURATION_BUCKETS), "+Inf"), h.counts, strict=True):
-                cum += n
-                buckets.append((bound, cum))
-            fam.add_metric([op], buckets, h.total)
-        return fam
+        return _family("lmgrd_request_duration_seconds", "Time spent handling one client request on the event "
+                       "loop, by operation (excludes the batched journal write)", self.by_op)
 
 
 # --------------------------------------------------------------------------- the observer
