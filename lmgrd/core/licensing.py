@@ -109,7 +109,7 @@ class Licensing:
         self._all_products = ", ".join(sorted(self._by_product)) or "none"
         self._customer_of: dict[str, str] | None = None
         #: Caches of :meth:`_use` (a Licensing is never changed after it is made; a reload makes a new one).
-        self._expires_at: dict[str, datetime | None] = {}
+        self._expires_at: dict[str, datetime | None] = {lic.customer_id: lic.expires_at for _p, lic in served}
         self._verdicts: dict[tuple[str, str, str], tuple[ErrorCode, str] | None] = {}
 
     def pools(self) -> dict[PoolKey, int]:
@@ -185,18 +185,17 @@ class Licensing:
         the product and version alone (pure), so it is kept per (customer ID, product, version); the expiry
         day's end is computed once per license. Bounded: versions are the clients' choice."""
         cid = lic.customer_id
-        expires_at = self._expires_at.get(cid, lic)
-        if expires_at is lic:
-            expires_at = self._expires_at[cid] = lic.expires_at
-        if expires_at is not None and now > expires_at:  # type: ignore[operator]
+        expires_at = self._expires_at[cid]
+        if expires_at is not None and now > expires_at:
             return evaluate_use(lic, product, version, now)  # expired first, as evaluate_use checks it
         key = (cid, product, version)
-        verdict = self._verdicts.get(key, key)
-        if verdict is key:
-            if len(self._verdicts) >= _VERDICTS_LIMIT:
-                self._verdicts.clear()
-            verdict = self._verdicts[key] = evaluate_use(lic, product, version, now)
-        return verdict  # type: ignore[return-value]
+        verdicts = self._verdicts
+        if key in verdicts:
+            return verdicts[key]
+        if len(verdicts) >= _VERDICTS_LIMIT:
+            verdicts.clear()
+        verdict = verdicts[key] = evaluate_use(lic, product, version, now)
+        return verdict
 
     def _site_and_activation(self, lic: License, addr: str, now: datetime) -> tuple[ErrorCode, str, str] | None:
         site = self._sites[lic.customer_id]
