@@ -12,7 +12,6 @@ import fcntl
 import logging
 import os
 import resource
-import signal
 import stat
 import struct
 import zlib
@@ -487,22 +486,6 @@ def test_a_failed_compaction_is_retried_after_min_records_more(tmp_path: Path, m
 
 
 # -- a failed write -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def file_size_limit() -> Iterator[Callable[[int], None]]:
-    """Limit this process's file size (RLIMIT_FSIZE), so write(2) really fails with EFBIG past it."""
-    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
-    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
-    def limit(size: int) -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, old_limit[1]))
-
-    try:
-        yield limit
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
-        signal.signal(signal.SIGXFSZ, old_handler)
 
 
 def test_a_write_that_fails_halfway_is_cut_back_and_retried_whole(tmp_path: Path,

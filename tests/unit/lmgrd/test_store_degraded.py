@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
-import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,20 +23,13 @@ from protocol import Checkin, Checkout, ErrorCode, Heartbeat
 
 
 @pytest.fixture
-def journal_full() -> Iterator[Callable[[Path | None], None]]:
+def journal_full(file_size_limit: Callable[[int], None]) -> Callable[[Path | None], None]:
     """``journal_full(path)`` stops the file from growing (EFBIG from write(2)); ``journal_full(None)`` lifts it."""
-    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
-    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
-    def limit(path: Path | None) -> None:
-        size = resource.RLIM_INFINITY if path is None else path.stat().st_size
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, old_limit[1]))
+    def full(path: Path | None) -> None:
+        file_size_limit(resource.RLIM_INFINITY if path is None else path.stat().st_size)
 
-    try:
-        yield limit
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
-        signal.signal(signal.SIGXFSZ, old_handler)
+    return full
 
 
 def test_a_failed_write_undoes_its_grants_refuses_waiters_and_recovers(
