@@ -148,7 +148,7 @@ class AdminClient:
         except TimeoutError as exc:  # the connection's own timeout (lmstat -t): say which, and what to do
             raise AdminError(tr("the license server at {port}@{host} did not answer within {seconds} s; check "
                                 "that lmgrd is running there and not overloaded, or allow longer (lmstat -t SECONDS)",
-                                port=self.port, host=self.host, seconds=f"{self.sock.gettimeout() or 0:g}"), 3,
+                                port=self.port, host=self.host, seconds=format(self.sock.gettimeout() or 0, "g")), 3,
                              os_error=exc) from None
         except (OSError, ProtocolError) as exc:
             raise AdminError(tr("lost the connection to {port}@{host}: {error}", port=self.port, host=self.host,

@@ -386,7 +386,7 @@ def format_text(report: Report, files: int) -> str:
         lines.append(_("{product} (customer {customer_id}): {count}").format(
             product=p.product, customer_id=p.customer_id or "?", count=count))
         pct = ("" if report.hours <= 0 else
-               " " + _("({pct:.1f} % of the period)").format(pct=100 * p.hours_at_limit / report.hours))
+               " " + _("({share} of the period)").format(share=f"{100 * p.hours_at_limit / report.hours:.1f} %"))
         lines.append("  " + _("peak {peak}, 95th percentile {p95}, at the limit {hours:.1f} h").format(
             peak=p.peak, p95=p.p95, hours=p.hours_at_limit) + pct)
         den = (", ".join(f"{k} {v}" for k, v in sorted(p.denials.items(), key=lambda kv: (-kv[1], kv[0])))
