@@ -70,7 +70,8 @@ bench-ha: $(STAMP)
 	$(PY) benchmarks/ha.py
 
 # Mutation testing of the core paths (not part of `make test`): score per module, survivors listed,
-# fails below 85 % killed. MUTATION_WORKERS=2 by default; see tests/mutation/run.py.
+# fails below 85 % killed. MUTATION_WORKERS=2 by default; see tests/mutation/run.py. One module at a time:
+# .venv/bin/python tests/mutation/run.py --keep --module lmgrd/core/ledger.py (a full run takes hours).
 mutation: $(STAMP)
 	$(PY) -m pip install -qq -e '.[dev,mutation]'
 	$(PY) tests/mutation/run.py

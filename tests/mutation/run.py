@@ -17,6 +17,11 @@ Usage::
     python tests/mutation/run.py --keep          # reuse mutants/: only new or changed mutants run
     python tests/mutation/run.py --rerun-survivors   # run again only what survived last time
     python tests/mutation/run.py --report        # print the last run's scores, run nothing
+    python tests/mutation/run.py --keep --module lmgrd/core/ledger.py   # run (and score) one module only
+
+``--module`` (repeatable, a path from ``only_mutate``) runs only that module's mutants, again every time:
+mutmut still copies and traces every module, and the report scores only the modules named. Use it with
+``--keep`` to score the modules one after another into the same mutants/.
 
 Environment: ``MUTATION_WORKERS`` (default 2), ``MUTATION_MAX_EXAMPLES`` (hypothesis cap, default 25).
 """
@@ -69,6 +74,11 @@ class Score:
 def modules() -> list[str]:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["tool"]["mutmut"]
     return list(config["only_mutate"])
+
+
+def mutant_glob(module: str) -> str:
+    """mutmut's name pattern for every mutant of one module: ``lmgrd/core/ledger.py`` -> ``lmgrd.core.ledger.*``."""
+    return module.removesuffix(".py").replace("/", ".") + ".*"
 
 
 def score(module: str) -> Score:
@@ -124,8 +134,8 @@ def diff_lines(names: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def report(threshold: float) -> int:
-    scores = [score(m) for m in modules()]
+def report(threshold: float, only: list[str] | None = None) -> int:
+    scores = [score(m) for m in (only or modules())]
     width = max(len(s.module) for s in scores)
     print()
     print(f"{'module':<{width}}  killed / total   score  survived  no tests  other")
@@ -181,28 +191,37 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--keep", action="store_true", help="reuse mutants/ and its results")
     mode.add_argument("--rerun-survivors", action="store_true", help="run again the mutants not killed last time")
     mode.add_argument("--report", action="store_true", help="only print the last run's scores")
+    ap.add_argument("--module", action="append", default=[], metavar="PATH",
+                    help="run and score only this module of only_mutate (repeatable)")
     args = ap.parse_args(argv)
+    unknown = [m for m in args.module if m not in modules()]
+    if unknown:
+        ap.error(f"--module {', '.join(unknown)} is not in only_mutate of pyproject.toml ({', '.join(modules())}): "
+                 "name one of those, or add the module there")
+    chosen: list[str] = args.module or modules()
 
     if not args.report:
         env = dict(os.environ)
         env.setdefault("HYPOTHESIS_PROFILE", "mutation")
         names: list[str] = []
         if args.rerun_survivors:
-            names = [n for m in modules() for n in (*score(m).survived, *score(m).no_tests)]
+            names = [n for m in chosen for n in (*score(m).survived, *score(m).no_tests)]
             if not names:
                 print("nothing survived the last run")
-                return report(args.threshold)
-        elif not args.keep and MUTANTS.exists():
+                return report(args.threshold, chosen)
+        elif args.module:
+            names = [mutant_glob(m) for m in chosen]
+        if not args.keep and not args.rerun_survivors and MUTANTS.exists():
             shutil.rmtree(MUTANTS)
         started = time.monotonic()
-        print(f"mutmut run --max-children {args.workers} on {', '.join(modules())} (log: {LOG.relative_to(ROOT)})",
+        print(f"mutmut run --max-children {args.workers} on {', '.join(chosen)} (log: {LOG.relative_to(ROOT)})",
               flush=True)
         rc = mutmut(["run", "--max-children", str(args.workers), *names], env)
         print(f"mutmut finished in {time.monotonic() - started:.0f} s (exit status {rc})")
         if rc != 0:
             print(LOG.read_text("utf-8", "replace")[-3000:])
             return 2
-    return report(args.threshold)
+    return report(args.threshold, chosen)
 
 
 if __name__ == "__main__":
