@@ -410,7 +410,7 @@ class Ledger:
                 return None
         elif (not share_key or share_key not in p.seats) and (p.waiting or len(p.seats) >= p.count):
             return None
-        return self._grant(p, pool, share_key, holder, version, now, wall)
+        return self._grant(p, share_key, holder, version, now, wall)
 
     # -- usage policy --------------------------------------------------------------------------------------
 
@@ -511,7 +511,6 @@ class Ledger:
     def _grant(
         self,
         p: _Pool,
-        pool: PoolKey,
         share_key: tuple[str, ...],
         holder: HolderLike,
         version: str,
@@ -714,12 +713,12 @@ class Ledger:
                       grants: list[tuple[Waiter, LeaseInfo]]) -> None:
         key = w.share_key
         self._forget_waiter(w)
-        grants.append((w, self._grant(p, w.pool, key, w.holder, w.version, now, wall)))
+        grants.append((w, self._grant(p, key, w.holder, w.version, now, wall)))
         if new_seat and key:
             # Waiters further back with the same share key join the new seat now: it costs nothing.
             for j in list(p.by_key.get(key, ())):
                 self._forget_waiter(j)
-                grants.append((j, self._grant(p, j.pool, key, j.holder, j.version, now, wall)))
+                grants.append((j, self._grant(p, key, j.holder, j.version, now, wall)))
 
     def _serve_policy(self, p: _Pool, now: float, wall: float, grants: list[tuple[Waiter, LeaseInfo]]) -> None:
         """Under a usage policy: grant, in arrival order, every waiter a free seat is admissible for; then every
@@ -743,7 +742,7 @@ class Ledger:
         for key in [k for k in p.by_key if k in p.seats]:
             for j in list(p.by_key[key]):  # in arrival order; the list goes when its last waiter does
                 self._forget_waiter(j)
-                grants.append((j, self._grant(p, j.pool, key, j.holder, j.version, now, wall)))
+                grants.append((j, self._grant(p, key, j.holder, j.version, now, wall)))
         queue = p.queue
         while queue and waiters.get(queue[0].waiter_id) is not queue[0]:
             queue.popleft()

@@ -505,3 +505,27 @@ def test_handles_are_assigned_on_first_look_by_either_lookup_and_then_fixed() ->
     with pytest.raises(KeyError) as info:
         ledger.handle(POOL, ("carol", "pc1"))
     assert info.value.args == (("carol", "pc1"),)
+
+
+def test_a_lease_refiled_by_the_expiry_heap_can_still_be_moved_earlier() -> None:
+    ledger = make(1)
+    a = must(co(ledger, "alice", session=1))
+    assert ledger.renew_session(1, 50.0) == 1  # deadline 140; the heap entry still says 90
+    assert ledger.next_deadline() == 140.0  # pops the 90 entry and files the lease again at 140
+    ledger.detach_session(1, 60.0, grace=5.0)  # 65 is earlier than the entry at 140: a new entry
+    assert ledger.next_deadline() == 65.0
+    assert ledger.expire(65.0, WALL) == ([a], [])
+
+
+def test_holds_is_true_exactly_while_a_lease_is_bound_to_the_session() -> None:
+    ledger = make(2)
+    assert not ledger.holds(1)
+    a = must(co(ledger, "alice", session=1))
+    assert ledger.holds(1) and not ledger.holds(2)
+    b = must(co(ledger, "bob", session=1))
+    ledger.release(a.token, 1.0, WALL)
+    assert ledger.holds(1)  # b is still bound to it
+    ledger.release(b.token, 2.0, WALL)
+    assert not ledger.holds(1)
+    must(co(ledger, "carol", session=None))
+    assert not ledger.holds(1) and not ledger.holds(2)
