@@ -77,3 +77,52 @@ def test_a_failed_write_undoes_its_grants_refuses_waiters_and_recovers(
         assert rig.checkout(carol)["op"] == "granted"
 
     run(tmp_path, vendor, body)
+
+
+def test_while_degraded_a_freed_seat_is_refused_to_every_waiter_it_would_go_to_and_stays_free(
+        tmp_path: Path, vendor: tuple[Ed25519PrivateKey, Path], journal_full: Callable[[Path | None], None]) -> None:
+    async def body(rig: Rig) -> None:
+        server = rig.server
+        pool = next(iter(server.licensing.pools()))
+        alice, dave = rig.connect("alice"), rig.connect("dave")
+        alice2 = rig.connect("alice", pid=4343)  # alice's second process: joins her seat
+        bob, erin = rig.connect("bob"), rig.connect("erin")
+        assert rig.checkout(alice)["op"] == "granted"
+        gd = rig.checkout(dave)
+        assert gd["op"] == "granted"
+        bob_rid, erin_rid = rig.rid(), rig.rid()
+        assert rig.send(bob, Checkout(bob_rid, "CADPRO", "2.1", 30.0)) == []
+        assert rig.send(erin, Checkout(erin_rid, "CADPRO", "2.0", 30.0)) == []
+        assert server.ledger.queued(pool) == 2
+        released_before = server.counters.released
+        journal_full(rig.state / JOURNAL_NAME)
+        try:
+            # A join takes no seat: its unwritable grant is undone, the seat stays alice's, nobody is served.
+            join_rid = rig.rid()
+            (undone,) = rig.send(alice2, Checkout(join_rid, "CADPRO", "2.1", 0))
+            assert (undone["op"], undone["id"], undone["code"]) == ("error", join_rid, ErrorCode.STORE_UNAVAILABLE)
+            assert server.counters.released == released_before + 1
+            assert rig.recorder.denials[-1] == ("CADPRO", "2.1", ErrorCode.STORE_UNAVAILABLE, "alice", pool[0])
+            assert server.store_error is not None and server.ledger.queued(pool) == 2
+            # Now dave's seat frees: it would go to bob, then (given back) to erin; both are refused, each
+            # under its own request, and the seat is left free, granted to no one.
+            server.handlers.dispatch(dave, Checkin(rig.rid(), gd["token"]))
+            server.outbox.flush()
+            (refused_bob,) = rig.replies(bob)
+            (refused_erin,) = rig.replies(erin)
+            assert (refused_bob["op"], refused_bob["id"], refused_bob["code"]) == (
+                "error", bob_rid, ErrorCode.STORE_UNAVAILABLE)
+            assert (refused_erin["op"], refused_erin["id"], refused_erin["code"]) == (
+                "error", erin_rid, ErrorCode.STORE_UNAVAILABLE)
+            for refused in (refused_bob, refused_erin):
+                assert str(rig.state) in refused["message"] and "free space" in refused["hint"]
+            assert [d[:4] for d in rig.recorder.denials[-2:]] == [("CADPRO", "2.1", ErrorCode.STORE_UNAVAILABLE, "bob"),
+                                                                  ("CADPRO", "2.0", ErrorCode.STORE_UNAVAILABLE, "erin")]
+            assert server.ledger.in_use(pool) == 1 and server.ledger.queued(pool) == 0
+        finally:
+            journal_full(None)
+        server.outbox.retry()
+        assert server.store_error is None
+        assert rig.checkout(bob)["op"] == "granted"
+
+    run(tmp_path, vendor, body, products=(("CADPRO", "2.1", 2),))
