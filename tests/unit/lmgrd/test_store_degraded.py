@@ -116,8 +116,9 @@ def test_while_degraded_a_freed_seat_is_refused_to_every_waiter_it_would_go_to_a
                 "error", erin_rid, ErrorCode.STORE_UNAVAILABLE)
             for refused in (refused_bob, refused_erin):
                 assert str(rig.state) in refused["message"] and "free space" in refused["hint"]
-            assert [d[:4] for d in rig.recorder.denials[-2:]] == [("CADPRO", "2.1", ErrorCode.STORE_UNAVAILABLE, "bob"),
-                                                                  ("CADPRO", "2.0", ErrorCode.STORE_UNAVAILABLE, "erin")]
+            unavailable = ErrorCode.STORE_UNAVAILABLE
+            assert [d[:4] for d in rig.recorder.denials[-2:]] == [("CADPRO", "2.1", unavailable, "bob"),
+                                                                  ("CADPRO", "2.0", unavailable, "erin")]
             assert server.ledger.in_use(pool) == 1 and server.ledger.queued(pool) == 0
         finally:
             journal_full(None)
