@@ -127,3 +127,57 @@ def test_while_degraded_a_freed_seat_is_refused_to_every_waiter_it_would_go_to_a
         assert rig.checkout(bob)["op"] == "granted"
 
     run(tmp_path, vendor, body, products=(("CADPRO", "2.1", 2),))
+
+
+def test_an_undone_grant_gives_its_seat_to_the_next_waiter_who_is_refused_too(
+        tmp_path: Path, vendor: tuple[Ed25519PrivateKey, Path], journal_full: Callable[[Path | None], None]) -> None:
+    async def body(rig: Rig) -> None:
+        server = rig.server
+        pool = next(iter(server.licensing.pools()))
+        alice, bob, erin = rig.connect("alice"), rig.connect("bob"), rig.connect("erin")
+        g = rig.checkout(alice)
+        assert rig.send(bob, Checkout(rig.rid(), "CADPRO", "2.1", 30.0)) == []
+        erin_rid = rig.rid()
+        assert rig.send(erin, Checkout(erin_rid, "CADPRO", "2.1", 30.0)) == []
+        journal_full(rig.state / JOURNAL_NAME)
+        try:
+            # alice's seat goes to bob; that batch fails, bob's grant is undone and its seat goes to erin,
+            # whom the failing store cannot record either.
+            server.handlers.dispatch(alice, Checkin(rig.rid(), g["token"]))
+            server.outbox.flush()
+            (refused_bob,) = rig.replies(bob)
+            (refused_erin,) = rig.replies(erin)
+            assert refused_bob["code"] == ErrorCode.STORE_UNAVAILABLE
+            assert (refused_erin["id"], refused_erin["code"]) == (erin_rid, ErrorCode.STORE_UNAVAILABLE)
+            assert server.ledger.in_use(pool) == 0 and server.ledger.queued(pool) == 0
+        finally:
+            journal_full(None)
+
+    run(tmp_path, vendor, body)
+
+
+def test_a_failed_batch_undoes_every_grant_still_held_past_one_already_ended(
+        tmp_path: Path, vendor: tuple[Ed25519PrivateKey, Path], journal_full: Callable[[Path | None], None]) -> None:
+    async def body(rig: Rig) -> None:
+        server = rig.server
+        pool = next(iter(server.licensing.pools()))
+        alice, dave = rig.connect("alice"), rig.connect("dave")
+        rig.checkout(rig.connect("carol"))  # written: the journal has a record to fill up behind
+        journal_full(rig.state / JOURNAL_NAME)
+        try:
+            # Two grants in one batch, neither written yet; alice's ends (the administrator frees it) before
+            # the flush fails: dave's grant must still be undone and refused.
+            server.handlers.dispatch(alice, Checkout(rig.rid(), "CADPRO", "2.1", 0))
+            dave_rid = rig.rid()
+            server.handlers.dispatch(dave, Checkout(dave_rid, "CADPRO", "2.1", 0))
+            assert server.ledger.in_use(pool) == 3
+            (first,) = server.ledger.session_leases(alice.session)
+            assert server.leases.end(first.token, EndReason.REMOVAL, "test") is not None
+            server.outbox.flush()
+            (refused,) = rig.replies(dave)
+            assert (refused["op"], refused["id"], refused["code"]) == ("error", dave_rid, ErrorCode.STORE_UNAVAILABLE)
+            assert server.ledger.in_use(pool) == 1  # carol's, written before the journal filled
+        finally:
+            journal_full(None)
+
+    run(tmp_path, vendor, body, products=(("CADPRO", "2.1", 3),))
