@@ -17,8 +17,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from daemon_rig import Rig, run
 
 from lmgrd.daemon.events import EndReason
+from lmgrd.daemon.leases import _store_message
 from lmgrd.daemon.outbox import RETRY_FIRST
-from lmgrd.storage.journal import JOURNAL_NAME
+from lmgrd.storage.journal import JOURNAL_NAME, StoreError
 from protocol import Checkin, Checkout, ErrorCode, Heartbeat
 
 
@@ -115,7 +116,10 @@ def test_while_degraded_a_freed_seat_is_refused_to_every_waiter_it_would_go_to_a
             assert (refused_erin["op"], refused_erin["id"], refused_erin["code"]) == (
                 "error", erin_rid, ErrorCode.STORE_UNAVAILABLE)
             for refused in (refused_bob, refused_erin):
-                assert str(rig.state) in refused["message"] and "free space" in refused["hint"]
+                assert str(rig.state) in refused["message"]
+                assert refused["hint"] == (f"seats already held keep running; try again later. Administrator: free "
+                                           f"space in {rig.state} or make it writable; the server grants again by "
+                                           "itself once it can write")
             unavailable = ErrorCode.STORE_UNAVAILABLE
             assert [d[:4] for d in rig.recorder.denials[-2:]] == [("CADPRO", "2.1", unavailable, "bob"),
                                                                   ("CADPRO", "2.0", unavailable, "erin")]
@@ -181,3 +185,9 @@ def test_a_failed_batch_undoes_every_grant_still_held_past_one_already_ended(
             journal_full(None)
 
     run(tmp_path, vendor, body, products=(("CADPRO", "2.1", 3),))
+
+
+def test_a_store_other_than_the_journal_is_refused_with_its_own_error_and_what_to_do() -> None:
+    message, hint = _store_message(StoreError("etcd at 192.0.2.5:2379 does not answer"))
+    assert message == "the license server cannot record new seats: etcd at 192.0.2.5:2379 does not answer"
+    assert hint == "seats already held keep running; try again later"
