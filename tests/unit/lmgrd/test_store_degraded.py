@@ -95,7 +95,10 @@ def test_while_degraded_a_freed_seat_is_refused_to_every_waiter_it_would_go_to_a
         assert rig.send(bob, Checkout(bob_rid, "CADPRO", "2.1", 30.0)) == []
         assert rig.send(erin, Checkout(erin_rid, "CADPRO", "2.0", 30.0)) == []
         assert server.ledger.queued(pool) == 2
+        joined = rig.checkout(alice2)  # joins and leaves alice's seat: one release counted already
+        assert joined["op"] == "granted" and rig.send(alice2, Checkin(rig.rid(), joined["token"]))[0]["released"]
         released_before = server.counters.released
+        assert released_before >= 1
         journal_full(rig.state / JOURNAL_NAME)
         try:
             # A join takes no seat: its unwritable grant is undone, the seat stays alice's, nobody is served.
