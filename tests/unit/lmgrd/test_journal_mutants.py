@@ -511,7 +511,8 @@ def test_a_write_that_fails_halfway_is_cut_back_and_retried_whole(tmp_path: Path
             f"Free space in {tmp_path} or make it writable again: lmgrd retries by itself and grants new seats "
             f"again as soon as the write succeeds"
         )
-        assert (info.value.state_dir, info.value.reason, info.value.records) == (tmp_path, "File too large", 37)
+        err = info.value
+        assert (err.path, err.state_dir, err.reason, err.records) == (path, tmp_path, "File too large", 37)
         assert isinstance(info.value.__cause__, OSError)
         assert path.stat().st_size == size  # cut back to the last intact record
         assert read_journal(path) == [rec(1), rec(2)]
