@@ -218,7 +218,16 @@ class Handlers:
                    req.error.hint or "see protocol/PROTOCOL.md for the message schema")
 
     def rate_limited(self, s: Session, req: Any) -> None:
-        """Refuse one request over the connection's rate (the transport decides which; nothing is run)."""
+        """Refuse one request over the connection's rate (the transport decides which; nothing is run).
+
+        Except a checkin of a seat this client holds: refusing it would keep the seat from everyone until its
+        lease lapses, and such checkins are bounded by the seats the client holds (each ends one). A checkin of
+        any other token is refused like every other request, so the exemption is no way around the limit."""
+        if type(req) is Checkin:
+            held = self.ledger.get(req.token)
+            if held is not None and (held.session == s.session or s.holds(held)):
+                self.check_in(s, req.id, req.token)
+                return
         self.refusals.rate_limited += 1
         rate = self.daemon.request_rate
         self.refusal_log("rate limits", logging.WARNING, "rate limit: %s (%s) sent more than %g requests a second; "

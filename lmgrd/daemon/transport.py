@@ -4,7 +4,8 @@ Thin by design (uvicorn's ``H11Protocol``): ``data_received`` feeds the session'
 dispatches each request; a client that stops reading its replies is paused, and dropped if it stays
 stalled for a lease timeout; a client that sends no hello in time is dropped. Each connection has a
 request-rate allowance (a token bucket: ``max_requests_per_second``, holding up to two seconds' worth):
-requests beyond it are answered ``RATE_LIMITED`` and not run. The allowance is settled once per read,
+requests beyond it are answered ``RATE_LIMITED`` and not run (but for the checkin of a held seat:
+``Handlers.rate_limited``). The allowance is settled once per read,
 not per request, and the time of the read is kept for the server's idle-connection sweep.
 """
 

@@ -650,6 +650,44 @@ def test_a_large_pool_fills_to_its_last_seat_under_concurrent_acquires(ha: HA) -
     assert rep["max_live"] == {"/lmgrd/c/CID/seats/P": count} and len(rep["granted"]) == count
 
 
+def test_two_nodes_racing_for_a_large_pool_fill_it_exactly_and_refuse_only_when_full(ha: HA) -> None:
+    """More concurrent acquires than seats, from two nodes at once, into a pool too large to name every slot in
+    one transaction: the pool fills to its last seat (an acquire is refused only once etcd shows it full, never
+    because its picks kept losing races to the other node), and never beyond."""
+    from lmgrd.core.ledger import LeaseRecord
+    from lmgrd.storage.etcd import EtcdSeats, EtcdSettings
+
+    count, each = 120, 100
+    etcd = ha.etcd(1)
+    oracle = ha.oracle(etcd)
+
+    async def run() -> None:
+        nodes = [EtcdSeats(EtcdSettings((etcd.members[0].endpoint,)), f"n{k}", 10) for k in (1, 2)]
+        for n in nodes:
+            await n.connect({"node": n.node})
+        follows = [asyncio.create_task(n.follow(lambda: None)) for n in nodes]
+        try:
+            while not all(n.watching for n in nodes):
+                await asyncio.sleep(0.01)
+            recs = [[LeaseRecord(f"{k:02x}{i:030x}", "CID", "P", (f"{k:02x}{i:030x}",), f"u{i}", f"h{k}", 1, "1.0",
+                                 "", time.time()) for i in range(each)] for k in range(2)]
+            got = await asyncio.gather(*(n.acquire(r, count, 0, r.share_key) for n, rs in zip(nodes, recs, strict=True)
+                                         for r in rs))
+            assert got.count(True) == count, f"{got.count(True)} of {count} seats granted to {2 * each} acquires"
+            await nodes[0].refresh_view()
+            assert nodes[0].held(("CID", "P")) == count
+        finally:
+            for f in follows:
+                f.cancel()
+            for n in nodes:
+                await n.close()
+
+    asyncio.run(run())
+    oracle.stop()
+    rep = oracle.check(count)
+    assert rep["max_live"] == {"/lmgrd/c/CID/seats/P": count} and len(rep["granted"]) == count
+
+
 def test_tls_client_certificates_and_etcd_authentication(ha: HA) -> None:
     """etcd with TLS (client certificates required) and authentication on: the store connects with the CA,
     its certificate and the user's password; a wrong password is refused by etcd (the store is down)."""

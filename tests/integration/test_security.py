@@ -217,6 +217,36 @@ def test_a_request_flood_is_rate_limited_and_counted(daemon_factory: Factory) ->
     assert log.count("rate limit") <= 12, log
 
 
+def test_a_checkin_of_a_held_seat_is_run_over_the_rate_limit_and_no_other_request_is(daemon_factory: Factory,
+                                                                                      ) -> None:
+    """Refusing a held seat's checkin for the rate would keep the seat from everyone until its lease lapses."""
+    d = daemon_factory((("CADPRO", "2.1", 3),), extra=["--max-requests-per-second", "2", "--metrics-port", "auto"])
+    c = d.connect()
+    assert isinstance(c.hello(user="busy"), Welcome)
+    tokens = []
+    for _ in range(2):
+        g = c.request(Checkout(c.id(), "CADPRO", "2.1"))
+        assert isinstance(g, Granted)
+        tokens.append(g.token)
+    # One read: a flood that spends the allowance, then the checkins (one of a token nobody holds) and more.
+    frames = [Status(100 + i) for i in range(30)] + [Checkin(200, tokens[0]), Checkin(201, "f" * 32),
+                                                     Status(202), Checkin(203, tokens[1])]
+    c.send_raw(b"".join(c.conn.send(f) for f in frames))
+    replies = {r.id: r for r in (c.recv() for _ in frames)}
+    assert isinstance(replies[200], CheckedIn) and replies[200].released
+    assert isinstance(replies[203], CheckedIn) and replies[203].released
+    for rid in (201, 202):
+        assert isinstance(replies[rid], ErrorReply) and replies[rid].code is ErrorCode.RATE_LIMITED, replies[rid]
+    limited = sum(isinstance(r, ErrorReply) and r.code is ErrorCode.RATE_LIMITED for r in replies.values())
+    assert limited >= 20
+    # The seats are free for others at once.
+    others = [d.connect() for _ in range(3)]
+    for o in others:
+        assert isinstance(o.hello(user="other"), Welcome)
+        assert isinstance(o.request(Checkout(o.id(), "CADPRO", "2.1")), Granted)
+    assert metrics(d)[("lmgrd_rate_limited_requests_total", ())] == limited
+
+
 def test_a_flood_of_bad_requests_writes_a_bounded_number_of_log_lines(daemon_factory: Factory) -> None:
     d = daemon_factory((("CADPRO", "2.1", 2),), extra=["--max-requests-per-second", "0", "--metrics-port", "auto"])
     c = d.connect()
