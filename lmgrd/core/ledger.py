@@ -227,7 +227,7 @@ class Waiter:
     share_key: tuple[str, ...]
     holder: HolderLike
     version: str
-    ctx: object = None
+    ctx: object | None = None  # not a bare `object`: mypyc (benchmarks/mypyc_build.py) cannot build that annotation
 
     @property
     def user(self) -> str:
