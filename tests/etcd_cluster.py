@@ -82,6 +82,15 @@ class Member:
         return self.proc is not None and self.proc.poll() is None
 
 
+def _poll(args: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """One etcdctl probe of a poll loop. A probe that hangs past 10 s (a starved machine: etcdctl's own
+    --command-timeout does not bound its start-up or dial) counts as one failed probe, not as the test's end."""
+    try:
+        return subprocess.run(args, capture_output=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(args, 1, b"", b"etcdctl did not answer within 10 s")
+
+
 @dataclass
 class EtcdCluster:
     """``n`` etcd members on loopback. ``start()`` waits until every member answers ``endpoint health``."""
@@ -115,8 +124,7 @@ class EtcdCluster:
         deadline = time.monotonic() + timeout
         for m in members or self.members:
             while True:
-                r = subprocess.run([ETCDCTL, "--endpoints", m.endpoint, "--command-timeout=1s", "endpoint", "health"],
-                                   capture_output=True, timeout=10)
+                r = _poll([ETCDCTL, "--endpoints", m.endpoint, "--command-timeout=1s", "endpoint", "health"])
                 if r.returncode == 0:
                     break
                 if time.monotonic() > deadline or not m.alive:
@@ -128,8 +136,8 @@ class EtcdCluster:
             for m in self.members:
                 if not m.alive:
                     continue
-                r = subprocess.run([ETCDCTL, "--endpoints", m.endpoint, "--command-timeout=1s", "endpoint", "status",
-                                    "-w", "json"], capture_output=True, timeout=10)
+                r = _poll([ETCDCTL, "--endpoints", m.endpoint, "--command-timeout=1s", "endpoint", "status", "-w",
+                           "json"])
                 if r.returncode == 0:
                     st = json.loads(r.stdout)[0]["Status"]
                     if st["header"]["member_id"] == st["leader"]:
