@@ -524,6 +524,27 @@ def test_a_write_that_fails_halfway_is_cut_back_and_retried_whole(tmp_path: Path
     assert read_journal(path) == [rec(1), rec(2), *(rec(i, display="x" * 200) for i in range(3, 40))]
 
 
+def test_a_tail_left_by_a_write_whose_cut_back_failed_is_cut_before_the_next_batch(tmp_path: Path) -> None:
+    # No real fault makes ftruncate(2) of the journal fail right after a failed write, so this puts the store in
+    # the state that leaves (the half-written batch still in the file, _torn set) and checks the next flush cuts
+    # the stray bytes before appending: a partial record in the middle would be corruption.
+    path = tmp_path / JOURNAL_NAME
+    store = JournalStore(tmp_path)
+    try:
+        store.record_grant(rec(1))
+        store.flush()
+        with path.open("ab") as f:
+            f.write(grant(rec(2))[:20])  # what a failed write left behind
+        store._torn = True
+        store.record_grant(rec(3))
+        store.flush()
+        assert store.records == 2
+    finally:
+        store.close()
+    assert path.read_bytes() == MAGIC + grant(rec(1)) + grant(rec(3))
+    assert read_journal(path) == [rec(1), rec(3)]
+
+
 # -- releases ----------------------------------------------------------------------------------------------
 
 
