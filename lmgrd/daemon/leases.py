@@ -381,14 +381,16 @@ class LeaseLifecycle:
         if self.timer_idle:
             self.arm()
 
-    def store_refusal(self, client: Client, rid: int, product: str, version: str) -> bool:
-        """Refuse a checkout with ``STORE_UNAVAILABLE`` if the store cannot record a grant now; True if refused."""
+    def store_refusal(self, client: Client, rid: int, product: str, version: str,
+                      customer_id: str | None = None) -> bool:
+        """Refuse a checkout with ``STORE_UNAVAILABLE`` if the store cannot record a grant now; True if refused.
+        ``customer_id``: the pool's, when one was chosen (a waiter's); a checkout refused up front has none."""
         err = self.outbox.store_error
         if err is None:
             return False
         message, hint = _store_message(err)
         self.deny(client, rid, product, version, ErrorCode.STORE_UNAVAILABLE, message, hint,
-                  log=f"(STORE_UNAVAILABLE): {err}")
+                  log=f"(STORE_UNAVAILABLE): {err}", customer_id=customer_id)
         return True
 
     def undo_grants(self, grants: list[tuple[Writable, int, str]], error: StoreError) -> None:
@@ -440,7 +442,7 @@ class LeaseLifecycle:
         what = "no seat" if code is ErrorCode.NO_SEATS else "no seat the usage policy allows you"
         self.deny(ctx.client, ctx.request_id, ctx.product, ctx.version, code,
                   f"{what} of {ctx.product} became free within {waited:.0f} s", "try again later or wait longer",
-                  log=f"after waiting {waited:.1f} s: no seat became free ({code})")
+                  log=f"after waiting {waited:.1f} s: no seat became free ({code})", customer_id=ctx.pool[0])
 
     def _take_wait(self, waiter_id: int) -> WaitCtx | None:
         ctx = self.waits.pop(waiter_id, None)
@@ -475,7 +477,7 @@ class LeaseLifecycle:
                 # the waiter is refused, like a checkout now.
                 _, more = self.ledger.release(lease.token, now, self.wall())
                 served.extend(more)
-                self.store_refusal(ctx.client, ctx.request_id, ctx.product, ctx.version)
+                self.store_refusal(ctx.client, ctx.request_id, ctx.product, ctx.version, ctx.pool[0])
                 continue
             if ctx is None or t is None or t.is_closing():
                 # The waiter left between the ledger's decision and now. Nobody was told of this lease and

@@ -152,7 +152,7 @@ def test_a_wait_for_a_reserved_seat_runs_out_as_reserved(tmp_path: Path, vendor:
         assert reply["hint"] == "try again later or wait longer"
         assert rig.server.ledger.queued(_pool(rig)) == 0 and rig.server.leases.waits == {}
         assert rig.server.counters.denied == {ErrorCode.RESERVED: 1}
-        assert rig.recorder.denials == [("CADPRO", "2.1", ErrorCode.RESERVED, "bob", None)]
+        assert rig.recorder.denials == [("CADPRO", "2.1", ErrorCode.RESERVED, "bob", _pool(rig)[0])]
 
     run(tmp_path, vendor, body, products=(("CADPRO", "2.1", 2),), clock=lambda: now[0],
         extra={"policy": {"CADPRO": {"reserve": [{"seats": 1, "user": "carol"}]}}})
@@ -173,6 +173,8 @@ def test_a_wait_for_any_seat_runs_out_as_no_seats(tmp_path: Path, vendor: Vendor
         assert (reply["id"], reply["code"]) == (rid, ErrorCode.NO_SEATS)
         assert reply["message"] == "no seat of CADPRO became free within 2 s"
         assert rig.server.counters.denied == {ErrorCode.NO_SEATS: 1}
+        (pool,) = rig.server.ledger.pools()
+        assert rig.recorder.denials == [("CADPRO", "2.1", ErrorCode.NO_SEATS, "bob", pool[0])]  # the pool it waited in
 
     run(tmp_path, vendor, body, clock=lambda: now[0])
 

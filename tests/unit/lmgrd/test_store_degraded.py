@@ -124,8 +124,8 @@ def test_while_degraded_a_freed_seat_is_refused_to_every_waiter_it_would_go_to_a
                                            f"space in {rig.state} or make it writable; the server grants again by "
                                            "itself once it can write")
             unavailable = ErrorCode.STORE_UNAVAILABLE
-            assert [d[:4] for d in rig.recorder.denials[-2:]] == [("CADPRO", "2.1", unavailable, "bob"),
-                                                                  ("CADPRO", "2.0", unavailable, "erin")]
+            assert rig.recorder.denials[-2:] == [("CADPRO", "2.1", unavailable, "bob", pool[0]),
+                                                 ("CADPRO", "2.0", unavailable, "erin", pool[0])]
             assert server.ledger.in_use(pool) == 1 and server.ledger.queued(pool) == 0
         finally:
             journal_full(None)
