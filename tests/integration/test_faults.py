@@ -48,6 +48,9 @@ from protocol import (
 )
 
 NO_METRICS = ["--metrics-port", "0"]
+#: The churners here check out and in as fast as the machine lets them, which on a quick moment is over the
+#: default 1,000 requests a second per connection: the rate limit is tested in test_security.py, not here.
+CHURN = [*NO_METRICS, "--max-requests-per-second", "0"]
 
 
 def pool(c: RawClient) -> dict[str, Any]:
@@ -112,7 +115,7 @@ class Churner:
 def test_sigkill_while_clients_hold_seats_and_others_check_out(daemon_factory: Factory) -> None:
     count = 12
     d = daemon_factory((("CADPRO", "2.1", count),), share="none", heartbeat=2.0, lease_timeout=10.0,
-                       extra=NO_METRICS)
+                       extra=CHURN)
     holders: dict[str, list[str]] = {}
     holder_conns = []
     for i in range(3):
@@ -186,7 +189,7 @@ def test_checkout_burst_racing_sigkill(daemon_factory: Factory) -> None:
     count, threads_n = 3, 8
     for rnd in range(5):
         d = daemon_factory((("CADPRO", "2.1", count),), share="none", heartbeat=2.0, lease_timeout=10.0,
-                           extra=NO_METRICS)
+                           extra=CHURN)
         conns = [client(d, user=f"u{i}") for i in range(threads_n)]
         told: list[list[str]] = [[] for _ in conns]
         barrier = threading.Barrier(threads_n + 1)
