@@ -225,7 +225,7 @@ class Handlers:
         any other token is refused like every other request, so the exemption is no way around the limit."""
         if type(req) is Checkin:
             held = self.ledger.get(req.token)
-            if held is not None and (held.session == s.session or s.holds(held)):
+            if held is not None and s.holds(held):  # holds() covers the own connection's leases first
                 self.check_in(s, req.id, req.token)
                 return
         self.refusals.rate_limited += 1
