@@ -99,7 +99,7 @@ def table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 def bench_md(b: dict[str, Any]) -> list[str]:
     present = [t for t in ORDER if any(t in v for k, v in b.items() if isinstance(v, dict) and k != "params"
-                                       and k != "meta")]
+                                       and k not in ("meta", "carried"))]
     head = ["scenario", "metric", *[LABEL[t] for t in present]]
     ratio_cols = [t for t in ("ceiling", "ceiling_protocol", "redis") if t in present and "lmgrd" in present]
     head += [f"lmgrd / {LABEL[t]}" for t in ratio_cols]
@@ -189,6 +189,16 @@ def meta_md(m: dict[str, Any]) -> list[str]:
             f"- uptime at start: `{m['uptime_start']}`", f"- uptime at end: `{m['uptime_end']}`"]
 
 
+def carried_md(section: dict[str, Any]) -> list[str]:
+    """One line per earlier run whose scenarios this section still shows (a later run measured only some)."""
+    runs: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    for key, m in section.get("carried", {}).items():
+        if m:
+            runs.setdefault(f"{m['command']}|{m['date']}", (m, []))[1].append(key)
+    return [f"- {', '.join(sorted(keys))}: from an earlier run, `{m['command']}` ({m['seconds']:.0f} s), {m['date']}, "
+            f"uptime at start `{m['uptime_start']}`" for m, keys in runs.values()]
+
+
 def write_md(res: dict[str, Any], path: Path, chart: Path) -> None:
     tg = targets(res)
     any_meta = next((res[s]["meta"] for s in ("bench", "storm", "restart", "scaling") if s in res), None)
@@ -210,7 +220,7 @@ def write_md(res: dict[str, Any], path: Path, chart: Path) -> None:
     if "bench" in res:
         b = res["bench"]
         p = b["params"]
-        lines += ["## Churn, burst, idle (`make bench`)", "", *meta_md(b["meta"]),
+        lines += ["## Churn, burst, idle (`make bench`)", "", *meta_md(b["meta"]), *carried_md(b),
             f"- churn: {p['duration']:g} s window after a {p['warmup']:g} s warm-up; repeats {p['repeat']} (medians); "
             f"Redis driven by {p['redis_procs']} processes", ""]
         lines += [*bench_md(b), ""]

@@ -832,6 +832,23 @@ def netns_available() -> bool:
     return os.geteuid() == 0 and shutil.which("unshare") is not None and shutil.which("ip") is not None
 
 
+def carry_over(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """The section to keep: ``new``, plus the scenarios of ``old`` this run did not measure (``bench --only churn``
+    must not drop the burst and idle records), each carried with the meta of the run that measured it
+    (``carried``: scenario key -> meta; the report names those runs)."""
+    if not old:
+        return new
+    carried: dict[str, Any] = {}
+    for key, value in old.items():
+        if key in ("params", "meta", "carried") or key in new:
+            continue
+        new[key] = value
+        carried[key] = old.get("carried", {}).get(key, old.get("meta"))
+    if carried:
+        new["carried"] = carried
+    return new
+
+
 def main(argv: list[str] | None = None) -> int:
     import report
 
@@ -873,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["uptime_end"] = uptime()
     meta["seconds"] = round(time.monotonic() - t0, 1)
     section["meta"] = meta
-    res[ns.command] = section
+    res[ns.command] = carry_over(res.get(ns.command), section)
     rc = report.publish(res, ns.json, ns.md, ns.png)
     if ns.strict:
         missed = [t for t in report.targets(res).get(ns.command, []) if not t["pass"]]

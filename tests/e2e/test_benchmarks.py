@@ -32,6 +32,18 @@ def test_bench_smoke_counts_are_exact_for_lmgrd_and_the_ceiling(tmp_path: Path) 
         assert churn["cycles"] > 0 and churn["requests"] >= 2 * churn["cycles"] - 5, (target, churn)
     assert (tmp_path / "results.png").exists()  # the chart is written next to --json, never into benchmarks/
 
+    # A later run of one scenario keeps the others' records, each with the run that measured it.
+    again = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "bench", "--quick", "--no-netns", "--only", "churn",
+         "--targets", "lmgrd", "--churn-connections", "3", "--duration", "0.2", "--warmup", "0.1", "--json",
+         str(out)], capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = json.loads(out.read_text())["bench"]
+    assert after["burst"] == bench["burst"] and after["churn_5"] == bench["churn_5"]
+    assert set(after["churn_3"]) == {"lmgrd"}
+    assert after["carried"] == {"burst": bench["meta"], "churn_5": bench["meta"]}
+    assert after["meta"]["command"].endswith("--json " + str(out)) and "--only churn" in after["meta"]["command"]
+
 
 def test_hotpath_meter_runs_the_real_handlers(tmp_path: Path) -> None:
     proc = subprocess.run(
