@@ -118,3 +118,22 @@ def test_depth_is_found_behind_flat_fields_and_inside_a_map_value(wrap: str) -> 
     with pytest.raises(MalformedMessage, match="levels deep"):
         decode_body(body)
     assert decode_body(msgpack.packb({"op": "status", "id": 1, "a": "x", "z": nested(MAX_NESTING_DEPTH - 2)}))
+
+
+@pytest.mark.parametrize("at", [0, 2])
+def test_a_binary_map_key_is_malformed_and_named_wherever_it_stands(at: int) -> None:
+    # msgpack's strict_map_key lets bytes keys through; the protocol's keys are strings.
+    items: list[tuple[str | bytes, object]] = [("op", "status"), ("id", 1), ("user", "alice")]
+    items.insert(at, (b"\x00evil", 1))
+    body = msgpack.packb(dict(items), use_bin_type=True)
+    with pytest.raises(MalformedMessage, match=r"map key b'\\x00evil' is bytes, keys must be strings"):
+        decode_body(body)
+
+
+def test_lists_of_scalars_and_ext_values_are_not_walked_but_a_map_inside_a_list_is() -> None:
+    flat = {"op": "hello", "id": 1, "proto": [1, 2], "tokens": ["a", b"b", None, 1.5, True],
+            "ext": msgpack.ExtType(5, b"x")}
+    assert decode_body(msgpack.packb(flat, use_bin_type=True)) == flat
+    deep: Any = {"k": nested(MAX_NESTING_DEPTH)}
+    with pytest.raises(MalformedMessage, match="levels deep"):
+        decode_body(msgpack.packb({"op": "status", "id": 1, "proto": [1, deep]}))
