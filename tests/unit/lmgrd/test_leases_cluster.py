@@ -318,6 +318,9 @@ def test_store_unavailable_while_etcd_is_stopped_and_granted_again_once_it_answe
         finally:
             c.cont_etcd()
         assert a.server.counters.denied == {ErrorCode.STORE_UNAVAILABLE: 2}
+        cid = _pool(a)[0]
+        assert a.recorder.denials == [("CADPRO", "2.1", ErrorCode.STORE_UNAVAILABLE, "alice", cid),
+                                      ("CADPRO", "2.1", ErrorCode.STORE_UNAVAILABLE, "bob", cid)]
         assert a.server.counters.granted == 0 and a.server.ledger.in_use(_pool(a)) == 0
         await node(a).refresh_view()
         assert node(a).up
@@ -348,6 +351,7 @@ def test_a_lease_ended_while_etcd_decided_is_refused_and_not_left_in_etcd(
                 "reloaded or the seat was removed)", "check out again")
         else:
             assert (r["code"], r["message"]) == (ErrorCode.STORE_UNAVAILABLE, UNREACHABLE)
+        assert a.recorder.denials == [("CADPRO", "2.1", r["code"], "alice", _pool(a)[0])]
         assert a.server.leases.waits == {} and a.server.leases.cluster_queue == {}
         assert a.server.counters.granted == 0 and a.server.ledger.in_use(_pool(a)) == 0
         # etcd's write of the seat (when it answered) was undone: nothing is left there or in the store's claims.
@@ -586,3 +590,140 @@ def test_a_local_waiter_served_by_a_checkin_is_granted_through_etcd(tmp_path: Pa
         assert [s["user"] for s in c.seats()] == ["bob"]
 
     run(tmp_path, vendor, etcd, body, nodes=1, clock=lambda: now[0])
+
+
+def test_serve_cluster_without_a_cluster_store_does_nothing(tmp_path: Path, vendor: Vendor) -> None:
+    from daemon_rig import run as run_single
+
+    async def body(rig: Rig) -> None:
+        alice, bob = rig.connect("alice", "pc1"), rig.connect("bob", "pc2")
+        g = rig.checkout(alice)
+        rig.server.handlers.dispatch(bob, Checkout(rig.rid(), "CADPRO", "2.1", 60))
+        assert rig.server.leases.cluster is None
+        rig.server.leases.serve_cluster()
+        rig.server.outbox.flush()
+        assert rig.replies(bob) == [] and len(rig.server.leases.waits) == 1 and g["op"] == "granted"
+
+    run_single(tmp_path, vendor, body)
+
+
+def test_a_cluster_wide_wait_without_sharing_gets_a_seat_of_its_own(tmp_path: Path, vendor: Vendor,
+                                                                    etcd: EtcdCluster) -> None:
+    async def body(c: Cluster) -> None:
+        a, b = c.rigs
+        alice, carol = a.connect("alice", "pc1"), b.connect("carol", "pc3")
+        g = await checkout(a, alice)
+        b.server.handlers.dispatch(carol, Checkout(b.rid(), "CADPRO", "2.1", 60))
+        await settle(b)
+        (ctx,) = b.server.leases.waits.values()
+        assert ctx.share_key == ()  # not the refused tentative lease's own token
+        a.send(alice, Checkin(a.rid(), g["token"]))
+        await settle(a)
+        await node(b).refresh_view()
+        b.server.leases.serve_cluster()
+        got = await answer(b, carol)
+        lease = b.server.ledger.get(got["token"])
+        assert lease is not None and lease.share_key == (got["token"],)
+        (seat,) = c.seats()
+        assert seat["share_key"] == [got["token"]]
+
+    run(tmp_path, vendor, etcd, body, share="none")
+
+
+def test_waiters_that_left_are_skipped_and_the_next_one_served(tmp_path: Path, vendor: Vendor,
+                                                               etcd: EtcdCluster) -> None:
+    now = [1000.0]
+
+    async def body(c: Cluster) -> None:
+        a, b = c.rigs
+        alice = a.connect("alice", "pc1")
+        carol, dave, erin = b.connect("carol", "pc3"), b.connect("dave", "pc4"), b.connect("erin", "pc5")
+        g = await checkout(a, alice)
+        rids = {}
+        for s in (carol, dave, erin):
+            rids[s.who()] = b.rid()
+            b.server.handlers.dispatch(s, Checkout(rids[s.who()], "CADPRO", "2.1", 60))
+            await settle(b)
+            now[0] += 1.0
+        leases = b.server.leases
+        assert len(leases.cluster_queue[_pool(b)]) == 3
+        b.server.leases.drop_waits(carol)  # carol's connection closed: her waits are forgotten
+        t = dave.transport
+        assert isinstance(t, RecordingTransport)
+        t.closed = True  # dave's is closing (its drop_waits not run yet)
+        a.send(alice, Checkin(a.rid(), g["token"]))
+        await settle(a)
+        await node(b).refresh_view()
+        leases.serve_cluster()
+        got = await answer(b, erin)
+        assert (got["op"], got["id"]) == ("granted", rids[erin.who()])
+        assert t.replies() == [] and b.replies(carol) == []
+        assert leases.cluster_queue == {} and [s["user"] for s in c.seats()] == ["erin"]
+
+    run(tmp_path, vendor, etcd, body, clock=lambda: now[0])
+
+
+def test_a_checkout_with_a_wait_whose_client_left_is_not_queued(tmp_path: Path, vendor: Vendor,
+                                                                etcd: EtcdCluster) -> None:
+    async def body(c: Cluster) -> None:
+        a, b = c.rigs
+        alice, carol = a.connect("alice", "pc1"), b.connect("carol", "pc3")
+        await checkout(a, alice)
+        b.server.handlers.dispatch(carol, Checkout(b.rid(), "CADPRO", "2.1", 60))
+        t = carol.transport
+        assert isinstance(t, RecordingTransport)
+        t.closed = True
+        await settle(b)
+        assert b.server.leases.waits == {} and b.server.leases.cluster_queue == {} and carol.waiters is None
+        assert b.server.counters.denied == {ErrorCode.NO_SEATS: 1} and b.server.ledger.in_use(_pool(b)) == 0
+
+    run(tmp_path, vendor, etcd, body)
+
+
+def test_the_cluster_wait_timer_is_set_for_what_is_left_of_the_wait(tmp_path: Path, vendor: Vendor,
+                                                                    etcd: EtcdCluster) -> None:
+    now = [1000.0]
+
+    async def body(c: Cluster) -> None:
+        a, b = c.rigs
+        alice, carol = a.connect("alice", "pc1"), b.connect("carol", "pc3")
+        await checkout(a, alice)
+        loop = asyncio.get_running_loop()
+        before = loop.time()
+        b.server.handlers.dispatch(carol, Checkout(b.rid(), "CADPRO", "2.1", 30))
+        await settle(b)
+        after = loop.time()
+        (ctx,) = b.server.leases.waits.values()
+        assert ctx.timer is not None
+        when = ctx.timer.when()  # type: ignore[attr-defined]
+        # The server's clock stood still while etcd decided: the timer is the whole 30 s from its setting.
+        assert before + 30 <= when <= after + 30
+
+    run(tmp_path, vendor, etcd, body, clock=lambda: now[0])
+
+
+def test_a_seat_recorded_without_an_owner_is_adopted_by_its_user_and_host(tmp_path: Path, vendor: Vendor,
+                                                                          etcd: EtcdCluster) -> None:
+    from lmgrd.core.ledger import LeaseRecord
+
+    async def body(c: Cluster) -> None:
+        a, b = c.rigs
+        token = "ab" * 16
+        # A seat whose record names no owner (written before leases were bound to their holder's secret).
+        rec = LeaseRecord(token, _pool(a)[0], "CADPRO", ("alice", "pc1"), "alice", "pc1", 4242, "2.1", ":0",
+                          time.time())
+        assert await node(a).acquire(rec, 1, 999, rec.share_key)
+        for user, host in (("alice", "pc9"), ("mallory", "pc1")):  # the same user elsewhere, another user here
+            s = b.connect(user, host)
+            b.server.handlers.dispatch(s, Resume(b.rid(), (token,)))
+            r = await answer(b, s)
+            assert r["resumed"] == [] and [x["code"] for x in r["lost"]] == [ErrorCode.LEASE_NOT_FOUND]
+        assert b.server.timer is None and b.server.ledger.get(token) is None  # nothing adopted
+        alice_b = b.connect("alice", "pc1")
+        b.server.handlers.dispatch(alice_b, Resume(b.rid(), (token,)))
+        r = await answer(b, alice_b)
+        assert r["resumed"] == [token] and r["lost"] == []
+        assert b.server.timer is not None  # the adopted lease's expiry is armed
+        assert [s["node"] for s in c.seats()] == ["n2"]
+
+    run(tmp_path, vendor, etcd, body)
