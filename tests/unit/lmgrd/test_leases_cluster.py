@@ -99,7 +99,7 @@ def node(rig: Rig) -> EtcdSeats:
     return cluster
 
 
-async def until(cond: Callable[[], bool], what: str, timeout: float = 8.0) -> None:
+async def until(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
@@ -111,7 +111,7 @@ async def settle(*rigs: Rig) -> None:
     """Wait until every node's etcd decisions (claims, adoptions) and releases are done, then flush replies."""
     for rig in rigs:
         leases, cluster = rig.server.leases, node(rig)
-        deadline = time.monotonic() + 8.0
+        deadline = time.monotonic() + 5.0
         while leases._tasks or cluster._releasing:
             assert time.monotonic() < deadline, "the node's etcd work did not finish"
             await asyncio.wait([*leases._tasks, *cluster._releasing], timeout=1.0)
