@@ -447,6 +447,12 @@ def test_a_seat_granted_by_one_node_is_adopted_by_the_node_its_client_resumes_on
         gone = "this seat is no longer held: it lapsed, was checked in or was removed"
         assert r["resumed"] == [] and [(x["token"], x["code"], x["message"]) for x in r["lost"]] == [
             (token, ErrorCode.LEASE_NOT_FOUND, gone), ("e" * 32, ErrorCode.LEASE_NOT_FOUND, gone)]
+        # Nor can a client of the same user and host with another secret (the seat is bound to its owner).
+        other = b.connect("alice", "pc1", secret="another secret of the same user and host")
+        b.server.handlers.dispatch(other, Resume(b.rid(), (token,)))
+        r = await answer(b, other)
+        assert r["resumed"] == [] and [(x["token"], x["code"]) for x in r["lost"]] == [
+            (token, ErrorCode.LEASE_NOT_FOUND)]
         assert b.server.ledger.get(token) is None and [s["node"] for s in c.seats()] == ["n1"]
         rid = b.rid()
         b.server.handlers.dispatch(alice_b, Resume(rid, (token,)))
