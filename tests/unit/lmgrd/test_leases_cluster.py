@@ -486,12 +486,12 @@ def test_a_resume_while_etcd_is_stopped_is_told_the_store_is_unavailable(tmp_pat
         alice_b = b.connect("alice", "pc1")
         c.stop_etcd()
         try:
-            b.server.handlers.dispatch(alice_b, Resume(b.rid(), (token,)))
+            b.server.handlers.dispatch(alice_b, Resume(b.rid(), (token, "d" * 32)))
             r = await answer(b, alice_b)
         finally:
             c.cont_etcd()
         assert r["resumed"] == [] and [(x["token"], x["code"], x["message"]) for x in r["lost"]] == [
-            (token, ErrorCode.STORE_UNAVAILABLE, UNREACHABLE)]
+            (token, ErrorCode.STORE_UNAVAILABLE, UNREACHABLE), ("d" * 32, ErrorCode.STORE_UNAVAILABLE, UNREACHABLE)]
         assert b.server.ledger.get(token) is None
         assert [s["node"] for s in c.seats()] == ["n1"]
 
@@ -733,3 +733,4 @@ def test_a_seat_recorded_without_an_owner_is_adopted_by_its_user_and_host(tmp_pa
         assert [s["node"] for s in c.seats()] == ["n2"]
 
     run(tmp_path, vendor, etcd, body)
+
