@@ -259,10 +259,11 @@ def test_refused_across_the_cluster_then_queued_and_granted_when_the_other_node_
         await node(b).refresh_view()
         leases.serve_cluster()
         got = await answer(b, carol)
-        assert (got["op"], got["id"], got["waited"]) == ("granted", rid, 5.0)
+        assert (got["op"], got["id"], got["waited"], got["version"]) == ("granted", rid, 5.0, "2.1")
         assert leases.cluster_queue == {} and leases.waits == {} and carol.waiters is None
         (seat,) = c.seats()
-        assert (seat["node"], seat["token"], seat["user"]) == ("n2", got["token"], "carol")
+        assert (seat["node"], seat["token"], seat["user"], seat["version"]) == ("n2", got["token"], "carol", "2.1")
+        assert isinstance(seat["granted_at"], float)
         assert b.server.ledger.get(got["token"]) is not None and b.server.counters.granted == 1
 
     run(tmp_path, vendor, etcd, body, clock=lambda: now[0])
@@ -277,10 +278,15 @@ def test_a_cluster_wide_wait_that_runs_out_is_refused_and_forgotten(tmp_path: Pa
         alice, carol = a.connect("alice", "pc1"), b.connect("carol", "pc3")
         g = await checkout(a, alice)
         rid = b.rid()
+        loop = asyncio.get_running_loop()
+        before = loop.time()
         b.server.handlers.dispatch(carol, Checkout(rid, "CADPRO", "2.1", 0.5))
         await settle(b)
+        after = loop.time()
         leases = b.server.leases
         (wid,) = leases.waits
+        when = leases.waits[wid].timer.when()  # type: ignore[union-attr]
+        assert before + 0.5 <= when <= after + 0.5  # the server's clock stood still: the whole 0.5 s
         assert leases.cluster_queue == {_pool(b): [wid]}
         now[0] += 2.0
         r = await answer(b, carol)  # the wait timer (0.5 s of the loop's time) fired
@@ -306,6 +312,7 @@ def test_store_unavailable_while_etcd_is_stopped_and_granted_again_once_it_answe
         c.stop_etcd()
         try:
             r = await checkout(a, alice)
+            assert r["id"] == a.ids
             assert (r["op"], r["code"], r["message"], r["hint"]) == (
                 "error", ErrorCode.STORE_UNAVAILABLE, UNREACHABLE,
                 "try again shortly; if it persists, ask the administrator to check the etcd cluster")
@@ -339,7 +346,8 @@ def test_a_lease_ended_while_etcd_decided_is_refused_and_not_left_in_etcd(
         if not etcd_up:
             c.stop_etcd()
         try:
-            a.server.handlers.dispatch(alice, Checkout(a.rid(), "CADPRO", "2.1", 30))
+            rid = a.rid()
+            a.server.handlers.dispatch(alice, Checkout(rid, "CADPRO", "2.1", 30))
             (lease,) = a.server.ledger.leases(_pool(a))  # tentative: etcd has not answered
             assert a.server.leases.end(lease.token, EndReason.REMOVAL, "lmremove") is lease
             r = await answer(a, alice)
@@ -350,7 +358,10 @@ def test_a_lease_ended_while_etcd_decided_is_refused_and_not_left_in_etcd(
                 ErrorCode.NO_SEATS, "the seat of CADPRO ended before it could be granted (the licenses were "
                 "reloaded or the seat was removed)", "check out again")
         else:
-            assert (r["code"], r["message"]) == (ErrorCode.STORE_UNAVAILABLE, UNREACHABLE)
+            assert (r["code"], r["message"], r["hint"]) == (
+                ErrorCode.STORE_UNAVAILABLE, UNREACHABLE,
+                "try again shortly; if it persists, ask the administrator to check the etcd cluster")
+        assert r["id"] == rid
         assert a.recorder.denials == [("CADPRO", "2.1", r["code"], "alice", _pool(a)[0])]
         assert a.server.leases.waits == {} and a.server.leases.cluster_queue == {}
         assert a.server.counters.granted == 0 and a.server.ledger.in_use(_pool(a)) == 0
@@ -524,7 +535,8 @@ def test_a_tentative_seat_etcd_refused_goes_to_the_local_waiter_which_then_waits
         leases.serve_cluster()
         got = await answer(b, carol)
         assert (got["op"], got["id"]) == ("granted", rc)
-        assert [(s["node"], s["user"]) for s in c.seats()] == [("n2", "carol")]
+        (seat,) = c.seats()
+        assert (seat["node"], seat["user"]) == ("n2", "carol") and isinstance(seat["granted_at"], float)
 
     run(tmp_path, vendor, etcd, body)
 
