@@ -620,3 +620,65 @@ def test_load_and_compaction_read_each_live_grant_back_from_the_file_and_the_bat
         assert again.load() == [rec(4), rec(5)]
         again.record_release(rec(4).token)
         assert again.load() == [rec(5)]
+
+
+# -- ftruncate(2) failing for real: an append-only journal ------------------------------------------------
+
+_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, _FS_APPEND_FL = 0x80086601, 0x40086602, 0x00000020
+
+
+def _set_append_only(path: Path, on: bool) -> None:
+    """chattr +a / -a: the kernel then refuses ftruncate(2) of the file (EPERM) while appends still work."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = bytearray(struct.pack("l", 0))
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, buf)
+        flags = struct.unpack("l", buf)[0]
+        flags = flags | _FS_APPEND_FL if on else flags & ~_FS_APPEND_FL
+        fcntl.ioctl(fd, _FS_IOC_SETFLAGS, struct.pack("l", flags))
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def append_only(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
+    """Make a file append-only (needs CAP_LINUX_IMMUTABLE and a file system with the flag: skipped otherwise);
+    the flag is cleared again after the test, so tmp_path can be removed."""
+    marked: list[Path] = []
+    probe = tmp_path / "append-only-probe"
+    probe.write_bytes(b"x")
+    try:
+        _set_append_only(probe, True)
+        _set_append_only(probe, False)
+    except OSError as exc:
+        pytest.skip(f"cannot make a file append-only here: {exc}")
+    probe.unlink()
+
+    def mark(path: Path) -> None:
+        _set_append_only(path, True)
+        marked.append(path)
+
+    try:
+        yield mark
+    finally:
+        for path in marked:
+            _set_append_only(path, False)
+
+
+def _open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def test_an_open_whose_tail_cut_fails_raises_that_error_and_closes_both_descriptors(
+        tmp_path: Path, append_only: Callable[[Path], None]) -> None:
+    path = write(tmp_path / "state", grant(rec(1)), b"\x00\x00\x00")  # an intact record, then a torn tail
+    append_only(path)  # ftruncate(2) of the journal now fails with EPERM, as on a file the admin chattr'ed +a
+    before = _open_fds()
+    with pytest.raises(PermissionError) as info:
+        JournalStore(path.parent)
+    assert info.value.errno == 1 and info.value.__class__ is PermissionError
+    assert _open_fds() == before  # the journal's and the lock's descriptors are both closed
+    _set_append_only(path, False)
+    with JournalStore(path.parent) as store:  # the lock was released, and the tail is cut now
+        assert store.load() == [rec(1)]
+    assert path.read_bytes() == MAGIC + grant(rec(1))

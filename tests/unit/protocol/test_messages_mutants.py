@@ -18,6 +18,7 @@ import pytest
 from protocol import MalformedMessage, encode_frame
 from protocol.errors import ErrorCode
 from protocol.messages import (
+    HOT_REQUESTS,
     MAX_ID,
     MAX_TEXT,
     MAX_TOKENS,
@@ -37,6 +38,7 @@ from protocol.messages import (
     Status,
     StatusReply,
     Welcome,
+    hot_request,
     parse_reply,
     parse_request,
 )
@@ -413,3 +415,93 @@ def test_hello_fast_path_gives_what_the_checked_readers_give() -> None:
         Hello.from_wire({k: v for k, v in base.items() if k != "secret"})  # protocol 2 needs one
     with pytest.raises(MalformedMessage, match="secret"):
         Hello.from_wire(dict(base, proto=[1], secret="s" * 21))  # a short one is refused even on protocol 1
+
+
+# -- the hot lane: hot_request / HOT_REQUESTS against parse_request ------------------------------------------
+
+
+def _hot_fields(kind: type, d: dict[str, Any]) -> Any:
+    """What the daemon's hot handlers build from a hot map's fields (as test_receive_hot.fields)."""
+    if kind is Checkout:
+        return Checkout(d["id"], d["product"], d["version"], d.get("wait", 0.0))
+    if kind is Checkin:
+        return Checkin(d["id"], d["token"])
+    assert kind is Heartbeat
+    return Heartbeat(d["id"], d.get("idle", False), 0.0)
+
+
+_CO: dict[str, Any] = {"op": "checkout", "id": 5, "product": "CADPRO", "version": "2.1"}
+_CI: dict[str, Any] = {"op": "checkin", "id": 6, "token": "t1"}
+_HB: dict[str, Any] = {"op": "heartbeat", "id": 7}
+
+# Maps in exactly the hot shape, at every limit the predicates check: hot_request must take each (the daemon's
+# fast lane), and parse_request must build the same message from it.
+HOT_SHAPES: list[tuple[dict[str, Any], type]] = [
+    (_CO, Checkout), (dict(_CO, wait=0.0), Checkout), (dict(_CO, wait=MAX_WAIT_SECONDS), Checkout),
+    (dict(_CO, wait=2.5), Checkout), (dict(_CO, id=0), Checkout), (dict(_CO, id=MAX_ID), Checkout),
+    (dict(_CO, product="p" * 64), Checkout), (dict(_CO, version="v" * MAX_VERSION_LENGTH), Checkout),
+    (dict(_CO, product="", version=""), Checkout),
+    (_CI, Checkin), (dict(_CI, id=0), Checkin), (dict(_CI, id=MAX_ID), Checkin), (dict(_CI, token="t" * 64), Checkin),
+    (dict(_CI, token=""), Checkin),
+    (_HB, Heartbeat), (dict(_HB, idle=False), Heartbeat), (dict(_HB, idle=True), Heartbeat),
+    (dict(_HB, id=0), Heartbeat), (dict(_HB, id=MAX_ID), Heartbeat),
+]
+
+# Maps the hot lane must decline: a field of another type or past its limit, a key more or less, an idle_for.
+# parse_request then decides (a refusal naming the field, or a message the checked readers build).
+NOT_HOT: list[dict[str, Any]] = [
+    dict(_CO, id=-1), dict(_CO, id=MAX_ID + 1), dict(_CO, id=True), dict(_CO, id=5.0),
+    dict(_CO, product="p" * 65), dict(_CO, product=b"CADPRO"), dict(_CO, version="v" * (MAX_VERSION_LENGTH + 1)),
+    dict(_CO, version=2.1), dict(_CO, wait=0), dict(_CO, wait=-0.5), dict(_CO, wait=MAX_WAIT_SECONDS + 0.5),
+    dict(_CO, wait=math.nan), dict(_CO, extra=1), dict(_CO, wait=0.0, extra=1),
+    {k: v for k, v in _CO.items() if k != "version"}, {k: v for k, v in _CO.items() if k != "product"},
+    {k: v for k, v in _CO.items() if k != "id"},
+    dict(_CI, id=-1), dict(_CI, id=MAX_ID + 1), dict(_CI, id=False), dict(_CI, token="t" * 65), dict(_CI, token=1),
+    dict(_CI, extra=1), {"op": "checkin", "id": 6}, {"op": "checkin", "token": "t1", "x": 6},
+    dict(_HB, id=-1), dict(_HB, id=MAX_ID + 1), dict(_HB, id=True), dict(_HB, idle=1), dict(_HB, idle=None),
+    dict(_HB, idle_for=2.0), dict(_HB, idle=True, idle_for=2.0), dict(_HB, extra=1), dict(_HB, idle=True, extra=1),
+    {"op": "heartbeat", "idle": True}, {"op": "heartbeat", "x": 7},
+    dict(_CO, op="hello"), dict(_CO, op="status"), dict(_CO, op=b"checkout"), dict(_CI, op=["checkin"]),
+    dict(_HB, op=None), {k: v for k, v in _HB.items() if k != "op"},
+]
+
+
+@pytest.mark.parametrize("d, kind", HOT_SHAPES, ids=[repr(d) for d, _ in HOT_SHAPES])
+def test_hot_request_takes_every_map_in_the_hot_shape_and_parse_request_agrees(d: dict[str, Any], kind: type) -> None:
+    assert hot_request(d) is kind
+    assert HOT_REQUESTS[d["op"]][0] is kind and HOT_REQUESTS[d["op"]][1](d) is True
+    msg = parse_request(d)
+    assert type(msg) is kind and msg == _hot_fields(kind, d)
+    # the exact-type path of from_wire gives the same message, field types included
+    assert [type(getattr(msg, f)) for f in msg.__slots__] == [  # type: ignore[union-attr]
+        type(getattr(_hot_fields(kind, d), f)) for f in msg.__slots__]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("d", NOT_HOT, ids=[repr(d)[:80] for d in NOT_HOT])
+def test_hot_request_declines_every_map_outside_the_hot_shape(d: dict[str, Any]) -> None:
+    assert hot_request(d) is None
+    entry = HOT_REQUESTS.get(d["op"]) if type(d.get("op")) is str else None
+    if entry is not None:
+        assert entry[1](d) is False
+
+
+def test_the_hot_table_names_exactly_the_three_hot_requests() -> None:
+    assert {op: kind for op, (kind, _) in HOT_REQUESTS.items()} == {
+        "checkout": Checkout, "checkin": Checkin, "heartbeat": Heartbeat}
+
+
+def test_the_checked_path_reads_what_the_hot_lane_declines() -> None:
+    """Declined maps still parse exactly (the checked readers), or are refused naming the field."""
+    assert parse_request(dict(_CO, wait=0)) == Checkout(5, "CADPRO", "2.1", 0.0)
+    assert type(parse_request(dict(_CO, wait=0)).wait) is float  # type: ignore[union-attr]
+    assert parse_request(dict(_CO, wait=3)) == Checkout(5, "CADPRO", "2.1", 3.0)
+    assert parse_request(dict(_CO, extra=1)) == Checkout(5, "CADPRO", "2.1", 0.0)
+    assert parse_request(dict(_HB, idle_for=2.0)) == Heartbeat(7, False, 2.0)
+    assert parse_request(dict(_HB, idle=True, idle_for=2.0)) == Heartbeat(7, True, 2.0)
+    assert parse_request(dict(_HB, extra=1)) == Heartbeat(7, False, 0.0)
+    assert parse_request(dict(_CI, extra=1)) == Checkin(6, "t1")
+    assert refusal("request", dict(_HB, idle=1)) == "heartbeat: field 'idle' must be true or false, got int 1"
+    assert refusal("request", dict(_CO, wait=-0.5)) == (
+        f"checkout: field 'wait' must be from 0 to {MAX_WAIT_SECONDS:g} seconds, got -0.5")
+    assert refusal("request", dict(_CI, token="t" * 65)) == (
+        "checkin: field 'token' is 65 characters long; the limit is 64")
