@@ -682,3 +682,34 @@ def test_an_open_whose_tail_cut_fails_raises_that_error_and_closes_both_descript
     with JournalStore(path.parent) as store:  # the lock was released, and the tail is cut now
         assert store.load() == [rec(1)]
     assert path.read_bytes() == MAGIC + grant(rec(1))
+
+
+def test_a_write_that_fails_halfway_and_cannot_be_cut_back_is_cut_before_the_next_batch(
+        tmp_path: Path, append_only: Callable[[Path], None], file_size_limit: Callable[[int], None]) -> None:
+    # Real faults both: write(2) stops at the file-size limit (part of the batch lands), and ftruncate(2) of the
+    # append-only journal fails, so the partial batch stays in the file until the next flush cuts it.
+    state = tmp_path / "state"
+    path = state / JOURNAL_NAME
+    store = JournalStore(state)
+    try:
+        store.record_grant(rec(1))
+        store.flush()
+        size = path.stat().st_size
+        batch = [rec(i, display="x" * 200) for i in range(2, 40)]
+        for r in batch:
+            store.record_grant(r)
+        append_only(path)
+        file_size_limit(size + 1000)
+        try:
+            with pytest.raises(StoreWriteError):
+                store.flush()
+        finally:
+            file_size_limit(resource.RLIM_INFINITY)
+        assert size < path.stat().st_size < size + len(b"".join(grant(r) for r in batch))  # a partial batch
+        _set_append_only(path, False)
+        store.flush()  # cuts the partial batch first, then writes the whole one
+        assert store.records == 1 + len(batch)
+    finally:
+        store.close()
+    assert path.read_bytes() == MAGIC + grant(rec(1)) + b"".join(grant(r) for r in batch)
+    assert read_journal(path) == [rec(1), *batch]
