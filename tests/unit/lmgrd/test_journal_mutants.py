@@ -713,3 +713,16 @@ def test_a_write_that_fails_halfway_and_cannot_be_cut_back_is_cut_before_the_nex
         store.close()
     assert path.read_bytes() == MAGIC + grant(rec(1)) + b"".join(grant(r) for r in batch)
     assert read_journal(path) == [rec(1), *batch]
+
+
+def test_a_store_on_an_append_only_journal_appends_without_cutting_anything(
+        tmp_path: Path, append_only: Callable[[Path], None]) -> None:
+    # A freshly opened store has no partial batch to cut: its first flush must only append (an ftruncate(2)
+    # here would fail on this file and refuse a write that can succeed).
+    path = write(tmp_path / "state", grant(rec(1)))
+    append_only(path)
+    with JournalStore(path.parent) as store:
+        store.record_grant(rec(2))
+        store.flush()
+        assert store.records == 2
+    assert path.read_bytes() == MAGIC + grant(rec(1)) + grant(rec(2))
