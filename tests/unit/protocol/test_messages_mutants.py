@@ -505,3 +505,88 @@ def test_the_checked_path_reads_what_the_hot_lane_declines() -> None:
         f"checkout: field 'wait' must be from 0 to {MAX_WAIT_SECONDS:g} seconds, got -0.5")
     assert refusal("request", dict(_CI, token="t" * 65)) == (
         "checkin: field 'token' is 65 characters long; the limit is 64")
+
+
+# -- unknown keys never stand in for known ones; the checked path's defaults -----------------------------------
+
+_HELLO_KEYS = ("id", "proto", "host", "user", "pid", "client_version", "display", "secret")
+
+
+def _look_alikes(keys: tuple[str, ...]) -> dict[str, Any]:
+    """Unknown keys that resemble the known ones (another case, wrapped, the empty key), with values that would
+    make a different (still valid) message if any were read in place of the real field."""
+    values: dict[str, Any] = {"id": 99, "proto": [3], "host": "other", "user": "mallory", "pid": 1234,
+                              "client_version": "evil", "display": ":9", "secret": "x" * 40}
+    out: dict[str, Any] = {"": "y" * 40}
+    for key in keys:
+        out[key.upper()] = values[key]
+        out[f"XX{key}XX"] = values[key]
+    return out
+
+
+@pytest.mark.parametrize("drop", [(), ("client_version",), ("display",), ("client_version", "display")])
+def test_hello_reads_each_field_by_its_exact_name_only(drop: tuple[str, ...]) -> None:
+    hello = SAMPLES["hello"]
+    d = {k: v for k, v in hello.to_wire().items() if k not in drop}
+    want = parse_request(d)
+    assert want == Hello(hello.id, hello.proto, hello.host, hello.user, hello.pid,
+                         "" if "client_version" in drop else hello.client_version,
+                         "" if "display" in drop else hello.display, hello.secret)
+    assert parse_request(dict(d, **_look_alikes(_HELLO_KEYS))) == want
+
+
+def test_a_hello_without_a_secret_is_not_given_one_from_an_unknown_key() -> None:
+    base = {k: v for k, v in SAMPLES["hello"].to_wire().items() if k != "secret"}
+    assert refusal("request", dict(base, **_look_alikes(_HELLO_KEYS))) == (
+        "hello: missing field 'secret' (a string of at most 128 characters)")
+    got = parse_request(dict(base, proto=[1], **_look_alikes(_HELLO_KEYS)))
+    assert isinstance(got, Hello) and got.secret == "" and got.proto == (1,)
+
+
+class _Name(str):
+    """A str subclass: valid for the checked readers (isinstance), never taken by the exact-type paths."""
+
+
+class _Id(int):
+    """An int subclass (not bool): likewise."""
+
+
+def test_the_checked_path_gives_the_documented_defaults() -> None:
+    # Maps the exact-type predicates decline although every field is valid, so the checked readers build the
+    # message: a left-out optional field takes its default there too.
+    got = parse_request({"op": "checkout", "id": 5, "product": _Name("CADPRO"), "version": "2.1"})
+    assert got == Checkout(5, "CADPRO", "2.1", 0.0) and type(got.wait) is float  # type: ignore[union-attr]
+    got = parse_request({"op": "checkout", "id": _Id(5), "product": "CADPRO", "version": "2.1"})
+    assert got == Checkout(5, "CADPRO", "2.1", 0.0)
+    got = parse_request({"op": "heartbeat", "id": _Id(7)})
+    assert got == Heartbeat(7, False, 0.0) and type(got.idle_for) is float  # type: ignore[union-attr]
+    got = parse_request({"op": "heartbeat", "id": _Id(7), "idle": True})
+    assert got == Heartbeat(7, True, 0.0)
+    assert parse_request({"op": "checkin", "id": _Id(6), "token": "t1"}) == Checkin(6, "t1")
+
+
+def test_granted_frames_equal_the_encoded_message_for_new_pools_and_timings() -> None:
+    # Granted.frame caches the encoded pool names and timing: clear the caches so this test's frames are built,
+    # not found (earlier tests in this process may have put the same values there).
+    from protocol import messages
+
+    messages._GRANTED_POOLS.clear()
+    messages._GRANTED_TAILS.clear()
+    for args in (("t", "C1", "P", "2.1", 30.0, 10.0, 1.5), ("tok", "C2", "Q", "1", 90.0, 30.0, 0.0),
+                 ("tok", "C2", "Q", "1", 90.0, 30.0, 0.0), ("u", "C1", "P", "3", 30.0, 10.0, 1.5)):
+        assert Granted.frame(7, *args) == encode_frame(Granted(7, *args).to_wire()), args  # type: ignore[arg-type]
+    assert len(messages._GRANTED_POOLS) == 2 and len(messages._GRANTED_TAILS) == 2
+
+
+def test_granted_frame_caches_stay_bounded_and_correct() -> None:
+    from protocol import messages
+
+    limit = messages._GRANTED_PARTS_LIMIT
+    messages._GRANTED_POOLS.clear()
+    messages._GRANTED_TAILS.clear()
+    for i in range(limit + 1):
+        Granted.frame(1, "t", f"C{i}", "P", "1", 30.0, 10.0, float(i))
+        assert len(messages._GRANTED_POOLS) <= limit and len(messages._GRANTED_TAILS) <= limit
+    assert len(messages._GRANTED_POOLS) == 1 and len(messages._GRANTED_TAILS) == 1  # cleared at the limit
+    assert Granted.frame(2, "t", "C0", "P", "1", 30.0, 10.0, 0.0) == encode_frame(
+        Granted(2, "t", "C0", "P", "1", 30.0, 10.0, 0.0).to_wire())
