@@ -590,3 +590,37 @@ def test_granted_frame_caches_stay_bounded_and_correct() -> None:
     assert len(messages._GRANTED_POOLS) == 1 and len(messages._GRANTED_TAILS) == 1  # cleared at the limit
     assert Granted.frame(2, "t", "C0", "P", "1", 30.0, 10.0, 0.0) == encode_frame(
         Granted(2, "t", "C0", "P", "1", 30.0, 10.0, 0.0).to_wire())
+
+
+def test_hello_checked_path_reads_every_field_and_default_exactly() -> None:
+    # host is a str subclass: valid for the checked readers, declined by the exact-type path, so each of these
+    # is built by the checked readers alone.
+    host = _Name("pc1")
+    secret = "s" * 22  # MIN_SECRET_LENGTH: the shortest secret accepted
+    full = {"op": "hello", "id": 7, "proto": [1, 2], "host": host, "user": "alice", "pid": 42,
+            "client_version": "1.0", "display": ":0", "secret": secret}
+    assert parse_request(full) == Hello(7, (1, 2), "pc1", "alice", 42, "1.0", ":0", secret)
+    bare = {"op": "hello", "id": 7, "proto": [1], "host": host, "user": "alice", "pid": 42}
+    got = parse_request(bare)
+    assert got == Hello(7, (1,), "pc1", "alice", 42, "", "", "")
+    assert isinstance(got, Hello)
+    assert (type(got.proto), type(got.client_version), type(got.display), type(got.secret)) == (tuple, str, str, str)
+    assert parse_request(dict(bare, secret=secret)).secret == secret  # type: ignore[union-attr]
+    assert parse_request(dict(bare, secret="s" * 128)).secret == "s" * 128  # type: ignore[union-attr]
+    assert parse_request(dict(bare, proto=list(range(1, 17)), secret=secret)).proto == tuple(  # type: ignore[union-attr]
+        range(1, 17))
+    assert parse_request(dict(bare, proto=[65535])).proto == (65535,)  # type: ignore[union-attr]
+    assert refusal("request", dict(bare, proto=list(range(1, 18)))) == (
+        f"hello: field 'proto' must list 1 to 16 positive integers, got {shown(list(range(1, 18)))}")
+
+
+def test_a_protocol_1_hello_refuses_a_bad_secret_by_name() -> None:
+    base = {k: v for k, v in SAMPLES["hello"].to_wire().items() if k != "secret"}
+    base["proto"] = [1]
+    assert refusal("request", dict(base, secret=5)) == (
+        "hello: field 'secret' must be a string of at most 128 characters, got int 5")
+    assert refusal("request", dict(base, secret="s" * 129)) == (
+        "hello: field 'secret' is 129 characters long; the limit is 128")
+    assert refusal("request", dict(base, secret="s" * 21)) == (
+        "hello: field 'secret' is 21 characters long; at least 22 are required (128 random bits)")
+    assert parse_request(dict(base, secret="s" * 22)).secret == "s" * 22  # type: ignore[union-attr]
