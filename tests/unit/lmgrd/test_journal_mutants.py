@@ -525,9 +525,10 @@ def test_a_write_that_fails_halfway_is_cut_back_and_retried_whole(tmp_path: Path
 
 
 def test_a_tail_left_by_a_write_whose_cut_back_failed_is_cut_before_the_next_batch(tmp_path: Path) -> None:
-    # No real fault makes ftruncate(2) of the journal fail right after a failed write, so this puts the store in
-    # the state that leaves (the half-written batch still in the file, _torn set) and checks the next flush cuts
-    # the stray bytes before appending: a partial record in the middle would be corruption.
+    # This puts the store in the state a failed write whose cut-back failed leaves (the half-written batch still
+    # in the file, _torn set) and checks the next flush cuts the stray bytes before appending: a partial record in
+    # the middle would be corruption. (test_a_write_that_fails_halfway_and_cannot_be_cut_back... makes both faults
+    # for real, where the file system lets a test set the append-only flag.)
     path = tmp_path / JOURNAL_NAME
     store = JournalStore(tmp_path)
     try:
