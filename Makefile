@@ -53,7 +53,7 @@ bench-deps: $(STAMP)
 	    { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends redis-server >/dev/null; }; } && \
 	  systemctl disable --now redis-server >/dev/null 2>&1 || true; }
 
-bench: bench-deps            # churn at 100/1,000/5,000, burst 10,000 vs 8,000 seats, idle at 1k/5k/10k (~6 min)
+bench: bench-deps            # churn at 100/1,000/5,000, burst 10,000 vs 8,000 seats (x5), idle at 1k/5k/10k (~7 min)
 	$(PY) benchmarks/run.py bench
 
 bench-storm: bench-deps      # 10,000 clients heartbeating every second for 30 s (~3 min)

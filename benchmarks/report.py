@@ -137,6 +137,10 @@ def bench_md(b: dict[str, Any]) -> list[str]:
                         + ("" if all(r['ok'] for r in bu[t]) else " NOT EXACT")) if t in bu else ""
                        for t in present], *["" for _ in ratio_cols]])
         row("", "time to the last answer (s)", bu, "seconds_to_last_answer", 3)
+        rows.append(["", "time to the last answer: fastest-slowest (s); runs",
+                     *[(f"{min(r['seconds_to_last_answer'] for r in bu[t]):.3f}-"
+                        f"{max(r['seconds_to_last_answer'] for r in bu[t]):.3f}; {len(bu[t])}") if t in bu else ""
+                       for t in present], *["" for _ in ratio_cols]])
         row("", "load generator: last connect made (s)", bu, "seconds_to_last_connect", 3, ratios=False)
         if "redis" in bu:
             rows[-1][2 + present.index("redis")] = "n/a"

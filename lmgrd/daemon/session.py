@@ -242,7 +242,7 @@ class Handlers:
     # -- hello -----------------------------------------------------------------------------------------------
     def hello(self, s: Session, req: Hello) -> None:
         self.awaiting_hello.pop(s, None)  # the handshake timeout no longer applies
-        problem = hostname_problem(req.host)
+        problem = _host_problem(req.host)
         if problem is not None:
             logger.warning("refused client %s: %s", s.peer, problem)
             self.fail(s, ProtocolError(ErrorCode.INVALID_HOSTNAME, problem, "rename the client PC, then try again"),
@@ -436,6 +436,13 @@ class Handlers:
             self.error(s, req.id, ErrorCode.INTERNAL_ERROR, f"admin command '{req.command}' failed: {exc!r}")
         else:
             self.outbox.reply(s, StatusReply, encode_frame(StatusReply(req.id, task.result()).to_wire()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_problem(name: str) -> str | None:
+    """:func:`protocol.validation.hostname_problem`, cached by name like :func:`_short_host` (a pure function of
+    the string; a burst of reconnects after a restart comes from a few hundred hosts at most)."""
+    return hostname_problem(name)
 
 
 @functools.lru_cache(maxsize=4096)

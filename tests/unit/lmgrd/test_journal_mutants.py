@@ -525,9 +525,10 @@ def test_a_write_that_fails_halfway_is_cut_back_and_retried_whole(tmp_path: Path
 
 
 def test_a_tail_left_by_a_write_whose_cut_back_failed_is_cut_before_the_next_batch(tmp_path: Path) -> None:
-    # No real fault makes ftruncate(2) of the journal fail right after a failed write, so this puts the store in
-    # the state that leaves (the half-written batch still in the file, _torn set) and checks the next flush cuts
-    # the stray bytes before appending: a partial record in the middle would be corruption.
+    # This puts the store in the state a failed write whose cut-back failed leaves (the half-written batch still
+    # in the file, _torn set) and checks the next flush cuts the stray bytes before appending: a partial record in
+    # the middle would be corruption. (test_a_write_that_fails_halfway_and_cannot_be_cut_back... makes both faults
+    # for real, where the file system lets a test set the append-only flag.)
     path = tmp_path / JOURNAL_NAME
     store = JournalStore(tmp_path)
     try:
@@ -620,3 +621,109 @@ def test_load_and_compaction_read_each_live_grant_back_from_the_file_and_the_bat
         assert again.load() == [rec(4), rec(5)]
         again.record_release(rec(4).token)
         assert again.load() == [rec(5)]
+
+
+# -- ftruncate(2) failing for real: an append-only journal ------------------------------------------------
+
+_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, _FS_APPEND_FL = 0x80086601, 0x40086602, 0x00000020
+
+
+def _set_append_only(path: Path, on: bool) -> None:
+    """chattr +a / -a: the kernel then refuses ftruncate(2) of the file (EPERM) while appends still work."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = bytearray(struct.pack("l", 0))
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, buf)
+        flags = struct.unpack("l", buf)[0]
+        flags = flags | _FS_APPEND_FL if on else flags & ~_FS_APPEND_FL
+        fcntl.ioctl(fd, _FS_IOC_SETFLAGS, struct.pack("l", flags))
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def append_only(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
+    """Make a file append-only (needs CAP_LINUX_IMMUTABLE and a file system with the flag: skipped otherwise);
+    the flag is cleared again after the test, so tmp_path can be removed."""
+    marked: list[Path] = []
+    probe = tmp_path / "append-only-probe"
+    probe.write_bytes(b"x")
+    try:
+        _set_append_only(probe, True)
+        _set_append_only(probe, False)
+    except OSError as exc:
+        pytest.skip(f"cannot make a file append-only here: {exc}")
+    probe.unlink()
+
+    def mark(path: Path) -> None:
+        _set_append_only(path, True)
+        marked.append(path)
+
+    try:
+        yield mark
+    finally:
+        for path in marked:
+            _set_append_only(path, False)
+
+
+def _open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def test_an_open_whose_tail_cut_fails_raises_that_error_and_closes_both_descriptors(
+        tmp_path: Path, append_only: Callable[[Path], None]) -> None:
+    path = write(tmp_path / "state", grant(rec(1)), b"\x00\x00\x00")  # an intact record, then a torn tail
+    append_only(path)  # ftruncate(2) of the journal now fails with EPERM, as on a file the admin chattr'ed +a
+    before = _open_fds()
+    with pytest.raises(PermissionError) as info:
+        JournalStore(path.parent)
+    assert info.value.errno == 1 and info.value.__class__ is PermissionError
+    assert _open_fds() == before  # the journal's and the lock's descriptors are both closed
+    _set_append_only(path, False)
+    with JournalStore(path.parent) as store:  # the lock was released, and the tail is cut now
+        assert store.load() == [rec(1)]
+    assert path.read_bytes() == MAGIC + grant(rec(1))
+
+
+def test_a_write_that_fails_halfway_and_cannot_be_cut_back_is_cut_before_the_next_batch(
+        tmp_path: Path, append_only: Callable[[Path], None], file_size_limit: Callable[[int], None]) -> None:
+    # Real faults both: write(2) stops at the file-size limit (part of the batch lands), and ftruncate(2) of the
+    # append-only journal fails, so the partial batch stays in the file until the next flush cuts it.
+    state = tmp_path / "state"
+    path = state / JOURNAL_NAME
+    store = JournalStore(state)
+    try:
+        store.record_grant(rec(1))
+        store.flush()
+        size = path.stat().st_size
+        batch = [rec(i, display="x" * 200) for i in range(2, 40)]
+        for r in batch:
+            store.record_grant(r)
+        append_only(path)
+        file_size_limit(size + 1000)
+        try:
+            with pytest.raises(StoreWriteError):
+                store.flush()
+        finally:
+            file_size_limit(resource.RLIM_INFINITY)
+        assert size < path.stat().st_size < size + len(b"".join(grant(r) for r in batch))  # a partial batch
+        _set_append_only(path, False)
+        store.flush()  # cuts the partial batch first, then writes the whole one
+        assert store.records == 1 + len(batch)
+    finally:
+        store.close()
+    assert path.read_bytes() == MAGIC + grant(rec(1)) + b"".join(grant(r) for r in batch)
+    assert read_journal(path) == [rec(1), *batch]
+
+
+def test_a_store_on_an_append_only_journal_appends_without_cutting_anything(
+        tmp_path: Path, append_only: Callable[[Path], None]) -> None:
+    # A freshly opened store has no partial batch to cut: its first flush must only append (an ftruncate(2)
+    # here would fail on this file and refuse a write that can succeed).
+    path = write(tmp_path / "state", grant(rec(1)))
+    append_only(path)
+    with JournalStore(path.parent) as store:
+        store.record_grant(rec(2))
+        store.flush()
+        assert store.records == 2
+    assert path.read_bytes() == MAGIC + grant(rec(1)) + grant(rec(2))

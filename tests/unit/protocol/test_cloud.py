@@ -323,7 +323,7 @@ _documents = st.one_of(
     st.builds(CheckInRequest, _cids, _hosts, _ips, _fps, st.just(KEY), _nonces, st.integers(0, 2**53), _nonces, _times),
     _certificates(),
     st.builds(CloudRevocation, _cids, _times, st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1,
-                                                      max_size=80).filter(str.strip), st.none() | _cids),
+                                                      max_size=80).map(str.strip).filter(bool), st.none() | _cids),
 )
 
 

@@ -18,6 +18,7 @@ import pytest
 from protocol import MalformedMessage, encode_frame
 from protocol.errors import ErrorCode
 from protocol.messages import (
+    HOT_REQUESTS,
     MAX_ID,
     MAX_TEXT,
     MAX_TOKENS,
@@ -37,6 +38,7 @@ from protocol.messages import (
     Status,
     StatusReply,
     Welcome,
+    hot_request,
     parse_reply,
     parse_request,
 )
@@ -413,3 +415,212 @@ def test_hello_fast_path_gives_what_the_checked_readers_give() -> None:
         Hello.from_wire({k: v for k, v in base.items() if k != "secret"})  # protocol 2 needs one
     with pytest.raises(MalformedMessage, match="secret"):
         Hello.from_wire(dict(base, proto=[1], secret="s" * 21))  # a short one is refused even on protocol 1
+
+
+# -- the hot lane: hot_request / HOT_REQUESTS against parse_request ------------------------------------------
+
+
+def _hot_fields(kind: type, d: dict[str, Any]) -> Any:
+    """What the daemon's hot handlers build from a hot map's fields (as test_receive_hot.fields)."""
+    if kind is Checkout:
+        return Checkout(d["id"], d["product"], d["version"], d.get("wait", 0.0))
+    if kind is Checkin:
+        return Checkin(d["id"], d["token"])
+    assert kind is Heartbeat
+    return Heartbeat(d["id"], d.get("idle", False), 0.0)
+
+
+_CO: dict[str, Any] = {"op": "checkout", "id": 5, "product": "CADPRO", "version": "2.1"}
+_CI: dict[str, Any] = {"op": "checkin", "id": 6, "token": "t1"}
+_HB: dict[str, Any] = {"op": "heartbeat", "id": 7}
+
+# Maps in exactly the hot shape, at every limit the predicates check: hot_request must take each (the daemon's
+# fast lane), and parse_request must build the same message from it.
+HOT_SHAPES: list[tuple[dict[str, Any], type]] = [
+    (_CO, Checkout), (dict(_CO, wait=0.0), Checkout), (dict(_CO, wait=MAX_WAIT_SECONDS), Checkout),
+    (dict(_CO, wait=2.5), Checkout), (dict(_CO, id=0), Checkout), (dict(_CO, id=MAX_ID), Checkout),
+    (dict(_CO, product="p" * 64), Checkout), (dict(_CO, version="v" * MAX_VERSION_LENGTH), Checkout),
+    (dict(_CO, product="", version=""), Checkout),
+    (_CI, Checkin), (dict(_CI, id=0), Checkin), (dict(_CI, id=MAX_ID), Checkin), (dict(_CI, token="t" * 64), Checkin),
+    (dict(_CI, token=""), Checkin),
+    (_HB, Heartbeat), (dict(_HB, idle=False), Heartbeat), (dict(_HB, idle=True), Heartbeat),
+    (dict(_HB, id=0), Heartbeat), (dict(_HB, id=MAX_ID), Heartbeat),
+]
+
+# Maps the hot lane must decline: a field of another type or past its limit, a key more or less, an idle_for.
+# parse_request then decides (a refusal naming the field, or a message the checked readers build).
+NOT_HOT: list[dict[str, Any]] = [
+    dict(_CO, id=-1), dict(_CO, id=MAX_ID + 1), dict(_CO, id=True), dict(_CO, id=5.0),
+    dict(_CO, product="p" * 65), dict(_CO, product=b"CADPRO"), dict(_CO, version="v" * (MAX_VERSION_LENGTH + 1)),
+    dict(_CO, version=2.1), dict(_CO, wait=0), dict(_CO, wait=-0.5), dict(_CO, wait=MAX_WAIT_SECONDS + 0.5),
+    dict(_CO, wait=math.nan), dict(_CO, extra=1), dict(_CO, wait=0.0, extra=1),
+    {k: v for k, v in _CO.items() if k != "version"}, {k: v for k, v in _CO.items() if k != "product"},
+    {k: v for k, v in _CO.items() if k != "id"},
+    dict(_CI, id=-1), dict(_CI, id=MAX_ID + 1), dict(_CI, id=False), dict(_CI, token="t" * 65), dict(_CI, token=1),
+    dict(_CI, extra=1), {"op": "checkin", "id": 6}, {"op": "checkin", "token": "t1", "x": 6},
+    dict(_HB, id=-1), dict(_HB, id=MAX_ID + 1), dict(_HB, id=True), dict(_HB, idle=1), dict(_HB, idle=None),
+    dict(_HB, idle_for=2.0), dict(_HB, idle=True, idle_for=2.0), dict(_HB, extra=1), dict(_HB, idle=True, extra=1),
+    {"op": "heartbeat", "idle": True}, {"op": "heartbeat", "x": 7},
+    dict(_CO, op="hello"), dict(_CO, op="status"), dict(_CO, op=b"checkout"), dict(_CI, op=["checkin"]),
+    dict(_HB, op=None), {k: v for k, v in _HB.items() if k != "op"},
+]
+
+
+@pytest.mark.parametrize("d, kind", HOT_SHAPES, ids=[repr(d) for d, _ in HOT_SHAPES])
+def test_hot_request_takes_every_map_in_the_hot_shape_and_parse_request_agrees(d: dict[str, Any], kind: type) -> None:
+    assert hot_request(d) is kind
+    assert HOT_REQUESTS[d["op"]][0] is kind and HOT_REQUESTS[d["op"]][1](d) is True
+    msg = parse_request(d)
+    assert type(msg) is kind and msg == _hot_fields(kind, d)
+    # the exact-type path of from_wire gives the same message, field types included
+    assert [type(getattr(msg, f)) for f in msg.__slots__] == [  # type: ignore[union-attr]
+        type(getattr(_hot_fields(kind, d), f)) for f in msg.__slots__]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("d", NOT_HOT, ids=[repr(d)[:80] for d in NOT_HOT])
+def test_hot_request_declines_every_map_outside_the_hot_shape(d: dict[str, Any]) -> None:
+    assert hot_request(d) is None
+    entry = HOT_REQUESTS.get(d["op"]) if type(d.get("op")) is str else None
+    if entry is not None:
+        assert entry[1](d) is False
+
+
+def test_the_hot_table_names_exactly_the_three_hot_requests() -> None:
+    assert {op: kind for op, (kind, _) in HOT_REQUESTS.items()} == {
+        "checkout": Checkout, "checkin": Checkin, "heartbeat": Heartbeat}
+
+
+def test_the_checked_path_reads_what_the_hot_lane_declines() -> None:
+    """Declined maps still parse exactly (the checked readers), or are refused naming the field."""
+    assert parse_request(dict(_CO, wait=0)) == Checkout(5, "CADPRO", "2.1", 0.0)
+    assert type(parse_request(dict(_CO, wait=0)).wait) is float  # type: ignore[union-attr]
+    assert parse_request(dict(_CO, wait=3)) == Checkout(5, "CADPRO", "2.1", 3.0)
+    assert parse_request(dict(_CO, extra=1)) == Checkout(5, "CADPRO", "2.1", 0.0)
+    assert parse_request(dict(_HB, idle_for=2.0)) == Heartbeat(7, False, 2.0)
+    assert parse_request(dict(_HB, idle=True, idle_for=2.0)) == Heartbeat(7, True, 2.0)
+    assert parse_request(dict(_HB, extra=1)) == Heartbeat(7, False, 0.0)
+    assert parse_request(dict(_CI, extra=1)) == Checkin(6, "t1")
+    assert refusal("request", dict(_HB, idle=1)) == "heartbeat: field 'idle' must be true or false, got int 1"
+    assert refusal("request", dict(_CO, wait=-0.5)) == (
+        f"checkout: field 'wait' must be from 0 to {MAX_WAIT_SECONDS:g} seconds, got -0.5")
+    assert refusal("request", dict(_CI, token="t" * 65)) == (
+        "checkin: field 'token' is 65 characters long; the limit is 64")
+
+
+# -- unknown keys never stand in for known ones; the checked path's defaults -----------------------------------
+
+_HELLO_KEYS = ("id", "proto", "host", "user", "pid", "client_version", "display", "secret")
+
+
+def _look_alikes(keys: tuple[str, ...]) -> dict[str, Any]:
+    """Unknown keys that resemble the known ones (another case, wrapped, the empty key), with values that would
+    make a different (still valid) message if any were read in place of the real field."""
+    values: dict[str, Any] = {"id": 99, "proto": [3], "host": "other", "user": "mallory", "pid": 1234,
+                              "client_version": "evil", "display": ":9", "secret": "x" * 40}
+    out: dict[str, Any] = {"": "y" * 40}
+    for key in keys:
+        out[key.upper()] = values[key]
+        out[f"XX{key}XX"] = values[key]
+    return out
+
+
+@pytest.mark.parametrize("drop", [(), ("client_version",), ("display",), ("client_version", "display")])
+def test_hello_reads_each_field_by_its_exact_name_only(drop: tuple[str, ...]) -> None:
+    hello = SAMPLES["hello"]
+    d = {k: v for k, v in hello.to_wire().items() if k not in drop}
+    want = parse_request(d)
+    assert want == Hello(hello.id, hello.proto, hello.host, hello.user, hello.pid,
+                         "" if "client_version" in drop else hello.client_version,
+                         "" if "display" in drop else hello.display, hello.secret)
+    assert parse_request(dict(d, **_look_alikes(_HELLO_KEYS))) == want
+
+
+def test_a_hello_without_a_secret_is_not_given_one_from_an_unknown_key() -> None:
+    base = {k: v for k, v in SAMPLES["hello"].to_wire().items() if k != "secret"}
+    assert refusal("request", dict(base, **_look_alikes(_HELLO_KEYS))) == (
+        "hello: missing field 'secret' (a string of at most 128 characters)")
+    got = parse_request(dict(base, proto=[1], **_look_alikes(_HELLO_KEYS)))
+    assert isinstance(got, Hello) and got.secret == "" and got.proto == (1,)
+
+
+class _Name(str):
+    """A str subclass: valid for the checked readers (isinstance), never taken by the exact-type paths."""
+
+
+class _Id(int):
+    """An int subclass (not bool): likewise."""
+
+
+def test_the_checked_path_gives_the_documented_defaults() -> None:
+    # Maps the exact-type predicates decline although every field is valid, so the checked readers build the
+    # message: a left-out optional field takes its default there too.
+    got = parse_request({"op": "checkout", "id": 5, "product": _Name("CADPRO"), "version": "2.1"})
+    assert got == Checkout(5, "CADPRO", "2.1", 0.0) and type(got.wait) is float  # type: ignore[union-attr]
+    got = parse_request({"op": "checkout", "id": _Id(5), "product": "CADPRO", "version": "2.1"})
+    assert got == Checkout(5, "CADPRO", "2.1", 0.0)
+    got = parse_request({"op": "heartbeat", "id": _Id(7)})
+    assert got == Heartbeat(7, False, 0.0) and type(got.idle_for) is float  # type: ignore[union-attr]
+    got = parse_request({"op": "heartbeat", "id": _Id(7), "idle": True})
+    assert got == Heartbeat(7, True, 0.0)
+    assert parse_request({"op": "checkin", "id": _Id(6), "token": "t1"}) == Checkin(6, "t1")
+
+
+def test_granted_frames_equal_the_encoded_message_for_new_pools_and_timings() -> None:
+    # Granted.frame caches the encoded pool names and timing: clear the caches so this test's frames are built,
+    # not found (earlier tests in this process may have put the same values there).
+    from protocol import messages
+
+    messages._GRANTED_POOLS.clear()
+    messages._GRANTED_TAILS.clear()
+    for args in (("t", "C1", "P", "2.1", 30.0, 10.0, 1.5), ("tok", "C2", "Q", "1", 90.0, 30.0, 0.0),
+                 ("tok", "C2", "Q", "1", 90.0, 30.0, 0.0), ("u", "C1", "P", "3", 30.0, 10.0, 1.5)):
+        assert Granted.frame(7, *args) == encode_frame(Granted(7, *args).to_wire()), args  # type: ignore[arg-type]
+    assert len(messages._GRANTED_POOLS) == 2 and len(messages._GRANTED_TAILS) == 2
+
+
+def test_granted_frame_caches_stay_bounded_and_correct() -> None:
+    from protocol import messages
+
+    limit = messages._GRANTED_PARTS_LIMIT
+    messages._GRANTED_POOLS.clear()
+    messages._GRANTED_TAILS.clear()
+    for i in range(limit + 1):
+        Granted.frame(1, "t", f"C{i}", "P", "1", 30.0, 10.0, float(i))
+        assert len(messages._GRANTED_POOLS) <= limit and len(messages._GRANTED_TAILS) <= limit
+    assert len(messages._GRANTED_POOLS) == 1 and len(messages._GRANTED_TAILS) == 1  # cleared at the limit
+    assert Granted.frame(2, "t", "C0", "P", "1", 30.0, 10.0, 0.0) == encode_frame(
+        Granted(2, "t", "C0", "P", "1", 30.0, 10.0, 0.0).to_wire())
+
+
+def test_hello_checked_path_reads_every_field_and_default_exactly() -> None:
+    # host is a str subclass: valid for the checked readers, declined by the exact-type path, so each of these
+    # is built by the checked readers alone.
+    host = _Name("pc1")
+    secret = "s" * 22  # MIN_SECRET_LENGTH: the shortest secret accepted
+    full = {"op": "hello", "id": 7, "proto": [1, 2], "host": host, "user": "alice", "pid": 42,
+            "client_version": "1.0", "display": ":0", "secret": secret}
+    assert parse_request(full) == Hello(7, (1, 2), "pc1", "alice", 42, "1.0", ":0", secret)
+    bare = {"op": "hello", "id": 7, "proto": [1], "host": host, "user": "alice", "pid": 42}
+    got = parse_request(bare)
+    assert got == Hello(7, (1,), "pc1", "alice", 42, "", "", "")
+    assert isinstance(got, Hello)
+    assert (type(got.proto), type(got.client_version), type(got.display), type(got.secret)) == (tuple, str, str, str)
+    assert parse_request(dict(bare, secret=secret)).secret == secret  # type: ignore[union-attr]
+    assert parse_request(dict(bare, secret="s" * 128)).secret == "s" * 128  # type: ignore[union-attr]
+    assert parse_request(dict(bare, proto=list(range(1, 17)), secret=secret)).proto == tuple(  # type: ignore[union-attr]
+        range(1, 17))
+    assert parse_request(dict(bare, proto=[65535])).proto == (65535,)  # type: ignore[union-attr]
+    assert refusal("request", dict(bare, proto=list(range(1, 18)))) == (
+        f"hello: field 'proto' must list 1 to 16 positive integers, got {shown(list(range(1, 18)))}")
+
+
+def test_a_protocol_1_hello_refuses_a_bad_secret_by_name() -> None:
+    base = {k: v for k, v in SAMPLES["hello"].to_wire().items() if k != "secret"}
+    base["proto"] = [1]
+    assert refusal("request", dict(base, secret=5)) == (
+        "hello: field 'secret' must be a string of at most 128 characters, got int 5")
+    assert refusal("request", dict(base, secret="s" * 129)) == (
+        "hello: field 'secret' is 129 characters long; the limit is 128")
+    assert refusal("request", dict(base, secret="s" * 21)) == (
+        "hello: field 'secret' is 21 characters long; at least 22 are required (128 random bits)")
+    assert parse_request(dict(base, secret="s" * 22)).secret == "s" * 22  # type: ignore[union-attr]
