@@ -410,6 +410,9 @@ def test_every_end_is_written_to_etcd(tmp_path: Path, vendor: Vendor, etcd: Etcd
         await settle(a)
         assert c.keys("c/") == [] and c.keys("tokens/") == [] and node(a).pending == []
         assert node(a).claims == {} and node(a).token_seat == {}
+        await node(a).refresh_view()
+        a.server.leases.serve_cluster()  # seats free, nobody waiting: nothing to do
+        assert a.server.leases.cluster_queue == {} and a.server.ledger.in_use(_pool(a)) == 0
 
     run(tmp_path, vendor, etcd, body, nodes=1, count=3, clock=lambda: now[0])
 
