@@ -193,13 +193,20 @@ def meta_md(m: dict[str, Any]) -> list[str]:
             f"- uptime at start: `{m['uptime_start']}`", f"- uptime at end: `{m['uptime_end']}`"]
 
 
+def _scenario_order(key: str) -> tuple[str, int]:
+    """churn_100 before churn_1000 before churn_5000: by name, then by the number after it."""
+    name, _, n = key.partition("_")
+    return name, int(n) if n.isdigit() else 0
+
+
 def carried_md(section: dict[str, Any]) -> list[str]:
     """One line per earlier run whose scenarios this section still shows (a later run measured only some)."""
     runs: dict[str, tuple[dict[str, Any], list[str]]] = {}
     for key, m in section.get("carried", {}).items():
         if m:
             runs.setdefault(f"{m['command']}|{m['date']}", (m, []))[1].append(key)
-    return [f"- {', '.join(sorted(keys))}: from an earlier run, `{m['command']}` ({m['seconds']:.0f} s), {m['date']}, "
+    return [f"- {', '.join(sorted(keys, key=_scenario_order))}: from an earlier run, `{m['command']}` "
+            f"({m['seconds']:.0f} s), {m['date']}, "
             f"uptime at start `{m['uptime_start']}`" for m, keys in runs.values()]
 
 
