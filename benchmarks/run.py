@@ -725,7 +725,7 @@ def cmd_bench(setup: Setup, ns: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_storm(setup: Setup, ns: argparse.Namespace) -> dict[str, Any]:
     sc: dict[str, Any] = {"params": {"clients": ns.clients, "duration": ns.duration, "interval": 1.0,
-                                     "redis_procs": ns.redis_procs, "burst_runs": ns.burst_runs}}
+                                     "redis_procs": ns.redis_procs}}
     for which in [t for t in ("lmgrd", "ceiling", "redis") if t in ns.targets]:
         say(f"storm: {which}, {ns.clients} clients heartbeating every 1 s for {ns.duration:g} s")
         r = storm(setup, which, ns.clients, ns.duration, 1.0)

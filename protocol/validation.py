@@ -147,8 +147,8 @@ def shown(value: object, limit: int = 60) -> str:
 
 
 #: The types a nesting walk descends into, as a tuple for ``isinstance`` (a ``list | tuple | dict`` union is built
-#: again on every evaluation: about 100 ns more per check, paid for every field of every decoded message).
-CONTAINERS = (list, tuple, dict)
+#: again on every evaluation).
+_CONTAINERS = (list, tuple, dict)
 
 
 def nesting_depth_exceeds(value: object, limit: int = MAX_NESTING_DEPTH) -> bool:
@@ -159,7 +159,7 @@ def nesting_depth_exceeds(value: object, limit: int = MAX_NESTING_DEPTH) -> bool
     a container is depth 0.
     """
     level: list[list[Any] | tuple[Any, ...] | dict[Any, Any]] = (
-        [value] if isinstance(value, CONTAINERS) else [])
+        [value] if isinstance(value, _CONTAINERS) else [])
     depth = 0
     while level:
         depth += 1
@@ -169,7 +169,7 @@ def nesting_depth_exceeds(value: object, limit: int = MAX_NESTING_DEPTH) -> bool
         for container in level:
             items = container.values() if isinstance(container, dict) else container
             for item in items:
-                if isinstance(item, CONTAINERS):
+                if isinstance(item, _CONTAINERS):
                     below.append(item)
             if isinstance(container, dict):
                 below.extend(k for k in container if isinstance(k, tuple))

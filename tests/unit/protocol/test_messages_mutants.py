@@ -44,6 +44,7 @@ from protocol.messages import (
 )
 from protocol.samples import SAMPLES
 from protocol.validation import MAX_SECRET_LENGTH, MAX_VERSION_LENGTH, shown
+from tests.unit.protocol.test_receive_hot import fields as hot_fields
 
 CHECKOUT_VERSION_LIMIT = MAX_VERSION_LENGTH  # 32, the one version limit (protocol/validation.py)
 TEN_YEARS = 10 * 365 * 86400.0
@@ -420,14 +421,6 @@ def test_hello_fast_path_gives_what_the_checked_readers_give() -> None:
 # -- the hot lane: hot_request / HOT_REQUESTS against parse_request ------------------------------------------
 
 
-def _hot_fields(kind: type, d: dict[str, Any]) -> Any:
-    """What the daemon's hot handlers build from a hot map's fields (as test_receive_hot.fields)."""
-    if kind is Checkout:
-        return Checkout(d["id"], d["product"], d["version"], d.get("wait", 0.0))
-    if kind is Checkin:
-        return Checkin(d["id"], d["token"])
-    assert kind is Heartbeat
-    return Heartbeat(d["id"], d.get("idle", False), 0.0)
 
 
 _CO: dict[str, Any] = {"op": "checkout", "id": 5, "product": "CADPRO", "version": "2.1"}
@@ -471,10 +464,10 @@ def test_hot_request_takes_every_map_in_the_hot_shape_and_parse_request_agrees(d
     assert hot_request(d) is kind
     assert HOT_REQUESTS[d["op"]][0] is kind and HOT_REQUESTS[d["op"]][1](d) is True
     msg = parse_request(d)
-    assert type(msg) is kind and msg == _hot_fields(kind, d)
+    assert type(msg) is kind and msg == hot_fields(kind, d)
     # the exact-type path of from_wire gives the same message, field types included
     assert [type(getattr(msg, f)) for f in msg.__slots__] == [  # type: ignore[union-attr]
-        type(getattr(_hot_fields(kind, d), f)) for f in msg.__slots__]  # type: ignore[union-attr]
+        type(getattr(hot_fields(kind, d), f)) for f in msg.__slots__]  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("d", NOT_HOT, ids=[repr(d)[:80] for d in NOT_HOT])
